@@ -1,0 +1,6 @@
+"""autobatch: train with the batch size your recipe needs on the GPU you have."""
+from autobatch.planner import Plan
+from autobatch.step import AutoBatch, wrap
+
+__all__ = ["AutoBatch", "Plan", "wrap"]
+__version__ = "0.1.0"

@@ -1,0 +1,324 @@
+"""BatchNorm over a logical batch that runs as several micro-batches.
+
+Every training-mode ``F.batch_norm`` call goes through a handler while
+:func:`intercept_batch_norm` is active, so nn.BatchNorm1d/2d/3d, SyncBatchNorm
+outside a process group and subclasses that call ``F.batch_norm`` themselves
+(timm's BatchNormAct2d) all take part without any change to the model.
+Calls are matched between passes by their order in the forward::
+
+    two_pass = TwoPassBatchNorm(names)
+    with torch.no_grad(), intercept_batch_norm(two_pass.record):
+        model(whole_batch)                  # phase 1: full-batch statistics, running stats once
+    with intercept_batch_norm(two_pass.apply):
+        for part in micro_batches:          # phase 2: those statistics, projected backward
+            two_pass.start_micro_batch()
+            loss_fn(model(part), ...).backward()
+            two_pass.finish_micro_batch()
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "BatchNormCall",
+    "BatchNormState",
+    "PooledBatchNorm",
+    "StopForward",
+    "TwoPassBatchNorm",
+    "batch_norm_modules",
+    "batch_norm_names",
+    "intercept_batch_norm",
+    "uses_batch_statistics",
+]
+
+#: A micro-batch layer with fewer values per channel than this gets a warning:
+#: the projected backward takes its subtracted means from one micro-batch (see the README's limits).
+FEW_VALUES_PER_CHANNEL = 32
+
+
+class BatchNormCall(NamedTuple):
+    """The arguments of one training-mode ``F.batch_norm`` call."""
+
+    input: Tensor
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    momentum: float
+    eps: float
+
+    @property
+    def values_per_channel(self) -> int:
+        return self.input.numel() // self.input.shape[1]
+
+
+class StopForward(BaseException):
+    """Raised after the last BatchNorm call of phase 1: the rest of the forward is not needed.
+
+    A BaseException, so that a model's own ``except Exception`` does not swallow it.
+    """
+
+
+@contextlib.contextmanager
+def intercept_batch_norm(handler: Callable[[BatchNormCall], Tensor]) -> Iterator[None]:
+    """Route every training-mode ``F.batch_norm`` call to ``handler``; restores ``F.batch_norm`` on exit."""
+    original = F.batch_norm
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                   momentum=0.1, eps=1e-5):
+        if not training:
+            return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return handler(BatchNormCall(input, running_mean, running_var, weight, bias, momentum, eps))
+
+    F.batch_norm = batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = original
+
+
+def batch_norm_modules(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``model`` (SyncBatchNorm and subclasses included)."""
+    return [module for module in model.modules() if isinstance(module, _BatchNorm)]
+
+
+def batch_norm_names(model: nn.Module) -> dict[int, str]:
+    """Qualified layer names keyed by the id of each BatchNorm's weight and running_mean, for messages."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            for tensor in (module.weight, module.running_mean):
+                if tensor is not None:
+                    names[id(tensor)] = name or type(module).__name__
+    return names
+
+
+def uses_batch_statistics(modules: list[_BatchNorm]) -> bool:
+    """Whether any layer will normalize with batch statistics (training mode, or no running statistics)."""
+    return any(module.training or module.running_mean is None for module in modules)
+
+
+def _name_of(call: BatchNormCall, names: dict[int, str], index: int) -> str:
+    for tensor in (call.weight, call.running_mean):
+        if tensor is not None and id(tensor) in names:
+            return names[id(tensor)]
+    return f"batch_norm call #{index}"
+
+
+class _ProjectedBatchNorm(torch.autograd.Function):
+    """Normalize with given statistics; backward projects with means over this micro-batch.
+
+    The backward is ``native_batch_norm_backward`` in training mode with the full-batch
+    ``mean`` and ``invstd``: the projected backward of the shared note, in PyTorch's fused kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                mean: Tensor, invstd: Tensor, var: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.eps = eps
+        # Eval-mode batch_norm with the full-batch statistics is the fused full-batch forward.
+        return torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_output, input, weight, None, None, mean, invstd, True, ctx.eps, mask)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+@dataclass
+class LayerStatistics:
+    """Full-batch statistics of one BatchNorm call, recorded in phase 1."""
+
+    name: str
+    mean: Tensor
+    invstd: Tensor
+    var: Tensor
+    eps: float
+    values_per_channel: int
+
+
+def _check_values_per_channel(call: BatchNormCall, name: str) -> None:
+    # The same check F.batch_norm makes, so a bad full batch fails as it would without autobatch.
+    if call.values_per_channel == 1:
+        raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch "
+                         f"(input shape {tuple(call.input.shape)}); training BatchNorm needs more than one")
+
+
+def _variance(invstd: Tensor, eps: float) -> Tensor:
+    # Recovered in float64 so that a variance far below eps keeps its digits.
+    return (invstd.double().pow(-2) - eps).clamp_(min=0).to(invstd.dtype)
+
+
+class TwoPassBatchNorm:
+    """bn="two_pass": full-batch statistics from a no-grad pass, then micro-batches that use them.
+
+    ``record`` is phase 1's handler: it normalizes with the batch's statistics, updates the running
+    statistics as nn.BatchNorm does for one full batch, and keeps mean and invstd. ``apply`` is
+    phase 2's: the same outputs as the full batch, the projected backward, running statistics untouched.
+    """
+
+    def __init__(self, names: dict[int, str]):
+        self.names = names
+        self.layers: list[LayerStatistics] = []
+        #: Number of calls seen in the last complete phase 1; phase 1 stops after that many.
+        self.calls_per_forward: Optional[int] = None
+        self._cursor = 0
+
+    def start_statistics_pass(self) -> None:
+        self.layers = []
+
+    def record(self, call: BatchNormCall) -> Tensor:
+        name = _name_of(call, self.names, len(self.layers))
+        _check_values_per_channel(call, name)
+        output, mean, invstd = torch.ops.aten.native_batch_norm(
+            call.input, call.weight, call.bias, call.running_mean, call.running_var, True,
+            call.momentum, call.eps)
+        self.layers.append(LayerStatistics(name, mean, invstd, _variance(invstd, call.eps), call.eps,
+                                           call.values_per_channel))
+        if len(self.layers) == self.calls_per_forward:
+            raise StopForward
+        return output
+
+    def finish_statistics_pass(self, complete: bool) -> None:
+        """``complete``: the forward ran to its end, so the number of calls is known exactly."""
+        if complete:
+            self.calls_per_forward = len(self.layers)
+
+    def start_micro_batch(self) -> None:
+        self._cursor = 0
+
+    def apply(self, call: BatchNormCall) -> Tensor:
+        index = self._cursor
+        self._cursor += 1
+        if index >= len(self.layers):
+            raise RuntimeError(
+                f"the micro-batch forward made more training-mode BatchNorm calls than the full-batch "
+                f"forward ({len(self.layers)}); bn='two_pass' needs the same sequence of BatchNorm calls "
+                "for every batch. Use bn='micro' for models whose BatchNorm calls depend on the data.")
+        layer = self.layers[index]
+        if call.input.shape[1] != layer.mean.shape[0]:
+            raise RuntimeError(
+                f"BatchNorm call #{index} has {call.input.shape[1]} channels in a micro-batch but "
+                f"{layer.mean.shape[0]} in the full batch ({layer.name!r}); bn='two_pass' needs the same "
+                "sequence of BatchNorm calls for every batch. Use bn='micro' for such models.")
+        return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
+                                         layer.var, layer.eps)
+
+    def finish_micro_batch(self) -> None:
+        if self._cursor != len(self.layers):
+            raise RuntimeError(
+                f"the micro-batch forward made {self._cursor} training-mode BatchNorm calls but the "
+                f"full-batch forward made {len(self.layers)}; bn='two_pass' needs the same sequence of "
+                "BatchNorm calls for every batch. Use bn='micro' for such models.")
+
+    def thin_layers(self, smallest_split: int, batch: int) -> list[tuple[str, int]]:
+        """Layers whose micro-batches hold fewer than FEW_VALUES_PER_CHANNEL values per channel."""
+        thin = []
+        for layer in self.layers:
+            values = layer.values_per_channel * smallest_split // batch
+            if values < FEW_VALUES_PER_CHANNEL:
+                thin.append((layer.name, values))
+        return thin
+
+
+@dataclass
+class _Pool:
+    """Chan et al.'s parallel merge of per-channel count, mean and sum of squared deviations."""
+
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    momentum: float
+    count: int
+    mean: Tensor
+    m2: Tensor
+
+    def merge(self, count: int, mean: Tensor, var: Tensor) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + var * count + delta.square() * (self.count * count / total)
+        self.count = total
+
+
+class PooledBatchNorm:
+    """bn="micro": each micro-batch normalizes with its own statistics (ordinary accumulation);
+    the running statistics are committed once per logical batch from the pooled statistics."""
+
+    def __init__(self, names: dict[int, str]):
+        self.names = names
+        self._pools: list[_Pool] = []
+        self._cursor = 0
+
+    def start_micro_batch(self) -> None:
+        self._cursor = 0
+
+    def handle(self, call: BatchNormCall) -> Tensor:
+        index = self._cursor
+        self._cursor += 1
+        _check_values_per_channel(call, _name_of(call, self.names, index))
+        output, mean, invstd = torch.ops.aten.native_batch_norm(
+            call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
+        with torch.no_grad():
+            mean, var, count = mean.detach(), _variance(invstd.detach(), call.eps), call.values_per_channel
+            if index == len(self._pools):
+                # The first micro-batch's momentum is the full batch's: the layer counted this batch once.
+                self._pools.append(_Pool(call.running_mean, call.running_var, call.momentum, count, mean,
+                                         var * count))
+            else:
+                self._pools[index].merge(count, mean, var)
+        return output
+
+    finish_micro_batch = start_micro_batch
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Update the running statistics once, as nn.BatchNorm would for the whole logical batch."""
+        for pool in self._pools:
+            m = pool.momentum
+            if pool.running_mean is not None:
+                pool.running_mean.mul_(1 - m).add_(pool.mean.to(pool.running_mean.dtype), alpha=m)
+            if pool.running_var is not None:
+                unbiased = pool.m2 / max(pool.count - 1, 1)
+                pool.running_var.mul_(1 - m).add_(unbiased.to(pool.running_var.dtype), alpha=m)
+        self._pools = []
+
+
+class BatchNormState:
+    """A snapshot of every BatchNorm buffer: undoes a failed step, and keeps each layer's
+    ``num_batches_tracked`` counting a logical batch once although the layer runs once per micro-batch."""
+
+    def __init__(self, modules: list[_BatchNorm]):
+        self._buffers = [buffer for module in modules
+                         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+                         if buffer is not None]
+        self._saved = [buffer.clone() for buffer in self._buffers]
+        self._counters = [module.num_batches_tracked for module in modules
+                          if module.num_batches_tracked is not None]
+        self._counted: list[Tensor] = []
+
+    def mark_counted(self) -> None:
+        """Call after the first forward of the logical batch: its counters are the right ones."""
+        self._counted = [counter.clone() for counter in self._counters]
+
+    def keep_counted(self) -> None:
+        """Undo the counting done by later forwards of the same logical batch."""
+        for counter, counted in zip(self._counters, self._counted):
+            counter.copy_(counted)
+
+    def restore(self) -> None:
+        """Put every buffer back as it was when the snapshot was taken."""
+        for buffer, saved in zip(self._buffers, self._saved):
+            buffer.copy_(saved)

@@ -1,0 +1,102 @@
+"""Splitting a logical batch into balanced micro-batches.
+
+A batch is a tensor or any nesting of tuples, lists and dicts whose tensor
+leaves share their first (batch) dimension; other leaves pass through::
+
+    >>> balanced_splits(16, 7)
+    [6, 5, 5]
+    >>> parts = split_batch({"image": x, "mask": y}, [6, 5, 5])
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+__all__ = ["balanced_splits", "batch_size", "split_batch", "to_device"]
+
+
+def balanced_splits(batch: int, micro_batch: int) -> list[int]:
+    """Sizes of the fewest micro-batches of at most ``micro_batch`` samples, differing by at most one."""
+    if batch < 1:
+        raise ValueError(f"cannot split a batch of {batch} samples; a batch needs at least one sample")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+    count = math.ceil(batch / micro_batch)
+    base, extra = divmod(batch, count)
+    return [base + 1] * extra + [base] * (count - extra)
+
+
+def _leaves(tree: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{path}[{key!r}]")
+    elif isinstance(tree, (tuple, list)):
+        for index, value in enumerate(tree):
+            yield from _leaves(value, f"{path}[{index}]")
+    else:
+        yield path, tree
+
+
+def _rebuild(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """``tree`` with every leaf replaced by ``fn(leaf)``, keeping containers (namedtuples too)."""
+    if isinstance(tree, Mapping):
+        return type(tree)({key: _rebuild(value, fn) for key, value in tree.items()})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_rebuild(value, fn) for value in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_rebuild(value, fn) for value in tree)
+    return fn(tree)
+
+
+def batch_size(tree: Any) -> int:
+    """The shared first dimension of every tensor in ``tree``.
+
+    Raises ``ValueError`` naming the offending leaves when there is no tensor,
+    when a tensor has no batch dimension, when sizes disagree, or when the batch is empty.
+    """
+    sizes: dict[str, int] = {}
+    for path, leaf in _leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.dim() == 0:
+                raise ValueError(f"{path} is a 0-dim tensor and has no batch dimension; "
+                                 "give every tensor in the batch a leading batch dimension")
+            sizes[path] = leaf.shape[0]
+    if not sizes:
+        raise ValueError("the batch holds no tensor; pass tensors (or tuples, lists, dicts of tensors) "
+                         "whose first dimension is the batch")
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
+        raise ValueError(f"tensors in the batch disagree on the batch dimension ({listing}); "
+                         "every tensor must have the same first dimension")
+    (size,) = distinct
+    if size == 0:
+        raise ValueError("the batch is empty (batch dimension 0); skip empty batches before calling step()")
+    return size
+
+
+def split_batch(tree: Any, sizes: Sequence[int]) -> list[Any]:
+    """``tree`` cut along dim 0 into ``len(sizes)`` views; non-tensor leaves are shared by every part."""
+    pieces: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            pieces[id(leaf)] = torch.split(leaf, list(sizes))
+        return leaf
+
+    _rebuild(tree, cut)
+    return [
+        _rebuild(tree, lambda leaf, j=j: pieces[id(leaf)][j] if isinstance(leaf, torch.Tensor) else leaf)
+        for j in range(len(sizes))
+    ]
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` with its tensors on ``device`` (no copy for those already there)."""
+    non_blocking = device.type == "cuda"
+    return _rebuild(
+        tree,
+        lambda leaf: leaf.to(device, non_blocking=non_blocking) if isinstance(leaf, torch.Tensor) else leaf,
+    )

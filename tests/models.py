@@ -1,0 +1,56 @@
+"""Small models for the tests: a residual BatchNorm CNN, its variants, and a model without BatchNorm."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BatchNormAct2d", "Block", "ResidualNet", "mlp"]
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: overrides forward and calls F.batch_norm itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
+                         self.running_var if not self.training or self.track_running_stats else None,
+                         self.weight, self.bias, bn_training, factor, self.eps)
+        return F.relu(x)
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = norm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualNet(nn.Module):
+    """Stem conv + BN, ``blocks`` residual blocks of two conv + BN, pooled linear head."""
+
+    def __init__(self, blocks: int = 4, channels: int = 8, classes: int = 5, norm=nn.BatchNorm2d,
+                 head_norm: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn = norm(channels)
+        self.blocks = nn.Sequential(*(Block(channels, norm) for _ in range(blocks)))
+        self.head_bn = nn.BatchNorm1d(channels) if head_norm else nn.Identity()
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(self.head_bn(x.mean((2, 3))))
+
+
+def mlp(features: int = 6, classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes))
