@@ -238,6 +238,8 @@ class TwoPassBatchNorm:
 class _Pool:
     """Chan et al.'s parallel merge of per-channel count, mean and sum of squared deviations."""
 
+    name: str
+    eps: float
     running_mean: Optional[Tensor]
     running_var: Optional[Tensor]
     momentum: float
@@ -255,7 +257,11 @@ class _Pool:
 
 class PooledBatchNorm:
     """bn="micro": each micro-batch normalizes with its own statistics (ordinary accumulation);
-    the running statistics are committed once per logical batch from the pooled statistics."""
+    the running statistics are committed once per logical batch from the pooled statistics.
+
+    Also phase 1 of two_pass when the whole batch does not fit: :meth:`statistics` then gives
+    phase 2 the pooled statistics of the chunks.
+    """
 
     def __init__(self, names: dict[int, str]):
         self.names = names
@@ -268,20 +274,30 @@ class PooledBatchNorm:
     def handle(self, call: BatchNormCall) -> Tensor:
         index = self._cursor
         self._cursor += 1
-        _check_values_per_channel(call, _name_of(call, self.names, index))
+        name = _name_of(call, self.names, index)
+        _check_values_per_channel(call, name)
         output, mean, invstd = torch.ops.aten.native_batch_norm(
             call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
         with torch.no_grad():
             mean, var, count = mean.detach(), _variance(invstd.detach(), call.eps), call.values_per_channel
             if index == len(self._pools):
                 # The first micro-batch's momentum is the full batch's: the layer counted this batch once.
-                self._pools.append(_Pool(call.running_mean, call.running_var, call.momentum, count, mean,
-                                         var * count))
+                self._pools.append(_Pool(name, call.eps, call.running_mean, call.running_var, call.momentum,
+                                         count, mean, var * count))
             else:
                 self._pools[index].merge(count, mean, var)
         return output
 
     finish_micro_batch = start_micro_batch
+
+    def statistics(self) -> list[LayerStatistics]:
+        """The pooled statistics of every call, as phase 1 would have recorded them."""
+        layers = []
+        for pool in self._pools:
+            var = pool.m2 / pool.count
+            layers.append(LayerStatistics(pool.name, pool.mean, (var + pool.eps).rsqrt(), var, pool.eps,
+                                          pool.count))
+        return layers
 
     @torch.no_grad()
     def commit(self) -> None:

@@ -1,16 +1,26 @@
-"""The plan: how large a micro-batch is, and how a logical batch is split.
+"""The planner: choose the largest micro-batch whose measured peak fits the memory budget.
 
-    >>> make_plan(target_batch=16, micro_batch=7)
-    Plan(micro_batch=7, splits=[6, 5, 5], source='user', ...)
+It measures a few real training micro-steps, fits ``peak = fixed + per_sample * n``, predicts the
+largest ``n`` under the budget and verifies it once; it bisects only when the verification fails::
+
+    >>> fit = search(measure=lambda n: measured_peak_of_a_step_with(n), budget_bytes=6 * 2**30,
+    ...              target_batch=64)
+    >>> fit.micro_batch, fit.trials
+    (23, 4)
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Optional, Union
 
+from autobatch.memory import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Plan", "make_plan", "check_target_batch", "check_micro_batch"]
+__all__ = ["Fit", "Plan", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
+
+Measure = Callable[[int], Optional[int]]
 
 
 @dataclass(frozen=True)
@@ -21,14 +31,36 @@ class Plan:
     target_batch: int
     source: str
     reason: str
+    device: str = ""
+    budget_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[int] = None
+    points: tuple[tuple[int, Optional[int]], ...] = ()
+    trials: int = 0
+    phase1_chunks: int = 1
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "splits", balanced_splits(self.target_batch, self.micro_batch))
 
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
     def __str__(self) -> str:
         rows = [("target_batch", self.target_batch), ("micro_batch", self.micro_batch),
                 ("splits", self.splits), ("source", self.source), ("reason", self.reason)]
+        if self.device:
+            rows.append(("device", self.device))
+        if self.budget_bytes is not None:
+            rows.append(("budget", format_bytes(self.budget_bytes)))
+        if self.predicted_peak_bytes is not None:
+            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
+        if self.points:
+            rows.append(("measured", ", ".join(
+                f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
+            rows.append(("trials", self.trials))
+        if self.phase1_chunks > 1:
+            rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate "
+                                    "(each chunk normalized with its own)"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -51,11 +83,101 @@ def check_micro_batch(micro_batch: object) -> Union[int, str]:
     return micro_batch
 
 
-def make_plan(target_batch: int, micro_batch: Union[int, str]) -> Plan:
-    """A plan for ``target_batch`` samples per step with ``micro_batch`` ("auto" or an int)."""
-    if micro_batch == "auto":
-        # The memory planner (measured fit) is not built yet: without it, run the whole batch.
-        return Plan(target_batch, target_batch, "auto", "no memory measurement yet: whole batch")
+def fixed_plan(target_batch: int, micro_batch: int) -> Plan:
+    """The plan for a micro-batch size the user chose."""
     if micro_batch >= target_batch:
         return Plan(target_batch, target_batch, "user", f"micro_batch={micro_batch} holds the whole batch")
     return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What the search found: the micro-batch, the fitted line, and every measured point."""
+
+    micro_batch: int
+    fixed_bytes: float
+    per_sample_bytes: float
+    points: tuple[tuple[int, Optional[int]], ...]
+
+    @property
+    def trials(self) -> int:
+        return len(self.points)
+
+    def predict(self, n: int) -> int:
+        return int(self.fixed_bytes + self.per_sample_bytes * n)
+
+    def largest_under(self, budget_bytes: int, limit: int) -> int:
+        """The largest n in [1, limit] whose predicted peak is at most ``budget_bytes``."""
+        if self.per_sample_bytes <= 0:
+            return limit
+        return max(1, min(limit, math.floor((budget_bytes - self.fixed_bytes) / self.per_sample_bytes)))
+
+
+def _line(points: dict[int, int]) -> tuple[float, float]:
+    """Least-squares fixed + per_sample * n through the points (one point: through the origin)."""
+    ns, peaks = list(points), list(points.values())
+    if len(ns) == 1:
+        return 0.0, peaks[0] / ns[0]
+    mean_n, mean_peak = sum(ns) / len(ns), sum(peaks) / len(peaks)
+    spread = sum((n - mean_n) ** 2 for n in ns)
+    slope = sum((n - mean_n) * (p - mean_peak) for n, p in zip(ns, peaks)) / spread
+    return mean_peak - slope * mean_n, slope
+
+
+def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
+    """The largest micro-batch in [1, target_batch] whose measured peak is at most ``budget_bytes``.
+
+    ``measure(n)`` runs one real training micro-step of ``n`` samples and returns its peak bytes,
+    or None when it ran out of memory. Typically 2 points, 1 point near the answer, 1 verification.
+    Raises MemoryError when not even one sample fits.
+    """
+    measured: dict[int, Optional[int]] = {}
+
+    def fits(n: int) -> bool:
+        if n not in measured:
+            measured[n] = measure(n)
+        peak = measured[n]
+        return peak is not None and peak <= budget_bytes
+
+    def result(n: int) -> Fit:
+        good = {k: v for k, v in measured.items() if v is not None}
+        fixed, per_sample = _line(good)
+        return Fit(n, fixed, per_sample, tuple(sorted(measured.items())))
+
+    for n in sorted({min(2, target_batch), min(4, target_batch)}):
+        if not fits(n):
+            return result(_bisect(fits, 0, n))
+    largest_good = max(measured)
+    guess = result(0).largest_under(budget_bytes, target_batch)
+    if guess > 2 * largest_good:
+        # A third point near the answer, where the line matters most.
+        if not fits(guess // 2):
+            return result(_bisect(fits, largest_good, guess // 2))
+        largest_good = guess // 2
+        guess = result(0).largest_under(budget_bytes, target_batch)
+    if guess <= largest_good:
+        return result(largest_good)
+    if fits(guess):
+        return result(guess)
+    return result(_bisect(fits, largest_good, guess))
+
+
+def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:
+    """The largest n in [good, bad) that fits, given that ``good`` fits (0: nothing known) and ``bad`` does not."""
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    if good == 0:
+        raise MemoryError("not even a micro-batch of one sample fits the memory budget; raise memory_budget, "
+                          "free memory on the device, or use a smaller model or input")
+    return good
+
+
+def shrink(micro_batch: int) -> int:
+    """The next micro-batch to try after running out of memory at ``micro_batch``."""
+    if micro_batch <= 1:
+        raise MemoryError("out of memory with a micro-batch of one sample; nothing smaller to try")
+    return max(1, min(micro_batch - 1, math.floor(micro_batch * 0.8)))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["balanced_splits", "batch_size", "split_batch", "to_device"]
+__all__ = ["balanced_splits", "batch_size", "leaves", "split_batch", "take", "to_device"]
 
 
 def balanced_splits(batch: int, micro_batch: int) -> list[int]:
@@ -28,13 +28,14 @@ def balanced_splits(batch: int, micro_batch: int) -> list[int]:
     return [base + 1] * extra + [base] * (count - extra)
 
 
-def _leaves(tree: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
+def leaves(tree: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
+    """Every leaf of ``tree`` with a readable path such as ``batch['image']``."""
     if isinstance(tree, Mapping):
         for key, value in tree.items():
-            yield from _leaves(value, f"{path}[{key!r}]")
+            yield from leaves(value, f"{path}[{key!r}]")
     elif isinstance(tree, (tuple, list)):
         for index, value in enumerate(tree):
-            yield from _leaves(value, f"{path}[{index}]")
+            yield from leaves(value, f"{path}[{index}]")
     else:
         yield path, tree
 
@@ -57,7 +58,7 @@ def batch_size(tree: Any) -> int:
     when a tensor has no batch dimension, when sizes disagree, or when the batch is empty.
     """
     sizes: dict[str, int] = {}
-    for path, leaf in _leaves(tree):
+    for path, leaf in leaves(tree):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
                 raise ValueError(f"{path} is a 0-dim tensor and has no batch dimension; "
@@ -91,6 +92,15 @@ def split_batch(tree: Any, sizes: Sequence[int]) -> list[Any]:
         _rebuild(tree, lambda leaf, j=j: pieces[id(leaf)][j] if isinstance(leaf, torch.Tensor) else leaf)
         for j in range(len(sizes))
     ]
+
+
+def take(tree: Any, count: int) -> Any:
+    """The first ``count`` samples of ``tree``, repeating its samples when it holds fewer."""
+    size = batch_size(tree)
+    if count <= size:
+        return _rebuild(tree, lambda leaf: leaf[:count] if isinstance(leaf, torch.Tensor) else leaf)
+    index = torch.arange(count) % size
+    return _rebuild(tree, lambda leaf: leaf[index.to(leaf.device)] if isinstance(leaf, torch.Tensor) else leaf)
 
 
 def to_device(tree: Any, device: torch.device) -> Any:

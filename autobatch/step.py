@@ -1,14 +1,16 @@
 """The training step: one optimizer step per logical batch, accumulated over micro-batches.
 
-    >>> ab = autobatch.wrap(model, optimizer, target_batch=16, loss_fn=criterion, micro_batch=4)
+    >>> ab = autobatch.wrap(model, optimizer, target_batch=16, loss_fn=criterion)
     >>> for inputs, targets in loader:        # logical batches of up to 16 samples
     ...     loss = ab.step(inputs, targets)   # float: mean loss over the logical batch
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
+import os
 from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
@@ -17,8 +19,13 @@ from torch import Tensor, nn
 from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
-from autobatch.planner import Plan, check_micro_batch, check_target_batch, make_plan
-from autobatch.split import balanced_splits, batch_size, split_batch, to_device
+from autobatch.cache import PlanCache, plan_key
+from autobatch.measure import peak_bytes, tensor_bytes
+from autobatch.memory import Budget, budget, is_out_of_memory, probe
+from autobatch.planner import (Fit, Plan, check_micro_batch, check_target_batch, fixed_plan, search,
+                               shrink)
+from autobatch.snapshot import preserved
+from autobatch.split import balanced_splits, batch_size, split_batch, take, to_device
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -35,6 +42,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _release_memory(device: torch.device) -> None:
+    """Free what a failed attempt held; called outside the except block, whose frames pin tensors."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class AutoBatch:
     """A model and its optimizer, stepped once per logical batch of up to ``target_batch`` samples.
 
@@ -48,9 +62,12 @@ class AutoBatch:
                  scaler: Optional[torch.amp.GradScaler] = None,
                  autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
                  before_step: Optional[Callable[["AutoBatch"], None]] = None,
-                 device: Optional[Union[torch.device, str]] = None):
+                 device: Optional[Union[torch.device, str]] = None,
+                 memory_budget: Union[int, float, str, None] = None,
+                 cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
+                 grow_after: Optional[int] = None):
         _check_arguments(model, optimizer, loss_fn, compute_loss, bn, scaler, autocast_dtype,
-                         max_grad_norm, before_step)
+                         max_grad_norm, before_step, grow_after)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -61,13 +78,26 @@ class AutoBatch:
         self.max_grad_norm = max_grad_norm
         self.before_step = before_step
         self.device = torch.device(device) if device is not None else _model_device(model)
-        self.plan: Plan = make_plan(check_target_batch(target_batch), check_micro_batch(micro_batch))
+        self.target_batch = check_target_batch(target_batch)
+        self.memory_budget = memory_budget
+        self.retune = retune
+        self.grow_after = grow_after
+        self._auto = check_micro_batch(micro_batch) == "auto"
+        self._cache = None if cache is False else PlanCache(None if cache is True else cache)
+        #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
+        self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch)
+        self._fit: Optional[Fit] = None
+        self._fitted_micro_batch = 0
+        self._cache_key = ""
+        self._clean_steps = 0
         self._bn_modules = batch_norm_modules(model)
         self._names = batch_norm_names(model)
         self._two_pass = TwoPassBatchNorm(self._names)
+        self._in_statistics_pass = False
         self._warned_thin = False
         self._open = True
-        log.info("autobatch plan:\n%s", self.plan)
+        if self.plan is not None:
+            log.info("autobatch plan:\n%s", self.plan)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -76,20 +106,69 @@ class AutoBatch:
 
         With ``loss_fn``: ``step(inputs, targets)`` computes ``loss_fn(model(inputs), targets)``.
         With ``compute_loss``: ``step(batch)`` computes ``compute_loss(model, micro_batch)``.
-        On any error the parameters, gradients and BatchNorm buffers are left as they were.
+        On any error the parameters, gradients and BatchNorm buffers are left as they were. With
+        micro_batch="auto", running out of memory shrinks the micro-batch and redoes the same batch.
         """
+        batch, size = self._checked_batch(inputs, targets)
+        if self.plan is None:
+            self._tune(batch)
+        recovered = False
+        while True:
+            try:
+                loss = self._step(batch, size)
+                break
+            except BaseException as error:
+                if not (self._auto and is_out_of_memory(error)):
+                    raise
+                in_statistics_pass, message = self._in_statistics_pass, str(error).splitlines()[0]
+            _release_memory(self.device)
+            self._recover(in_statistics_pass, message)
+            recovered = True
+        if not recovered:
+            self._after_clean_step()
+        return loss
+
+    def tune(self, inputs: Any, targets: Any = None) -> Plan:
+        """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
+        batch, _ = self._checked_batch(inputs, targets)
+        self._tune(batch)
+        return self.plan
+
+    def unwrap(self) -> nn.Module:
+        """End training through autobatch and give back the model, exactly as a plain module."""
+        self._open = False
+        return self.model
+
+    def __enter__(self) -> "AutoBatch":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        micro = self.plan.micro_batch if self.plan is not None else "auto (not measured yet)"
+        return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
+                f"micro_batch={micro}, bn={self.bn!r})")
+
+    # -- one logical batch --------------------------------------------------------------------
+
+    def _checked_batch(self, inputs: Any, targets: Any) -> tuple[Any, int]:
         if not self._open:
             raise RuntimeError("this AutoBatch was unwrapped; wrap the model again to keep training")
         if self.compute_loss is not None and targets is not None:
             raise TypeError("with compute_loss, pass the whole batch as one argument: step(batch)")
         batch = inputs if self.compute_loss is not None else (inputs, targets)
         size = batch_size(batch)
-        if size > self.plan.target_batch:
+        if size > self.target_batch:
             raise ValueError(
-                f"the batch has {size} samples but the plan holds target_batch={self.plan.target_batch}; "
-                f"make the loader yield at most {self.plan.target_batch} samples, or wrap with "
-                f"target_batch={size}")
+                f"the batch has {size} samples but the plan holds target_batch={self.target_batch}; "
+                f"make the loader yield at most {self.target_batch} samples, or wrap with target_batch={size}")
+        return batch, size
+
+    def _step(self, batch: Any, size: int) -> float:
+        """One logical batch, all or nothing: on error every gradient and buffer is put back."""
         splits = balanced_splits(size, self.plan.micro_batch)
+        self._in_statistics_pass = False
         params = self._parameters()
         saved_grads = [p.grad for p in params]
         for p in params:
@@ -108,23 +187,6 @@ class AutoBatch:
             p.grad = None
         return loss
 
-    def unwrap(self) -> nn.Module:
-        """End training through autobatch and give back the model, exactly as a plain module."""
-        self._open = False
-        return self.model
-
-    def __enter__(self) -> "AutoBatch":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.unwrap()
-
-    def __repr__(self) -> str:
-        return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.plan.target_batch}, "
-                f"micro_batch={self.plan.micro_batch}, splits={self.plan.splits}, bn={self.bn!r})")
-
-    # -- one logical batch --------------------------------------------------------------------
-
     def _bn_mode(self, count: int) -> str:
         if count == 1 or not uses_batch_statistics(self._bn_modules):
             return "plain"
@@ -137,8 +199,8 @@ class AutoBatch:
         intercept: ContextManager[None] = contextlib.nullcontext()
         if mode == "two_pass":
             batch = to_device(batch, self.device)
-            self._statistics_pass(batch, splits)
-            state.mark_counted()
+            self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
+            self._warn_thin_layers(splits)
             norm = self._two_pass
             intercept = intercept_batch_norm(norm.apply)
         elif mode == "micro":
@@ -161,27 +223,52 @@ class AutoBatch:
             norm.commit()
         return weighted
 
-    def _statistics_pass(self, batch: Any, splits: list[int]) -> None:
-        """Phase 1: a no-grad forward of the whole batch that records every BatchNorm's statistics."""
-        self._two_pass.start_statistics_pass()
-        complete = True
-        with torch.no_grad(), self._autocast(), intercept_batch_norm(self._two_pass.record):
-            try:
-                if self.compute_loss is not None:
-                    self.compute_loss(self.model, batch)
-                else:
-                    self.model(batch[0])
-            except StopForward:
-                complete = False
-        self._two_pass.finish_statistics_pass(complete)
-        if not self._warned_thin:
-            self._warned_thin = True
-            thin = self._two_pass.thin_layers(min(splits), sum(splits))
-            if thin:
-                listing = ", ".join(f"{name} ({values})" for name, values in thin)
-                log.warning("these BatchNorm layers see few values per channel in a micro-batch: %s; "
-                            "two_pass takes its backward means from one micro-batch, so their gradients "
-                            "are only roughly those of the full batch. A larger micro_batch helps.", listing)
+    def _statistics_pass(self, batch: Any, two_pass: TwoPassBatchNorm, state: BatchNormState,
+                         chunks: int) -> None:
+        """Phase 1: a no-grad forward of the whole batch that records every BatchNorm's statistics
+        and updates running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled."""
+        self._in_statistics_pass = True
+        with torch.no_grad(), self._autocast():
+            if chunks == 1:
+                two_pass.start_statistics_pass()
+                complete = True
+                with intercept_batch_norm(two_pass.record):
+                    try:
+                        self._forward(batch)
+                    except StopForward:
+                        complete = False
+                two_pass.finish_statistics_pass(complete)
+            else:
+                pooled = PooledBatchNorm(self._names)
+                size = batch_size(batch)
+                with intercept_batch_norm(pooled.handle):
+                    for index, chunk in enumerate(split_batch(batch, balanced_splits(size, -(-size // chunks)))):
+                        pooled.start_micro_batch()
+                        self._forward(chunk)
+                        if index == 0:
+                            state.mark_counted()
+                state.keep_counted()
+                two_pass.layers = pooled.statistics()
+                pooled.commit()
+        state.mark_counted()
+        self._in_statistics_pass = False
+
+    def _forward(self, batch: Any) -> None:
+        if self.compute_loss is not None:
+            self.compute_loss(self.model, batch)
+        else:
+            self.model(batch[0])
+
+    def _warn_thin_layers(self, splits: list[int]) -> None:
+        if self._warned_thin:
+            return
+        self._warned_thin = True
+        thin = self._two_pass.thin_layers(min(splits), sum(splits))
+        if thin:
+            listing = ", ".join(f"{name} ({values})" for name, values in thin)
+            log.warning("these BatchNorm layers see few values per channel in a micro-batch: %s; two_pass "
+                        "takes its backward means from one micro-batch, so their gradients are only roughly "
+                        "those of the full batch. A larger micro_batch helps.", listing)
 
     def _backward(self, part: Any, weight: float, index: int) -> Tensor:
         with self._autocast():
@@ -221,6 +308,132 @@ class AutoBatch:
         else:
             self.optimizer.step()
 
+    # -- planning -------------------------------------------------------------------------------
+
+    def _needs_statistics_pass(self) -> bool:
+        return self.bn == "two_pass" and uses_batch_statistics(self._bn_modules)
+
+    def _tune(self, batch: Any) -> None:
+        """Choose the micro-batch: from the cache, else by measuring real steps on ``batch``."""
+        resident = tensor_bytes(self.model, self.optimizer) if self.device.type == "cpu" else 0
+        memory = probe(self.device, resident_bytes=resident)
+        limit = budget(memory, self.memory_budget)
+        self._cache_key = plan_key(
+            self.model, self.optimizer, batch, memory.name, memory.total_bytes,
+            target_batch=self.target_batch, bn=self.bn, autocast=self.autocast_dtype,
+            memory_budget=self.memory_budget, world_size=1, loss=self.compute_loss is not None)
+        record = None if self.retune or self._cache is None else self._cache.load(self._cache_key)
+        device = f"{memory.device} ({memory.name}, {memory.source})"
+        if record is not None:
+            self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
+                            tuple((n, peak) for n, peak in record["points"]))
+            micro_batch = min(record["micro_batch"],
+                              self._fit.largest_under(limit.budget_bytes, self.target_batch))
+            self.plan = Plan(micro_batch, self.target_batch, "cache", f"fitted line from {self._cache.path}",
+                             device, limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
+                             record.get("phase1_chunks", 1))
+        else:
+            self.plan = self._measure(batch, limit, device)
+            self._store_plan()
+        self._fitted_micro_batch = self.plan.micro_batch
+        log.info("autobatch plan:\n%s", self.plan)
+
+    def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
+        with preserved(self.model, self.optimizer):
+            self._fit = fit = search(lambda n: self._trial_peak(batch, n), limit.budget_bytes,
+                                     self.target_batch)
+            chunks, phase1_points = 1, ()
+            if fit.micro_batch < self.target_batch and self._needs_statistics_pass():
+                chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+        reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
+                  f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
+        return Plan(fit.micro_batch, self.target_batch, "measured", reason, device, limit.budget_bytes,
+                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), chunks)
+
+    def _trial_peak(self, batch: Any, n: int) -> Optional[int]:
+        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
+        whole_batch_resident = self._needs_statistics_pass() and n < self.target_batch
+
+        def work() -> None:
+            # With two_pass the whole logical batch's inputs stay on the device during phase 2.
+            whole = to_device(take(batch, self.target_batch), self.device) if whole_batch_resident else None
+            part = take(whole, n) if whole is not None else to_device(take(batch, n), self.device)
+            self._backward(part, 1.0, 0)
+            self.optimizer.step()
+            for p in self._parameters():
+                p.grad = None
+
+        return self._peak_or_none(work, f"micro-batch of {n}")
+
+    def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
+        """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
+        points = []
+        chunks = 1
+        while True:
+            def work(chunks: int = chunks) -> None:
+                whole = to_device(take(batch, self.target_batch), self.device)
+                state = BatchNormState(self._bn_modules)
+                self._statistics_pass(whole, TwoPassBatchNorm(self._names), state, chunks)
+
+            peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)")
+            points.append((chunks, peak))
+            if peak is not None and peak <= budget_bytes:
+                return chunks, tuple(points)
+            if chunks >= self.target_batch:
+                raise MemoryError("phase 1 of two_pass does not fit the memory budget even one sample at a "
+                                  "time; use bn='micro', or raise memory_budget")
+            chunks = min(self.target_batch, chunks * 2)
+
+    def _peak_or_none(self, work: Callable[[], None], what: str) -> Optional[int]:
+        try:
+            peak = peak_bytes(work, self.device, self.model, self.optimizer)
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            peak = None
+        if peak is None:
+            _release_memory(self.device)
+        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {peak} bytes")
+        return peak
+
+    def _store_plan(self) -> None:
+        """Keep the plan in use, with the fitted line, for the next launch."""
+        if self._cache is None or self._fit is None:
+            return
+        self._cache.store(self._cache_key, {
+            "micro_batch": self.plan.micro_batch, "fixed_bytes": self._fit.fixed_bytes,
+            "per_sample_bytes": self._fit.per_sample_bytes, "points": [list(p) for p in self._fit.points],
+            "budget_bytes": self.plan.budget_bytes, "phase1_chunks": self.plan.phase1_chunks})
+
+    def _recover(self, in_statistics_pass: bool, message: str) -> None:
+        """After running out of memory: a smaller micro-batch (or more phase-1 chunks), same batch again."""
+        self._in_statistics_pass = False
+        self._clean_steps = 0
+        if in_statistics_pass:
+            chunks = min(self.target_batch, self.plan.phase1_chunks * 2)
+            if chunks == self.plan.phase1_chunks:
+                raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")
+            self.plan = self.plan.replace(phase1_chunks=chunks,
+                                          reason=f"out of memory in phase 1: now {chunks} chunks")
+        else:
+            smaller = shrink(self.plan.micro_batch)
+            self.plan = self.plan.replace(micro_batch=smaller, reason=(
+                f"out of memory at micro_batch={self.plan.micro_batch}: shrunk to {smaller}"))
+        log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch",
+                    message, self.plan.reason)
+        self._store_plan()
+
+    def _after_clean_step(self) -> None:
+        if self.grow_after is None or self.plan.micro_batch >= self._fitted_micro_batch:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.grow_after:
+            self._clean_steps = 0
+            self.plan = self.plan.replace(micro_batch=self._fitted_micro_batch, reason=(
+                f"grown back to the fitted micro_batch={self._fitted_micro_batch} after "
+                f"{self.grow_after} clean steps"))
+            log.info("autobatch: %s", self.plan.reason)
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _autocast(self) -> ContextManager[Any]:
@@ -239,7 +452,7 @@ class AutoBatch:
 
 
 def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any, bn: Any, scaler: Any,
-                     autocast_dtype: Any, max_grad_norm: Any, before_step: Any) -> None:
+                     autocast_dtype: Any, max_grad_norm: Any, before_step: Any, grow_after: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -260,6 +473,8 @@ def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any
         raise TypeError(f"autocast_dtype must be a torch.dtype such as torch.bfloat16, got {autocast_dtype!r}")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+    if grow_after is not None and not (isinstance(grow_after, int) and grow_after >= 1):
+        raise ValueError(f"grow_after must be a positive number of steps or None, got {grow_after!r}")
 
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
@@ -273,12 +488,17 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss over its micro-batch.
         compute_loss: instead of ``loss_fn``, ``compute_loss(model, micro_batch)`` for losses that
             need more than ``(outputs, targets)``; then call ``step(batch)``.
-        micro_batch: samples per micro-batch, or "auto".
+        micro_batch: samples per micro-batch, or "auto" (measured at the first step).
         bn: "two_pass" (full-batch statistics, projected backward) or "micro" (each micro-batch its
             own statistics; running statistics committed once from the pooled statistics).
         scaler, autocast_dtype, max_grad_norm: mixed precision and gradient clipping, once per step.
         before_step: called with the AutoBatch before each optimizer step (gradients unscaled, clipped).
         device: where micro-batches are computed; defaults to the model's device.
+        memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device.
+        cache: keep the fitted plan across launches (True: the user cache directory; or a directory;
+            False: never). retune: measure afresh even when the cache has a plan.
+        grow_after: after running out of memory, grow back to the fitted micro-batch after this
+            many clean steps (None: stay small).
 
     Example::
 

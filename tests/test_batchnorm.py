@@ -79,7 +79,7 @@ def merged(x, sizes):
     for chunk in torch.split(x, sizes):
         mean, var = chunk.mean(0), chunk.var(0, unbiased=False)
         if pool is None:
-            pool = _Pool(None, None, 0.1, len(chunk), mean, var * len(chunk))
+            pool = _Pool("test", 1e-5, None, None, 0.1, len(chunk), mean, var * len(chunk))
         else:
             pool.merge(len(chunk), mean, var)
     return pool.mean, pool.m2 / (pool.count - 1)

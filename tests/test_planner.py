@@ -1,25 +1,85 @@
 import pytest
 
-from autobatch.planner import Plan, check_micro_batch, check_target_batch, make_plan
+from autobatch.planner import Fit, check_micro_batch, check_target_batch, fixed_plan, search, shrink
+
+
+def linear(fixed, per_sample, calls, oom_above=None):
+    def measure(n):
+        calls.append(n)
+        if oom_above is not None and n > oom_above:
+            return None
+        return fixed + per_sample * n
+    return measure
+
+
+@pytest.mark.parametrize("answer", [1, 2, 3, 5, 17, 50, 63])
+def test_linear_memory_is_found_in_at_most_four_trials(answer):
+    calls = []
+    budget = 1000 + 37 * answer + 36  # one byte short of answer + 1
+    fit = search(linear(1000, 37, calls), budget, 64)
+    assert fit.micro_batch == answer
+    assert fit.trials == len(set(calls)) <= 4
+    assert fit.predict(answer) <= budget < fit.predict(answer + 1)
+
+
+def test_whole_batch_fits():
+    calls = []
+    fit = search(linear(1000, 37, calls), 10**9, 16)
+    assert fit.micro_batch == 16 and len(calls) <= 4
+
+
+def test_failed_verification_bisects():
+    calls = []
+
+    def measure(n):  # a jump above 20 samples the line cannot foresee
+        calls.append(n)
+        return 1000 + 37 * n + (10_000 if n > 20 else 0)
+
+    fit = search(measure, 1000 + 37 * 50, 64)
+    assert fit.micro_batch == 20
+    assert measure(20) <= 1000 + 37 * 50 < measure(21)
+    assert len(calls) <= 12
+
+
+def test_out_of_memory_counts_as_too_large():
+    calls = []
+    fit = search(linear(1000, 37, calls, oom_above=7), 10**9, 64)
+    assert fit.micro_batch == 7
+    assert (8, None) in fit.points or any(peak is None for _, peak in fit.points)
+
+
+def test_nothing_fits():
+    with pytest.raises(MemoryError, match="not even a micro-batch of one sample"):
+        search(linear(1000, 37, []), 500, 16)
+
+
+@pytest.mark.parametrize("target", [1, 2, 3])
+def test_tiny_targets(target):
+    fit = search(linear(10, 1, []), 10**6, target)
+    assert fit.micro_batch == target
+
+
+def test_fit_line_through_points():
+    fit = Fit(4, 100.0, 10.0, ((2, 120), (4, 140)))
+    assert fit.largest_under(175, 64) == 7
+    assert fit.largest_under(10**6, 64) == 64
+    assert fit.largest_under(50, 64) == 1
+
+
+def test_shrink():
+    assert shrink(10) == 8 and shrink(2) == 1
+    with pytest.raises(MemoryError):
+        shrink(1)
 
 
 def test_user_micro_batch():
-    plan = make_plan(16, 7)
+    plan = fixed_plan(16, 7)
     assert (plan.micro_batch, plan.splits, plan.source) == (7, [6, 5, 5], "user")
-
-
-def test_micro_batch_larger_than_target_holds_the_whole_batch():
-    plan = make_plan(16, 64)
-    assert (plan.micro_batch, plan.splits) == (16, [16])
-
-
-def test_auto_without_measurement_runs_the_whole_batch():
-    plan = make_plan(16, "auto")
-    assert (plan.micro_batch, plan.splits, plan.source) == (16, [16], "auto")
+    assert fixed_plan(16, 64).splits == [16]
 
 
 def test_plan_prints_as_a_table():
-    text = str(make_plan(16, 7))
+    text = str(fixed_plan(16, 7))
     assert "splits        [6, 5, 5]" in text and "source        user" in text
 
 
@@ -33,9 +93,3 @@ def test_bad_target_batch(value):
 def test_bad_micro_batch(value):
     with pytest.raises(ValueError, match="micro_batch must be 'auto' or a positive int"):
         check_micro_batch(value)
-
-
-def test_plan_is_frozen():
-    with pytest.raises(Exception):
-        make_plan(8, 2).micro_batch = 3
-    assert isinstance(make_plan(8, 2), Plan)

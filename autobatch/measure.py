@@ -1,0 +1,86 @@
+"""Measuring the peak memory of a piece of work, for real.
+
+    >>> peak = peak_bytes(lambda: train_one_micro_batch(8), torch.device("cuda"))
+
+On CUDA: the caching allocator's peak statistics. On the host: every tensor storage that the
+work's ops create is followed from its allocation to its release (a dispatch mode, as PyTorch's own
+MemTracker does), so the peak of live tensor bytes is measured, not estimated.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["peak_bytes", "tensor_bytes"]
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive while active, and their peak.
+
+    Every op's outputs are looked at; a storage is counted from the first time it is seen until
+    Python's weak reference to it dies, which is when PyTorch frees it.
+    """
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self._sizes: "weakref.WeakKeyDictionary[torch.UntypedStorage, int]" = weakref.WeakKeyDictionary()
+        self.live = self.peak = 0
+        for tensor in known:
+            self._see(tensor)
+
+    def _see(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        old = self._sizes.get(storage)
+        if old == size:
+            return
+        if old is None:
+            weakref.finalize(storage, self._free, weakref.ref(self), size)
+        self._sizes[storage] = size
+        self.live += size - (old or 0)
+        self.peak = max(self.peak, self.live)
+
+    @staticmethod
+    def _free(owner: "weakref.ref[_LiveBytes]", size: int) -> None:
+        tracker = owner()
+        if tracker is not None:
+            tracker.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._see(leaf)
+        return out
+
+
+def _resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t.grad for t in tensors if t.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the model's parameters, gradients, buffers and the optimizer's state."""
+    return _LiveBytes(_resident(model, optimizer)).live
+
+
+def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
+               optimizer: torch.optim.Optimizer) -> int:
+    """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    tracker = _LiveBytes(_resident(model, optimizer))
+    with tracker:
+        work()
+    return tracker.peak

@@ -1,0 +1,56 @@
+import torch
+from torch import nn
+
+from autobatch.measure import peak_bytes, tensor_bytes
+
+MIB = 2**20
+
+
+def test_peak_counts_live_tensors_and_their_release():
+    model = nn.Linear(4, 4, bias=False)  # 64 bytes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kept = []
+
+    def work():
+        a = torch.empty(MIB, dtype=torch.uint8)
+        b = torch.empty(2 * MIB, dtype=torch.uint8)
+        del a
+        c = torch.empty(MIB // 2, dtype=torch.uint8)
+        view = b[10:]  # a view is no new memory
+        kept.append((b, c, view))
+
+    peak = peak_bytes(work, torch.device("cpu"), model, optimizer)
+    assert peak == 64 + 3 * MIB
+
+
+def test_peak_of_a_training_step_grows_linearly_with_the_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def step(n):
+        def work():
+            loss = model(torch.randn(n, 3, 16, 16)).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return work
+
+    step(1)()  # Adam's state exists from here on
+    peaks = [peak_bytes(step(n), torch.device("cpu"), model, optimizer) for n in (2, 4, 6, 8)]
+    steps = [b - a for a, b in zip(peaks, peaks[1:])]
+    assert steps[0] > 0 and steps == [steps[0]] * 3
+    assert peaks[0] > tensor_bytes(model, optimizer)
+
+
+def test_tensor_bytes_counts_parameters_buffers_grads_and_optimizer_state():
+    model = nn.Sequential(nn.Linear(10, 10), nn.BatchNorm1d(10))
+    optimizer = torch.optim.Adam(model.parameters())
+    before = tensor_bytes(model, optimizer)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert before == params + buffers
+    model(torch.randn(4, 10)).sum().backward()
+    optimizer.step()
+    assert tensor_bytes(model, optimizer) == before + params + 2 * params + 4 * 4  # grads, Adam moments, steps

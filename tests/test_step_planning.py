@@ -1,0 +1,245 @@
+"""micro_batch="auto" in the training step: real measurement, the cache, out-of-memory recovery."""
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import autobatch
+from autobatch.measure import peak_bytes
+from autobatch.snapshot import preserved
+from tests.models import mlp
+from tests.reference import assert_same_state, model_state
+
+ce = nn.CrossEntropyLoss()
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def data(n=32, size=32, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=generator, dtype=dtype), torch.randint(0, 5, (n,), generator=generator)
+
+
+def step_peak(model, optimizer, x, y, n):
+    """The peak of one real training micro-step of n samples, measured independently of the planner."""
+    def work():
+        ce(model(x[:n]), y[:n]).backward()  # slices of the host batch, as a real step takes them
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with preserved(model, optimizer):
+        return peak_bytes(work, torch.device("cpu"), model, optimizer)
+
+
+def line(points):
+    (n1, p1), (n2, p2) = points[0], points[1]
+    per_sample = (p2 - p1) / (n2 - n1)
+    return p1 - per_sample * n1, per_sample
+
+
+def test_chosen_micro_batch_is_the_largest_that_fits_the_budget():
+    model, (x, y) = convnet(), data()
+    optimizer = torch.optim.Adam(model.parameters())
+    ab = autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", bn="micro", cache=False)
+    plan = ab.tune(x, y)
+    assert plan.source == "measured" and 1 < plan.micro_batch < 32
+    assert plan.budget_bytes == int(6 * 2**20 * 0.9)
+    assert plan.trials <= 4
+    assert step_peak(model, optimizer, x, y, plan.micro_batch) <= plan.budget_bytes
+    assert step_peak(model, optimizer, x, y, plan.micro_batch + 1) > plan.budget_bytes
+    assert "measured" in str(plan) and "6.00 MiB" in str(plan)
+
+
+def test_trials_leave_no_trace():
+    model, (x, y) = convnet(), data()
+    model[2].eval()  # a mode to keep
+    optimizer = torch.optim.Adam(model.parameters())
+    before, rng = model_state(model), torch.get_rng_state()
+    autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", cache=False).tune(x, y)
+    assert_same_state(before, model_state(model))
+    assert not optimizer.state
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and not model[2].training
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_second_launch_uses_the_cache_without_any_trial(private_plan_cache):
+    model, (x, y) = convnet(), data()
+    first = autobatch.wrap(model, torch.optim.Adam(model.parameters()), 32, ce, memory_budget="6MiB").tune(x, y)
+    assert (private_plan_cache / "plans.json").exists()
+    again = convnet()
+    calls = count_forwards(again)
+    second = autobatch.wrap(again, torch.optim.Adam(again.parameters()), 32, ce, memory_budget="6MiB").tune(x, y)
+    assert (second.source, second.trials, calls) == ("cache", 0, [])
+    assert second.micro_batch == first.micro_batch
+    forced = autobatch.wrap(again, torch.optim.Adam(again.parameters()), 32, ce, memory_budget="6MiB",
+                            retune=True).tune(x, y)
+    assert forced.source == "measured" and calls
+
+
+def test_a_corrupt_cache_is_survived(private_plan_cache, caplog):
+    private_plan_cache.mkdir(parents=True)
+    (private_plan_cache / "plans.json").write_text("{\"truncated")
+    model, (x, y) = convnet(), data()
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        plan = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce,
+                              memory_budget="6MiB").tune(x, y)
+    assert plan.source == "measured" and "corrupt plan cache" in caplog.text
+    assert json.loads((private_plan_cache / "plans.json").read_text())
+
+
+def test_phase_one_that_does_not_fit_is_chunked():
+    model, (x, y) = convnet(), data(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="6MiB", cache=False)
+    plan = ab.tune(x, y)
+    assert plan.phase1_chunks > 1 and "approximate" in str(plan)
+    ab.step(x, y)
+    assert model[1].num_batches_tracked.item() == 1
+
+
+# -- out of memory during training -----------------------------------------------------------
+
+class OutOfMemoryAt:
+    """A loss that runs out of memory once, at a chosen micro-step, after it is armed."""
+
+    def __init__(self, micro_step):
+        self.micro_step, self.calls, self.armed = micro_step, 0, False
+
+    def __call__(self, outputs, targets):
+        if self.armed:
+            self.calls += 1
+            if self.calls == self.micro_step + 1:
+                self.armed = False
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return ce(outputs, targets)
+
+
+def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **options):
+    """An AutoBatch whose measured plan lands on ``micro_batch``: a budget from a first measurement's line."""
+    first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, cache=False, **options)
+    fixed, per_sample = line(first.tune(x, y).points)
+    budget = int((fixed + per_sample * (micro_batch + 0.5)) / 0.9)
+    ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=budget, cache=False, **options)
+    assert ab.tune(x, y).micro_batch == micro_batch
+    return ab
+
+
+@pytest.mark.parametrize("micro_step", [0, 2])
+def test_out_of_memory_redoes_the_same_batch_with_a_smaller_micro_batch(micro_step, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 3)).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 3, (16,))
+    loss_fn = OutOfMemoryAt(micro_step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    ab = auto_with_micro_batch(model, optimizer, loss_fn, x, y, 5)
+    loss_fn.armed = True
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        loss = ab.step(x, y)
+    assert ab.plan.micro_batch == 4 and "out of memory at micro_batch=5" in ab.plan.reason
+    assert "redoing the same logical batch" in caplog.text
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    expected = ce(reference(x), y)
+    expected.backward()
+    ref_optimizer.step()
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert ((p - q).norm() / q.norm()).item() < 1e-10
+
+
+def test_out_of_memory_with_batch_norm_counts_the_batch_once():
+    model, (x, y) = convnet(), data(16)
+    model.double()
+    x = x.double()
+    uninterrupted = copy.deepcopy(model)
+    loss_fn = OutOfMemoryAt(1)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, x, y, 6)
+    loss_fn.armed = True
+    ab.step(x, y)
+    autobatch.wrap(uninterrupted, torch.optim.SGD(uninterrupted.parameters(), lr=0.1), 16, ce,
+                   micro_batch=6).step(x, y)
+    for key, value in uninterrupted.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-12, atol=1e-14, msg=key)
+    assert model[1].num_batches_tracked.item() == 1
+
+
+def test_out_of_memory_in_phase_one_chunks_it():
+    class FailsInPhaseOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.armed = False
+
+        def forward(self, x):
+            if self.armed and not torch.is_grad_enabled():
+                self.armed = False
+                raise torch.OutOfMemoryError("CUDA out of memory (injected in phase 1)")
+            return x
+
+    model, (x, y) = convnet(), data(16)
+    trap = FailsInPhaseOne()
+    model.insert(0, trap)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6)
+    trap.armed = True
+    ab.step(x, y)
+    assert ab.plan.phase1_chunks == 2 and ab.plan.micro_batch == 6
+    assert model[2].num_batches_tracked.item() == 1
+
+
+def test_grow_back_after_clean_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 3))
+    x, y = torch.randn(16, 64), torch.randint(0, 3, (16,))
+    loss_fn = OutOfMemoryAt(0)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, x, y, 8,
+                               grow_after=2)
+    loss_fn.armed = True
+    ab.step(x, y)
+    assert ab.plan.micro_batch == 6
+    ab.step(x, y)
+    assert ab.plan.micro_batch == 6
+    ab.step(x, y)
+    assert ab.plan.micro_batch == 8 and "grown back" in ab.plan.reason
+
+
+def test_out_of_memory_with_a_fixed_micro_batch_is_raised_and_changes_nothing():
+    model = nn.Sequential(mlp(), nn.BatchNorm1d(3))
+    loss_fn = OutOfMemoryAt(1)
+    loss_fn.armed = True
+    before = model_state(model)
+    ab = autobatch.wrap(model, torch.optim.Adam(model.parameters()), 8, loss_fn, micro_batch=3)
+    with pytest.raises(torch.OutOfMemoryError):
+        ab.step(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    assert_same_state(before, model_state(model))
+
+
+def test_grad_scaler_is_clean_after_out_of_memory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 3))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(16, 64), torch.randint(0, 3, (16,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    loss_fn = OutOfMemoryAt(1)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, x, y, 5,
+                               scaler=scaler, max_grad_norm=10.0)
+    loss_fn.armed = True
+    ab.step(x, y)
+    ab.step(x, y)  # a second step after recovery: unscale_ would fail on a dirty scaler
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    autobatch.wrap(reference, torch.optim.SGD(reference.parameters(), lr=0.1), 16, ce, micro_batch=4,
+                   scaler=ref_scaler, max_grad_norm=10.0).step(x, y)
+    assert scaler.get_scale() == ref_scaler.get_scale()
