@@ -155,11 +155,15 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
             return result(_bisect(fits, largest_good, guess // 2))
         largest_good = guess // 2
         guess = result(0).largest_under(budget_bytes, target_batch)
-    if guess <= largest_good:
-        return result(largest_good)
-    if fits(guess):
-        return result(guess)
-    return result(_bisect(fits, largest_good, guess))
+    best = largest_good
+    for _ in range(3):  # the verification is a new point: refit, and try again while the line allows more
+        if guess <= best:
+            break
+        if not fits(guess):
+            return result(_bisect(fits, best, guess))
+        best = guess
+        guess = result(0).largest_under(budget_bytes, target_batch)
+    return result(best)
 
 
 def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:

@@ -20,8 +20,8 @@ from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, T
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.cache import PlanCache, plan_key
-from autobatch.measure import peak_bytes, tensor_bytes
-from autobatch.memory import Budget, budget, is_out_of_memory, probe
+from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
+from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe
 from autobatch.planner import (Fit, Plan, check_micro_batch, check_target_batch, fixed_plan, search,
                                shrink)
 from autobatch.snapshot import preserved
@@ -97,7 +97,7 @@ class AutoBatch:
         self._warned_thin = False
         self._open = True
         if self.plan is not None:
-            log.info("autobatch plan:\n%s", self.plan)
+            log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -336,10 +336,12 @@ class AutoBatch:
             self.plan = self._measure(batch, limit, device)
             self._store_plan()
         self._fitted_micro_batch = self.plan.micro_batch
-        log.info("autobatch plan:\n%s", self.plan)
+        log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", self.plan.micro_batch,
+                 self.plan.splits, self.plan.source, self.plan.trials)
 
     def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
         with preserved(self.model, self.optimizer):
+            warm_optimizer_state(self.optimizer)
             self._fit = fit = search(lambda n: self._trial_peak(batch, n), limit.budget_bytes,
                                      self.target_batch)
             chunks, phase1_points = 1, ()
@@ -393,7 +395,7 @@ class AutoBatch:
             peak = None
         if peak is None:
             _release_memory(self.device)
-        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {peak} bytes")
+        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
         return peak
 
     def _store_plan(self) -> None:

@@ -1,4 +1,4 @@
-"""Train a small BatchNorm CNN with a logical batch of 16 in micro-batches of 4.
+"""Train a small BatchNorm CNN with a logical batch of 16, in micro-batches that fit a memory budget.
 
     python examples/train_classifier.py
 
@@ -34,12 +34,14 @@ def main() -> None:
     test_x, test_y = make_data(256, generator)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with autobatch.wrap(model, optimizer, target_batch=16, loss_fn=nn.CrossEntropyLoss(), micro_batch=4) as ab:
-        print(ab.plan)
+    # micro_batch="auto" measures real steps at the first batch; the budget here stands in for a small GPU.
+    with autobatch.wrap(model, optimizer, target_batch=16, loss_fn=nn.CrossEntropyLoss(),
+                        memory_budget="1MiB", cache=False) as ab:
         for epoch in range(3):
             order = torch.randperm(len(train_x), generator=generator)
             losses = [ab.step(train_x[idx], train_y[idx]) for idx in order.split(16)]
             print(f"epoch {epoch}: mean training loss {sum(losses) / len(losses):.4f}")
+        print(ab.plan)
     model.eval()
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()

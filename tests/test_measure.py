@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from autobatch.measure import peak_bytes, tensor_bytes
+from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
 
 MIB = 2**20
 
@@ -54,3 +54,11 @@ def test_tensor_bytes_counts_parameters_buffers_grads_and_optimizer_state():
     model(torch.randn(4, 10)).sum().backward()
     optimizer.step()
     assert tensor_bytes(model, optimizer) == before + params + 2 * params + 4 * 4  # grads, Adam moments, steps
+
+
+def test_warm_optimizer_state_creates_what_the_first_step_would():
+    model = nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    warm_optimizer_state(optimizer)
+    assert set(optimizer.state[model.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert all(p.grad is None for p in model.parameters())

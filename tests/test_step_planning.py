@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.measure import peak_bytes
+from autobatch.measure import peak_bytes, warm_optimizer_state
 from autobatch.snapshot import preserved
 from tests.models import mlp
 from tests.reference import assert_same_state, model_state
@@ -36,13 +36,8 @@ def step_peak(model, optimizer, x, y, n):
         optimizer.zero_grad(set_to_none=True)
 
     with preserved(model, optimizer):
+        warm_optimizer_state(optimizer)
         return peak_bytes(work, torch.device("cpu"), model, optimizer)
-
-
-def line(points):
-    (n1, p1), (n2, p2) = points[0], points[1]
-    per_sample = (p2 - p1) / (n2 - n1)
-    return p1 - per_sample * n1, per_sample
 
 
 def test_chosen_micro_batch_is_the_largest_that_fits_the_budget():
@@ -129,11 +124,15 @@ class OutOfMemoryAt:
 
 
 def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **options):
-    """An AutoBatch whose measured plan lands on ``micro_batch``: a budget from a first measurement's line."""
+    """An AutoBatch whose measured plan lands on ``micro_batch``: the budget lies halfway between the
+    measured peaks of ``micro_batch`` and one more sample."""
     first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, cache=False, **options)
-    fixed, per_sample = line(first.tune(x, y).points)
-    budget = int((fixed + per_sample * (micro_batch + 0.5)) / 0.9)
-    ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=budget, cache=False, **options)
+    with preserved(model, optimizer):
+        warm_optimizer_state(optimizer)
+        low, high = (first._trial_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
+    assert low < high
+    ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
+                        cache=False, **options)
     assert ab.tune(x, y).micro_batch == micro_batch
     return ab
 
