@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autobatch.distributed import Ranks
+
 __all__ = [
     "BatchNormCall",
     "BatchNormState",
@@ -162,6 +164,24 @@ def _variance(invstd: Tensor, eps: float) -> Tensor:
     return (invstd.double().pow(-2) - eps).clamp_(min=0).to(invstd.dtype)
 
 
+@torch.no_grad()
+def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                    mean: Tensor, var: Tensor, count: float) -> None:
+    """nn.BatchNorm's update for one batch of ``count`` values per channel with biased ``var``."""
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        unbiased = var * (count / max(count - 1, 1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def _local_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = [0] + list(range(2, x.dim()))
+    precise = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var, mean = torch.var_mean(precise, dims, correction=0)
+    return mean, var
+
+
 class TwoPassBatchNorm:
     """bn="two_pass": full-batch statistics from a no-grad pass, then micro-batches that use them.
 
@@ -170,8 +190,9 @@ class TwoPassBatchNorm:
     phase 2's: the same outputs as the full batch, the projected backward, running statistics untouched.
     """
 
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, names: dict[int, str], ranks: Optional[Ranks] = None):
         self.names = names
+        self.ranks = ranks or Ranks()
         self.layers: list[LayerStatistics] = []
         #: Number of calls seen in the last complete phase 1; phase 1 stops after that many.
         self.calls_per_forward: Optional[int] = None
@@ -182,15 +203,32 @@ class TwoPassBatchNorm:
 
     def record(self, call: BatchNormCall) -> Tensor:
         name = _name_of(call, self.names, len(self.layers))
-        _check_values_per_channel(call, name)
-        output, mean, invstd = torch.ops.aten.native_batch_norm(
-            call.input, call.weight, call.bias, call.running_mean, call.running_var, True,
-            call.momentum, call.eps)
-        self.layers.append(LayerStatistics(name, mean, invstd, _variance(invstd, call.eps), call.eps,
-                                           call.values_per_channel))
+        if self.ranks.active:
+            output, layer = self._record_across_ranks(call, name)
+        else:
+            _check_values_per_channel(call, name)
+            output, mean, invstd = torch.ops.aten.native_batch_norm(
+                call.input, call.weight, call.bias, call.running_mean, call.running_var, True,
+                call.momentum, call.eps)
+            layer = LayerStatistics(name, mean, invstd, _variance(invstd, call.eps), call.eps,
+                                    call.values_per_channel)
+        self.layers.append(layer)
         if len(self.layers) == self.calls_per_forward:
             raise StopForward
         return output
+
+    def _record_across_ranks(self, call: BatchNormCall, name: str) -> tuple[Tensor, LayerStatistics]:
+        """The statistics of every rank's batch together, as SyncBatchNorm computes them."""
+        mean, var = _local_statistics(call.input)
+        count, mean, m2 = self.ranks.merge(call.values_per_channel, mean, var * call.values_per_channel)
+        if count <= 1:
+            raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch; "
+                             "training BatchNorm needs more than one")
+        var = m2 / count
+        _update_running(call.running_mean, call.running_var, call.momentum, mean, var, count)
+        output = torch.batch_norm(call.input, call.weight, call.bias, mean, var, False, 0.0, call.eps,
+                                  torch.backends.cudnn.enabled)
+        return output, LayerStatistics(name, mean, (var + call.eps).rsqrt(), var, call.eps, int(count))
 
     def finish_statistics_pass(self, complete: bool) -> None:
         """``complete``: the forward ran to its end, so the number of calls is known exactly."""
@@ -263,13 +301,17 @@ class PooledBatchNorm:
     phase 2 the pooled statistics of the chunks.
     """
 
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, names: dict[int, str], ranks: Optional[Ranks] = None):
         self.names = names
+        self.ranks = ranks or Ranks()
         self._pools: list[_Pool] = []
         self._cursor = 0
+        self._counted = True
 
-    def start_micro_batch(self) -> None:
+    def start_micro_batch(self, counted: bool = True) -> None:
+        """``counted=False``: a padding micro-batch (a rank with fewer samples than splits), left out."""
         self._cursor = 0
+        self._counted = counted
 
     def handle(self, call: BatchNormCall) -> Tensor:
         index = self._cursor
@@ -280,15 +322,16 @@ class PooledBatchNorm:
             call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
         with torch.no_grad():
             mean, var, count = mean.detach(), _variance(invstd.detach(), call.eps), call.values_per_channel
-            if index == len(self._pools):
+            if self._counted and index == len(self._pools):
                 # The first micro-batch's momentum is the full batch's: the layer counted this batch once.
                 self._pools.append(_Pool(name, call.eps, call.running_mean, call.running_var, call.momentum,
                                          count, mean, var * count))
-            else:
+            elif self._counted:
                 self._pools[index].merge(count, mean, var)
         return output
 
-    finish_micro_batch = start_micro_batch
+    def finish_micro_batch(self) -> None:
+        self._cursor = 0
 
     def statistics(self) -> list[LayerStatistics]:
         """The pooled statistics of every call, as phase 1 would have recorded them."""
@@ -303,12 +346,8 @@ class PooledBatchNorm:
     def commit(self) -> None:
         """Update the running statistics once, as nn.BatchNorm would for the whole logical batch."""
         for pool in self._pools:
-            m = pool.momentum
-            if pool.running_mean is not None:
-                pool.running_mean.mul_(1 - m).add_(pool.mean.to(pool.running_mean.dtype), alpha=m)
-            if pool.running_var is not None:
-                unbiased = pool.m2 / max(pool.count - 1, 1)
-                pool.running_var.mul_(1 - m).add_(unbiased.to(pool.running_var.dtype), alpha=m)
+            count, mean, m2 = self.ranks.merge(pool.count, pool.mean, pool.m2)
+            _update_running(pool.running_mean, pool.running_var, pool.momentum, mean, m2 / count, count)
         self._pools = []
 
 

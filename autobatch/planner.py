@@ -37,16 +37,21 @@ class Plan:
     points: tuple[tuple[int, Optional[int]], ...] = ()
     trials: int = 0
     phase1_chunks: int = 1
+    world_size: int = 1
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "splits", balanced_splits(self.target_batch, self.micro_batch))
+        # The splits of one rank's share of a full logical batch.
+        object.__setattr__(self, "splits", balanced_splits(self.target_batch // self.world_size,
+                                                           self.micro_batch))
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
-        rows = [("target_batch", self.target_batch), ("micro_batch", self.micro_batch),
+        target = self.target_batch if self.world_size == 1 else (
+            f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
+        rows = [("target_batch", target), ("micro_batch", self.micro_batch),
                 ("splits", self.splits), ("source", self.source), ("reason", self.reason)]
         if self.device:
             rows.append(("device", self.device))
@@ -83,11 +88,13 @@ def check_micro_batch(micro_batch: object) -> Union[int, str]:
     return micro_batch
 
 
-def fixed_plan(target_batch: int, micro_batch: int) -> Plan:
-    """The plan for a micro-batch size the user chose."""
-    if micro_batch >= target_batch:
-        return Plan(target_batch, target_batch, "user", f"micro_batch={micro_batch} holds the whole batch")
-    return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given")
+def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
+    """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
+    share = target_batch // world_size
+    if micro_batch >= share:
+        return Plan(share, target_batch, "user", f"micro_batch={micro_batch} holds the whole batch",
+                    world_size=world_size)
+    return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given", world_size=world_size)
 
 
 @dataclass(frozen=True)

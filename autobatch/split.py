@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["balanced_splits", "batch_size", "leaves", "split_batch", "take", "to_device"]
+__all__ = ["balanced_parts", "balanced_splits", "batch_size", "leaves", "split_batch", "take", "to_device"]
 
 
 def balanced_splits(batch: int, micro_batch: int) -> list[int]:
@@ -23,7 +23,11 @@ def balanced_splits(batch: int, micro_batch: int) -> list[int]:
         raise ValueError(f"cannot split a batch of {batch} samples; a batch needs at least one sample")
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
-    count = math.ceil(batch / micro_batch)
+    return balanced_parts(batch, math.ceil(batch / micro_batch))
+
+
+def balanced_parts(batch: int, count: int) -> list[int]:
+    """``batch`` samples in ``count`` parts differing by at most one (parts of 0 when batch < count)."""
     base, extra = divmod(batch, count)
     return [base + 1] * extra + [base] * (count - extra)
 

@@ -14,18 +14,20 @@ import os
 from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.cache import PlanCache, plan_key
+from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
 from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
 from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe
 from autobatch.planner import (Fit, Plan, check_micro_batch, check_target_batch, fixed_plan, search,
                                shrink)
 from autobatch.snapshot import preserved
-from autobatch.split import balanced_splits, batch_size, split_batch, take, to_device
+from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -79,20 +81,29 @@ class AutoBatch:
         self.before_step = before_step
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.target_batch = check_target_batch(target_batch)
+        self._ranks = Ranks.of(model)
+        # The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
+        self._module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if target_batch % self._ranks.world_size:
+            raise ValueError(
+                f"target_batch={target_batch} is the logical batch over all {self._ranks.world_size} ranks and "
+                f"must divide evenly among them; use a multiple of {self._ranks.world_size}")
+        self._share = target_batch // self._ranks.world_size
         self.memory_budget = memory_budget
         self.retune = retune
         self.grow_after = grow_after
         self._auto = check_micro_batch(micro_batch) == "auto"
         self._cache = None if cache is False else PlanCache(None if cache is True else cache)
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
-        self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch)
+        self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch,
+                                                                       self._ranks.world_size)
         self._fit: Optional[Fit] = None
         self._fitted_micro_batch = 0
         self._cache_key = ""
         self._clean_steps = 0
-        self._bn_modules = batch_norm_modules(model)
-        self._names = batch_norm_names(model)
-        self._two_pass = TwoPassBatchNorm(self._names)
+        self._bn_modules = batch_norm_modules(self._module)
+        self._names = batch_norm_names(self._module)
+        self._two_pass = TwoPassBatchNorm(self._names, self._ranks)
         self._in_statistics_pass = False
         self._warned_thin = False
         self._open = True
@@ -109,13 +120,13 @@ class AutoBatch:
         On any error the parameters, gradients and BatchNorm buffers are left as they were. With
         micro_batch="auto", running out of memory shrinks the micro-batch and redoes the same batch.
         """
-        batch, size = self._checked_batch(inputs, targets)
+        batch, sizes = self._agree_on_batch(inputs, targets)
         if self.plan is None:
             self._tune(batch)
         recovered = False
         while True:
             try:
-                loss = self._step(batch, size)
+                loss = self._step(batch, sizes)
                 break
             except BaseException as error:
                 if not (self._auto and is_out_of_memory(error)):
@@ -130,7 +141,7 @@ class AutoBatch:
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
-        batch, _ = self._checked_batch(inputs, targets)
+        batch, _ = self._agree_on_batch(inputs, targets)
         self._tune(batch)
         return self.plan
 
@@ -159,24 +170,59 @@ class AutoBatch:
             raise TypeError("with compute_loss, pass the whole batch as one argument: step(batch)")
         batch = inputs if self.compute_loss is not None else (inputs, targets)
         size = batch_size(batch)
-        if size > self.target_batch:
+        if size > self._share:
+            where = "" if self._ranks.world_size == 1 else f" on each of {self._ranks.world_size} ranks"
             raise ValueError(
-                f"the batch has {size} samples but the plan holds target_batch={self.target_batch}; "
-                f"make the loader yield at most {self.target_batch} samples, or wrap with target_batch={size}")
+                f"the batch has {size} samples but the plan holds {self._share}{where} (target_batch="
+                f"{self.target_batch}); make the loader yield at most {self._share} samples, or wrap with a "
+                "larger target_batch")
         return batch, size
 
-    def _step(self, batch: Any, size: int) -> float:
-        """One logical batch, all or nothing: on error every gradient and buffer is put back."""
-        splits = balanced_splits(size, self.plan.micro_batch)
+    def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int]]:
+        """Check the batch on every rank at once: a bad batch anywhere raises everywhere, never hangs.
+        Returns the batch and every rank's number of samples."""
+        try:
+            batch, size = self._checked_batch(inputs, targets)
+            error: Optional[BaseException] = None
+        except (ValueError, TypeError, RuntimeError) as caught:
+            batch, size, error = None, 0, caught
+        if not self._ranks.active:
+            if error is not None:
+                raise error
+            return batch, [size]
+        settings = [self.target_batch, self._auto, BN_MODES.index(self.bn), len(self._bn_modules),
+                    0 if self.plan is None else self.plan.micro_batch]
+        table = self._ranks.gather([error is not None, size] + settings)
+        failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
+        if failed:
+            messages = self._ranks.gather_objects(None if error is None else str(error))
+            if error is not None:
+                raise error
+            raise RankFailure(f"rank {failed[0]} rejected its batch: {messages[failed[0]]}")
+        for column, name in enumerate(("target_batch", "micro_batch mode", "bn", "BatchNorm layers",
+                                       "micro_batch"), start=2):
+            values = table[:, column].tolist()
+            if len(set(values)) > 1:
+                raise RankFailure(f"the ranks disagree on {name} ({values}); every rank must wrap the same "
+                                  "model with the same settings")
+        return batch, [int(n) for n in table[:, 1].tolist()]
+
+    def _step(self, batch: Any, sizes: list[int]) -> float:
+        """One logical batch, all or nothing: on error every gradient and buffer is put back.
+        ``sizes``: every rank's samples; all ranks run as many micro-batches as the largest needs."""
+        count = max(math.ceil(n / self.plan.micro_batch) for n in sizes)
+        splits = balanced_parts(sizes[self._ranks.rank], count)
         self._in_statistics_pass = False
         params = self._parameters()
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         state = BatchNormState(self._bn_modules)
+        synced = plain_sync_batch_norm(self._bn_modules) if dist.is_available() and dist.is_initialized() \
+            else contextlib.nullcontext()
         try:
-            weighted = self._accumulate(batch, splits, state)
-            loss = self._mean_loss(weighted, splits)
+            with synced:
+                loss = self._accumulate(batch, splits, state, sum(sizes))
             self._optimizer_step(params)
         except BaseException:
             for p, grad in zip(params, saved_grads):
@@ -192,36 +238,63 @@ class AutoBatch:
             return "plain"
         return self.bn
 
-    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState) -> list[Tensor]:
-        """Backward through every micro-batch; returns each one's loss weighted by its share."""
+    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, total: int) -> float:
+        """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         mode = self._bn_mode(len(splits))
         norm: Union[TwoPassBatchNorm, PooledBatchNorm, None] = None
         intercept: ContextManager[None] = contextlib.nullcontext()
         if mode == "two_pass":
             batch = to_device(batch, self.device)
             self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
-            self._warn_thin_layers(splits)
+            self._warn_thin_layers([n for n in splits if n] or splits, total)
             norm = self._two_pass
             intercept = intercept_batch_norm(norm.apply)
         elif mode == "micro":
-            norm = PooledBatchNorm(self._names)
+            norm = PooledBatchNorm(self._names, self._ranks)
             intercept = intercept_batch_norm(norm.handle)
-        size = sum(splits)
-        weighted = []
+        # DistributedDataParallel averages gradients over ranks: weights make that the global mean.
+        scale = self._ranks.world_size / total
+        parts = split_batch(batch, [n for n in splits if n])
+        weighted: list[Tensor] = []
+        settled = False
         with intercept:
-            for index, part in enumerate(split_batch(batch, splits)):
-                if norm is not None:
-                    norm.start_micro_batch()
-                weighted.append(self._backward(to_device(part, self.device), splits[index] / size, index))
-                if norm is not None:
-                    norm.finish_micro_batch()
-                if mode == "micro" and index == 0:
-                    state.mark_counted()
+            for index, size in enumerate(splits):
+                last = index == len(splits) - 1
+                # A rank with fewer samples than micro-batches repeats one sample at weight 0.
+                part = parts[index] if size else take(batch, 1)
+                try:
+                    if isinstance(norm, PooledBatchNorm):
+                        norm.start_micro_batch(counted=size > 0)
+                    elif norm is not None:
+                        norm.start_micro_batch()
+                    with self._gradient_sync(last):
+                        loss = self._micro_loss(to_device(part, self.device), size * scale, index)
+                        if norm is not None:
+                            norm.finish_micro_batch()
+                        if mode == "micro" and index == 0:
+                            state.mark_counted()
+                        weighted.append(loss.detach())
+                        if last:
+                            settled = True
+                            mean_loss = self._settle(weighted, splits, None)
+                        self._backward(loss)
+                except BaseException as error:
+                    if not self._ranks.active or settled:
+                        raise
+                    # The other ranks learn of it where they settle the step; then every rank raises.
+                    settled = True
+                    self._settle(weighted, splits, error)
         if norm is not None:
             state.keep_counted()
         if isinstance(norm, PooledBatchNorm):
             norm.commit()
-        return weighted
+        return mean_loss
+
+    def _gradient_sync(self, last: bool) -> ContextManager[Any]:
+        """DistributedDataParallel all-reduces once per logical batch: after the last micro-batch."""
+        if last or self._module is self.model:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _statistics_pass(self, batch: Any, two_pass: TwoPassBatchNorm, state: BatchNormState,
                          chunks: int) -> None:
@@ -255,45 +328,70 @@ class AutoBatch:
 
     def _forward(self, batch: Any) -> None:
         if self.compute_loss is not None:
-            self.compute_loss(self.model, batch)
+            self.compute_loss(self._module, batch)
         else:
-            self.model(batch[0])
+            self._module(batch[0])
 
-    def _warn_thin_layers(self, splits: list[int]) -> None:
+    def _warn_thin_layers(self, splits: list[int], total: int) -> None:
         if self._warned_thin:
             return
         self._warned_thin = True
-        thin = self._two_pass.thin_layers(min(splits), sum(splits))
+        thin = self._two_pass.thin_layers(min(splits), total)
         if thin:
             listing = ", ".join(f"{name} ({values})" for name, values in thin)
             log.warning("these BatchNorm layers see few values per channel in a micro-batch: %s; two_pass "
                         "takes its backward means from one micro-batch, so their gradients are only roughly "
                         "those of the full batch. A larger micro_batch helps.", listing)
 
-    def _backward(self, part: Any, weight: float, index: int) -> Tensor:
+    def _micro_loss(self, part: Any, weight: float, index: int, model: Optional[nn.Module] = None) -> Tensor:
+        """The micro-batch's loss times ``weight``, checked to be a scalar."""
+        model = self.model if model is None else model
         with self._autocast():
             if self.compute_loss is not None:
-                loss = self.compute_loss(self.model, part)
+                loss = self.compute_loss(model, part)
             else:
-                loss = self.loss_fn(self.model(part[0]), part[1])
+                loss = self.loss_fn(model(part[0]), part[1])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"the loss for micro-batch {index} is {got}, not a scalar tensor; return the "
                              "mean loss over the micro-batch (reduction='mean')")
-        loss = loss.reshape(()) * weight
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss.detach()
+        return loss.reshape(()) * weight
 
-    def _mean_loss(self, weighted: list[Tensor], splits: list[int]) -> float:
-        values = torch.stack(weighted).tolist()  # one device sync per step
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _settle(self, weighted: list[Tensor], splits: list[int], failure: Optional[BaseException]) -> float:
+        """Before the last backward: every loss finite and every rank well, or all ranks raise.
+        Returns the logical batch's mean loss over all ranks (one device sync per step)."""
+        values = torch.stack(weighted).tolist() if weighted else []
+        error = failure or self._non_finite(values, splits)
+        if not self._ranks.active:
+            if error is not None:
+                raise error
+            return sum(values)
+        table = self._ranks.gather([error is not None, error is not None and is_out_of_memory(error),
+                                    sum(values)])
+        failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
+        if not failed:
+            return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
+        messages = self._ranks.gather_objects(None if error is None else str(error).splitlines()[0])
+        if error is not None:
+            raise error
+        if all(table[rank, 1] for rank in failed):
+            # Every rank then shrinks and redoes the same logical batch together.
+            raise torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
+        raise RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
+
+    def _non_finite(self, values: list[float], splits: list[int]) -> Optional[FloatingPointError]:
         for index, value in enumerate(values):
             if not math.isfinite(value):
                 start = sum(splits[:index])
-                raise FloatingPointError(
-                    f"the loss of micro-batch {index} (samples {start}:{start + splits[index]} of the "
-                    f"logical batch) is {value / (splits[index] / sum(splits))}; no optimizer step was "
-                    "taken and the model is unchanged. Check the data of those samples and the learning rate")
-        return sum(values)
+                where = "" if not self._ranks.active else f" on rank {self._ranks.rank}"
+                return FloatingPointError(
+                    f"the loss of micro-batch {index}{where} (samples {start}:{start + splits[index]} of the "
+                    f"logical batch) is {value}; no optimizer step was taken and the model is unchanged. "
+                    "Check the data of those samples and the learning rate")
+        return None
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> None:
         if self.scaler is not None and self.max_grad_norm is not None:
@@ -321,20 +419,27 @@ class AutoBatch:
         self._cache_key = plan_key(
             self.model, self.optimizer, batch, memory.name, memory.total_bytes,
             target_batch=self.target_batch, bn=self.bn, autocast=self.autocast_dtype,
-            memory_budget=self.memory_budget, world_size=1, loss=self.compute_loss is not None)
+            memory_budget=self.memory_budget, world_size=self._ranks.world_size,
+            loss=self.compute_loss is not None)
         record = None if self.retune or self._cache is None else self._cache.load(self._cache_key)
         device = f"{memory.device} ({memory.name}, {memory.source})"
         if record is not None:
             self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
                             tuple((n, peak) for n, peak in record["points"]))
-            micro_batch = min(record["micro_batch"],
-                              self._fit.largest_under(limit.budget_bytes, self.target_batch))
+            micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, self._share))
             self.plan = Plan(micro_batch, self.target_batch, "cache", f"fitted line from {self._cache.path}",
                              device, limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
-                             record.get("phase1_chunks", 1))
+                             record.get("phase1_chunks", 1), self._ranks.world_size)
         else:
             self.plan = self._measure(batch, limit, device)
             self._store_plan()
+        if self._ranks.active:
+            # Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks.
+            table = self._ranks.gather([self.plan.micro_batch, self.plan.phase1_chunks])
+            agreed = int(table[:, 0].min()), int(table[:, 1].max())
+            if agreed != (self.plan.micro_batch, self.plan.phase1_chunks):
+                self.plan = self.plan.replace(micro_batch=agreed[0], phase1_chunks=agreed[1],
+                                              reason=self.plan.reason + "; agreed with the other ranks")
         self._fitted_micro_batch = self.plan.micro_batch
         log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", self.plan.micro_batch,
                  self.plan.splits, self.plan.source, self.plan.trials)
@@ -342,25 +447,25 @@ class AutoBatch:
     def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
         with preserved(self.model, self.optimizer):
             warm_optimizer_state(self.optimizer)
-            self._fit = fit = search(lambda n: self._trial_peak(batch, n), limit.budget_bytes,
-                                     self.target_batch)
+            self._fit = fit = search(lambda n: self._trial_peak(batch, n), limit.budget_bytes, self._share)
             chunks, phase1_points = 1, ()
-            if fit.micro_batch < self.target_batch and self._needs_statistics_pass():
+            if fit.micro_batch < self._share and self._needs_statistics_pass():
                 chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
         reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
                   f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
         return Plan(fit.micro_batch, self.target_batch, "measured", reason, device, limit.budget_bytes,
-                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), chunks)
+                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), chunks,
+                    self._ranks.world_size)
 
     def _trial_peak(self, batch: Any, n: int) -> Optional[int]:
         """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
-        whole_batch_resident = self._needs_statistics_pass() and n < self.target_batch
+        whole_batch_resident = self._needs_statistics_pass() and n < self._share
 
         def work() -> None:
             # With two_pass the whole logical batch's inputs stay on the device during phase 2.
-            whole = to_device(take(batch, self.target_batch), self.device) if whole_batch_resident else None
+            whole = to_device(take(batch, self._share), self.device) if whole_batch_resident else None
             part = take(whole, n) if whole is not None else to_device(take(batch, n), self.device)
-            self._backward(part, 1.0, 0)
+            self._backward(self._micro_loss(part, 1.0, 0, self._module))
             self.optimizer.step()
             for p in self._parameters():
                 p.grad = None
@@ -373,18 +478,19 @@ class AutoBatch:
         chunks = 1
         while True:
             def work(chunks: int = chunks) -> None:
-                whole = to_device(take(batch, self.target_batch), self.device)
+                whole = to_device(take(batch, self._share), self.device)
                 state = BatchNormState(self._bn_modules)
+                # Each rank alone: trials must not wait on other ranks' collectives.
                 self._statistics_pass(whole, TwoPassBatchNorm(self._names), state, chunks)
 
             peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)")
             points.append((chunks, peak))
             if peak is not None and peak <= budget_bytes:
                 return chunks, tuple(points)
-            if chunks >= self.target_batch:
+            if chunks >= self._share:
                 raise MemoryError("phase 1 of two_pass does not fit the memory budget even one sample at a "
                                   "time; use bn='micro', or raise memory_budget")
-            chunks = min(self.target_batch, chunks * 2)
+            chunks = min(self._share, chunks * 2)
 
     def _peak_or_none(self, work: Callable[[], None], what: str) -> Optional[int]:
         try:
@@ -412,7 +518,7 @@ class AutoBatch:
         self._in_statistics_pass = False
         self._clean_steps = 0
         if in_statistics_pass:
-            chunks = min(self.target_batch, self.plan.phase1_chunks * 2)
+            chunks = min(self._share, self.plan.phase1_chunks * 2)
             if chunks == self.plan.phase1_chunks:
                 raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")
             self.plan = self.plan.replace(phase1_chunks=chunks,

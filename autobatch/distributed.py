@@ -1,0 +1,96 @@
+"""torch.distributed for autobatch: ranks that agree, and BatchNorm statistics over all of them.
+
+    ranks = Ranks.of(model)                  # world_size 1 unless model is DistributedDataParallel
+    table = ranks.gather([size, flag])       # (world_size, 2): every rank's values, on every rank
+    count, mean, m2 = ranks.merge(count, mean, m2)   # per-channel statistics of all ranks together
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["RankFailure", "Ranks", "plain_sync_batch_norm"]
+
+
+class RankFailure(RuntimeError):
+    """Another rank failed during a step; every rank raises, none is left waiting."""
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+class Ranks:
+    """The processes a DistributedDataParallel model trains on (a single one otherwise)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, active: bool = False):
+        self.group = group
+        self.active = active and dist.get_world_size(group) > 1
+        self.world_size = dist.get_world_size(group) if self.active else 1
+        self.rank = dist.get_rank(group) if self.active else 0
+        backend = dist.get_backend(group) if self.active else "gloo"
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                       else torch.device("cpu"))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Ranks":
+        if _is_ddp(model):
+            return cls(model.process_group, active=True)
+        return cls()
+
+    def _collective(self, what: str, function, *args) -> None:
+        try:
+            function(*args, group=self.group)
+        except Exception as error:  # noqa: BLE001 - any backend error becomes one clear message
+            raise RankFailure(f"rank {self.rank}: {what} with the other ranks failed ({error}); another rank "
+                              "probably died, or took longer than the process group's timeout") from error
+
+    def gather(self, values: Sequence[float]) -> Tensor:
+        """Every rank's ``values``, stacked: a (world_size, len(values)) float64 tensor."""
+        local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        if not self.active:
+            return local.unsqueeze(0).cpu()
+        table = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._collective("exchanging step status", dist.all_gather, table, local)
+        return torch.stack(table).cpu()
+
+    def gather_objects(self, value: object) -> list:
+        if not self.active:
+            return [value]
+        table: list = [None] * self.world_size
+        self._collective("exchanging messages", dist.all_gather_object, table, value)
+        return table
+
+    def merge(self, count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor]:
+        """Chan's parallel merge of per-channel (count, mean, sum of squared deviations) over ranks."""
+        if not self.active:
+            return count, mean, m2
+        channels = mean.numel()
+        local = torch.cat([mean.new_tensor([count]), mean.reshape(-1), m2.reshape(-1)]).to(self.device)
+        table = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._collective("merging BatchNorm statistics", dist.all_gather, table, local)
+        stacked = torch.stack(table).to(mean.device)
+        counts, means, m2s = stacked[:, :1], stacked[:, 1:1 + channels], stacked[:, 1 + channels:]
+        total = counts.sum()
+        merged_mean = (counts * means).sum(0) / total
+        merged_m2 = m2s.sum(0) + (counts * (means - merged_mean).square()).sum(0)
+        return float(total), merged_mean.view_as(mean), merged_m2.view_as(m2)
+
+
+@contextlib.contextmanager
+def plain_sync_batch_norm(modules: list[_BatchNorm]) -> Iterator[None]:
+    """Run SyncBatchNorm layers through nn.BatchNorm's forward (which calls F.batch_norm, where
+    autobatch merges statistics over ranks itself); their own forward is restored on exit."""
+    synced = [m for m in modules if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    for module in synced:
+        module.forward = _BatchNorm.forward.__get__(module)
+    try:
+        yield
+    finally:
+        for module in synced:
+            del module.forward

@@ -1,0 +1,160 @@
+"""The rank side of test_distributed: each scenario runs on every rank and saves what it saw."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import autobatch
+from tests.models import ResidualNet
+
+ce = nn.CrossEntropyLoss()
+
+
+def data(n=16, image=False):
+    generator = torch.Generator().manual_seed(7)
+    shape = (n, 3, 6, 6) if image else (n, 6)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3 if not image else 5, (n,), generator=generator))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def resnet():
+    torch.manual_seed(0)
+    return ResidualNet(blocks=1).double()
+
+
+def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, **options):
+    """One DDP step on this rank's rows of the shared data; returns the module's state and the loss."""
+    ddp = DistributedDataParallel(model)
+    if sync_bn:
+        # DDP refuses SyncBatchNorm on CPU when it is built, and SyncBatchNorm's own forward refuses CPU
+        # inputs in a process group: converting afterwards keeps the same parameters (DDP's reducer still
+        # owns them), so autobatch's handling of SyncBatchNorm layers can be tested here without a GPU.
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    ab = autobatch.wrap(ddp, optimizer, 16, options.pop("loss_fn", ce), micro_batch=micro_batch,
+                        cache=False, **options)
+    x, y = data(image=image)
+    losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan)}
+
+
+def halves(rank):
+    return slice(8 * rank, 8 * rank + 8)
+
+
+def no_bn_exact(rank):
+    return train(mlp(), halves(rank))
+
+
+def uneven(rank):
+    return train(mlp(), slice(0, 8) if rank == 0 else slice(8, 13))
+
+
+def padding(rank):
+    return train(mlp(), slice(0, 8) if rank == 0 else slice(8, 9))
+
+
+def bn_two_pass(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True)
+
+
+def sync_bn(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, sync_bn=True)
+
+
+def micro_bn(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, bn="micro")
+
+
+class OutOfMemoryOnRankOne:
+    """Runs out of memory once on rank 1, after the plan was measured (the first step's trials)."""
+
+    def __init__(self, rank):
+        self.rank, self.armed, self.calls = rank, False, 0
+
+    def __call__(self, outputs, targets):
+        if self.rank == 1 and self.armed:
+            self.armed = False
+            raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+        return ce(outputs, targets)
+
+
+def out_of_memory(rank):
+    model = mlp()
+    ddp = DistributedDataParallel(model)
+    loss_fn = OutOfMemoryOnRankOne(rank)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
+    x, y = data()
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    loss_fn.armed = True
+    loss = ab.step(x[halves(rank)], y[halves(rank)])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
+def too_large_on_rank_one(rank):
+    return train(mlp(), halves(rank) if rank == 0 else slice(0, 9))
+
+
+def targets_disagree(rank):
+    ddp = DistributedDataParallel(mlp())
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), 16 if rank == 0 else 32, ce,
+                        micro_batch=3)
+    x, y = data()
+    return {"loss": ab.step(x[halves(rank)], y[halves(rank)])}
+
+
+def loss_fails_on_rank_one(rank):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise KeyError("boom on rank 1")
+        return ce(outputs, targets)
+
+    try:
+        train(model, halves(rank), loss_fn=loss_fn)
+    finally:
+        unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        torch.save(unchanged, os.path.join(sys.argv[3], f"unchanged-{rank}.pt"))
+
+
+def rank_one_dies(rank):
+    def loss_fn(outputs, targets):
+        if rank == 1:
+            os._exit(3)  # a worker crashing in the middle of a step
+        return ce(outputs, targets)
+
+    return train(mlp(), halves(rank), loss_fn=loss_fn)
+
+
+def main() -> None:
+    rank, scenarios, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=15))
+    for name in scenarios:
+        try:
+            result = {"ok": globals()[name](rank)}
+        except BaseException as error:  # noqa: BLE001 - the parent checks what was raised
+            result = {"error": type(error).__name__, "message": str(error), "trace": traceback.format_exc()}
+        torch.save(result, os.path.join(out, f"{name}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Two gloo processes against one process with the whole batch, in float64."""
+import copy
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import autobatch
+from tests.distributed_worker import ce, data, mlp, resnet
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path, scenarios, deadline=90):
+    """Runs the scenarios on 2 ranks; a rank still running at the deadline is a hang, and fails the test."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(rank), ",".join(scenarios),
+                                 str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+               for rank in range(2)]
+    outputs = []
+    for worker in workers:
+        try:
+            outputs.append(worker.communicate(timeout=deadline)[0])
+        except subprocess.TimeoutExpired:
+            for w in workers:
+                w.kill()
+            pytest.fail(f"a rank hung past {deadline} s")
+    return {(name, rank): torch.load(tmp_path / f"{name}-{rank}.pt", weights_only=False)
+            for name in scenarios for rank in range(2) if (tmp_path / f"{name}-{rank}.pt").exists()}, outputs
+
+
+@pytest.fixture(scope="module")
+def good_runs(tmp_path_factory):
+    scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "micro_bn", "out_of_memory"]
+    results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
+    for key, result in results.items():
+        assert "ok" in result, (key, result.get("trace"))
+    assert len(results) == 2 * len(scenarios), outputs
+    return results
+
+
+def single_process(model, rows, micro_batch, image=False, **options):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data(image=image)
+    loss = autobatch.wrap(model, optimizer, len(range(16)[rows]), ce, micro_batch=micro_batch, cache=False,
+                          **options).step(x[rows], y[rows])
+    return {"state": model.state_dict(), "loss": [loss]}
+
+
+def assert_same(result, reference, keys=None):
+    for key, value in reference["state"].items():
+        if keys is None or any(k in key for k in keys):
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+    assert result["loss"][0] == pytest.approx(reference["loss"][0], rel=1e-10)
+
+
+@pytest.mark.parametrize("scenario, rows", [("no_bn_exact", slice(0, 16)), ("uneven", slice(0, 13)),
+                                            ("padding", slice(0, 9))])
+def test_no_bn_ranks_equal_one_process_with_the_whole_batch(good_runs, scenario, rows):
+    reference = single_process(mlp(), rows, micro_batch=16)  # the full batch itself
+    for rank in range(2):
+        assert_same(good_runs[(scenario, rank)]["ok"], reference)
+
+
+@pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn"])
+def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
+    # The same micro-batches of 4 in one process: the same full-batch statistics, so the same step.
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
+    full = resnet()
+    x, y = data(image=True)
+    full_loss = ce(full(x), y).item()
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        assert_same(result, reference)
+        assert result["loss"][0] == pytest.approx(full_loss, rel=1e-10)  # the full-batch forward
+        for key, value in full.state_dict().items():  # running statistics of one full-batch step
+            if "running" in key or "num_batches" in key:
+                torch.testing.assert_close(result["state"][key.replace("bn.", "bn.")], value, rtol=1e-10,
+                                           atol=1e-12, msg=key)
+
+
+def test_micro_mode_pools_running_statistics_over_both_ranks(good_runs):
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True, bn="micro")
+    for rank in range(2):
+        assert_same(good_runs[("micro_bn", rank)]["ok"], reference)
+
+
+def test_out_of_memory_on_one_rank_makes_both_redo_the_batch(good_runs):
+    reference = single_process(mlp(), slice(0, 16), micro_batch=16)
+    for rank in range(2):
+        result = good_runs[("out_of_memory", rank)]["ok"]
+        assert_same(result, reference)
+        assert "out of memory at micro_batch=8" in result["plan"]
+
+
+def test_failures_raise_on_every_rank(tmp_path):
+    results, outputs = launch(tmp_path, ["too_large_on_rank_one", "targets_disagree", "loss_fails_on_rank_one"])
+    assert results[("too_large_on_rank_one", 1)]["error"] == "ValueError"
+    assert results[("too_large_on_rank_one", 0)]["error"] == "RankFailure"
+    assert "rank 1 rejected its batch" in results[("too_large_on_rank_one", 0)]["message"]
+    for rank in range(2):
+        assert "disagree on target_batch" in results[("targets_disagree", rank)]["message"]
+    assert results[("loss_fails_on_rank_one", 1)]["error"] == "KeyError"
+    assert results[("loss_fails_on_rank_one", 0)]["error"] == "RankFailure"
+    assert "rank 1 failed in this step" in results[("loss_fails_on_rank_one", 0)]["message"]
+    assert all(torch.load(tmp_path / f"unchanged-{rank}.pt") for rank in range(2))
+
+
+def test_a_dead_rank_ends_with_a_clear_error(tmp_path):
+    results, outputs = launch(tmp_path, ["rank_one_dies"], deadline=60)
+    assert ("rank_one_dies", 1) not in results
+    result = results[("rank_one_dies", 0)]
+    assert result["error"] == "RankFailure", result
+    assert "another rank probably died" in result["message"]
