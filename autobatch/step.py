@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import os
@@ -20,13 +19,10 @@ from torch import Tensor, nn
 from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
-from autobatch.cache import PlanCache, plan_key
 from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
-from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
-from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe
-from autobatch.planner import (Fit, Plan, check_micro_batch, check_target_batch, fixed_plan, search,
-                               shrink)
-from autobatch.snapshot import preserved
+from autobatch.memory import is_out_of_memory
+from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
+from autobatch.tuning import Tuner, release_memory
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
 
 __all__ = ["AutoBatch", "wrap"]
@@ -42,13 +38,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _release_memory(device: torch.device) -> None:
-    """Free what a failed attempt held; called outside the except block, whose frames pin tensors."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class AutoBatch:
@@ -89,18 +78,11 @@ class AutoBatch:
                 f"target_batch={target_batch} is the logical batch over all {self._ranks.world_size} ranks and "
                 f"must divide evenly among them; use a multiple of {self._ranks.world_size}")
         self._share = target_batch // self._ranks.world_size
-        self.memory_budget = memory_budget
-        self.retune = retune
-        self.grow_after = grow_after
         self._auto = check_micro_batch(micro_batch) == "auto"
-        self._cache = None if cache is False else PlanCache(None if cache is True else cache)
+        self._tuner = Tuner(self, memory_budget, cache, retune, grow_after)
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch,
                                                                        self._ranks.world_size)
-        self._fit: Optional[Fit] = None
-        self._fitted_micro_batch = 0
-        self._cache_key = ""
-        self._clean_steps = 0
         self._bn_modules = batch_norm_modules(self._module)
         self._names = batch_norm_names(self._module)
         self._two_pass = TwoPassBatchNorm(self._names, self._ranks)
@@ -122,7 +104,7 @@ class AutoBatch:
         """
         batch, sizes = self._agree_on_batch(inputs, targets)
         if self.plan is None:
-            self._tune(batch)
+            self.plan = self._tuner.plan_for(batch)
         recovered = False
         while True:
             try:
@@ -132,17 +114,18 @@ class AutoBatch:
                 if not (self._auto and is_out_of_memory(error)):
                     raise
                 in_statistics_pass, message = self._in_statistics_pass, str(error).splitlines()[0]
-            _release_memory(self.device)
-            self._recover(in_statistics_pass, message)
+            release_memory(self.device)
+            self._in_statistics_pass = False
+            self.plan = self._tuner.after_out_of_memory(self.plan, in_statistics_pass, message)
             recovered = True
         if not recovered:
-            self._after_clean_step()
+            self.plan = self._tuner.after_clean_step(self.plan)
         return loss
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
         batch, _ = self._agree_on_batch(inputs, targets)
-        self._tune(batch)
+        self.plan = self._tuner.plan_for(batch)
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -406,141 +389,8 @@ class AutoBatch:
         else:
             self.optimizer.step()
 
-    # -- planning -------------------------------------------------------------------------------
-
     def _needs_statistics_pass(self) -> bool:
         return self.bn == "two_pass" and uses_batch_statistics(self._bn_modules)
-
-    def _tune(self, batch: Any) -> None:
-        """Choose the micro-batch: from the cache, else by measuring real steps on ``batch``."""
-        resident = tensor_bytes(self.model, self.optimizer) if self.device.type == "cpu" else 0
-        memory = probe(self.device, resident_bytes=resident)
-        limit = budget(memory, self.memory_budget)
-        self._cache_key = plan_key(
-            self.model, self.optimizer, batch, memory.name, memory.total_bytes,
-            target_batch=self.target_batch, bn=self.bn, autocast=self.autocast_dtype,
-            memory_budget=self.memory_budget, world_size=self._ranks.world_size,
-            loss=self.compute_loss is not None)
-        record = None if self.retune or self._cache is None else self._cache.load(self._cache_key)
-        device = f"{memory.device} ({memory.name}, {memory.source})"
-        if record is not None:
-            self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
-                            tuple((n, peak) for n, peak in record["points"]))
-            micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, self._share))
-            self.plan = Plan(micro_batch, self.target_batch, "cache", f"fitted line from {self._cache.path}",
-                             device, limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
-                             record.get("phase1_chunks", 1), self._ranks.world_size)
-        else:
-            self.plan = self._measure(batch, limit, device)
-            self._store_plan()
-        if self._ranks.active:
-            # Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks.
-            table = self._ranks.gather([self.plan.micro_batch, self.plan.phase1_chunks])
-            agreed = int(table[:, 0].min()), int(table[:, 1].max())
-            if agreed != (self.plan.micro_batch, self.plan.phase1_chunks):
-                self.plan = self.plan.replace(micro_batch=agreed[0], phase1_chunks=agreed[1],
-                                              reason=self.plan.reason + "; agreed with the other ranks")
-        self._fitted_micro_batch = self.plan.micro_batch
-        log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", self.plan.micro_batch,
-                 self.plan.splits, self.plan.source, self.plan.trials)
-
-    def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
-        with preserved(self.model, self.optimizer):
-            warm_optimizer_state(self.optimizer)
-            self._fit = fit = search(lambda n: self._trial_peak(batch, n), limit.budget_bytes, self._share)
-            chunks, phase1_points = 1, ()
-            if fit.micro_batch < self._share and self._needs_statistics_pass():
-                chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
-        reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
-                  f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
-        return Plan(fit.micro_batch, self.target_batch, "measured", reason, device, limit.budget_bytes,
-                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), chunks,
-                    self._ranks.world_size)
-
-    def _trial_peak(self, batch: Any, n: int) -> Optional[int]:
-        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
-        whole_batch_resident = self._needs_statistics_pass() and n < self._share
-
-        def work() -> None:
-            # With two_pass the whole logical batch's inputs stay on the device during phase 2.
-            whole = to_device(take(batch, self._share), self.device) if whole_batch_resident else None
-            part = take(whole, n) if whole is not None else to_device(take(batch, n), self.device)
-            self._backward(self._micro_loss(part, 1.0, 0, self._module))
-            self.optimizer.step()
-            for p in self._parameters():
-                p.grad = None
-
-        return self._peak_or_none(work, f"micro-batch of {n}")
-
-    def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
-        """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
-        points = []
-        chunks = 1
-        while True:
-            def work(chunks: int = chunks) -> None:
-                whole = to_device(take(batch, self._share), self.device)
-                state = BatchNormState(self._bn_modules)
-                # Each rank alone: trials must not wait on other ranks' collectives.
-                self._statistics_pass(whole, TwoPassBatchNorm(self._names), state, chunks)
-
-            peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)")
-            points.append((chunks, peak))
-            if peak is not None and peak <= budget_bytes:
-                return chunks, tuple(points)
-            if chunks >= self._share:
-                raise MemoryError("phase 1 of two_pass does not fit the memory budget even one sample at a "
-                                  "time; use bn='micro', or raise memory_budget")
-            chunks = min(self._share, chunks * 2)
-
-    def _peak_or_none(self, work: Callable[[], None], what: str) -> Optional[int]:
-        try:
-            peak = peak_bytes(work, self.device, self.model, self.optimizer)
-        except BaseException as error:
-            if not is_out_of_memory(error):
-                raise
-            peak = None
-        if peak is None:
-            _release_memory(self.device)
-        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
-        return peak
-
-    def _store_plan(self) -> None:
-        """Keep the plan in use, with the fitted line, for the next launch."""
-        if self._cache is None or self._fit is None:
-            return
-        self._cache.store(self._cache_key, {
-            "micro_batch": self.plan.micro_batch, "fixed_bytes": self._fit.fixed_bytes,
-            "per_sample_bytes": self._fit.per_sample_bytes, "points": [list(p) for p in self._fit.points],
-            "budget_bytes": self.plan.budget_bytes, "phase1_chunks": self.plan.phase1_chunks})
-
-    def _recover(self, in_statistics_pass: bool, message: str) -> None:
-        """After running out of memory: a smaller micro-batch (or more phase-1 chunks), same batch again."""
-        self._in_statistics_pass = False
-        self._clean_steps = 0
-        if in_statistics_pass:
-            chunks = min(self._share, self.plan.phase1_chunks * 2)
-            if chunks == self.plan.phase1_chunks:
-                raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")
-            self.plan = self.plan.replace(phase1_chunks=chunks,
-                                          reason=f"out of memory in phase 1: now {chunks} chunks")
-        else:
-            smaller = shrink(self.plan.micro_batch)
-            self.plan = self.plan.replace(micro_batch=smaller, reason=(
-                f"out of memory at micro_batch={self.plan.micro_batch}: shrunk to {smaller}"))
-        log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch",
-                    message, self.plan.reason)
-        self._store_plan()
-
-    def _after_clean_step(self) -> None:
-        if self.grow_after is None or self.plan.micro_batch >= self._fitted_micro_batch:
-            return
-        self._clean_steps += 1
-        if self._clean_steps >= self.grow_after:
-            self._clean_steps = 0
-            self.plan = self.plan.replace(micro_batch=self._fitted_micro_batch, reason=(
-                f"grown back to the fitted micro_batch={self._fitted_micro_batch} after "
-                f"{self.grow_after} clean steps"))
-            log.info("autobatch: %s", self.plan.reason)
 
     # -- helpers --------------------------------------------------------------------------------
 

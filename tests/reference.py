@@ -8,11 +8,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from autobatch.batchnorm import BatchNormCall, TwoPassBatchNorm, intercept_batch_norm
+from autobatch.batchnorm import (BatchNormCall, BatchNormState, TwoPassBatchNorm, batch_norm_modules,
+                                 intercept_batch_norm)
 from autobatch.split import split_batch
 
-__all__ = ["assert_same_state", "cosine", "flat_grad", "frozen_statistics_grad", "full_batch_grad",
-           "model_state", "plain_accumulation_grad"]
+__all__ = ["assert_same_state", "cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad",
+           "full_batch_grad", "model_state", "plain_accumulation_backward", "plain_accumulation_grad"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -32,22 +33,23 @@ def full_batch_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> 
     return flat_grad(model)
 
 
-def plain_accumulation_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
-                            splits: list[int]) -> Tensor:
-    """Ordinary accumulation: each micro-batch normalized with its own statistics."""
-    model = copy.deepcopy(model)
+def plain_accumulation_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+                                splits: list[int]) -> None:
+    """Ordinary accumulation into ``model``'s gradients: each micro-batch normalized with its own
+    statistics (and running statistics updated once per micro-batch), as users do today."""
     for xs, ys in split_batch((x, y), splits):
         (loss_fn(model(xs), ys) * (len(xs) / len(x))).backward()
-    return flat_grad(model)
 
 
-def frozen_statistics_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
-                           splits: list[int]) -> Tensor:
-    """The forum's two-phase scheme: full-batch statistics used as constants in phase 2."""
-    model = copy.deepcopy(model)
+def frozen_statistics_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+                               splits: list[int]) -> None:
+    """The forum's two-phase scheme into ``model``'s gradients: phase 1 records full-batch statistics
+    (updating running statistics once); phase 2 uses them as constants."""
     two_pass = TwoPassBatchNorm({})
+    state = BatchNormState(batch_norm_modules(model))
     with torch.no_grad(), intercept_batch_norm(two_pass.record):
         model(x)
+    state.mark_counted()
     cursor = iter(range(10**9))
 
     def frozen(call: BatchNormCall) -> Tensor:
@@ -57,8 +59,21 @@ def frozen_statistics_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Loss
                                 layer.eps, False)
 
     with intercept_batch_norm(frozen):
-        for xs, ys in split_batch((x, y), splits):
-            (loss_fn(model(xs), ys) * (len(xs) / len(x))).backward()
+        plain_accumulation_backward(model, x, y, loss_fn, splits)
+    state.keep_counted()
+
+
+def plain_accumulation_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+                            splits: list[int]) -> Tensor:
+    model = copy.deepcopy(model)
+    plain_accumulation_backward(model, x, y, loss_fn, splits)
+    return flat_grad(model)
+
+
+def frozen_statistics_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+                           splits: list[int]) -> Tensor:
+    model = copy.deepcopy(model)
+    frozen_statistics_backward(model, x, y, loss_fn, splits)
     return flat_grad(model)
 
 

@@ -1,5 +1,4 @@
 """Two gloo processes against one process with the whole batch, in float64."""
-import copy
 import os
 import pathlib
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import autobatch
 from tests.distributed_worker import ce, data, mlp, resnet

@@ -129,7 +129,7 @@ def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **option
     first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, cache=False, **options)
     with preserved(model, optimizer):
         warm_optimizer_state(optimizer)
-        low, high = (first._trial_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
+        low, high = (first._tuner.trial_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
     assert low < high
     ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
                         cache=False, **options)

@@ -1,0 +1,148 @@
+"""The time of one logical step, side by side in one run: full batch, plain accumulation, autobatch
+two_pass and micro, and the forum's Python BatchNorm. Ratios to plain accumulation.
+
+    python bench/cost.py                       # CPU: the demo U-Net at 64x64, logical batch 16, 4 splits
+    python bench/cost.py --model resnet50 --size 224 --device cuda     # on a GPU, with torchvision
+
+Arms run interleaved, in a new random order each round, after warm-up rounds; the median per arm
+is reported. Phase 1's share of a two_pass step is timed inside the same steps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import autobatch  # noqa: E402
+from autobatch.demo import UNet, shapes  # noqa: E402
+from autobatch.split import balanced_splits  # noqa: E402
+from bench.forum_batchnorm import forum_model, forum_step  # noqa: E402
+from tests.reference import plain_accumulation_backward  # noqa: E402
+
+ARMS = ("full batch", "plain accumulation", "autobatch two_pass", "autobatch micro", "forum Python BatchNorm")
+
+
+def make(model_name: str, size: int, batch: int, device: torch.device):
+    if model_name == "unet":
+        model = UNet(width=32)
+        x, y = shapes(batch, size, 0)
+        loss_fn = nn.CrossEntropyLoss()
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, model_name)(num_classes=100)
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+        loss_fn = nn.CrossEntropyLoss()
+    return model.to(device), x.to(device), y.to(device), loss_fn
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="unet")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--target-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    args = parser.parse_args()
+    logging.getLogger("autobatch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
+    splits = balanced_splits(args.target_batch, args.micro_batch)
+    steps = {}
+    phase1_seconds = []
+
+    def optimizer_for(model):
+        return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    full = copy.deepcopy(base)
+    full_opt = optimizer_for(full)
+
+    def full_step():
+        loss_fn(full(x), y).backward()
+        full_opt.step()
+        full_opt.zero_grad(set_to_none=True)
+
+    plain = copy.deepcopy(base)
+    plain_opt = optimizer_for(plain)
+
+    def plain_step():
+        plain_accumulation_backward(plain, x, y, loss_fn, splits)
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    wrapped = {}
+    for bn in ("two_pass", "micro"):
+        model = copy.deepcopy(base)
+        wrapped[bn] = autobatch.wrap(model, optimizer_for(model), args.target_batch, loss_fn,
+                                     micro_batch=args.micro_batch, bn=bn, cache=False)
+    two_pass = wrapped["two_pass"]
+    statistics_pass = two_pass._statistics_pass
+
+    def timed_statistics_pass(*a, **k):
+        sync(device)
+        start = time.perf_counter()
+        statistics_pass(*a, **k)
+        sync(device)
+        phase1_seconds.append(time.perf_counter() - start)
+
+    two_pass._statistics_pass = timed_statistics_pass  # instrumentation of the benchmark's own instance
+    forum = forum_model(base)
+    forum_opt = optimizer_for(forum)
+    steps = {"full batch": full_step, "plain accumulation": plain_step,
+             "autobatch two_pass": lambda: two_pass.step(x, y),
+             "autobatch micro": lambda: wrapped["micro"].step(x, y),
+             "forum Python BatchNorm": lambda: forum_step(forum, forum_opt, x, y, loss_fn, len(splits))}
+    times = {arm: [] for arm in ARMS}
+    order = list(ARMS)
+    rng = random.Random(0)
+    for round_ in range(args.warmup + args.rounds):
+        rng.shuffle(order)
+        for arm in order:
+            sync(device)
+            start = time.perf_counter()
+            steps[arm]()
+            sync(device)
+            if round_ >= args.warmup:
+                times[arm].append(time.perf_counter() - start)
+    medians = {arm: statistics.median(values) for arm, values in times.items()}
+    phase1 = statistics.median(phase1_seconds[args.warmup:])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [f"## {args.model} at {args.size}x{args.size}, logical batch {args.target_batch}, micro-batches {splits}",
+             "", f"`python bench/cost.py --model {args.model} --size {args.size} --device {args.device}` on {name}; "
+             f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.", "",
+             "| arm | time / plain accumulation |" + (" median step |" if device.type == "cuda" else ""),
+             "| --- | --- |" + (" --- |" if device.type == "cuda" else "")]
+    for arm in ARMS:
+        cell = f" {medians[arm] * 1000:.1f} ms |" if device.type == "cuda" else ""
+        lines.append(f"| {arm} | {medians[arm] / medians['plain accumulation']:.2f}x |{cell}")
+    lines += ["", f"Phase 1 is {phase1 / medians['autobatch two_pass']:.0%} of a two_pass step "
+                  f"({phase1 / medians['plain accumulation']:.2f}x of a plain accumulation step's time).", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        path = pathlib.Path(args.out)
+        path.write_text((path.read_text() + "\n" if path.exists() else "") + text)
+
+
+if __name__ == "__main__":
+    main()

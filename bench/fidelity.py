@@ -1,0 +1,197 @@
+"""Does training with autobatch behave like training with the real batch? The demo's task, 5 arms.
+
+    python bench/fidelity.py      # ~15 min on 2 CPU cores; writes bench/results/fidelity.{md,json,png}
+
+From the same initial weights and the same batch order (per seed), train the demo U-Net with a
+logical batch of 16 as: the real full batch (the reference), plain accumulation, the forum's
+frozen-statistics scheme, autobatch two_pass and autobatch micro, at 2, 4 and 8 splits. Reported
+per arm: final training loss and validation IoU (eval mode), the relative distance of the final
+weights from the reference's, and the cosine of each arm's gradient to the full-batch gradient,
+measured at checkpoints along the reference trajectory.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import autobatch  # noqa: E402
+from autobatch.demo import UNet, shapes  # noqa: E402
+from autobatch.demo.train import evaluate  # noqa: E402
+from autobatch.split import balanced_splits  # noqa: E402
+from tests.reference import (cosine, flat_grad, frozen_statistics_backward, frozen_statistics_grad,  # noqa: E402
+                             full_batch_grad, plain_accumulation_backward, plain_accumulation_grad)
+
+ARMS = ("plain accumulation", "frozen statistics (forum)", "autobatch two_pass", "autobatch micro")
+TARGET = 16
+ce = nn.CrossEntropyLoss()
+
+
+def autobatch_grad(model, x, y, micro_batch, bn):
+    model = copy.deepcopy(model)
+    grads = []
+    autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(x), ce, micro_batch=micro_batch,
+                   bn=bn, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model))).step(x, y)
+    return grads[0]
+
+
+def arm_grad(arm, model, x, y, splits):
+    if arm == "plain accumulation":
+        return plain_accumulation_grad(model, x, y, ce, splits)
+    if arm == "frozen statistics (forum)":
+        return frozen_statistics_grad(model, x, y, ce, splits)
+    return autobatch_grad(model, x, y, max(splits), arm.split()[-1])
+
+
+def train(arm, splits_count, seed, data, epochs, checkpoint_every):
+    """Train one arm; returns its curves, final metrics and weights (and, for the reference, checkpoints)."""
+    (train_x, train_y), (val_x, val_y) = data
+    torch.manual_seed(seed)
+    model = UNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    micro_batch = TARGET // splits_count
+    ab = None
+    if arm.startswith("autobatch"):
+        ab = autobatch.wrap(model, optimizer, TARGET, ce, micro_batch=micro_batch, bn=arm.split()[-1], cache=False)
+    order = torch.Generator().manual_seed(seed)
+    curves = {"train_loss": [], "val_iou": []}
+    checkpoints = []
+    probe_x, probe_y = train_x[:128], train_y[:128]
+    for epoch in range(epochs):
+        for step, idx in enumerate(torch.randperm(len(train_x), generator=order).split(TARGET)):
+            x, y = train_x[idx], train_y[idx]
+            if arm == "full batch" and step % checkpoint_every == 0:
+                checkpoints.append((copy.deepcopy(model), x, y))
+            if ab is not None:
+                ab.step(x, y)
+                continue
+            splits = balanced_splits(len(x), micro_batch)
+            if arm == "full batch":
+                ce(model(x), y).backward()
+            elif arm == "plain accumulation":
+                plain_accumulation_backward(model, x, y, ce, splits)
+            else:
+                frozen_statistics_backward(model, x, y, ce, splits)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            curves["train_loss"].append(ce(model(probe_x), probe_y).item())
+        model.train()
+        curves["val_iou"].append(evaluate(model, val_x, val_y, torch.device("cpu"))[0])
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {"curves": curves, "weights": weights, "checkpoints": checkpoints}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--splits", default="2,4,8")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    logging.getLogger("autobatch").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    data = (shapes(args.train_size, 48, 0), shapes(128, 48, 1))
+    split_counts = [int(k) for k in args.splits.split(",")]
+    rows: dict = {}
+    curves: dict = {}
+    for seed in range(args.seeds):
+        reference = train("full batch", 1, seed, data, args.epochs, checkpoint_every=16)
+        curves.setdefault(("full batch", 1), []).append(reference["curves"])
+        for k in split_counts:
+            for arm in ARMS:
+                result = train(arm, k, seed, data, args.epochs, checkpoint_every=0)
+                distance = ((result["weights"] - reference["weights"]).norm() / reference["weights"].norm()).item()
+                cosines = [cosine(arm_grad(arm, m, x, y, balanced_splits(len(x), TARGET // k)),
+                                  full_batch_grad(m, x, y, ce)) for m, x, y in reference["checkpoints"]]
+                row = rows.setdefault((arm, k), {"loss": [], "iou": [], "distance": [], "cosine": []})
+                row["loss"].append(result["curves"]["train_loss"][-1])
+                row["iou"].append(result["curves"]["val_iou"][-1])
+                row["distance"].append(distance)
+                row["cosine"].append(statistics.mean(cosines))
+                curves.setdefault((arm, k), []).append(result["curves"])
+                print(f"seed {seed} splits {k} {arm}: loss {row['loss'][-1]:.4f} IoU {row['iou'][-1]:.3f} "
+                      f"distance {distance:.3f} cosine {row['cosine'][-1]:.3f}", flush=True)
+        ref_row = rows.setdefault(("full batch", 1), {"loss": [], "iou": [], "distance": [], "cosine": []})
+        ref_row["loss"].append(reference["curves"]["train_loss"][-1])
+        ref_row["iou"].append(reference["curves"]["val_iou"][-1])
+        ref_row["distance"].append(0.0)
+        ref_row["cosine"].append(1.0)
+    write(rows, curves, split_counts, args, time.perf_counter() - started)
+
+
+def mean_sd(values):
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def write(rows, curves, split_counts, args, seconds):
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Training fidelity on the demo task", "",
+             f"`python bench/fidelity.py` (CPU, float32, {args.seeds} seeds, {args.epochs} epochs of "
+             f"{args.train_size} images, logical batch {TARGET}, Adam lr 3e-3; {seconds / 60:.0f} min). "
+             "Mean ± standard deviation over seeds. Loss: training cross-entropy in eval mode (running "
+             "statistics) on 128 training images; IoU: validation foreground IoU; distance: "
+             "|w - w_full| / |w_full| of the final weights; cosine: mean gradient cosine to the full batch "
+             "along the full-batch trajectory.", ""]
+    reference = rows[("full batch", 1)]
+    lines.append(f"Full batch (the reference): loss {mean_sd(reference['loss'])}, IoU {mean_sd(reference['iou'])}.")
+    lines.append("")
+    for k in split_counts:
+        lines += [f"## {k} splits (micro-batches of {TARGET // k})", "",
+                  "| arm | final loss | validation IoU | weight distance | gradient cosine |",
+                  "| --- | --- | --- | --- | --- |"]
+        for arm in ARMS:
+            row = rows[(arm, k)]
+            lines.append(f"| {arm} | {mean_sd(row['loss'])} | {mean_sd(row['iou'])} | "
+                         f"{mean_sd(row['distance'])} | {mean_sd(row['cosine'])} |")
+        lines.append("")
+    (out / "fidelity.md").write_text("\n".join(lines))
+    (out / "fidelity.json").write_text(json.dumps(
+        {f"{arm}|{k}": {"rows": rows[(arm, k)], "curves": curves[(arm, k)]} for arm, k in rows}, indent=1))
+    plot(curves, split_counts, out / "fidelity.png")
+    print("\n".join(lines))
+
+
+def plot(curves, split_counts, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(split_counts), figsize=(4.2 * len(split_counts), 6.5), sharex=True,
+                             squeeze=False)
+    styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),
+              "frozen statistics (forum)": ("tab:red", ":"), "autobatch two_pass": ("tab:blue", "-"),
+              "autobatch micro": ("tab:green", "-.")}
+    for column, k in enumerate(split_counts):
+        for arm, (colour, style) in styles.items():
+            runs = curves[(arm, 1 if arm == "full batch" else k)]
+            for row, metric in enumerate(("train_loss", "val_iou")):
+                values = torch.tensor([run[metric] for run in runs]).mean(0)
+                epochs = range(1, len(values) + 1)
+                axes[row, column].plot(epochs, values, color=colour, linestyle=style, label=arm)
+        axes[0, column].set_title(f"{k} splits (micro-batch {TARGET // k})")
+        axes[0, column].set_yscale("log")
+        axes[1, column].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("training loss (eval mode)")
+    axes[1, 0].set_ylabel("validation IoU")
+    axes[1, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
