@@ -14,7 +14,7 @@ from typing import Optional, Union
 import psutil
 import torch
 
-__all__ = ["Budget", "DeviceMemory", "budget", "is_out_of_memory", "parse_bytes", "probe"]
+__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "is_out_of_memory", "parse_bytes", "probe"]
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +72,33 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def check_memory_budget(memory_budget: Union[int, float, str, None]) -> None:
+    """Raise a clear error unless ``memory_budget`` is None, positive bytes, a size string, or a fraction."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, str)):
+        raise TypeError(f"memory_budget must be bytes, a string such as '6GiB', or a fraction such as 0.8, "
+                        f"got {memory_budget!r}")
+    if isinstance(memory_budget, float) and not 0 < memory_budget <= 1:
+        raise ValueError(f"a fractional memory_budget must lie in (0, 1], got {memory_budget}; "
+                         "give bytes as an int or a string such as '6GiB'")
+    if (parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget) <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+
+
 def budget(memory: DeviceMemory, memory_budget: Union[int, float, str, None] = None,
            margin: float = SAFETY_MARGIN) -> Budget:
     """The step's peak budget: the device's capacity, capped by ``memory_budget`` (bytes as an int or
     a string such as "6GiB", or a fraction of the device's total memory as a float in (0, 1])."""
-    cap: Optional[int]
+    check_memory_budget(memory_budget)
     if memory_budget is None:
         cap = None
-    elif isinstance(memory_budget, bool):
-        raise TypeError("memory_budget must be bytes, a string such as '6GiB', or a fraction such as 0.8")
-    elif isinstance(memory_budget, int):
-        cap = memory_budget
     elif isinstance(memory_budget, float):
-        if not 0 < memory_budget <= 1:
-            raise ValueError(f"a fractional memory_budget must lie in (0, 1], got {memory_budget}; "
-                             "give bytes as an int or a string such as '6GiB'")
         cap = int(memory_budget * memory.total_bytes)
     elif isinstance(memory_budget, str):
         cap = parse_bytes(memory_budget)
     else:
-        raise TypeError(f"memory_budget must be bytes, a string such as '6GiB', or a fraction, "
-                        f"got {type(memory_budget).__name__}")
-    if cap is not None and cap <= 0:
-        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+        cap = memory_budget
     usable = memory.capacity_bytes if cap is None else min(cap, memory.capacity_bytes)
     return Budget(int(usable * (1 - margin)), memory.capacity_bytes, cap, margin)
 

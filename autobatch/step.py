@@ -20,10 +20,10 @@ from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, T
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
-from autobatch.memory import is_out_of_memory
+from autobatch.memory import check_memory_budget, is_out_of_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
-from autobatch.tuning import Tuner, release_memory
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
+from autobatch.tuning import Tuner, release_memory
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -79,6 +79,10 @@ class AutoBatch:
                 f"must divide evenly among them; use a multiple of {self._ranks.world_size}")
         self._share = target_batch // self._ranks.world_size
         self._auto = check_micro_batch(micro_batch) == "auto"
+        check_memory_budget(memory_budget)
+        if memory_budget is not None and not self._auto:
+            raise ValueError(f"memory_budget applies to micro_batch='auto'; with micro_batch={micro_batch} "
+                             "drop memory_budget, or pass micro_batch='auto' to have the budget measured")
         self._tuner = Tuner(self, memory_budget, cache, retune, grow_after)
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch,

@@ -358,6 +358,11 @@ def test_exception_in_loss_fn_leaves_the_model_as_it_was(bn, fail_at):
     ({"compute_loss": lambda m, b: 0}, TypeError, "exactly one of loss_fn"),
     ({"max_grad_norm": -1}, ValueError, "max_grad_norm"),
     ({"autocast_dtype": "bf16"}, TypeError, "autocast_dtype"),
+    ({"memory_budget": "lots"}, ValueError, "cannot read 'lots' as a memory size"),
+    ({"memory_budget": 1.5}, ValueError, "fractional memory_budget"),
+    ({"memory_budget": 0}, ValueError, "memory_budget must be positive"),
+    ({"memory_budget": "4GiB", "micro_batch": 4}, ValueError, "memory_budget applies to micro_batch='auto'"),
+    ({"grow_after": 0}, ValueError, "grow_after"),
 ])
 def test_wrap_rejects_bad_arguments(options, error, message):
     model = mlp()
