@@ -16,8 +16,7 @@ def test_plan_command_prints_the_plan(capsys, caplog):
 
 
 def test_demo_command(capsys, tmp_path):
-    assert main(["demo", "--epochs", "1", "--train-size", "32", "--budget", "none", "--micro-batch", "4",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--epochs", "1", "--train-size", "32", "--micro-batch", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "validation IoU" in out and "micro-batches [4, 4, 4, 4]" in out
     assert (tmp_path / "demo-prediction.png").exists()

@@ -77,7 +77,8 @@ def run(epochs: int = 8, memory_budget: Union[int, float, str, None] = "24MiB", 
     model = UNet().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     ab = autobatch.wrap(model, optimizer, target_batch=target_batch, loss_fn=nn.CrossEntropyLoss(),
-                        micro_batch=micro_batch, bn=bn, memory_budget=memory_budget)
+                        micro_batch=micro_batch, bn=bn,
+                        memory_budget=memory_budget if micro_batch == "auto" else None)
     if micro_batch == "auto":
         ab.tune(train_images[:target_batch], train_masks[:target_batch])  # before the progress bars
     order_generator = torch.Generator().manual_seed(seed)
@@ -90,11 +91,10 @@ def run(epochs: int = 8, memory_budget: Union[int, float, str, None] = "24MiB", 
         for indices in bar:
             epoch_losses.append(ab.step(train_images[indices], train_masks[indices]))
             bar.set_postfix(loss=f"{sum(epoch_losses[-8:]) / len(epoch_losses[-8:]):.4f}")
-        iou, _ = evaluate(model, val_images, val_masks, device)
+        iou, logits = evaluate(model, val_images, val_masks, device)
         bar.set_postfix(loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}", val_iou=f"{iou:.3f}")
         bar.close()
         losses.extend(epoch_losses)
-    iou, logits = evaluate(model, val_images, val_masks, device)
     path = None
     if out_dir is not None:
         path = pathlib.Path(out_dir) / "demo-prediction.png"
