@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[Any, Any], Tensor]
 ComputeLoss = Callable[[nn.Module, Any], Tensor]
 BN_MODES = ("two_pass", "micro")
+#: Below this many samples per micro-batch, two_pass trained worse than plain accumulation (bench/fidelity.py).
+SMALL_MICRO_BATCH = 4
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -323,6 +325,11 @@ class AutoBatch:
         if self._warned_thin:
             return
         self._warned_thin = True
+        if min(splits) < SMALL_MICRO_BATCH:
+            log.warning("two_pass with micro-batches of %d samples: its backward takes BatchNorm's subtracted "
+                        "means from so few samples that training can fall behind plain accumulation (see the "
+                        "README's results); prefer micro-batches of %d or more, or bn='micro'", min(splits),
+                        SMALL_MICRO_BATCH)
         thin = self._two_pass.thin_layers(min(splits), total)
         if thin:
             listing = ", ".join(f"{name} ({values})" for name, values in thin)

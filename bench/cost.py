@@ -128,7 +128,8 @@ def main() -> None:
     phase1 = statistics.median(phase1_seconds[args.warmup:])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [f"## {args.model} at {args.size}x{args.size}, logical batch {args.target_batch}, micro-batches {splits}",
-             "", f"`python bench/cost.py --model {args.model} --size {args.size} --device {args.device}` on {name}; "
+             "", f"`python bench/cost.py --model {args.model} --size {args.size} --micro-batch {args.micro_batch} "
+                 f"--rounds {args.rounds} --device {args.device}` on {name}; "
              f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.", "",
              "| arm | time / plain accumulation |" + (" median step |" if device.type == "cuda" else ""),
              "| --- | --- |" + (" --- |" if device.type == "cuda" else "")]

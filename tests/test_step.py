@@ -280,6 +280,15 @@ def test_phase_one_stops_after_the_last_batch_norm():
     assert heads == [True, True]
 
 
+def test_tiny_micro_batches_are_reported(caplog):
+    model = ResidualNet(blocks=1)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=2)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
+        ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
+    assert caplog.text.count("two_pass with micro-batches of 2 samples") == 1
+
+
 def test_few_values_per_channel_are_reported(caplog):
     model = ResidualNet(blocks=1, head_norm=True)
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4)
