@@ -59,12 +59,17 @@ class Ranks:
         self._collective("exchanging step status", dist.all_gather, table, local)
         return torch.stack(table).cpu()
 
-    def gather_objects(self, value: object) -> list:
+    def gather_messages(self, message: str) -> list[str]:
+        """Every rank's ``message``, as bytes in tensors (all_gather_object would need NumPy)."""
         if not self.active:
-            return [value]
-        table: list = [None] * self.world_size
-        self._collective("exchanging messages", dist.all_gather_object, table, value)
-        return table
+            return [message]
+        data = torch.tensor(list(message.encode()), dtype=torch.uint8, device=self.device)
+        lengths = self.gather([len(data)])[:, 0].long().tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self.device)
+        padded[:len(data)] = data
+        table = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._collective("exchanging messages", dist.all_gather, table, padded)
+        return [bytes(row[:n].tolist()).decode(errors="replace") for row, n in zip(table, lengths)]
 
     def merge(self, count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor]:
         """Chan's parallel merge of per-channel (count, mean, sum of squared deviations) over ranks."""

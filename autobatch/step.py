@@ -184,7 +184,7 @@ class AutoBatch:
         table = self._ranks.gather([error is not None, size] + settings)
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if failed:
-            messages = self._ranks.gather_objects(None if error is None else str(error))
+            messages = self._ranks.gather_messages("" if error is None else str(error))
             if error is not None:
                 raise error
             raise RankFailure(f"rank {failed[0]} rejected its batch: {messages[failed[0]]}")
@@ -368,7 +368,7 @@ class AutoBatch:
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if not failed:
             return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
-        messages = self._ranks.gather_objects(None if error is None else str(error).splitlines()[0])
+        messages = self._ranks.gather_messages("" if error is None else str(error).splitlines()[0])
         if error is not None:
             raise error
         if all(table[rank, 1] for rank in failed):
