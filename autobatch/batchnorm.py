@@ -152,11 +152,11 @@ class LayerStatistics:
     values_per_channel: int
 
 
-def _check_values_per_channel(call: BatchNormCall, name: str) -> None:
+def _check_values_per_channel(count: float, name: str) -> None:
     # The same check F.batch_norm makes, so a bad full batch fails as it would without autobatch.
-    if call.values_per_channel == 1:
-        raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch "
-                         f"(input shape {tuple(call.input.shape)}); training BatchNorm needs more than one")
+    if count <= 1:
+        raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch; "
+                         "training BatchNorm needs more than one")
 
 
 def _variance(invstd: Tensor, eps: float) -> Tensor:
@@ -206,7 +206,7 @@ class TwoPassBatchNorm:
         if self.ranks.active:
             output, layer = self._record_across_ranks(call, name)
         else:
-            _check_values_per_channel(call, name)
+            _check_values_per_channel(call.values_per_channel, name)
             output, mean, invstd = torch.ops.aten.native_batch_norm(
                 call.input, call.weight, call.bias, call.running_mean, call.running_var, True,
                 call.momentum, call.eps)
@@ -221,9 +221,7 @@ class TwoPassBatchNorm:
         """The statistics of every rank's batch together, as SyncBatchNorm computes them."""
         mean, var = _local_statistics(call.input)
         count, mean, m2 = self.ranks.merge(call.values_per_channel, mean, var * call.values_per_channel)
-        if count <= 1:
-            raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch; "
-                             "training BatchNorm needs more than one")
+        _check_values_per_channel(count, name)
         var = m2 / count
         _update_running(call.running_mean, call.running_var, call.momentum, mean, var, count)
         output = torch.batch_norm(call.input, call.weight, call.bias, mean, var, False, 0.0, call.eps,
@@ -235,7 +233,8 @@ class TwoPassBatchNorm:
         if complete:
             self.calls_per_forward = len(self.layers)
 
-    def start_micro_batch(self) -> None:
+    def start_micro_batch(self, counted: bool = True) -> None:
+        """``counted`` is PooledBatchNorm's: two_pass keeps the full batch's statistics either way."""
         self._cursor = 0
 
     def apply(self, call: BatchNormCall) -> Tensor:
@@ -317,7 +316,7 @@ class PooledBatchNorm:
         index = self._cursor
         self._cursor += 1
         name = _name_of(call, self.names, index)
-        _check_values_per_channel(call, name)
+        _check_values_per_channel(call.values_per_channel, name)
         output, mean, invstd = torch.ops.aten.native_batch_norm(
             call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
         with torch.no_grad():

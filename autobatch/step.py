@@ -252,10 +252,8 @@ class AutoBatch:
                 # A rank with fewer samples than micro-batches repeats one sample at weight 0.
                 part = parts[index] if size else take(batch, 1)
                 try:
-                    if isinstance(norm, PooledBatchNorm):
+                    if norm is not None:
                         norm.start_micro_batch(counted=size > 0)
-                    elif norm is not None:
-                        norm.start_micro_batch()
                     with self._gradient_sync(last):
                         loss = self._micro_loss(to_device(part, self.device), size * scale, index)
                         if norm is not None:
