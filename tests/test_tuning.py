@@ -1,4 +1,4 @@
-"""micro_batch="auto" in the training step: real measurement, the cache, out-of-memory recovery."""
+"""The plan's life (tuning.py) through the training step: real measurement, the cache, out-of-memory recovery."""
 import copy
 import json
 import logging
@@ -242,3 +242,16 @@ def test_grad_scaler_is_clean_after_out_of_memory():
     autobatch.wrap(reference, torch.optim.SGD(reference.parameters(), lr=0.1), 16, ce, micro_batch=4,
                    scaler=ref_scaler, max_grad_norm=10.0).step(x, y)
     assert scaler.get_scale() == ref_scaler.get_scale()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_on_a_real_gpu_fits_its_budget():
+    model = convnet().cuda()
+    x, y = data(64, size=64)
+    optimizer = torch.optim.Adam(model.parameters())
+    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="256MiB", cache=False)
+    plan = ab.tune(x, y)
+    assert plan.source == "measured" and "nvml" in plan.device
+    torch.cuda.reset_peak_memory_stats()
+    ab.step(x, y)
+    assert torch.cuda.max_memory_allocated() <= plan.budget_bytes
