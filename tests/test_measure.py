@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -62,3 +63,27 @@ def test_warm_optimizer_state_creates_what_the_first_step_would():
     warm_optimizer_state(optimizer)
     assert set(optimizer.state[model.weight]) == {"step", "exp_avg", "exp_avg_sq"}
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_peaks_agree_with_pytorchs_memtracker():
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    warm_optimizer_state(optimizer)
+
+    def step(n):
+        def work():
+            model(torch.randn(n, 3, 16, 16)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return work
+
+    for n in (2, 5):
+        tracker = mem_tracker.MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            step(n)()
+        reference = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        assert peak_bytes(step(n), torch.device("cpu"), model, optimizer) == reference
