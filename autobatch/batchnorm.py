@@ -296,8 +296,8 @@ class PooledBatchNorm:
     """bn="micro": each micro-batch normalizes with its own statistics (ordinary accumulation);
     the running statistics are committed once per logical batch from the pooled statistics.
 
-    Also phase 1 of two_pass when the whole batch does not fit: :meth:`statistics` then gives
-    phase 2 the pooled statistics of the chunks.
+    Also phase 1 of two_pass when the whole batch does not fit: :meth:`commit` then returns the
+    pooled statistics of the chunks for phase 2.
     """
 
     def __init__(self, names: dict[int, str], ranks: Optional[Ranks] = None):
@@ -332,22 +332,18 @@ class PooledBatchNorm:
     def finish_micro_batch(self) -> None:
         self._cursor = 0
 
-    def statistics(self) -> list[LayerStatistics]:
-        """The pooled statistics of every call, as phase 1 would have recorded them."""
+    @torch.no_grad()
+    def commit(self) -> list[LayerStatistics]:
+        """Update the running statistics once, as nn.BatchNorm would for the whole logical batch
+        (pooled over ranks too), and return those statistics: phase 2's, for a chunked phase 1."""
         layers = []
         for pool in self._pools:
-            var = pool.m2 / pool.count
-            layers.append(LayerStatistics(pool.name, pool.mean, (var + pool.eps).rsqrt(), var, pool.eps,
-                                          pool.count))
-        return layers
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Update the running statistics once, as nn.BatchNorm would for the whole logical batch."""
-        for pool in self._pools:
             count, mean, m2 = self.ranks.merge(pool.count, pool.mean, pool.m2)
-            _update_running(pool.running_mean, pool.running_var, pool.momentum, mean, m2 / count, count)
+            var = m2 / count
+            _update_running(pool.running_mean, pool.running_var, pool.momentum, mean, var, count)
+            layers.append(LayerStatistics(pool.name, mean, (var + pool.eps).rsqrt(), var, pool.eps, int(count)))
         self._pools = []
+        return layers
 
 
 class BatchNormState:

@@ -299,7 +299,7 @@ class AutoBatch:
                         complete = False
                 two_pass.finish_statistics_pass(complete)
             else:
-                pooled = PooledBatchNorm(self._names)
+                pooled = PooledBatchNorm(self._names, two_pass.ranks)
                 size = batch_size(batch)
                 with intercept_batch_norm(pooled.handle):
                     for index, chunk in enumerate(split_batch(batch, balanced_splits(size, -(-size // chunks)))):
@@ -308,8 +308,7 @@ class AutoBatch:
                         if index == 0:
                             state.mark_counted()
                 state.keep_counted()
-                two_pass.layers = pooled.statistics()
-                pooled.commit()
+                two_pass.layers = pooled.commit()
         state.mark_counted()
         self._in_statistics_pass = False
 

@@ -34,7 +34,7 @@ def resnet():
     return ResidualNet(blocks=1).double()
 
 
-def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, **options):
+def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase1_chunks=1, **options):
     """One DDP step on this rank's rows of the shared data; returns the module's state and the loss."""
     ddp = DistributedDataParallel(model)
     if sync_bn:
@@ -46,6 +46,7 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, **opt
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     ab = autobatch.wrap(ddp, optimizer, 16, options.pop("loss_fn", ce), micro_batch=micro_batch,
                         cache=False, **options)
+    ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan)}
@@ -73,6 +74,10 @@ def bn_two_pass(rank):
 
 def sync_bn(rank):
     return train(resnet(), halves(rank), micro_batch=4, image=True, sync_bn=True)
+
+
+def chunked_phase_one(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, phase1_chunks=2)
 
 
 def micro_bn(rank):

@@ -36,7 +36,8 @@ def launch(tmp_path, scenarios, deadline=90):
 
 @pytest.fixture(scope="module")
 def good_runs(tmp_path_factory):
-    scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "micro_bn", "out_of_memory"]
+    scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "chunked_phase_one", "micro_bn",
+                 "out_of_memory"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -44,11 +45,12 @@ def good_runs(tmp_path_factory):
     return results
 
 
-def single_process(model, rows, micro_batch, image=False, **options):
+def single_process(model, rows, micro_batch, image=False, phase1_chunks=1, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = data(image=image)
-    loss = autobatch.wrap(model, optimizer, len(range(16)[rows]), ce, micro_batch=micro_batch, cache=False,
-                          **options).step(x[rows], y[rows])
+    ab = autobatch.wrap(model, optimizer, len(range(16)[rows]), ce, micro_batch=micro_batch, cache=False, **options)
+    ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
+    loss = ab.step(x[rows], y[rows])
     return {"state": model.state_dict(), "loss": [loss]}
 
 
@@ -82,6 +84,13 @@ def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
             if "running" in key or "num_batches" in key:
                 torch.testing.assert_close(result["state"][key.replace("bn.", "bn.")], value, rtol=1e-10,
                                            atol=1e-12, msg=key)
+
+
+def test_chunked_phase_one_pools_statistics_over_both_ranks(good_runs):
+    # Two ranks with phase 1 in 2 chunks each are the same 4 chunks as one process in 4 chunks.
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True, phase1_chunks=4)
+    for rank in range(2):
+        assert_same(good_runs[("chunked_phase_one", rank)]["ok"], reference)
 
 
 def test_micro_mode_pools_running_statistics_over_both_ranks(good_runs):
