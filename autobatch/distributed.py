@@ -43,21 +43,22 @@ class Ranks:
             return cls(model.process_group, active=True)
         return cls()
 
-    def _collective(self, what: str, function, *args) -> None:
+    def _all_gather(self, local: Tensor, what: str) -> Tensor:
+        """Every rank's ``local`` (same shape on all ranks), stacked; backend errors become RankFailure."""
+        table = [torch.empty_like(local) for _ in range(self.world_size)]
         try:
-            function(*args, group=self.group)
+            dist.all_gather(table, local, group=self.group)
         except Exception as error:  # noqa: BLE001 - any backend error becomes one clear message
             raise RankFailure(f"rank {self.rank}: {what} with the other ranks failed ({error}); another rank "
                               "probably died, or took longer than the process group's timeout") from error
+        return torch.stack(table)
 
     def gather(self, values: Sequence[float]) -> Tensor:
         """Every rank's ``values``, stacked: a (world_size, len(values)) float64 tensor."""
         local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         if not self.active:
             return local.unsqueeze(0).cpu()
-        table = [torch.empty_like(local) for _ in range(self.world_size)]
-        self._collective("exchanging step status", dist.all_gather, table, local)
-        return torch.stack(table).cpu()
+        return self._all_gather(local, "exchanging step status").cpu()
 
     def gather_messages(self, message: str) -> list[str]:
         """Every rank's ``message``, as bytes in tensors (all_gather_object would need NumPy)."""
@@ -67,8 +68,7 @@ class Ranks:
         lengths = self.gather([len(data)])[:, 0].long().tolist()
         padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self.device)
         padded[:len(data)] = data
-        table = [torch.empty_like(padded) for _ in range(self.world_size)]
-        self._collective("exchanging messages", dist.all_gather, table, padded)
+        table = self._all_gather(padded, "exchanging messages")
         return [bytes(row[:n].tolist()).decode(errors="replace") for row, n in zip(table, lengths)]
 
     def merge(self, count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor]:
@@ -77,9 +77,7 @@ class Ranks:
             return count, mean, m2
         channels = mean.numel()
         local = torch.cat([mean.new_tensor([count]), mean.reshape(-1), m2.reshape(-1)]).to(self.device)
-        table = [torch.empty_like(local) for _ in range(self.world_size)]
-        self._collective("merging BatchNorm statistics", dist.all_gather, table, local)
-        stacked = torch.stack(table).to(mean.device)
+        stacked = self._all_gather(local, "merging BatchNorm statistics").to(mean.device)
         counts, means, m2s = stacked[:, :1], stacked[:, 1:1 + channels], stacked[:, 1 + channels:]
         total = counts.sum()
         merged_mean = (counts * means).sum(0) / total

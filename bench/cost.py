@@ -68,7 +68,6 @@ def main() -> None:
     torch.manual_seed(0)
     base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
     splits = balanced_splits(args.target_batch, args.micro_batch)
-    steps = {}
     phase1_seconds = []
 
     def optimizer_for(model):
