@@ -36,7 +36,14 @@ __all__ = [
     "TwoPassBatchNorm",
     "batch_norm_modules",
     "batch_norm_names",
+    "chan_merge",
+    "check_same_channels",
+    "check_values_per_channel",
     "intercept_batch_norm",
+    "local_statistics",
+    "name_of",
+    "normalize",
+    "update_running",
     "uses_batch_statistics",
 ]
 
@@ -107,7 +114,7 @@ def uses_batch_statistics(modules: list[_BatchNorm]) -> bool:
     return any(module.training or module.running_mean is None for module in modules)
 
 
-def _name_of(call: BatchNormCall, names: dict[int, str], index: int) -> str:
+def name_of(call: BatchNormCall, names: dict[int, str], index: int) -> str:
     for tensor in (call.weight, call.running_mean):
         if tensor is not None and id(tensor) in names:
             return names[id(tensor)]
@@ -152,11 +159,19 @@ class LayerStatistics:
     values_per_channel: int
 
 
-def _check_values_per_channel(count: float, name: str) -> None:
+def check_values_per_channel(count: float, name: str) -> None:
     # The same check F.batch_norm makes, so a bad full batch fails as it would without autobatch.
     if count <= 1:
         raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch; "
                          "training BatchNorm needs more than one")
+
+
+def chan_merge(count_a: float, mean_a: Tensor, m2_a: Tensor, count_b: float, mean_b: Tensor,
+               m2_b: Tensor) -> tuple[float, Tensor, Tensor]:
+    """Chan et al.'s merge of two sets' per-channel count, mean and sum of squared deviations."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    return count, mean_a + delta * (count_b / count), m2_a + m2_b + delta.square() * (count_a * count_b / count)
 
 
 def _variance(invstd: Tensor, eps: float) -> Tensor:
@@ -165,7 +180,7 @@ def _variance(invstd: Tensor, eps: float) -> Tensor:
 
 
 @torch.no_grad()
-def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+def update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                     mean: Tensor, var: Tensor, count: float) -> None:
     """nn.BatchNorm's update for one batch of ``count`` values per channel with biased ``var``."""
     if running_mean is not None:
@@ -175,11 +190,26 @@ def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def _local_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
-    dims = [0] + list(range(2, x.dim()))
+def local_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of a BatchNorm input (in float32 at least)."""
     precise = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    var, mean = torch.var_mean(precise, dims, correction=0)
-    return mean, var
+    # BatchNorm's own kernel: on CPU several times faster than var_mean over (N, H, W).
+    _, mean, invstd = torch.ops.aten.native_batch_norm(precise, None, None, None, None, True, 0.0, eps)
+    return mean, _variance(invstd, eps)
+
+
+def normalize(call: BatchNormCall, layer: LayerStatistics) -> Tensor:
+    """``call``'s input normalized with ``layer``'s statistics (no gradient through them)."""
+    return torch.batch_norm(call.input, call.weight, call.bias, layer.mean, layer.var, False, 0.0, layer.eps,
+                            torch.backends.cudnn.enabled)
+
+
+def check_same_channels(micro: int, full: int, index: int, name: str) -> None:
+    if micro != full:
+        raise RuntimeError(
+            f"BatchNorm call #{index} has {micro} channels in a micro-batch but {full} in the full batch "
+            f"({name!r}); bn='two_pass' needs the same sequence of BatchNorm calls for every batch. Use "
+            "bn='micro' for such models.")
 
 
 class TwoPassBatchNorm:
@@ -202,11 +232,11 @@ class TwoPassBatchNorm:
         self.layers = []
 
     def record(self, call: BatchNormCall) -> Tensor:
-        name = _name_of(call, self.names, len(self.layers))
+        name = name_of(call, self.names, len(self.layers))
         if self.ranks.active:
             output, layer = self._record_across_ranks(call, name)
         else:
-            _check_values_per_channel(call.values_per_channel, name)
+            check_values_per_channel(call.values_per_channel, name)
             output, mean, invstd = torch.ops.aten.native_batch_norm(
                 call.input, call.weight, call.bias, call.running_mean, call.running_var, True,
                 call.momentum, call.eps)
@@ -219,14 +249,20 @@ class TwoPassBatchNorm:
 
     def _record_across_ranks(self, call: BatchNormCall, name: str) -> tuple[Tensor, LayerStatistics]:
         """The statistics of every rank's batch together, as SyncBatchNorm computes them."""
-        mean, var = _local_statistics(call.input)
-        count, mean, m2 = self.ranks.merge(call.values_per_channel, mean, var * call.values_per_channel)
-        _check_values_per_channel(count, name)
+        mean, var = local_statistics(call.input, call.eps)
+        layer = self.merge(call, name, call.values_per_channel, mean, var * call.values_per_channel, call.momentum)
+        return normalize(call, layer), layer
+
+    @torch.no_grad()
+    def merge(self, call: BatchNormCall, name: str, count: float, mean: Tensor, m2: Tensor,
+              momentum: float) -> LayerStatistics:
+        """The full batch's statistics from this rank's (count, mean, m2) and every other rank's;
+        the running statistics are updated with them, once."""
+        count, mean, m2 = self.ranks.merge(count, mean, m2)
+        check_values_per_channel(count, name)
         var = m2 / count
-        _update_running(call.running_mean, call.running_var, call.momentum, mean, var, count)
-        output = torch.batch_norm(call.input, call.weight, call.bias, mean, var, False, 0.0, call.eps,
-                                  torch.backends.cudnn.enabled)
-        return output, LayerStatistics(name, mean, (var + call.eps).rsqrt(), var, call.eps, int(count))
+        update_running(call.running_mean, call.running_var, momentum, mean, var, count)
+        return LayerStatistics(name, mean, (var + call.eps).rsqrt(), var, call.eps, int(count))
 
     def finish_statistics_pass(self, complete: bool) -> None:
         """``complete``: the forward ran to its end, so the number of calls is known exactly."""
@@ -245,14 +281,18 @@ class TwoPassBatchNorm:
                 f"the micro-batch forward made more training-mode BatchNorm calls than the full-batch "
                 f"forward ({len(self.layers)}); bn='two_pass' needs the same sequence of BatchNorm calls "
                 "for every batch. Use bn='micro' for models whose BatchNorm calls depend on the data.")
-        layer = self.layers[index]
-        if call.input.shape[1] != layer.mean.shape[0]:
-            raise RuntimeError(
-                f"BatchNorm call #{index} has {call.input.shape[1]} channels in a micro-batch but "
-                f"{layer.mean.shape[0]} in the full batch ({layer.name!r}); bn='two_pass' needs the same "
-                "sequence of BatchNorm calls for every batch. Use bn='micro' for such models.")
+        return self.project(call, self.layers[index], index)
+
+    def project(self, call: BatchNormCall, layer: LayerStatistics, index: int) -> Tensor:
+        """``call``'s input normalized with ``layer``'s full-batch statistics, with the projected backward."""
+        check_same_channels(call.input.shape[1], layer.mean.shape[0], index, layer.name)
         return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
                                          layer.var, layer.eps)
+
+    def add(self, layer: LayerStatistics) -> None:
+        """A layer recorded while the first micro-batch runs (see autobatch.lockstep): counted as its call."""
+        self.layers.append(layer)
+        self._cursor = len(self.layers)
 
     def finish_micro_batch(self) -> None:
         if self._cursor != len(self.layers):
@@ -273,7 +313,7 @@ class TwoPassBatchNorm:
 
 @dataclass
 class _Pool:
-    """Chan et al.'s parallel merge of per-channel count, mean and sum of squared deviations."""
+    """One layer's per-channel count, mean and sum of squared deviations, merged micro-batch by micro-batch."""
 
     name: str
     eps: float
@@ -285,11 +325,7 @@ class _Pool:
     m2: Tensor
 
     def merge(self, count: int, mean: Tensor, var: Tensor) -> None:
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + var * count + delta.square() * (self.count * count / total)
-        self.count = total
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, count, mean, var * count)
 
 
 class PooledBatchNorm:
@@ -315,8 +351,8 @@ class PooledBatchNorm:
     def handle(self, call: BatchNormCall) -> Tensor:
         index = self._cursor
         self._cursor += 1
-        name = _name_of(call, self.names, index)
-        _check_values_per_channel(call.values_per_channel, name)
+        name = name_of(call, self.names, index)
+        check_values_per_channel(call.values_per_channel, name)
         output, mean, invstd = torch.ops.aten.native_batch_norm(
             call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
         with torch.no_grad():
@@ -340,7 +376,7 @@ class PooledBatchNorm:
         for pool in self._pools:
             count, mean, m2 = self.ranks.merge(pool.count, pool.mean, pool.m2)
             var = m2 / count
-            _update_running(pool.running_mean, pool.running_var, pool.momentum, mean, var, count)
+            update_running(pool.running_mean, pool.running_var, pool.momentum, mean, var, count)
             layers.append(LayerStatistics(pool.name, mean, (var + pool.eps).rsqrt(), var, pool.eps, int(count)))
         self._pools = []
         return layers

@@ -38,6 +38,8 @@ class Plan:
     trials: int = 0
     phase1_chunks: int = 1
     world_size: int = 1
+    #: two_pass: phase 1 of the other micro-batches runs alongside the first one (autobatch.lockstep).
+    lockstep: bool = False
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class Plan:
             rows.append(("measured", ", ".join(
                 f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
             rows.append(("trials", self.trials))
+        if self.lockstep:
+            rows.append(("phase 1", "alongside the first micro-batch (lockstep)"))
         if self.phase1_chunks > 1:
             rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate "
                                     "(each chunk normalized with its own)"))

@@ -20,6 +20,7 @@ from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, T
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
+from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.memory import check_memory_budget, is_out_of_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
@@ -58,9 +59,9 @@ class AutoBatch:
                  device: Optional[Union[torch.device, str]] = None,
                  memory_budget: Union[int, float, str, None] = None,
                  cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
-                 grow_after: Optional[int] = None):
+                 grow_after: Optional[int] = None, lockstep: bool = False):
         _check_arguments(model, optimizer, loss_fn, compute_loss, bn, scaler, autocast_dtype,
-                         max_grad_norm, before_step, grow_after)
+                         max_grad_norm, before_step, grow_after, lockstep)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -70,6 +71,7 @@ class AutoBatch:
         self.autocast_dtype = autocast_dtype
         self.max_grad_norm = max_grad_norm
         self.before_step = before_step
+        self.lockstep = lockstep
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.target_batch = check_target_batch(target_batch)
         self._ranks = Ranks.of(model)
@@ -87,12 +89,13 @@ class AutoBatch:
                              "drop memory_budget, or pass micro_batch='auto' to have the budget measured")
         self._tuner = Tuner(self, memory_budget, cache, retune, grow_after)
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
-        self.plan: Optional[Plan] = None if self._auto else fixed_plan(self.target_batch, micro_batch,
-                                                                       self._ranks.world_size)
+        self.plan: Optional[Plan] = None if self._auto else fixed_plan(
+            self.target_batch, micro_batch, self._ranks.world_size).replace(lockstep=lockstep)
         self._bn_modules = batch_norm_modules(self._module)
         self._names = batch_norm_names(self._module)
         self._two_pass = TwoPassBatchNorm(self._names, self._ranks)
-        self._in_statistics_pass = False
+        #: Where the step is, for out-of-memory recovery: "micro-batches", "phase 1" or "lockstep".
+        self._phase = "micro-batches"
         self._warned_thin = False
         self._open = True
         if self.plan is not None:
@@ -117,12 +120,13 @@ class AutoBatch:
                 loss = self._step(batch, sizes)
                 break
             except BaseException as error:
-                if not (self._auto and is_out_of_memory(error)):
+                # Running out of memory with phase 1 alongside micro-batch 0 only drops the lockstep.
+                if not (is_out_of_memory(error) and (self._auto or self._phase == "lockstep")):
                     raise
-                in_statistics_pass, message = self._in_statistics_pass, str(error).splitlines()[0]
+                phase, message = self._phase, str(error).splitlines()[0]
             release_memory(self.device)
-            self._in_statistics_pass = False
-            self.plan = self._tuner.after_out_of_memory(self.plan, in_statistics_pass, message)
+            self._phase = "micro-batches"
+            self.plan = self._tuner.after_out_of_memory(self.plan, phase, message)
             recovered = True
         if not recovered:
             self.plan = self._tuner.after_clean_step(self.plan)
@@ -180,7 +184,7 @@ class AutoBatch:
                 raise error
             return batch, [size]
         settings = [self.target_batch, self._auto, BN_MODES.index(self.bn), len(self._bn_modules),
-                    0 if self.plan is None else self.plan.micro_batch]
+                    0 if self.plan is None else self.plan.micro_batch, self.lockstep]
         table = self._ranks.gather([error is not None, size] + settings)
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if failed:
@@ -189,7 +193,7 @@ class AutoBatch:
                 raise error
             raise RankFailure(f"rank {failed[0]} rejected its batch: {messages[failed[0]]}")
         for column, name in enumerate(("target_batch", "micro_batch mode", "bn", "BatchNorm layers",
-                                       "micro_batch"), start=2):
+                                       "micro_batch", "lockstep"), start=2):
             values = table[:, column].tolist()
             if len(set(values)) > 1:
                 raise RankFailure(f"the ranks disagree on {name} ({values}); every rank must wrap the same "
@@ -201,12 +205,15 @@ class AutoBatch:
         ``sizes``: every rank's samples; all ranks run as many micro-batches as the largest needs."""
         count = max(math.ceil(n / self.plan.micro_batch) for n in sizes)
         splits = balanced_parts(sizes[self._ranks.rank], count)
-        self._in_statistics_pass = False
+        self._phase = "micro-batches"
         params = self._parameters()
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
         state = BatchNormState(self._bn_modules)
+        # DistributedDataParallel broadcasts buffers in a forward that follows a synchronized one: a
+        # failed attempt must leave that flag as every rank had it, or a redo's collectives differ.
+        forward_sync = getattr(self.model, "require_forward_param_sync", None)
         synced = plain_sync_batch_norm(self._bn_modules) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
         try:
@@ -217,6 +224,8 @@ class AutoBatch:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
             state.restore()
+            if forward_sync is not None:
+                self.model.require_forward_param_sync = forward_sync
             raise
         for p in params:
             p.grad = None
@@ -232,10 +241,14 @@ class AutoBatch:
         mode = self._bn_mode(len(splits))
         norm: Union[TwoPassBatchNorm, PooledBatchNorm, None] = None
         intercept: ContextManager[None] = contextlib.nullcontext()
+        lockstep: Optional[Lockstep] = None
         if mode == "two_pass":
             batch = to_device(batch, self.device)
-            self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
-            self._warn_thin_layers([n for n in splits if n] or splits, total)
+            if self.plan.lockstep and self.plan.phase1_chunks == 1:
+                lockstep = self._lockstep(batch, splits[0])
+            else:
+                self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
+                self._warn_thin_layers(splits, total)
             norm = self._two_pass
             intercept = intercept_batch_norm(norm.apply)
         elif mode == "micro":
@@ -255,10 +268,13 @@ class AutoBatch:
                     if norm is not None:
                         norm.start_micro_batch(counted=size > 0)
                     with self._gradient_sync(last):
-                        loss = self._micro_loss(to_device(part, self.device), size * scale, index)
+                        if index == 0 and lockstep is not None:
+                            loss = self._first_in_lockstep(lockstep, part, size * scale, splits, total)
+                        else:
+                            loss = self._micro_loss(to_device(part, self.device), size * scale, index)
                         if norm is not None:
                             norm.finish_micro_batch()
-                        if mode == "micro" and index == 0:
+                        if index == 0 and (mode == "micro" or lockstep is not None):
                             state.mark_counted()
                         weighted.append(loss.detach())
                         if last:
@@ -283,11 +299,32 @@ class AutoBatch:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
+    def _lockstep(self, batch: Any, first: int) -> Lockstep:
+        """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
+        size = batch_size(batch)
+        rest = split_batch(batch, [first, size - first])[1] if size > first else None
+
+        def forward_rest() -> None:
+            with self._autocast():
+                self._forward(rest)
+
+        return Lockstep(self._two_pass, forward_rest if rest is not None else None, thread_context(self.device),
+                        batch_norm_counters(self._bn_modules))
+
+    def _first_in_lockstep(self, lockstep: Lockstep, part: Any, weight: float, splits: list[int],
+                           total: int) -> Tensor:
+        self._phase = "lockstep"
+        with lockstep:
+            loss = self._micro_loss(to_device(part, self.device), weight, 0)
+        self._phase = "micro-batches"
+        self._warn_thin_layers(splits, total)
+        return loss
+
     def _statistics_pass(self, batch: Any, two_pass: TwoPassBatchNorm, state: BatchNormState,
                          chunks: int) -> None:
         """Phase 1: a no-grad forward of the whole batch that records every BatchNorm's statistics
         and updates running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled."""
-        self._in_statistics_pass = True
+        self._phase = "phase 1"
         with torch.no_grad(), self._autocast():
             if chunks == 1:
                 two_pass.start_statistics_pass()
@@ -310,7 +347,7 @@ class AutoBatch:
                 state.keep_counted()
                 two_pass.layers = pooled.commit()
         state.mark_counted()
-        self._in_statistics_pass = False
+        self._phase = "micro-batches"
 
     def _forward(self, batch: Any) -> None:
         if self.compute_loss is not None:
@@ -322,6 +359,7 @@ class AutoBatch:
         if self._warned_thin:
             return
         self._warned_thin = True
+        splits = [n for n in splits if n] or splits
         if min(splits) < SMALL_MICRO_BATCH:
             log.warning("two_pass with micro-batches of %d samples: its backward takes BatchNorm's subtracted "
                         "means from so few samples that training can fall behind plain accumulation (see the "
@@ -361,7 +399,7 @@ class AutoBatch:
                 raise error
             return sum(values)
         table = self._ranks.gather([error is not None, error is not None and is_out_of_memory(error),
-                                    sum(values)])
+                                    sum(values), error is not None and self._phase == "lockstep"])
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if not failed:
             return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
@@ -369,7 +407,9 @@ class AutoBatch:
         if error is not None:
             raise error
         if all(table[rank, 1] for rank in failed):
-            # Every rank then shrinks and redoes the same logical batch together.
+            # Every rank then shrinks (or drops the lockstep) and redoes the same logical batch together.
+            if table[:, 3].any():
+                self._phase = "lockstep"
             raise torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         raise RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
@@ -418,7 +458,8 @@ class AutoBatch:
 
 
 def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any, bn: Any, scaler: Any,
-                     autocast_dtype: Any, max_grad_norm: Any, before_step: Any, grow_after: Any) -> None:
+                     autocast_dtype: Any, max_grad_norm: Any, before_step: Any, grow_after: Any,
+                     lockstep: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -441,6 +482,11 @@ def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
     if grow_after is not None and not (isinstance(grow_after, int) and grow_after >= 1):
         raise ValueError(f"grow_after must be a positive number of steps or None, got {grow_after!r}")
+    if not isinstance(lockstep, bool):
+        raise TypeError(f"lockstep must be True or False, got {lockstep!r}")
+    if lockstep and bn != "two_pass":
+        raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={bn!r} "
+                         "has no phase 1: drop lockstep=True")
 
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
@@ -465,6 +511,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
             False: never). retune: measure afresh even when the cache has a plan.
         grow_after: after running out of memory, grow back to the fitted micro-batch after this
             many clean steps (None: stay small).
+        lockstep: two_pass only: run phase 1 of the other micro-batches in a helper thread, taking
+            turns with the first micro-batch's training forward, which then needs no phase 1 of its
+            own (the same result; see the README's cost table before turning it on). Falls back to
+            phase 1 first when it would not fit in memory.
 
     Example::
 

@@ -51,6 +51,8 @@ class Tuner:
         self.retune = retune
         self.grow_after = grow_after
         self._fit: Optional[Fit] = None
+        #: Whether phase 1 alongside the first micro-batch was measured to fit the budget.
+        self._lockstep_fits = True
         self._fitted_micro_batch = 0
         self._key = ""
         self._clean_steps = 0
@@ -73,18 +75,21 @@ class Tuner:
             self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
                             tuple((n, peak) for n, peak in record["points"]))
             micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, ab._share))
+            self._lockstep_fits = record.get("lockstep_fits", False)
             plan = Plan(micro_batch, ab.target_batch, "cache", f"fitted line from {self.cache.path}", device,
                         limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
-                        record.get("phase1_chunks", 1), ab._ranks.world_size)
+                        record.get("phase1_chunks", 1), ab._ranks.world_size, ab.lockstep and self._lockstep_fits)
         else:
             plan = self._measure(batch, limit, device)
             self._store(plan)
         if ab._ranks.active:
             # Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks.
-            table = ab._ranks.gather([plan.micro_batch, plan.phase1_chunks])
-            agreed = int(table[:, 0].min()), int(table[:, 1].max())
-            if agreed != (plan.micro_batch, plan.phase1_chunks):
-                plan = plan.replace(micro_batch=agreed[0], phase1_chunks=agreed[1],
+            # Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks, and
+            # phase 1 alongside the first micro-batch only where it fits on every rank.
+            table = ab._ranks.gather([plan.micro_batch, plan.phase1_chunks, plan.lockstep])
+            agreed = int(table[:, 0].min()), int(table[:, 1].max()), bool(table[:, 2].min())
+            if agreed != (plan.micro_batch, plan.phase1_chunks, plan.lockstep):
+                plan = plan.replace(micro_batch=agreed[0], phase1_chunks=agreed[1], lockstep=agreed[2],
                                     reason=plan.reason + "; agreed with the other ranks")
         self._fitted_micro_batch = plan.micro_batch
         log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", plan.micro_batch, plan.splits,
@@ -97,13 +102,19 @@ class Tuner:
             warm_optimizer_state(ab.optimizer)
             self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, ab._share)
             chunks, phase1_points = 1, ()
+            self._lockstep_fits = True
             if fit.micro_batch < ab._share and ab._needs_statistics_pass():
                 chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+                # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
+                self._lockstep_fits = chunks == 1 and (
+                    phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
         reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
                   f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
+        if ab.lockstep and not self._lockstep_fits:
+            reason += "; phase 1 runs before the micro-batches (alongside the first it would pass the budget)"
         return Plan(fit.micro_batch, ab.target_batch, "measured", reason, device, limit.budget_bytes,
                     fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), chunks,
-                    ab._ranks.world_size)
+                    ab._ranks.world_size, ab.lockstep and self._lockstep_fits)
 
     def trial_peak(self, batch: Any, n: int) -> Optional[int]:
         """The measured peak of one real training micro-step of ``n`` samples; None if out of memory.
@@ -162,15 +173,21 @@ class Tuner:
         self.cache.store(self._key, {
             "micro_batch": plan.micro_batch, "fixed_bytes": self._fit.fixed_bytes,
             "per_sample_bytes": self._fit.per_sample_bytes, "points": [list(p) for p in self._fit.points],
-            "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1_chunks})
+            "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1_chunks,
+            "lockstep_fits": self._lockstep_fits})
 
     # -- while training --------------------------------------------------------------------------
 
-    def after_out_of_memory(self, plan: Plan, in_statistics_pass: bool, message: str) -> Plan:
-        """A smaller micro-batch (or more phase-1 chunks, if that is where it failed) for the same batch."""
+    def after_out_of_memory(self, plan: Plan, phase: str, message: str) -> Plan:
+        """For the same batch: phase 1 before the micro-batches if it failed alongside the first one,
+        more phase-1 chunks if it failed in phase 1, else a smaller micro-batch."""
         self._clean_steps = 0
         share = self.ab._share
-        if in_statistics_pass:
+        if phase == "lockstep":
+            self._lockstep_fits = False
+            plan = plan.replace(lockstep=False, reason="out of memory with phase 1 alongside the first "
+                                                       "micro-batch: phase 1 now runs before the micro-batches")
+        elif phase == "phase 1":
             chunks = min(share, plan.phase1_chunks * 2)
             if chunks == plan.phase1_chunks:
                 raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")

@@ -30,7 +30,8 @@ from autobatch.split import balanced_splits  # noqa: E402
 from bench.forum_batchnorm import forum_model, forum_step  # noqa: E402
 from tests.reference import plain_accumulation_backward  # noqa: E402
 
-ARMS = ("full batch", "plain accumulation", "autobatch two_pass", "autobatch micro", "forum Python BatchNorm")
+ARMS = ("full batch", "plain accumulation", "autobatch two_pass", "autobatch two_pass, lockstep=True",
+        "autobatch micro", "forum Python BatchNorm")
 
 
 def make(model_name: str, size: int, batch: int, device: torch.device):
@@ -90,10 +91,11 @@ def main() -> None:
         plain_opt.zero_grad(set_to_none=True)
 
     wrapped = {}
-    for bn in ("two_pass", "micro"):
+    for arm, bn, lockstep in (("two_pass", "two_pass", False), ("lockstep", "two_pass", True),
+                              ("micro", "micro", False)):
         model = copy.deepcopy(base)
-        wrapped[bn] = autobatch.wrap(model, optimizer_for(model), args.target_batch, loss_fn,
-                                     micro_batch=args.micro_batch, bn=bn, cache=False)
+        wrapped[arm] = autobatch.wrap(model, optimizer_for(model), args.target_batch, loss_fn,
+                                      micro_batch=args.micro_batch, bn=bn, cache=False, lockstep=lockstep)
     two_pass = wrapped["two_pass"]
     statistics_pass = two_pass._statistics_pass
 
@@ -109,6 +111,7 @@ def main() -> None:
     forum_opt = optimizer_for(forum)
     steps = {"full batch": full_step, "plain accumulation": plain_step,
              "autobatch two_pass": lambda: two_pass.step(x, y),
+             "autobatch two_pass, lockstep=True": lambda: wrapped["lockstep"].step(x, y),
              "autobatch micro": lambda: wrapped["micro"].step(x, y),
              "forum Python BatchNorm": lambda: forum_step(forum, forum_opt, x, y, loss_fn, len(splits))}
     times = {arm: [] for arm in ARMS}

@@ -80,6 +80,19 @@ def chunked_phase_one(rank):
     return train(resnet(), halves(rank), micro_batch=4, image=True, phase1_chunks=2)
 
 
+def lockstep(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, lockstep=True)
+
+
+def one_sample_on_rank_one(rank, **options):
+    # Rank 1's one sample is its first micro-batch: with lockstep it has no other samples for phase 1.
+    return train(resnet(), slice(0, 8) if rank == 0 else slice(8, 9), micro_batch=4, image=True, **options)
+
+
+def one_sample_lockstep(rank):
+    return one_sample_on_rank_one(rank, lockstep=True)
+
+
 def micro_bn(rank):
     return train(resnet(), halves(rank), micro_batch=4, image=True, bn="micro")
 
@@ -107,6 +120,14 @@ def out_of_memory(rank):
     loss_fn.armed = True
     loss = ab.step(x[halves(rank)], y[halves(rank)])
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
+def lockstep_out_of_memory(rank):
+    # Both ranks run out of memory in their first micro-batch's loss, inside the lockstep. (One rank
+    # alone would leave the other's DDP reducer expecting a backward: see the README's limits.)
+    loss_fn = OutOfMemoryOnRankOne(1)
+    loss_fn.armed = True
+    return train(resnet(), halves(rank), micro_batch=4, image=True, lockstep=True, loss_fn=loss_fn)
 
 
 def too_large_on_rank_one(rank):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNormAct2d", "Block", "ResidualNet", "mlp"]
+__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "mlp", "variants"]
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -54,3 +54,30 @@ class ResidualNet(nn.Module):
 
 def mlp(features: int = 6, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes))
+
+
+class Flat(nn.Module):
+    """A model around one normalization layer, for inputs of any shape."""
+
+    def __init__(self, norm, channels=4):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.norm = norm
+
+    def forward(self, x):
+        z = x * self.scale.view((1, -1) + (1,) * (x.dim() - 2))
+        return self.norm(z) + 0.5 * z  # the skip keeps the gradient off BatchNorm's invariant directions
+
+
+def variants():
+    yield "BatchNorm1d-2d-input", nn.BatchNorm1d(4), (16, 4)
+    yield "BatchNorm1d-3d-input", nn.BatchNorm1d(4), (16, 4, 5)
+    yield "BatchNorm2d", nn.BatchNorm2d(4), (16, 4, 3, 3)
+    yield "BatchNorm3d", nn.BatchNorm3d(4), (16, 4, 2, 2, 2)
+    yield "SyncBatchNorm", nn.SyncBatchNorm(4), (16, 4, 3, 3)
+    yield "BatchNormAct2d", BatchNormAct2d(4), (16, 4, 3, 3)
+    yield "momentum-None", nn.BatchNorm2d(4, momentum=None), (16, 4, 3, 3)
+    yield "affine-False", nn.BatchNorm2d(4, affine=False), (16, 4, 3, 3)
+    yield "untracked", nn.BatchNorm2d(4, track_running_stats=False), (16, 4, 3, 3)
+    yield "eval-mode", nn.BatchNorm2d(4).eval(), (16, 4, 3, 3)
+    yield "untracked-eval-mode", nn.BatchNorm2d(4, track_running_stats=False).eval(), (16, 4, 3, 3)

@@ -37,7 +37,8 @@ def launch(tmp_path, scenarios, deadline=90):
 @pytest.fixture(scope="module")
 def good_runs(tmp_path_factory):
     scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "chunked_phase_one", "micro_bn",
-                 "out_of_memory"]
+                 "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
+                 "lockstep_out_of_memory"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -69,7 +70,7 @@ def test_no_bn_ranks_equal_one_process_with_the_whole_batch(good_runs, scenario,
         assert_same(good_runs[(scenario, rank)]["ok"], reference)
 
 
-@pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn"])
+@pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn", "lockstep", "lockstep_out_of_memory"])
 def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
     # The same micro-batches of 4 in one process: the same full-batch statistics, so the same step.
     reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
@@ -84,6 +85,23 @@ def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
             if "running" in key or "num_batches" in key:
                 torch.testing.assert_close(result["state"][key.replace("bn.", "bn.")], value, rtol=1e-10,
                                            atol=1e-12, msg=key)
+
+
+def test_out_of_memory_in_the_lockstep_makes_both_ranks_run_phase_one_first(good_runs):
+    for rank in range(2):
+        plan = good_runs[("lockstep_out_of_memory", rank)]["ok"]["plan"]
+        assert "phase 1 now runs before the micro-batches" in plan and "(lockstep)" not in plan
+
+
+def test_lockstep_with_a_rank_that_has_only_its_first_micro_batch(good_runs):
+    full = resnet()
+    x, y = data(image=True)
+    full_loss = ce(full(x[:9]), y[:9]).item()
+    for rank in range(2):
+        result, reference = good_runs[("one_sample_lockstep", rank)]["ok"], good_runs[("one_sample_on_rank_one", rank)]["ok"]
+        assert "alongside the first micro-batch" in result["plan"]
+        assert_same(result, reference)
+        assert result["loss"][0] == pytest.approx(full_loss, rel=1e-10)
 
 
 def test_chunked_phase_one_pools_statistics_over_both_ranks(good_runs):

@@ -8,7 +8,7 @@ from torch import nn
 
 import autobatch
 from autobatch.split import balanced_splits
-from tests.models import BatchNormAct2d, ResidualNet, mlp
+from tests.models import Flat, ResidualNet, mlp, variants
 from tests.reference import (assert_same_state, cosine, flat_grad, frozen_statistics_grad, full_batch_grad,
                              model_state, plain_accumulation_grad)
 
@@ -205,33 +205,6 @@ def test_micro_mode_is_plain_accumulation_with_running_statistics_committed_once
         assert layer.num_batches_tracked.item() == 1
         torch.testing.assert_close(layer.running_mean, 0.1 * everything.mean((0, 2, 3)), rtol=1e-10, atol=0)
         torch.testing.assert_close(layer.running_var, 0.9 + 0.1 * everything.var((0, 2, 3)), rtol=1e-10, atol=0)
-
-
-class Flat(nn.Module):
-    """A model around one normalization layer, for inputs of any shape."""
-
-    def __init__(self, norm, channels=4):
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
-        self.norm = norm
-
-    def forward(self, x):
-        z = x * self.scale.view((1, -1) + (1,) * (x.dim() - 2))
-        return self.norm(z) + 0.5 * z  # the skip keeps the gradient off BatchNorm's invariant directions
-
-
-def variants():
-    yield "BatchNorm1d-2d-input", nn.BatchNorm1d(4), (16, 4)
-    yield "BatchNorm1d-3d-input", nn.BatchNorm1d(4), (16, 4, 5)
-    yield "BatchNorm2d", nn.BatchNorm2d(4), (16, 4, 3, 3)
-    yield "BatchNorm3d", nn.BatchNorm3d(4), (16, 4, 2, 2, 2)
-    yield "SyncBatchNorm", nn.SyncBatchNorm(4), (16, 4, 3, 3)
-    yield "BatchNormAct2d", BatchNormAct2d(4), (16, 4, 3, 3)
-    yield "momentum-None", nn.BatchNorm2d(4, momentum=None), (16, 4, 3, 3)
-    yield "affine-False", nn.BatchNorm2d(4, affine=False), (16, 4, 3, 3)
-    yield "untracked", nn.BatchNorm2d(4, track_running_stats=False), (16, 4, 3, 3)
-    yield "eval-mode", nn.BatchNorm2d(4).eval(), (16, 4, 3, 3)
-    yield "untracked-eval-mode", nn.BatchNorm2d(4, track_running_stats=False).eval(), (16, 4, 3, 3)
 
 
 @pytest.mark.parametrize("bn", ["two_pass", "micro"])

@@ -2,6 +2,7 @@
 import copy
 import json
 import logging
+import threading
 
 import pytest
 import torch
@@ -197,6 +198,17 @@ def test_out_of_memory_in_phase_one_chunks_it():
     ab.step(x, y)
     assert ab.plan.phase1_chunks == 2 and ab.plan.micro_batch == 6
     assert model[2].num_batches_tracked.item() == 1
+
+
+def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
+    # At the edge of the budget, phase 1's peak does not fit on top of the micro-batch's activations.
+    model, (x, y) = convnet(), data(16)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6, lockstep=True)
+    assert not ab.plan.lockstep and "alongside the first it would pass the budget" in ab.plan.reason
+    threads = []
+    model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
+    ab.step(x, y)
+    assert set(threads) == {threading.current_thread().name}
 
 
 def test_grow_back_after_clean_steps():
