@@ -39,6 +39,8 @@ __all__ = [
     "chan_merge",
     "check_same_channels",
     "check_values_per_channel",
+    "different_calls",
+    "full_batch_statistics",
     "intercept_batch_norm",
     "local_statistics",
     "name_of",
@@ -198,10 +200,31 @@ def local_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return mean, _variance(invstd, eps)
 
 
+@torch.no_grad()
+def full_batch_statistics(ranks: Ranks, name: str, eps: float, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], momentum: float, count: float, mean: Tensor,
+                          m2: Tensor) -> LayerStatistics:
+    """One layer's statistics over this rank's (count, mean, m2) and every other rank's, with the
+    running statistics updated from them once."""
+    count, mean, m2 = ranks.merge(count, mean, m2)
+    check_values_per_channel(count, name)
+    var = m2 / count
+    update_running(running_mean, running_var, momentum, mean, var, count)
+    return LayerStatistics(name, mean, (var + eps).rsqrt(), var, eps, int(count))
+
+
 def normalize(call: BatchNormCall, layer: LayerStatistics) -> Tensor:
     """``call``'s input normalized with ``layer``'s statistics (no gradient through them)."""
     return torch.batch_norm(call.input, call.weight, call.bias, layer.mean, layer.var, False, 0.0, layer.eps,
                             torch.backends.cudnn.enabled)
+
+
+def different_calls(more: str, fewer: str, calls: int) -> RuntimeError:
+    """The error for a forward that made more BatchNorm calls than the other (``calls``)."""
+    return RuntimeError(
+        f"the {more} forward made more training-mode BatchNorm calls than the {fewer} forward ({calls}); "
+        "bn='two_pass' needs the same sequence of BatchNorm calls for every batch. Use bn='micro' for models "
+        "whose BatchNorm calls depend on the data.")
 
 
 def check_same_channels(micro: int, full: int, index: int, name: str) -> None:
@@ -253,16 +276,12 @@ class TwoPassBatchNorm:
         layer = self.merge(call, name, call.values_per_channel, mean, var * call.values_per_channel, call.momentum)
         return normalize(call, layer), layer
 
-    @torch.no_grad()
     def merge(self, call: BatchNormCall, name: str, count: float, mean: Tensor, m2: Tensor,
               momentum: float) -> LayerStatistics:
         """The full batch's statistics from this rank's (count, mean, m2) and every other rank's;
         the running statistics are updated with them, once."""
-        count, mean, m2 = self.ranks.merge(count, mean, m2)
-        check_values_per_channel(count, name)
-        var = m2 / count
-        update_running(call.running_mean, call.running_var, momentum, mean, var, count)
-        return LayerStatistics(name, mean, (var + call.eps).rsqrt(), var, call.eps, int(count))
+        return full_batch_statistics(self.ranks, name, call.eps, call.running_mean, call.running_var, momentum,
+                                     count, mean, m2)
 
     def finish_statistics_pass(self, complete: bool) -> None:
         """``complete``: the forward ran to its end, so the number of calls is known exactly."""
@@ -277,10 +296,7 @@ class TwoPassBatchNorm:
         index = self._cursor
         self._cursor += 1
         if index >= len(self.layers):
-            raise RuntimeError(
-                f"the micro-batch forward made more training-mode BatchNorm calls than the full-batch "
-                f"forward ({len(self.layers)}); bn='two_pass' needs the same sequence of BatchNorm calls "
-                "for every batch. Use bn='micro' for models whose BatchNorm calls depend on the data.")
+            raise different_calls("micro-batch", "full-batch", len(self.layers))
         return self.project(call, self.layers[index], index)
 
     def project(self, call: BatchNormCall, layer: LayerStatistics, index: int) -> Tensor:
@@ -372,12 +388,8 @@ class PooledBatchNorm:
     def commit(self) -> list[LayerStatistics]:
         """Update the running statistics once, as nn.BatchNorm would for the whole logical batch
         (pooled over ranks too), and return those statistics: phase 2's, for a chunked phase 1."""
-        layers = []
-        for pool in self._pools:
-            count, mean, m2 = self.ranks.merge(pool.count, pool.mean, pool.m2)
-            var = m2 / count
-            update_running(pool.running_mean, pool.running_var, pool.momentum, mean, var, count)
-            layers.append(LayerStatistics(pool.name, mean, (var + pool.eps).rsqrt(), var, pool.eps, int(count)))
+        layers = [full_batch_statistics(self.ranks, pool.name, pool.eps, pool.running_mean, pool.running_var,
+                                        pool.momentum, pool.count, pool.mean, pool.m2) for pool in self._pools]
         self._pools = []
         return layers
 

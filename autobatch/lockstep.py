@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from autobatch.batchnorm import (BatchNormCall, LayerStatistics, StopForward, TwoPassBatchNorm, chan_merge,
-                                 check_same_channels, intercept_batch_norm, local_statistics, name_of, normalize)
+                                 check_same_channels, different_calls, intercept_batch_norm, local_statistics,
+                                 name_of, normalize)
 
 __all__ = ["Lockstep", "batch_norm_counters", "thread_context"]
 
@@ -148,7 +149,7 @@ class Lockstep:
         if self._thread is not None:
             message = self._turn_to_helper()
             if isinstance(message, _Statistics):
-                raise _different_calls("full-batch", "micro-batch", len(self.two_pass.layers))
+                raise different_calls("full-batch", "micro-batch", len(self.two_pass.layers))
             complete = message.complete
         self.two_pass.finish_statistics_pass(complete)
 
@@ -178,7 +179,7 @@ class Lockstep:
                     counter.sub_(1)
                 message = self._turn_to_helper()
                 if isinstance(message, _Done):
-                    raise _different_calls("micro-batch", "full-batch", index)
+                    raise different_calls("micro-batch", "full-batch", index)
                 check_same_channels(mean.shape[0], message.mean.shape[0], index, name)
                 count, mean, m2 = chan_merge(message.count, message.mean, message.m2, count, mean, m2)
                 momentum = message.momentum
@@ -220,13 +221,6 @@ class Lockstep:
         if len(self.two_pass.layers) == self.two_pass.calls_per_forward:
             raise StopForward
         return normalize(call, self._reply)
-
-
-def _different_calls(more: str, fewer: str, calls: int) -> RuntimeError:
-    return RuntimeError(
-        f"the {more} forward made more training-mode BatchNorm calls than the {fewer} forward ({calls}); "
-        "bn='two_pass' needs the same sequence of BatchNorm calls for every batch. Use bn='micro' for models "
-        "whose BatchNorm calls depend on the data.")
 
 
 def batch_norm_counters(modules: list[nn.Module]) -> dict[int, Tensor]:
