@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.distributed import Ranks
+from autobatch.recompute import RecomputedCalls
 
 __all__ = [
     "BatchNormCall",
@@ -116,11 +117,12 @@ def uses_batch_statistics(modules: list[_BatchNorm]) -> bool:
     return any(module.training or module.running_mean is None for module in modules)
 
 
-def name_of(call: BatchNormCall, names: dict[int, str], index: int) -> str:
+def name_of(call: BatchNormCall, names: dict[int, str], index: Optional[int]) -> str:
+    """The layer's qualified name; for a functional call, its place in the forward (``index``)."""
     for tensor in (call.weight, call.running_mean):
         if tensor is not None and id(tensor) in names:
             return names[id(tensor)]
-    return f"batch_norm call #{index}"
+    return "a functional batch_norm call" if index is None else f"batch_norm call #{index}"
 
 
 class _ProjectedBatchNorm(torch.autograd.Function):
@@ -250,6 +252,7 @@ class TwoPassBatchNorm:
         #: Number of calls seen in the last complete phase 1; phase 1 stops after that many.
         self.calls_per_forward: Optional[int] = None
         self._cursor = 0
+        self._recomputed = RecomputedCalls()
 
     def start_statistics_pass(self) -> None:
         self.layers = []
@@ -291,12 +294,20 @@ class TwoPassBatchNorm:
     def start_micro_batch(self, counted: bool = True) -> None:
         """``counted`` is PooledBatchNorm's: two_pass keeps the full batch's statistics either way."""
         self._cursor = 0
+        self._recomputed.start_forward()
 
     def apply(self, call: BatchNormCall) -> Tensor:
         index = self._cursor
         self._cursor += 1
         if index >= len(self.layers):
             raise different_calls("micro-batch", "full-batch", len(self.layers))
+        self._recomputed.forward_call(call)
+        return self.project(call, self.layers[index], index)
+
+    def recompute(self, call: BatchNormCall) -> Tensor:
+        """A call made again during the micro-batch's backward by activation checkpointing: the
+        statistics and projected backward of the forward call it repeats (see autobatch.recompute)."""
+        index = self._recomputed.match(call, name_of(call, self.names, None))
         return self.project(call, self.layers[index], index)
 
     def project(self, call: BatchNormCall, layer: LayerStatistics, index: int) -> Tensor:
@@ -305,10 +316,11 @@ class TwoPassBatchNorm:
         return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
                                          layer.var, layer.eps)
 
-    def add(self, layer: LayerStatistics) -> None:
+    def add(self, call: BatchNormCall, layer: LayerStatistics) -> None:
         """A layer recorded while the first micro-batch runs (see autobatch.lockstep): counted as its call."""
         self.layers.append(layer)
         self._cursor = len(self.layers)
+        self._recomputed.forward_call(call)
 
     def finish_micro_batch(self) -> None:
         if self._cursor != len(self.layers):
@@ -325,6 +337,11 @@ class TwoPassBatchNorm:
             if values < FEW_VALUES_PER_CHANNEL:
                 thin.append((layer.name, values))
         return thin
+
+
+def _with_own_statistics(call: BatchNormCall) -> tuple[Tensor, Tensor, Tensor]:
+    """Output, mean and invstd of ``call`` normalized with its own batch's statistics; running ones untouched."""
+    return torch.ops.aten.native_batch_norm(call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
 
 
 @dataclass
@@ -369,8 +386,7 @@ class PooledBatchNorm:
         self._cursor += 1
         name = name_of(call, self.names, index)
         check_values_per_channel(call.values_per_channel, name)
-        output, mean, invstd = torch.ops.aten.native_batch_norm(
-            call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
+        output, mean, invstd = _with_own_statistics(call)
         with torch.no_grad():
             mean, var, count = mean.detach(), _variance(invstd.detach(), call.eps), call.values_per_channel
             if self._counted and index == len(self._pools):
@@ -383,6 +399,12 @@ class PooledBatchNorm:
 
     def finish_micro_batch(self) -> None:
         self._cursor = 0
+
+    @staticmethod
+    def recompute(call: BatchNormCall) -> Tensor:
+        """A call made again during backward by activation checkpointing: the forward's output,
+        left out of the pooled statistics (see autobatch.recompute)."""
+        return _with_own_statistics(call)[0]
 
     @torch.no_grad()
     def commit(self) -> list[LayerStatistics]:

@@ -184,7 +184,7 @@ class Lockstep:
                 count, mean, m2 = chan_merge(message.count, message.mean, message.m2, count, mean, m2)
                 momentum = message.momentum
             layer = self.two_pass.merge(call, name, count, mean, m2, momentum)
-        self.two_pass.add(layer)
+        self.two_pass.add(call, layer)
         self._reply = layer
         return self.two_pass.project(call, layer, index)
 

@@ -23,6 +23,7 @@ from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.memory import check_memory_budget, is_out_of_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
+from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
 from autobatch.tuning import Tuner, release_memory
 
@@ -274,21 +275,22 @@ class AutoBatch:
                             loss = self._micro_loss(to_device(part, self.device), size * scale, index)
                         if norm is not None:
                             norm.finish_micro_batch()
-                        if index == 0 and (mode == "micro" or lockstep is not None):
+                        if index == 0 and (mode != "two_pass" or lockstep is not None):
                             state.mark_counted()
                         weighted.append(loss.detach())
                         if last:
                             settled = True
                             mean_loss = self._settle(weighted, splits, None)
-                        self._backward(loss)
+                        # Activation checkpointing calls BatchNorm again in backward: not a new forward.
+                        with intercept_batch_norm(recompute_with_own_statistics if norm is None else norm.recompute):
+                            self._backward(loss)
                 except BaseException as error:
                     if not self._ranks.active or settled:
                         raise
                     # The other ranks learn of it where they settle the step; then every rank raises.
                     settled = True
                     self._settle(weighted, splits, error)
-        if norm is not None:
-            state.keep_counted()
+        state.keep_counted()
         if isinstance(norm, PooledBatchNorm):
             norm.commit()
         return mean_loss
@@ -314,7 +316,7 @@ class AutoBatch:
     def _first_in_lockstep(self, lockstep: Lockstep, part: Any, weight: float, splits: list[int],
                            total: int) -> Tensor:
         self._phase = "lockstep"
-        with lockstep:
+        with quiet_checkpoint(), lockstep:
             loss = self._micro_loss(to_device(part, self.device), weight, 0)
         self._phase = "micro-batches"
         self._warn_thin_layers(splits, total)
@@ -325,7 +327,7 @@ class AutoBatch:
         """Phase 1: a no-grad forward of the whole batch that records every BatchNorm's statistics
         and updates running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled."""
         self._phase = "phase 1"
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), quiet_checkpoint():
             if chunks == 1:
                 two_pass.start_statistics_pass()
                 complete = True

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 import autobatch
 from tests.models import ResidualNet
@@ -91,6 +92,21 @@ def one_sample_on_rank_one(rank, **options):
 
 def one_sample_lockstep(rank):
     return one_sample_on_rank_one(rank, lockstep=True)
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """Residual blocks under activation checkpointing: their BatchNorms run again in backward."""
+
+    def forward(self, x):
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def checkpointed(rank):
+    model = resnet()
+    model.blocks = CheckpointedBlocks(*model.blocks)  # the same parameters and state_dict keys
+    return train(model, halves(rank), micro_batch=4, image=True)
 
 
 def micro_bn(rank):
