@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["RankFailure", "Ranks", "plain_sync_batch_norm"]
+__all__ = ["RankFailure", "Ranks", "ddp_state", "plain_sync_batch_norm"]
 
 
 class RankFailure(RuntimeError):
@@ -97,3 +97,27 @@ def plain_sync_batch_norm(modules: list[_BatchNorm]) -> Iterator[None]:
     finally:
         for module in synced:
             del module.forward
+
+
+@contextlib.contextmanager
+def ddp_state(model: nn.Module) -> Iterator[None]:
+    """Puts a DistributedDataParallel model back in step with the other ranks after a failed attempt.
+
+    Every rank leaves a failed step together (they agree on it), but not from the same place: a rank
+    that ran its last, synchronizing forward has a reducer waiting for that forward's backward, and
+    would all-reduce in the next backward, which the other ranks run under no_sync. The forward also
+    set the flag that makes the next forward broadcast buffers. Both are put back on every rank.
+    """
+    if not _is_ddp(model):
+        yield
+        return
+    forward_sync = model.require_forward_param_sync
+    try:
+        yield
+    except BaseException:
+        model.require_forward_param_sync = forward_sync
+        reset = getattr(model.reducer, "_reset_state", None)  # torch >= 2.2; DDP's own _update_process_group uses it
+        if reset is not None:
+            reset()
+            model._has_rebuilt_buckets = False
+        raise

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
-from autobatch.distributed import RankFailure, Ranks, plain_sync_batch_norm
+from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.memory import check_memory_budget, is_out_of_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
@@ -212,21 +212,16 @@ class AutoBatch:
         for p in params:
             p.grad = None
         state = BatchNormState(self._bn_modules)
-        # DistributedDataParallel broadcasts buffers in a forward that follows a synchronized one: a
-        # failed attempt must leave that flag as every rank had it, or a redo's collectives differ.
-        forward_sync = getattr(self.model, "require_forward_param_sync", None)
         synced = plain_sync_batch_norm(self._bn_modules) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
         try:
-            with synced:
+            with ddp_state(self.model), synced:
                 loss = self._accumulate(batch, splits, state, sum(sizes))
             self._optimizer_step(params)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
             state.restore()
-            if forward_sync is not None:
-                self.model.require_forward_param_sync = forward_sync
             raise
         for p in params:
             p.grad = None

@@ -138,10 +138,27 @@ def out_of_memory(rank):
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
 
 
+def out_of_memory_before_the_last(rank):
+    # Rank 1 runs out of memory in its first of two micro-batches while rank 0 goes on into its last,
+    # synchronizing forward, which arms rank 0's DDP reducer for a backward that never comes.
+    model = resnet()
+    ddp = DistributedDataParallel(model)
+    loss_fn = OutOfMemoryOnRankOne(rank)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
+    x, y = data(image=True)
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    ab.plan = ab.plan.replace(micro_batch=5)  # splits [4, 4]; shrunk to 4 after the failure: the same splits
+    loss_fn.armed = True
+    loss = ab.step(x[halves(rank)], y[halves(rank)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ab.step(x[halves(rank)], y[halves(rank)])  # DDP rebuilds its buckets in this step, on both ranks
+    return {"state": state, "loss": [loss], "plan": str(ab.plan),
+            "second": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
 def lockstep_out_of_memory(rank):
-    # Both ranks run out of memory in their first micro-batch's loss, inside the lockstep. (One rank
-    # alone would leave the other's DDP reducer expecting a backward: see the README's limits.)
-    loss_fn = OutOfMemoryOnRankOne(1)
+    # Rank 1 runs out of memory in its first micro-batch's loss, inside the lockstep; rank 0 goes on.
+    loss_fn = OutOfMemoryOnRankOne(rank)
     loss_fn.armed = True
     return train(resnet(), halves(rank), micro_batch=4, image=True, lockstep=True, loss_fn=loss_fn)
 

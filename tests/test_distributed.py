@@ -38,7 +38,7 @@ def launch(tmp_path, scenarios, deadline=90):
 def good_runs(tmp_path_factory):
     scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "chunked_phase_one", "micro_bn",
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
-                 "lockstep_out_of_memory", "checkpointed"]
+                 "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -86,6 +86,17 @@ def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
             if "running" in key or "num_batches" in key:
                 torch.testing.assert_close(result["state"][key.replace("bn.", "bn.")], value, rtol=1e-10,
                                            atol=1e-12, msg=key)
+
+
+def test_out_of_memory_before_the_last_micro_batch_on_one_rank_makes_both_redo_the_batch(good_runs):
+    # Rank 0's last forward armed its DDP reducer; rank 1 never got there. Both redo the batch in step.
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
+    results = [good_runs[("out_of_memory_before_the_last", rank)]["ok"] for rank in range(2)]
+    for result in results:
+        assert "out of memory at micro_batch=5: shrunk to 4" in result["plan"]
+        assert_same(result, reference)
+    for key, value in results[0]["second"].items():  # the next step keeps the ranks together
+        assert torch.equal(results[1]["second"][key], value), key
 
 
 def test_out_of_memory_in_the_lockstep_makes_both_ranks_run_phase_one_first(good_runs):
