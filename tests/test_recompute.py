@@ -142,3 +142,18 @@ def test_recomputed_calls_match_the_forward_call_of_their_layer():
     calls.start_forward()  # the next micro-batch
     calls.forward_call(call_of(a))
     assert calls.match(call_of(a), "a") == 0
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_checkpointed_two_pass_has_the_full_batch_loss_and_running_statistics(lockstep):
+    x, y = data()
+    torch.manual_seed(0)
+    full = Checkpointed().double()
+    checkpointed = copy.deepcopy(full)
+    checkpointed.reentrant = False
+    full_loss = ce(full(x), y).item()  # one full-batch forward in training mode: its running statistics
+    state, losses, _ = train(checkpointed, x, y, steps=1, micro_batch=4, lockstep=lockstep)
+    assert losses[0] == pytest.approx(full_loss, rel=1e-12)
+    for name, value in full.state_dict().items():
+        if "running" in name or "num_batches" in name:
+            torch.testing.assert_close(state[name], value, rtol=1e-12, atol=1e-12, msg=name)
