@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
+from autobatch.batchnorm import (BatchNormCall, BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
@@ -237,6 +237,8 @@ class AutoBatch:
         mode = self._bn_mode(len(splits))
         norm: Union[TwoPassBatchNorm, PooledBatchNorm, None] = None
         intercept: ContextManager[None] = contextlib.nullcontext()
+        # Activation checkpointing calls BatchNorm again in backward: not a new forward.
+        recompute: Callable[[BatchNormCall], Tensor] = recompute_with_own_statistics
         lockstep: Optional[Lockstep] = None
         if mode == "two_pass":
             batch = to_device(batch, self.device)
@@ -246,10 +248,10 @@ class AutoBatch:
                 self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
                 self._warn_thin_layers(splits, total)
             norm = self._two_pass
-            intercept = intercept_batch_norm(norm.apply)
+            intercept, recompute = intercept_batch_norm(norm.apply), norm.recompute
         elif mode == "micro":
             norm = PooledBatchNorm(self._names, self._ranks)
-            intercept = intercept_batch_norm(norm.handle)
+            intercept, recompute = intercept_batch_norm(norm.handle), norm.recompute
         # DistributedDataParallel averages gradients over ranks: weights make that the global mean.
         scale = self._ranks.world_size / total
         parts = split_batch(batch, [n for n in splits if n])
@@ -276,8 +278,7 @@ class AutoBatch:
                         if last:
                             settled = True
                             mean_loss = self._settle(weighted, splits, None)
-                        # Activation checkpointing calls BatchNorm again in backward: not a new forward.
-                        with intercept_batch_norm(recompute_with_own_statistics if norm is None else norm.recompute):
+                        with intercept_batch_norm(recompute):
                             self._backward(loss)
                 except BaseException as error:
                     if not self._ranks.active or settled:
