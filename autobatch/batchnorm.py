@@ -48,6 +48,7 @@ __all__ = [
     "normalize",
     "update_running",
     "uses_batch_statistics",
+    "with_own_statistics",
 ]
 
 #: A micro-batch layer with fewer values per channel than this gets a warning:
@@ -339,7 +340,7 @@ class TwoPassBatchNorm:
         return thin
 
 
-def _with_own_statistics(call: BatchNormCall) -> tuple[Tensor, Tensor, Tensor]:
+def with_own_statistics(call: BatchNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """Output, mean and invstd of ``call`` normalized with its own batch's statistics; running ones untouched."""
     return torch.ops.aten.native_batch_norm(call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
 
@@ -386,7 +387,7 @@ class PooledBatchNorm:
         self._cursor += 1
         name = name_of(call, self.names, index)
         check_values_per_channel(call.values_per_channel, name)
-        output, mean, invstd = _with_own_statistics(call)
+        output, mean, invstd = with_own_statistics(call)
         with torch.no_grad():
             mean, var, count = mean.detach(), _variance(invstd.detach(), call.eps), call.values_per_channel
             if self._counted and index == len(self._pools):
@@ -404,7 +405,7 @@ class PooledBatchNorm:
     def recompute(call: BatchNormCall) -> Tensor:
         """A call made again during backward by activation checkpointing: the forward's output,
         left out of the pooled statistics (see autobatch.recompute)."""
-        return _with_own_statistics(call)[0]
+        return with_own_statistics(call)[0]
 
     @torch.no_grad()
     def commit(self) -> list[LayerStatistics]:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from typing import Optional, Union
 import psutil
 import torch
 
-__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "is_out_of_memory", "parse_bytes", "probe"]
+__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "is_out_of_memory", "parse_bytes", "probe",
+           "release_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a failed attempt held; called outside the except block, whose frames pin tensors."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def probe(device: torch.device, resident_bytes: int = 0) -> DeviceMemory:

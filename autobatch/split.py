@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["balanced_parts", "balanced_splits", "batch_size", "leaves", "split_batch", "take", "to_device"]
+__all__ = ["balanced_parts", "balanced_splits", "batch_size", "leaves", "map_tensors", "split_batch", "take",
+           "to_device"]
 
 
 def balanced_splits(batch: int, micro_batch: int) -> list[int]:
@@ -55,6 +56,11 @@ def _rebuild(tree: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(tree)
 
 
+def map_tensors(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``tree`` with every tensor leaf replaced by ``fn(leaf)``; other leaves are kept."""
+    return _rebuild(tree, lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf)
+
+
 def batch_size(tree: Any) -> int:
     """The shared first dimension of every tensor in ``tree``.
 
@@ -84,33 +90,20 @@ def batch_size(tree: Any) -> int:
 
 def split_batch(tree: Any, sizes: Sequence[int]) -> list[Any]:
     """``tree`` cut along dim 0 into ``len(sizes)`` views; non-tensor leaves are shared by every part."""
-    pieces: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def cut(leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor):
-            pieces[id(leaf)] = torch.split(leaf, list(sizes))
-        return leaf
-
-    _rebuild(tree, cut)
-    return [
-        _rebuild(tree, lambda leaf, j=j: pieces[id(leaf)][j] if isinstance(leaf, torch.Tensor) else leaf)
-        for j in range(len(sizes))
-    ]
+    pieces = {id(leaf): torch.split(leaf, list(sizes)) for _, leaf in leaves(tree) if isinstance(leaf, torch.Tensor)}
+    return [map_tensors(tree, lambda leaf, j=j: pieces[id(leaf)][j]) for j in range(len(sizes))]
 
 
 def take(tree: Any, count: int) -> Any:
     """The first ``count`` samples of ``tree``, repeating its samples when it holds fewer."""
     size = batch_size(tree)
     if count <= size:
-        return _rebuild(tree, lambda leaf: leaf[:count] if isinstance(leaf, torch.Tensor) else leaf)
+        return map_tensors(tree, lambda leaf: leaf[:count])
     index = torch.arange(count) % size
-    return _rebuild(tree, lambda leaf: leaf[index.to(leaf.device)] if isinstance(leaf, torch.Tensor) else leaf)
+    return map_tensors(tree, lambda leaf: leaf[index.to(leaf.device)])
 
 
 def to_device(tree: Any, device: torch.device) -> Any:
     """``tree`` with its tensors on ``device`` (no copy for those already there)."""
     non_blocking = device.type == "cuda"
-    return _rebuild(
-        tree,
-        lambda leaf: leaf.to(device, non_blocking=non_blocking) if isinstance(leaf, torch.Tensor) else leaf,
-    )
+    return map_tensors(tree, lambda leaf: leaf.to(device, non_blocking=non_blocking))

@@ -20,12 +20,13 @@ from autobatch.batchnorm import (BatchNormCall, BatchNormState, PooledBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
 from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
+from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
-from autobatch.memory import check_memory_budget, is_out_of_memory
+from autobatch.memory import check_memory_budget, is_out_of_memory, release_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
-from autobatch.tuning import Tuner, release_memory
+from autobatch.tuning import Tuner
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -60,9 +61,11 @@ class AutoBatch:
                  device: Optional[Union[torch.device, str]] = None,
                  memory_budget: Union[int, float, str, None] = None,
                  cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
-                 grow_after: Optional[int] = None, lockstep: bool = False):
+                 grow_after: Optional[int] = None, lockstep: bool = False,
+                 phase1_memory_format: Optional[torch.memory_format] = None):
         _check_arguments(model, optimizer, loss_fn, compute_loss, bn, scaler, autocast_dtype,
                          max_grad_norm, before_step, grow_after, lockstep)
+        self._layout = Phase1Layout(phase1_memory_format)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -73,6 +76,7 @@ class AutoBatch:
         self.max_grad_norm = max_grad_norm
         self.before_step = before_step
         self.lockstep = lockstep
+        self.phase1_memory_format = phase1_memory_format
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.target_batch = check_target_batch(target_batch)
         self._ranks = Ranks.of(model)
@@ -185,7 +189,8 @@ class AutoBatch:
                 raise error
             return batch, [size]
         settings = [self.target_batch, self._auto, BN_MODES.index(self.bn), len(self._bn_modules),
-                    0 if self.plan is None else self.plan.micro_batch, self.lockstep]
+                    0 if self.plan is None else self.plan.micro_batch, self.lockstep,
+                    PHASE1_FORMATS.index(self.phase1_memory_format)]
         table = self._ranks.gather([error is not None, size] + settings)
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if failed:
@@ -194,7 +199,7 @@ class AutoBatch:
                 raise error
             raise RankFailure(f"rank {failed[0]} rejected its batch: {messages[failed[0]]}")
         for column, name in enumerate(("target_batch", "micro_batch mode", "bn", "BatchNorm layers",
-                                       "micro_batch", "lockstep"), start=2):
+                                       "micro_batch", "lockstep", "phase1_memory_format"), start=2):
             values = table[:, column].tolist()
             if len(set(values)) > 1:
                 raise RankFailure(f"the ranks disagree on {name} ({values}); every rank must wrap the same "
@@ -319,11 +324,18 @@ class AutoBatch:
         return loss
 
     def _statistics_pass(self, batch: Any, two_pass: TwoPassBatchNorm, state: BatchNormState,
-                         chunks: int) -> None:
+                         chunks: int, measure_layout: bool = True) -> None:
         """Phase 1: a no-grad forward of the whole batch that records every BatchNorm's statistics
-        and updates running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled."""
+        and updates running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled.
+        The first one (``measure_layout``) times the memory formats it may run in (autobatch.layout)."""
         self._phase = "phase 1"
         with torch.no_grad(), self._autocast(), quiet_checkpoint():
+            size = batch_size(batch)
+            sizes = balanced_splits(size, -(-size // chunks))
+            if measure_layout:
+                first = batch if chunks == 1 else split_batch(batch, sizes)[0]
+                self._layout.measure(self._module, self._forward, first, self.device, two_pass.ranks)
+            batch = self._layout.convert(batch)
             if chunks == 1:
                 two_pass.start_statistics_pass()
                 complete = True
@@ -335,9 +347,8 @@ class AutoBatch:
                 two_pass.finish_statistics_pass(complete)
             else:
                 pooled = PooledBatchNorm(self._names, two_pass.ranks)
-                size = batch_size(batch)
                 with intercept_batch_norm(pooled.handle):
-                    for index, chunk in enumerate(split_batch(batch, balanced_splits(size, -(-size // chunks)))):
+                    for index, chunk in enumerate(split_batch(batch, sizes)):
                         pooled.start_micro_batch()
                         self._forward(chunk)
                         if index == 0:
@@ -513,6 +524,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
             turns with the first micro-batch's training forward, which then needs no phase 1 of its
             own (the same result; see the README's cost table before turning it on). Falls back to
             phase 1 first when it would not fit in memory.
+        phase1_memory_format: two_pass's phase 1 runs its 4-D (5-D) floating-point inputs in
+            ``torch.channels_last`` (3d), or as given with ``torch.preserve_format``; None (default)
+            times both at the first phase 1 and keeps channels_last where it is faster and its
+            statistics agree (autobatch.layout). The training forward is never changed.
 
     Example::
 

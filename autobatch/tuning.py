@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -16,7 +15,7 @@ import torch
 from autobatch.batchnorm import BatchNormState, TwoPassBatchNorm
 from autobatch.cache import PlanCache, plan_key
 from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
-from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe
+from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe, release_memory
 from autobatch.planner import Fit, Plan, search, shrink
 from autobatch.snapshot import preserved
 from autobatch.split import take, to_device
@@ -24,16 +23,9 @@ from autobatch.split import take, to_device
 if TYPE_CHECKING:
     from autobatch.step import AutoBatch
 
-__all__ = ["Tuner", "release_memory"]
+__all__ = ["Tuner"]
 
 log = logging.getLogger(__name__)
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what a failed attempt held; called outside the except block, whose frames pin tensors."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Tuner:
@@ -142,7 +134,8 @@ class Tuner:
             def work(chunks: int = chunks) -> None:
                 whole = to_device(take(batch, ab._share), ab.device)
                 # A two_pass of this rank alone, for the same reason as the trials.
-                ab._statistics_pass(whole, TwoPassBatchNorm(ab._names), BatchNormState(ab._bn_modules), chunks)
+                ab._statistics_pass(whole, TwoPassBatchNorm(ab._names), BatchNormState(ab._bn_modules), chunks,
+                                    measure_layout=False)
 
             peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)")
             points.append((chunks, peak))

@@ -2,7 +2,8 @@
 two_pass and micro, and the forum's Python BatchNorm. Ratios to plain accumulation.
 
     python bench/cost.py                       # CPU: the demo U-Net at 64x64, logical batch 16, 4 splits
-    python bench/cost.py --model resnet50 --size 224 --device cuda     # on a GPU, with torchvision
+    python bench/cost.py --channels-last       # the same, with the model and its inputs in channels_last
+    python bench/cost.py --model resnet50 --size 224 --device cuda     # on a GPU (bench/resnet.py)
 
 Arms run interleaved, in a new random order each round, after warm-up rounds; the median per arm
 is reported. Phase 1's share of a two_pass step is timed inside the same steps.
@@ -30,8 +31,10 @@ from autobatch.split import balanced_splits  # noqa: E402
 from bench.forum_batchnorm import forum_model, forum_step  # noqa: E402
 from tests.reference import plain_accumulation_backward  # noqa: E402
 
-ARMS = ("full batch", "plain accumulation", "autobatch two_pass", "autobatch two_pass, lockstep=True",
-        "autobatch micro", "forum Python BatchNorm")
+GIVEN_FORMAT = "autobatch two_pass, phase 1 in the inputs' format"
+PLAIN_CHANNELS_LAST = "plain accumulation, model and inputs in channels_last"
+ARMS = ("full batch", "plain accumulation", PLAIN_CHANNELS_LAST, "autobatch two_pass", GIVEN_FORMAT,
+        "autobatch two_pass, lockstep=True", "autobatch micro", "forum Python BatchNorm")
 
 
 def make(model_name: str, size: int, batch: int, device: torch.device):
@@ -40,9 +43,13 @@ def make(model_name: str, size: int, batch: int, device: torch.device):
         x, y = shapes(batch, size, 0)
         loss_fn = nn.CrossEntropyLoss()
     else:
-        import torchvision
+        if model_name == "resnet50":  # the same network as torchvision's, without needing it
+            from bench.resnet import resnet50 as build
+        else:
+            import torchvision
 
-        model = getattr(torchvision.models, model_name)(num_classes=100)
+            build = getattr(torchvision.models, model_name)
+        model = build(num_classes=100)
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
         loss_fn = nn.CrossEntropyLoss()
     return model.to(device), x.to(device), y.to(device), loss_fn
@@ -62,12 +69,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the model and its inputs in channels_last for every arm")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args()
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     device = torch.device(args.device)
     torch.manual_seed(0)
     base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
+    if args.channels_last:
+        base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     splits = balanced_splits(args.target_batch, args.micro_batch)
     phase1_seconds = []
 
@@ -90,12 +101,24 @@ def main() -> None:
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
 
+    # What a user gains by moving the whole training to channels_last (the same as plain with --channels-last).
+    plain_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    plain_cl_opt = optimizer_for(plain_cl)
+    x_cl = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def plain_channels_last_step():
+        plain_accumulation_backward(plain_cl, x_cl, y, loss_fn, splits)
+        plain_cl_opt.step()
+        plain_cl_opt.zero_grad(set_to_none=True)
+
     wrapped = {}
-    for arm, bn, lockstep in (("two_pass", "two_pass", False), ("lockstep", "two_pass", True),
-                              ("micro", "micro", False)):
+    for arm, bn, lockstep, memory_format in (("two_pass", "two_pass", False, None),
+                                             ("given", "two_pass", False, torch.preserve_format),
+                                             ("lockstep", "two_pass", True, None), ("micro", "micro", False, None)):
         model = copy.deepcopy(base)
         wrapped[arm] = autobatch.wrap(model, optimizer_for(model), args.target_batch, loss_fn,
-                                      micro_batch=args.micro_batch, bn=bn, cache=False, lockstep=lockstep)
+                                      micro_batch=args.micro_batch, bn=bn, cache=False, lockstep=lockstep,
+                                      phase1_memory_format=memory_format)
     two_pass = wrapped["two_pass"]
     statistics_pass = two_pass._statistics_pass
 
@@ -109,13 +132,15 @@ def main() -> None:
     two_pass._statistics_pass = timed_statistics_pass  # instrumentation of the benchmark's own instance
     forum = forum_model(base)
     forum_opt = optimizer_for(forum)
-    steps = {"full batch": full_step, "plain accumulation": plain_step,
+    steps = {"full batch": full_step, "plain accumulation": plain_step, PLAIN_CHANNELS_LAST: plain_channels_last_step,
              "autobatch two_pass": lambda: two_pass.step(x, y),
+             GIVEN_FORMAT: lambda: wrapped["given"].step(x, y),
              "autobatch two_pass, lockstep=True": lambda: wrapped["lockstep"].step(x, y),
              "autobatch micro": lambda: wrapped["micro"].step(x, y),
              "forum Python BatchNorm": lambda: forum_step(forum, forum_opt, x, y, loss_fn, len(splits))}
-    times = {arm: [] for arm in ARMS}
-    order = list(ARMS)
+    arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)]
+    times = {arm: [] for arm in arms}
+    order = list(arms)
     rng = random.Random(0)
     for round_ in range(args.warmup + args.rounds):
         rng.shuffle(order)
@@ -128,18 +153,24 @@ def main() -> None:
                 times[arm].append(time.perf_counter() - start)
     medians = {arm: statistics.median(values) for arm, values in times.items()}
     phase1 = statistics.median(phase1_seconds[args.warmup:])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    lines = [f"## {args.model} at {args.size}x{args.size}, logical batch {args.target_batch}, micro-batches {splits}",
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})")
+    layout = "channels_last" if args.channels_last else "NCHW"
+    lines = [f"## {args.model} at {args.size}x{args.size} ({layout}), logical batch {args.target_batch}, "
+             f"micro-batches {splits}",
              "", f"`python bench/cost.py --model {args.model} --size {args.size} --micro-batch {args.micro_batch} "
-                 f"--rounds {args.rounds} --device {args.device}` on {name}; "
+                 f"--rounds {args.rounds} --device {args.device}{' --channels-last' if args.channels_last else ''}` "
+                 f"on {name}; "
              f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.", "",
              "| arm | time / plain accumulation |" + (" median step |" if device.type == "cuda" else ""),
              "| --- | --- |" + (" --- |" if device.type == "cuda" else "")]
-    for arm in ARMS:
+    for arm in arms:
         cell = f" {medians[arm] * 1000:.1f} ms |" if device.type == "cuda" else ""
         lines.append(f"| {arm} | {medians[arm] / medians['plain accumulation']:.2f}x |{cell}")
     lines += ["", f"Phase 1 is {phase1 / medians['autobatch two_pass']:.0%} of a two_pass step "
-                  f"({phase1 / medians['plain accumulation']:.2f}x of a plain accumulation step's time).", ""]
+                  f"({phase1 / medians['plain accumulation']:.2f}x of a plain accumulation step's time); it ran "
+                  f"in {two_pass._layout.memory_format} (autobatch.layout's measurement).", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
+from autobatch import layout
 from tests.models import ResidualNet
 
 ce = nn.CrossEntropyLoss()
@@ -50,7 +51,8 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase
     ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan)}
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
+            "phase1_memory_format": str(ab._layout.memory_format)}
 
 
 def halves(rank):
@@ -107,6 +109,29 @@ def checkpointed(rank):
     model = resnet()
     model.blocks = CheckpointedBlocks(*model.blocks)  # the same parameters and state_dict keys
     return train(model, halves(rank), micro_batch=4, image=True)
+
+
+def phase_one_in_channels_last(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, phase1_memory_format=torch.channels_last)
+
+
+def channels_last_fails_on_rank_one(rank, margin=-1.0):
+    # Rank 0 counts channels_last as faster whatever it measures (margin); rank 1 cannot run it: both
+    # must keep the inputs' format.
+    model = resnet()
+    forward = model.forward
+
+    def refuses_channels_last(x):
+        if rank == 1 and not x.is_contiguous():
+            raise RuntimeError("rank 1 takes contiguous inputs only")
+        return forward(x)
+
+    model.forward = refuses_channels_last
+    saved, layout.MARGIN = layout.MARGIN, margin
+    try:
+        return train(model, halves(rank), micro_batch=4, image=True)
+    finally:
+        layout.MARGIN = saved
 
 
 def micro_bn(rank):

@@ -13,13 +13,18 @@ from autobatch.batchnorm import (BatchNormCall, BatchNormState, TwoPassBatchNorm
 from autobatch.split import split_batch
 
 __all__ = ["assert_same_state", "cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad",
-           "full_batch_grad", "model_state", "plain_accumulation_backward", "plain_accumulation_grad"]
+           "full_batch_grad", "model_state", "plain_accumulation_backward", "plain_accumulation_grad",
+           "relative_error"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def flat_grad(model: nn.Module) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 def cosine(a: Tensor, b: Tensor) -> float:

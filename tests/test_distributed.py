@@ -38,7 +38,8 @@ def launch(tmp_path, scenarios, deadline=90):
 def good_runs(tmp_path_factory):
     scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "chunked_phase_one", "micro_bn",
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
-                 "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last"]
+                 "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
+                 "phase_one_in_channels_last", "channels_last_fails_on_rank_one"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -71,7 +72,8 @@ def test_no_bn_ranks_equal_one_process_with_the_whole_batch(good_runs, scenario,
 
 
 @pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn", "lockstep", "lockstep_out_of_memory",
-                                      "checkpointed"])
+                                      "checkpointed", "phase_one_in_channels_last",
+                                      "channels_last_fails_on_rank_one"])
 def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
     # The same micro-batches of 4 in one process: the same full-batch statistics, so the same step.
     reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
@@ -86,6 +88,14 @@ def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
             if "running" in key or "num_batches" in key:
                 torch.testing.assert_close(result["state"][key.replace("bn.", "bn.")], value, rtol=1e-10,
                                            atol=1e-12, msg=key)
+
+
+def test_ranks_choose_phase_one_memory_format_together(good_runs):
+    formats = {scenario: [good_runs[(scenario, rank)]["ok"]["phase1_memory_format"] for rank in range(2)]
+               for scenario in ("bn_two_pass", "phase_one_in_channels_last", "channels_last_fails_on_rank_one")}
+    assert formats["bn_two_pass"][0] == formats["bn_two_pass"][1] != "None"  # measured, the same on both
+    assert formats["phase_one_in_channels_last"] == ["torch.channels_last"] * 2
+    assert formats["channels_last_fails_on_rank_one"] == ["torch.preserve_format"] * 2
 
 
 def test_out_of_memory_before_the_last_micro_batch_on_one_rank_makes_both_redo_the_batch(good_runs):
