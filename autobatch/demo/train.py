@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import autobatch
 from autobatch.demo.data import shapes
@@ -83,18 +84,20 @@ def run(epochs: int = 8, memory_budget: Union[int, float, str, None] = "24MiB", 
         ab.tune(train_images[:target_batch], train_masks[:target_batch])  # before the progress bars
     order_generator = torch.Generator().manual_seed(seed)
     losses = []
-    for epoch in range(epochs):
-        order = torch.randperm(train_size, generator=order_generator)
-        bar = tqdm(order.split(target_batch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=True, dynamic_ncols=True)
-        epoch_losses = []
-        for indices in bar:
-            epoch_losses.append(ab.step(train_images[indices], train_masks[indices]))
-            bar.set_postfix(loss=f"{sum(epoch_losses[-8:]) / len(epoch_losses[-8:]):.4f}")
-        iou, logits = evaluate(model, val_images, val_masks, device)
-        bar.set_postfix(loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}", val_iou=f"{iou:.3f}")
-        bar.close()
-        losses.extend(epoch_losses)
+    # Log lines (the first step's memory-format choice, say) go above the bar instead of through it.
+    with logging_redirect_tqdm():
+        for epoch in range(epochs):
+            order = torch.randperm(train_size, generator=order_generator)
+            bar = tqdm(order.split(target_batch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+                       leave=True, dynamic_ncols=True)
+            epoch_losses = []
+            for indices in bar:
+                epoch_losses.append(ab.step(train_images[indices], train_masks[indices]))
+                bar.set_postfix(loss=f"{sum(epoch_losses[-8:]) / len(epoch_losses[-8:]):.4f}")
+            iou, logits = evaluate(model, val_images, val_masks, device)
+            bar.set_postfix(loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}", val_iou=f"{iou:.3f}")
+            bar.close()
+            losses.extend(epoch_losses)
     path = None
     if out_dir is not None:
         path = pathlib.Path(out_dir) / "demo-prediction.png"
