@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 MARGIN = 0.05
 #: Largest relative difference between the two formats' statistics that rounding explains.
 AGREEMENT = 1e-2
+#: channels_last may need at most this share more memory than the inputs' format (the plan measured
+#: phase 1 in that format; chunking phase 1 for the sake of speed would cost exactness).
+MEMORY_SLACK = 0.01
 #: Timed forwards per format, after one warm-up each; the fastest counts.
 ROUNDS = 2
 
@@ -75,8 +78,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> tuple[float, list[Tensor]]:
-    """Seconds of one forward, and each BatchNorm call's per-channel mean and standard deviation."""
+class _Run(NamedTuple):
+    """One trial forward: its time, each BatchNorm call's per-channel mean and standard deviation,
+    and on CUDA the allocator's peak (the host's tensor bytes do not depend on the format)."""
+
+    seconds: float
+    statistics: list[Tensor]
+    peak_bytes: Optional[int]
+
+
+def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> _Run:
     statistics: list[Tensor] = []
 
     def own_statistics(call: BatchNormCall) -> Tensor:
@@ -85,11 +96,14 @@ def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.devi
         return output
 
     _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with intercept_batch_norm(own_statistics):
         forward(batch)
     _synchronize(device)
-    return time.perf_counter() - start, statistics
+    seconds = time.perf_counter() - start
+    return _Run(seconds, statistics, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
 def _difference(statistics: list[Tensor], reference: list[Tensor]) -> float:
@@ -154,10 +168,10 @@ class Phase1Layout:
         if not _anything_to_convert(batch) or torch.are_deterministic_algorithms_enabled():
             # Deterministic runs keep one format: the faster one could differ between runs.
             return _NOTHING_TO_TRY, 0.0, ""
-        reference: Optional[list[Tensor]] = None
+        reference: Optional[_Run] = None
         oom = False
         try:
-            _, reference = _timed_forward(forward, batch, device)
+            reference = _timed_forward(forward, batch, device)
         except Exception as error:  # noqa: BLE001 - phase 1 itself meets it again, and handles it
             oom = is_out_of_memory(error)
         if oom:
@@ -166,18 +180,21 @@ class Phase1Layout:
             return _UNDECIDED, 0.0, ""
         converted = to_channels_last(batch)
         try:
-            _, statistics = _timed_forward(forward, converted, device)
-            difference = _difference(statistics, reference)
+            trial = _timed_forward(forward, converted, device)
+            difference = _difference(trial.statistics, reference.statistics)
             if difference > AGREEMENT:
                 log.warning("autobatch: phase 1 in channels_last gave BatchNorm statistics %.2g (relative) away "
                             "from those in the inputs' own format; keeping that format. An op that ignores its "
                             "input's strides (a custom kernel, say) would explain it.", difference)
                 return _FAILED, 0.0, ""
+            if reference.peak_bytes is not None and trial.peak_bytes > reference.peak_bytes * (1 + MEMORY_SLACK):
+                return _FAILED, 0.0, (f"channels_last needed {trial.peak_bytes / reference.peak_bytes - 1:.0%} "
+                                      "more memory")
             times: dict[bool, list[float]] = {False: [], True: []}
             for round_ in range(ROUNDS):
                 order = ((False, batch), (True, converted))
                 for channels_last, inputs in (reversed(order) if round_ % 2 else order):
-                    times[channels_last].append(_timed_forward(forward, inputs, device)[0])
+                    times[channels_last].append(_timed_forward(forward, inputs, device).seconds)
         except Exception as error:  # noqa: BLE001 - channels_last is an optimization: any failure drops it
             oom = is_out_of_memory(error)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -141,14 +141,15 @@ def measure(model, x, memory_format=None, ranks=None):
     return chosen
 
 
-def fake_times(monkeypatch, channels_last_seconds, given_seconds):
-    """Make the trial's forwards report these times; the statistics stay real."""
+def fake_times(monkeypatch, channels_last_seconds, given_seconds, channels_last_peak=None, given_peak=None):
+    """Make the trial's forwards report these times (and CUDA peaks); the statistics stay real."""
     real = layout._timed_forward
 
     def timed(forward, batch, device):
-        _, statistics = real(forward, batch, device)
-        return (channels_last_seconds if batch.is_contiguous(memory_format=torch.channels_last)
-                else given_seconds), statistics
+        run = real(forward, batch, device)
+        if batch.is_contiguous(memory_format=torch.channels_last):
+            return run._replace(seconds=channels_last_seconds, peak_bytes=channels_last_peak)
+        return run._replace(seconds=given_seconds, peak_bytes=given_peak)
 
     monkeypatch.setattr(layout, "_timed_forward", timed)
 
@@ -163,6 +164,18 @@ def test_channels_last_is_kept_only_when_it_saves_more_than_the_margin(monkeypat
     assert chosen.memory_format is expected
     assert ("runs in channels_last, 20% faster" if expected is torch.channels_last
             else "keeps the inputs' memory format") in caplog.text
+
+
+@pytest.mark.parametrize("channels_last_peak, expected", [(1010, torch.channels_last),
+                                                          (1011, torch.preserve_format)])
+def test_channels_last_is_kept_only_if_it_needs_no_more_memory(monkeypatch, channels_last_peak, expected, caplog):
+    # The plan measured phase 1's memory in the inputs' format: 1% more is all channels_last may take.
+    fake_times(monkeypatch, 0.5, 1.0, channels_last_peak=channels_last_peak, given_peak=1000)
+    with caplog.at_level(logging.INFO, logger="autobatch"):
+        chosen = measure(ResidualNet(blocks=1), data(dtype=torch.float32)[0])
+    assert chosen.memory_format is expected
+    if expected is torch.preserve_format:
+        assert "channels_last needed 1% more memory" in caplog.text
 
 
 def test_a_model_that_fails_in_channels_last_keeps_the_inputs_format(caplog):
