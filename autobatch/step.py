@@ -306,6 +306,10 @@ class AutoBatch:
         """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
         size = batch_size(batch)
         rest = split_batch(batch, [first, size - first])[1] if size > first else None
+        with torch.no_grad(), self._autocast(), quiet_checkpoint():
+            # Every rank takes part, one without other samples too: the ranks decide together.
+            self._layout.measure(self._module, self._forward, rest, self.device, self._ranks)
+        rest = self._layout.convert(rest)
 
         def forward_rest() -> None:
             with self._autocast():
