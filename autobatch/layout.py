@@ -2,7 +2,7 @@
 
 Phase 1 only yields BatchNorm statistics, and a tensor's memory format changes how fast the
 convolutions run, not what they compute (up to rounding). On a 2-core CPU (oneDNN) channels_last
-took two_pass from 1.33x to 1.26x of plain accumulation for the demo U-Net (bench/results/cost.md);
+took two_pass from 1.32x to 1.23x of plain accumulation for the demo U-Net (bench/results/cost.md);
 which format wins depends on the model and the device, so by default the first phase 1 times both
 on its own batch and keeps the faster::
 
@@ -13,7 +13,8 @@ on its own batch and keeps the faster::
 
 The trial leaves no trace: BatchNorm calls use their own statistics without touching running
 statistics, other buffers and the RNG are put back. channels_last is kept only if its statistics
-agree with the inputs' own format's, which an op that ignores strides would break.
+agree with the inputs' own format's (an op that ignores strides would break that) and, on CUDA,
+its peak memory is no more than 1% above theirs.
 """
 from __future__ import annotations
 

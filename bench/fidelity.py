@@ -1,6 +1,7 @@
 """Does training with autobatch behave like training with the real batch? The demo's task, 5 arms.
 
     python bench/fidelity.py      # ~15 min on 2 CPU cores; writes bench/results/fidelity.{md,json,png}
+    python bench/fidelity.py --device cuda --width 224   # a ResNet-50-sized U-Net (22.8 M parameters)
 
 From the same initial weights and the same batch order (per seed), train the demo U-Net with a
 logical batch of 16 as: the real full batch (the reference), plain accumulation, the forum's
@@ -53,11 +54,11 @@ def arm_grad(arm, model, x, y, splits):
     return autobatch_grad(model, x, y, max(splits), arm.split()[-1])
 
 
-def train(arm, splits_count, seed, data, epochs, checkpoint_every):
+def train(arm, splits_count, seed, data, epochs, checkpoint_every, width=16, device=torch.device("cpu")):
     """Train one arm; returns its curves, final metrics and weights (and, for the reference, checkpoints)."""
     (train_x, train_y), (val_x, val_y) = data
     torch.manual_seed(seed)
-    model = UNet()
+    model = UNet(width=width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     micro_batch = TARGET // splits_count
     ab = None
@@ -88,7 +89,7 @@ def train(arm, splits_count, seed, data, epochs, checkpoint_every):
         with torch.no_grad():
             curves["train_loss"].append(ce(model(probe_x), probe_y).item())
         model.train()
-        curves["val_iou"].append(evaluate(model, val_x, val_y, torch.device("cpu"))[0])
+        curves["val_iou"].append(evaluate(model, val_x, val_y, device)[0])
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"curves": curves, "weights": weights, "checkpoints": checkpoints}
 
@@ -99,20 +100,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--splits", default="2,4,8")
+    parser.add_argument("--width", type=int, default=16, help="U-Net width (the demo's: 16)")
+    parser.add_argument("--size", type=int, default=48, help="image size (the demo's: 48)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     started = time.perf_counter()
-    data = (shapes(args.train_size, 48, 0), shapes(128, 48, 1))
+    device = torch.device(args.device)
+    # Training data on the device; validation images stay on the host (evaluate moves them in chunks).
+    train_x, train_y = shapes(args.train_size, args.size, 0)
+    data = ((train_x.to(device), train_y.to(device)), shapes(128, args.size, 1))
+    options = {"width": args.width, "device": device}
     split_counts = [int(k) for k in args.splits.split(",")]
     rows: dict = {}
     curves: dict = {}
     for seed in range(args.seeds):
-        reference = train("full batch", 1, seed, data, args.epochs, checkpoint_every=16)
+        reference = train("full batch", 1, seed, data, args.epochs, checkpoint_every=16, **options)
         curves.setdefault(("full batch", 1), []).append(reference["curves"])
         for k in split_counts:
             for arm in ARMS:
-                result = train(arm, k, seed, data, args.epochs, checkpoint_every=0)
+                result = train(arm, k, seed, data, args.epochs, checkpoint_every=0, **options)
                 distance = ((result["weights"] - reference["weights"]).norm() / reference["weights"].norm()).item()
                 cosines = [cosine(arm_grad(arm, m, x, y, balanced_splits(len(x), TARGET // k)),
                                   full_batch_grad(m, x, y, ce)) for m, x, y in reference["checkpoints"]]
@@ -129,18 +137,25 @@ def main() -> None:
         ref_row["iou"].append(reference["curves"]["val_iou"][-1])
         ref_row["distance"].append(0.0)
         ref_row["cosine"].append(1.0)
-    write(rows, curves, split_counts, args, time.perf_counter() - started)
+    write(rows, curves, split_counts, args, time.perf_counter() - started, device)
 
 
 def mean_sd(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def write(rows, curves, split_counts, args, seconds):
+def write(rows, curves, split_counts, args, seconds, device):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    demo = args.width == 16 and args.size == 48 and device.type == "cpu"
+    # The demo's settings keep the README's file names; others get their own.
+    stem = "fidelity" if demo else f"fidelity-{device.type}-width{args.width}-size{args.size}"
+    options = "" if demo else f" --device {args.device} --width {args.width} --size {args.size}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    parameters = sum(p.numel() for p in UNet(width=args.width).parameters()) / 1e6
     lines = ["# Training fidelity on the demo task", "",
-             f"`python bench/fidelity.py` (CPU, float32, {args.seeds} seeds, {args.epochs} epochs of "
+             f"`python bench/fidelity.py{options}` ({where}, float32, U-Net width {args.width} ({parameters:.1f} M "
+             f"parameters), {args.size}x{args.size} images, {args.seeds} seeds, {args.epochs} epochs of "
              f"{args.train_size} images, logical batch {TARGET}, Adam lr 3e-3; {seconds / 60:.0f} min). "
              "Mean ± standard deviation over seeds. Loss: training cross-entropy in eval mode (running "
              "statistics) on 128 training images; IoU: validation foreground IoU; distance: "
@@ -158,10 +173,10 @@ def write(rows, curves, split_counts, args, seconds):
             lines.append(f"| {arm} | {mean_sd(row['loss'])} | {mean_sd(row['iou'])} | "
                          f"{mean_sd(row['distance'])} | {mean_sd(row['cosine'])} |")
         lines.append("")
-    (out / "fidelity.md").write_text("\n".join(lines))
-    (out / "fidelity.json").write_text(json.dumps(
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(
         {f"{arm}|{k}": {"rows": rows[(arm, k)], "curves": curves[(arm, k)]} for arm, k in rows}, indent=1))
-    plot(curves, split_counts, out / "fidelity.png")
+    plot(curves, split_counts, out / f"{stem}.png")
     print("\n".join(lines))
 
 
