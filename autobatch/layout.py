@@ -93,7 +93,7 @@ def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.devi
 
     def own_statistics(call: BatchNormCall) -> Tensor:
         output, mean, invstd = with_own_statistics(call)
-        statistics.append(torch.cat([mean.double(), invstd.double().reciprocal()]))
+        statistics.append(torch.cat([mean.float(), invstd.float().reciprocal()]))
         return output
 
     _synchronize(device)
