@@ -49,7 +49,8 @@ MEMORY_SLACK = 0.01
 ROUNDS = 2
 
 # A rank's verdict, gathered so that every rank decides the same. _UNDECIDED: the forward in the
-# inputs' own format failed, so phase 1 will fail too (and be chunked, if out of memory); measured again later.
+# inputs' own format raised an error other than out-of-memory, which phase 1 itself then meets and
+# reports; measured again at the next phase 1.
 _FAILED, _UNDECIDED, _SLOWER, _FASTER, _NOTHING_TO_TRY = range(5)
 
 
@@ -176,7 +177,10 @@ class Phase1Layout:
         except Exception as error:  # noqa: BLE001 - phase 1 itself meets it again, and handles it
             oom = is_out_of_memory(error)
         if oom:
+            # The trial's whole forward may not fit where phase 1, which stops after the last
+            # BatchNorm, does: trying again at every step would cost a failed forward each time.
             release_memory(device)
+            return _FAILED, 0.0, "the trial's forward ran out of memory"
         if reference is None:
             return _UNDECIDED, 0.0, ""
         converted = to_channels_last(batch)

@@ -223,12 +223,29 @@ def test_a_given_format_is_not_measured(monkeypatch):
     assert calls == []
 
 
-def test_running_out_of_memory_in_the_inputs_format_leaves_it_unmeasured():
-    class OutOfMemory(nn.Module):
-        def forward(self, x):
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+class FailsInFirstForward(nn.Module):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+        self.bn = nn.BatchNorm2d(3)
 
-    chosen = measure(OutOfMemory(), data()[0])
+    def forward(self, x):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.bn(x)
+
+
+def test_running_out_of_memory_in_the_trial_keeps_the_inputs_format(caplog):
+    # Phase 1 may fit where the trial's whole forward does not: no trial again at every step.
+    with caplog.at_level(logging.INFO, logger="autobatch"):
+        chosen = measure(FailsInFirstForward(torch.OutOfMemoryError("CUDA out of memory (injected)")), data()[0])
+    assert chosen.memory_format is torch.preserve_format
+    assert "the trial's forward ran out of memory" in caplog.text
+
+
+def test_another_error_in_the_inputs_format_leaves_the_choice_to_the_next_phase_one():
+    chosen = measure(FailsInFirstForward(KeyError("boom")), data()[0])  # phase 1 then raises it itself
     assert not chosen.measured and chosen.convert(data()[0]).is_contiguous()
 
 

@@ -186,7 +186,7 @@ def test_out_of_memory_in_phase_one_chunks_it():
 
         def forward(self, x):
             # A no-grad forward of more than 8 samples does not fit: phase 1, and the memory-format
-            # trial that comes first (autobatch.layout), which leaves the choice to the next phase 1.
+            # trial that comes first (autobatch.layout), which then keeps the inputs' format.
             if self.armed and not torch.is_grad_enabled() and len(x) > 8:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected in phase 1)")
             return x
@@ -199,7 +199,7 @@ def test_out_of_memory_in_phase_one_chunks_it():
     ab.step(x, y)
     assert ab.plan.phase1_chunks == 2 and ab.plan.micro_batch == 6
     assert model[2].num_batches_tracked.item() == 1
-    assert ab._layout.measured  # on the first chunk, after the plan changed
+    assert ab._layout.memory_format is torch.preserve_format
 
 
 def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
