@@ -145,7 +145,7 @@ class Phase1Layout:
         buffers = [buffer.detach().clone() for buffer in module.buffers()]
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                verdict, saving, reason = self._trial(forward, batch, device)
+                verdict, saving, reason = _trial(forward, batch, device)
         finally:
             with torch.no_grad():
                 for buffer, saved in zip(module.buffers(), buffers):
@@ -165,49 +165,54 @@ class Phase1Layout:
         if reason:
             log.info("autobatch: phase 1 keeps the inputs' memory format: %s", reason)
 
-    def _trial(self, forward: Callable[[Any], Any], batch: Any, device: torch.device) -> tuple[int, float, str]:
-        """(verdict, share of phase 1's time channels_last saved, why it was not chosen)."""
-        if not _anything_to_convert(batch) or torch.are_deterministic_algorithms_enabled():
-            # Deterministic runs keep one format: the faster one could differ between runs.
-            return _NOTHING_TO_TRY, 0.0, ""
-        reference: Optional[_Run] = None
-        oom = False
-        try:
-            reference = _timed_forward(forward, batch, device)
-        except Exception as error:  # noqa: BLE001 - phase 1 itself meets it again, and handles it
-            oom = is_out_of_memory(error)
-        if oom:
-            # The trial's whole forward may not fit where phase 1, which stops after the last
-            # BatchNorm, does: trying again at every step would cost a failed forward each time.
-            release_memory(device)
-            return _FAILED, 0.0, "the trial's forward ran out of memory"
-        if reference is None:
-            return _UNDECIDED, 0.0, ""
-        converted = to_channels_last(batch)
-        try:
-            trial = _timed_forward(forward, converted, device)
-            difference = _difference(trial.statistics, reference.statistics)
-            if difference > AGREEMENT:
-                log.warning("autobatch: phase 1 in channels_last gave BatchNorm statistics %.2g (relative) away "
-                            "from those in the inputs' own format; keeping that format. An op that ignores its "
-                            "input's strides (a custom kernel, say) would explain it.", difference)
-                return _FAILED, 0.0, ""
-            if reference.peak_bytes is not None and trial.peak_bytes > reference.peak_bytes * (1 + MEMORY_SLACK):
-                return _FAILED, 0.0, (f"channels_last needed {trial.peak_bytes / reference.peak_bytes - 1:.0%} "
-                                      "more memory")
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for round_ in range(ROUNDS):
-                order = ((False, batch), (True, converted))
-                for channels_last, inputs in (reversed(order) if round_ % 2 else order):
-                    times[channels_last].append(_timed_forward(forward, inputs, device).seconds)
-        except Exception as error:  # noqa: BLE001 - channels_last is an optimization: any failure drops it
-            oom = is_out_of_memory(error)
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        else:
-            saving = 1 - min(times[True]) / min(times[False])
-            if saving >= MARGIN:
-                return _FASTER, saving, ""
-            return _SLOWER, saving, f"channels_last saved {100 * saving:.0f}%, less than {100 * MARGIN:.0f}%"
-        if oom:
-            release_memory(device)
-        return _FAILED, 0.0, f"channels_last failed ({message})"
+
+def _trial(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> tuple[int, float, str]:
+    """(verdict, share of phase 1's time channels_last saved, why it was not chosen)."""
+    if not _anything_to_convert(batch) or torch.are_deterministic_algorithms_enabled():
+        # Deterministic runs keep one format: the faster one could differ between runs.
+        return _NOTHING_TO_TRY, 0.0, ""
+    reference: Optional[_Run] = None
+    oom = False
+    try:
+        reference = _timed_forward(forward, batch, device)
+    except Exception as error:  # noqa: BLE001 - phase 1 itself meets it again, and handles it
+        oom = is_out_of_memory(error)
+    if oom:
+        # The trial's whole forward may not fit where phase 1, which stops after the last
+        # BatchNorm, does: trying again at every step would cost a failed forward each time.
+        release_memory(device)
+        return _FAILED, 0.0, "the trial's forward ran out of memory"
+    if reference is None:
+        return _UNDECIDED, 0.0, ""
+    try:
+        return _against_channels_last(forward, batch, reference, device)
+    except Exception as error:  # noqa: BLE001 - channels_last is an optimization: any failure drops it
+        oom = is_out_of_memory(error)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if oom:
+        release_memory(device)
+    return _FAILED, 0.0, f"channels_last failed ({message})"
+
+
+def _against_channels_last(forward: Callable[[Any], Any], batch: Any, reference: _Run,
+                           device: torch.device) -> tuple[int, float, str]:
+    """``_trial``'s verdict once the inputs' format has run (``reference``)."""
+    converted = to_channels_last(batch)
+    trial = _timed_forward(forward, converted, device)
+    difference = _difference(trial.statistics, reference.statistics)
+    if difference > AGREEMENT:
+        log.warning("autobatch: phase 1 in channels_last gave BatchNorm statistics %.2g (relative) away from "
+                    "those in the inputs' own format; keeping that format. An op that ignores its input's "
+                    "strides (a custom kernel, say) would explain it.", difference)
+        return _FAILED, 0.0, ""
+    if reference.peak_bytes is not None and trial.peak_bytes > reference.peak_bytes * (1 + MEMORY_SLACK):
+        return _FAILED, 0.0, f"channels_last needed {trial.peak_bytes / reference.peak_bytes - 1:.0%} more memory"
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for round_ in range(ROUNDS):
+        order = ((False, batch), (True, converted))
+        for channels_last, inputs in (reversed(order) if round_ % 2 else order):
+            times[channels_last].append(_timed_forward(forward, inputs, device).seconds)
+    saving = 1 - min(times[True]) / min(times[False])
+    if saving >= MARGIN:
+        return _FASTER, saving, ""
+    return _SLOWER, saving, f"channels_last saved {100 * saving:.0f}%, less than {100 * MARGIN:.0f}%"
