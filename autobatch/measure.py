@@ -9,12 +9,14 @@ MemTracker does), so the peak of live tensor bytes is measured, not estimated.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from autobatch.split import leaves
 
 __all__ = ["peak_bytes", "tensor_bytes", "warm_optimizer_state"]
 
@@ -26,15 +28,20 @@ class _LiveBytes(TorchDispatchMode):
     Python's weak reference to it dies, which is when PyTorch frees it.
     """
 
-    def __init__(self, known: list[torch.Tensor]):
+    def __init__(self, known: list[torch.Tensor], outside: Sequence[torch.Tensor] = ()):
         super().__init__()
         self._sizes: "weakref.WeakKeyDictionary[torch.UntypedStorage, int]" = weakref.WeakKeyDictionary()
+        # The data the work reads exists before and after it: a view of it (a micro-batch sliced
+        # from the batch, or from a whole dataset) is no new memory.
+        self._outside = weakref.WeakSet(tensor.untyped_storage() for tensor in outside)
         self.live = self.peak = 0
         for tensor in known:
             self._see(tensor)
 
     def _see(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
+        if storage in self._outside:
+            return
         size = storage.nbytes()
         old = self._sizes.get(storage)
         if old == size:
@@ -86,15 +93,18 @@ def warm_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
-               optimizer: torch.optim.Optimizer) -> int:
-    """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included."""
+               optimizer: torch.optim.Optimizer, data: Any = None) -> int:
+    """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included.
+    ``data``: the batch the work reads (tensors, or containers of them); on the host, where it
+    already lies, it and its views are not counted."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         work()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    tracker = _LiveBytes(_resident(model, optimizer))
+    tracker = _LiveBytes(_resident(model, optimizer),
+                         [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)])
     with tracker:
         work()
     return tracker.peak

@@ -123,7 +123,7 @@ class Tuner:
             for p in ab._parameters():
                 p.grad = None
 
-        return self._peak_or_none(work, f"micro-batch of {n}")
+        return self._peak_or_none(work, f"micro-batch of {n}", batch)
 
     def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
         """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
@@ -137,7 +137,7 @@ class Tuner:
                 ab._statistics_pass(whole, TwoPassBatchNorm(ab._names), BatchNormState(ab._bn_modules), chunks,
                                     measure_layout=False)
 
-            peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)")
+            peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)", batch)
             points.append((chunks, peak))
             if peak is not None and peak <= budget_bytes:
                 return chunks, tuple(points)
@@ -146,10 +146,10 @@ class Tuner:
                                   "time; use bn='micro', or raise memory_budget")
             chunks = min(ab._share, chunks * 2)
 
-    def _peak_or_none(self, work: Callable[[], None], what: str) -> Optional[int]:
+    def _peak_or_none(self, work: Callable[[], None], what: str, batch: Any) -> Optional[int]:
         ab = self.ab
         try:
-            peak = peak_bytes(work, ab.device, ab.model, ab.optimizer)
+            peak = peak_bytes(work, ab.device, ab.model, ab.optimizer, batch)
         except BaseException as error:
             if not is_out_of_memory(error):
                 raise

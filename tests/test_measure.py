@@ -24,6 +24,23 @@ def test_peak_counts_live_tensors_and_their_release():
     assert peak == 64 + 3 * MIB
 
 
+def test_the_data_the_work_reads_and_its_views_are_not_new_memory():
+    # A batch sliced from a whole dataset on the host: its storage is the dataset's, there already.
+    model = nn.Linear(4, 4, bias=False)  # 64 bytes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dataset = {"x": torch.zeros(8 * MIB, dtype=torch.uint8), "ids": torch.arange(8)}
+    batch = {"x": dataset["x"][:MIB], "ids": dataset["ids"][:2], "name": "shard-0"}
+    kept = []
+
+    def work():
+        part = batch["x"][: MIB // 2]  # a micro-batch of the batch
+        kept.append((part, part.clone()))  # the copy is new memory
+
+    assert peak_bytes(work, torch.device("cpu"), model, optimizer, batch) == 64 + MIB // 2
+    kept.clear()
+    assert peak_bytes(work, torch.device("cpu"), model, optimizer) == 64 + 8 * MIB + MIB // 2  # data unnamed
+
+
 def test_peak_of_a_training_step_grows_linearly_with_the_batch():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),

@@ -38,7 +38,7 @@ def step_peak(model, optimizer, x, y, n):
 
     with preserved(model, optimizer):
         warm_optimizer_state(optimizer)
-        return peak_bytes(work, torch.device("cpu"), model, optimizer)
+        return peak_bytes(work, torch.device("cpu"), model, optimizer, (x, y))  # the batch is there already
 
 
 def test_chosen_micro_batch_is_the_largest_that_fits_the_budget():
@@ -269,3 +269,16 @@ def test_plan_on_a_real_gpu_fits_its_budget():
     torch.cuda.reset_peak_memory_stats()
     ab.step(x, y)
     assert torch.cuda.max_memory_allocated() <= plan.budget_bytes
+
+
+def test_a_batch_sliced_from_a_whole_dataset_plans_like_a_batch_of_its_own():
+    # The demo's case: batches that are views of a dataset held on the host, whose storage is not
+    # the step's memory (psutil's available memory already excludes it).
+    x, y = data(256)
+    plans = []
+    for inputs, targets in ((x[:16], y[:16]), (x[:16].clone(), y[:16].clone())):
+        model = convnet()
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="64MiB",
+                            cache=False)
+        plans.append(ab.tune(inputs, targets))
+    assert plans[0].points == plans[1].points and plans[0].micro_batch == plans[1].micro_batch
