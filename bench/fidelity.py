@@ -1,6 +1,6 @@
 """Does training with autobatch behave like training with the real batch? The demo's task, 5 arms.
 
-    python bench/fidelity.py      # ~15 min on 2 CPU cores; writes bench/results/fidelity.{md,json,png}
+    python bench/fidelity.py      # ~11 min on 2 CPU cores; writes bench/results/fidelity.{md,json,png}
     python bench/fidelity.py --device cuda --width 224   # a ResNet-50-sized U-Net (22.8 M parameters)
 
 From the same initial weights and the same batch order (per seed), train the demo U-Net with a
