@@ -306,9 +306,8 @@ class AutoBatch:
         """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
         size = batch_size(batch)
         rest = split_batch(batch, [first, size - first])[1] if size > first else None
-        with torch.no_grad(), self._autocast(), quiet_checkpoint():
-            # Every rank takes part, one without other samples too: the ranks decide together.
-            self._layout.measure(self._module, self._forward, rest, self.device, self._ranks)
+        # Every rank takes part, one without other samples too: the ranks decide together.
+        self._measure_layout(rest, self._ranks)
         rest = self._layout.convert(rest)
 
         def forward_rest() -> None:
@@ -337,8 +336,7 @@ class AutoBatch:
             size = batch_size(batch)
             sizes = balanced_splits(size, -(-size // chunks))
             if measure_layout:
-                first = batch if chunks == 1 else split_batch(batch, sizes)[0]
-                self._layout.measure(self._module, self._forward, first, self.device, two_pass.ranks)
+                self._measure_layout(batch if chunks == 1 else split_batch(batch, sizes)[0], two_pass.ranks)
             batch = self._layout.convert(batch)
             if chunks == 1:
                 two_pass.start_statistics_pass()
@@ -361,6 +359,11 @@ class AutoBatch:
                 two_pass.layers = pooled.commit()
         state.mark_counted()
         self._phase = "micro-batches"
+
+    def _measure_layout(self, batch: Any, ranks: Ranks) -> None:
+        """Phase 1's memory format, timed on ``batch`` the first time (autobatch.layout)."""
+        with torch.no_grad(), self._autocast(), quiet_checkpoint():
+            self._layout.measure(self._module, self._forward, batch, self.device, ranks)
 
     def _forward(self, batch: Any) -> None:
         if self.compute_loss is not None:
