@@ -51,6 +51,8 @@ __all__ = [
     "with_own_statistics",
 ]
 
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
 #: A micro-batch layer with fewer values per channel than this gets a warning:
 #: the projected backward takes its subtracted means from one micro-batch (see the README's limits).
 FEW_VALUES_PER_CHANNEL = 32
@@ -270,9 +272,14 @@ class TwoPassBatchNorm:
             layer = LayerStatistics(name, mean, invstd, _variance(invstd, call.eps), call.eps,
                                     call.values_per_channel)
         self.layers.append(layer)
-        if len(self.layers) == self.calls_per_forward:
-            raise StopForward
+        self.stop_after_last_call()
         return output
+
+    def stop_after_last_call(self) -> None:
+        """Ends phase 1's forward with :class:`StopForward` once it has made every BatchNorm call.
+        Not under torch.compile: dynamo would give up on the traced forward, and compile each call apart."""
+        if not _is_compiling() and len(self.layers) == self.calls_per_forward:
+            raise StopForward
 
     def _record_across_ranks(self, call: BatchNormCall, name: str) -> tuple[Tensor, LayerStatistics]:
         """The statistics of every rank's batch together, as SyncBatchNorm computes them."""

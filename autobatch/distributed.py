@@ -1,6 +1,6 @@
 """torch.distributed for autobatch: ranks that agree, and BatchNorm statistics over all of them.
 
-    ranks = Ranks.of(model)                  # world_size 1 unless model is DistributedDataParallel
+    ranks = Ranks.of(model)                  # world_size 1 unless model is (a compiled) DistributedDataParallel
     table = ranks.gather([size, flag])       # (world_size, 2): every rank's values, on every rank
     count, mean, m2 = ranks.merge(count, mean, m2)   # per-channel statistics of all ranks together
 """
@@ -14,15 +14,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["RankFailure", "Ranks", "ddp_state", "plain_sync_batch_norm"]
+__all__ = ["RankFailure", "Ranks", "ddp_of", "ddp_state", "plain_sync_batch_norm"]
 
 
 class RankFailure(RuntimeError):
     """Another rank failed during a step; every rank raises, none is left waiting."""
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
+    """``model`` if it is DistributedDataParallel, the one inside if torch.compile wrapped it, else None."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(model, nn.Module):
+            return None
+    return model
 
 
 class Ranks:
@@ -39,9 +44,8 @@ class Ranks:
 
     @classmethod
     def of(cls, model: nn.Module) -> "Ranks":
-        if _is_ddp(model):
-            return cls(model.process_group, active=True)
-        return cls()
+        ddp = ddp_of(model)
+        return cls() if ddp is None else cls(ddp.process_group, active=True)
 
     def _all_gather(self, local: Tensor, what: str) -> Tensor:
         """Every rank's ``local`` (same shape on all ranks), stacked; backend errors become RankFailure."""
@@ -108,7 +112,8 @@ def ddp_state(model: nn.Module) -> Iterator[None]:
     would all-reduce in the next backward, which the other ranks run under no_sync. The forward also
     set the flag that makes the next forward broadcast buffers. Both are put back on every rank.
     """
-    if not _is_ddp(model):
+    model = ddp_of(model)
+    if model is None:
         yield
         return
     forward_sync = model.require_forward_param_sync

@@ -218,8 +218,7 @@ class Lockstep:
         self._message = _Statistics(count, mean, var * count, call.momentum)
         self._caller_turn.release()
         self._wait_for_turn()  # the caller merges this call, and runs up to its next one
-        if len(self.two_pass.layers) == self.two_pass.calls_per_forward:
-            raise StopForward
+        self.two_pass.stop_after_last_call()
         return normalize(call, self._reply)
 
 

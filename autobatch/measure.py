@@ -4,12 +4,14 @@
 
 On CUDA: the caching allocator's peak statistics. On the host: every tensor storage that the
 work's ops create is followed from its allocation to its release (a dispatch mode, as PyTorch's own
-MemTracker does), so the peak of live tensor bytes is measured, not estimated.
+MemTracker does), so the peak of live tensor bytes is measured, not estimated; a torch.compile'd
+model runs eagerly there.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +94,14 @@ def warm_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = None
 
 
+def _eagerly() -> ContextManager[Any]:
+    """torch.compile'd code runs eagerly. Dynamo skips any frame called under a dispatch mode, and
+    (pytorch/pytorch#190286) goes on skipping it afterwards: one measured step would leave the
+    user's compiled model uncompiled for good."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
                optimizer: torch.optim.Optimizer, data: Any = None) -> int:
     """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included.
@@ -105,6 +115,6 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
         return torch.cuda.max_memory_allocated(device)
     tracker = _LiveBytes(_resident(model, optimizer),
                          [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)])
-    with tracker:
+    with _eagerly(), tracker:
         work()
     return tracker.peak

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from autobatch.batchnorm import (BatchNormCall, BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
-from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
+from autobatch.distributed import RankFailure, Ranks, ddp_of, ddp_state, plain_sync_batch_norm
 from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.memory import check_memory_budget, is_out_of_memory, release_memory
@@ -80,8 +80,9 @@ class AutoBatch:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.target_batch = check_target_batch(target_batch)
         self._ranks = Ranks.of(model)
+        self._ddp = ddp_of(model)
         # The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
-        self._module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self._module = model if self._ddp is None else self._ddp.module
         if target_batch % self._ranks.world_size:
             raise ValueError(
                 f"target_batch={target_batch} is the logical batch over all {self._ranks.world_size} ranks and "
@@ -298,9 +299,9 @@ class AutoBatch:
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
         """DistributedDataParallel all-reduces once per logical batch: after the last micro-batch."""
-        if last or self._module is self.model:
+        if last or self._ddp is None:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return self._ddp.no_sync()
 
     def _lockstep(self, batch: Any, first: int) -> Lockstep:
         """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""

@@ -3,6 +3,7 @@ two_pass and micro, and the forum's Python BatchNorm. Ratios to plain accumulati
 
     python bench/cost.py                       # CPU: the demo U-Net at 64x64, logical batch 16, 4 splits
     python bench/cost.py --channels-last       # the same, with the model and its inputs in channels_last
+    python bench/cost.py --compile             # every arm's model under torch.compile (inductor)
     python bench/cost.py --model resnet50 --size 224 --device cuda     # on a GPU (bench/resnet.py)
 
 Arms run interleaved, in a new random order each round, after warm-up rounds; the median per arm
@@ -71,6 +72,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true",
                         help="the model and its inputs in channels_last for every arm")
+    parser.add_argument("--compile", action="store_true",
+                        help="every arm's model under torch.compile (lockstep=True left out: its hand-offs "
+                             "between threads break the graph at every BatchNorm call)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args()
     logging.getLogger("autobatch").setLevel(logging.ERROR)
@@ -81,33 +85,39 @@ def main() -> None:
         base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     splits = balanced_splits(args.target_batch, args.micro_batch)
     phase1_seconds = []
+    fast = torch.compile if args.compile else (lambda model: model)
+    if args.compile:  # six compiled copies of one model class, each in several variants, share its code's cache
+        torch._dynamo.config.recompile_limit = 64
 
     def optimizer_for(model):
         return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     full = copy.deepcopy(base)
     full_opt = optimizer_for(full)
+    full_fast = fast(full)
 
     def full_step():
-        loss_fn(full(x), y).backward()
+        loss_fn(full_fast(x), y).backward()
         full_opt.step()
         full_opt.zero_grad(set_to_none=True)
 
     plain = copy.deepcopy(base)
     plain_opt = optimizer_for(plain)
+    plain_fast = fast(plain)
 
     def plain_step():
-        plain_accumulation_backward(plain, x, y, loss_fn, splits)
+        plain_accumulation_backward(plain_fast, x, y, loss_fn, splits)
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
 
     # What a user gains by moving the whole training to channels_last (the same as plain with --channels-last).
     plain_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     plain_cl_opt = optimizer_for(plain_cl)
+    plain_cl_fast = fast(plain_cl)
     x_cl = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     def plain_channels_last_step():
-        plain_accumulation_backward(plain_cl, x_cl, y, loss_fn, splits)
+        plain_accumulation_backward(plain_cl_fast, x_cl, y, loss_fn, splits)
         plain_cl_opt.step()
         plain_cl_opt.zero_grad(set_to_none=True)
 
@@ -115,8 +125,10 @@ def main() -> None:
     for arm, bn, lockstep, memory_format in (("two_pass", "two_pass", False, None),
                                              ("given", "two_pass", False, torch.preserve_format),
                                              ("lockstep", "two_pass", True, None), ("micro", "micro", False, None)):
+        if args.compile and lockstep:
+            continue
         model = copy.deepcopy(base)
-        wrapped[arm] = autobatch.wrap(model, optimizer_for(model), args.target_batch, loss_fn,
+        wrapped[arm] = autobatch.wrap(fast(model), optimizer_for(model), args.target_batch, loss_fn,
                                       micro_batch=args.micro_batch, bn=bn, cache=False, lockstep=lockstep,
                                       phase1_memory_format=memory_format)
     two_pass = wrapped["two_pass"]
@@ -132,13 +144,15 @@ def main() -> None:
     two_pass._statistics_pass = timed_statistics_pass  # instrumentation of the benchmark's own instance
     forum = forum_model(base)
     forum_opt = optimizer_for(forum)
+    forum_fast = fast(forum)
     steps = {"full batch": full_step, "plain accumulation": plain_step, PLAIN_CHANNELS_LAST: plain_channels_last_step,
              "autobatch two_pass": lambda: two_pass.step(x, y),
              GIVEN_FORMAT: lambda: wrapped["given"].step(x, y),
              "autobatch two_pass, lockstep=True": lambda: wrapped["lockstep"].step(x, y),
              "autobatch micro": lambda: wrapped["micro"].step(x, y),
-             "forum Python BatchNorm": lambda: forum_step(forum, forum_opt, x, y, loss_fn, len(splits))}
-    arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)]
+             "forum Python BatchNorm": lambda: forum_step(forum_fast, forum_opt, x, y, loss_fn, len(splits))}
+    arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)
+            and not (args.compile and "lockstep" in arm)]
     times = {arm: [] for arm in arms}
     order = list(arms)
     rng = random.Random(0)
@@ -156,11 +170,12 @@ def main() -> None:
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})")
-    layout = "channels_last" if args.channels_last else "NCHW"
+    layout = ("channels_last" if args.channels_last else "NCHW") + (", torch.compile" if args.compile else "")
     lines = [f"## {args.model} at {args.size}x{args.size} ({layout}), logical batch {args.target_batch}, "
              f"micro-batches {splits}",
              "", f"`python bench/cost.py --model {args.model} --size {args.size} --micro-batch {args.micro_batch} "
-                 f"--rounds {args.rounds} --device {args.device}{' --channels-last' if args.channels_last else ''}` "
+                 f"--rounds {args.rounds} --device {args.device}{' --channels-last' if args.channels_last else ''}"
+                 f"{' --compile' if args.compile else ''}` "
                  f"on {name}; "
              f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.", "",
              "| arm | time / plain accumulation |" + (" median step |" if device.type == "cuda" else ""),

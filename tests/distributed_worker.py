@@ -36,9 +36,13 @@ def resnet():
     return ResidualNet(blocks=1).double()
 
 
-def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase1_chunks=1, **options):
-    """One DDP step on this rank's rows of the shared data; returns the module's state and the loss."""
-    ddp = DistributedDataParallel(model)
+def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase1_chunks=1, compiled=None,
+          **options):
+    """One DDP step on this rank's rows of the shared data; returns the module's state and the loss.
+    ``compiled``: "ddp" for torch.compile(DDP(model)), "module" for DDP(torch.compile(model))."""
+    ddp = DistributedDataParallel(torch.compile(model, backend="eager") if compiled == "module" else model)
+    if compiled == "ddp":
+        ddp = torch.compile(ddp, backend="eager")
     if sync_bn:
         # DDP refuses SyncBatchNorm on CPU when it is built, and SyncBatchNorm's own forward refuses CPU
         # inputs in a process group: converting afterwards keeps the same parameters (DDP's reducer still
@@ -132,6 +136,14 @@ def channels_last_fails_on_rank_one(rank, margin=-1.0):
         return train(model, halves(rank), micro_batch=4, image=True)
     finally:
         layout.MARGIN = saved
+
+
+def compiled_ddp(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, compiled="ddp")
+
+
+def ddp_of_compiled(rank):
+    return train(resnet(), halves(rank), micro_batch=4, image=True, compiled="module")
 
 
 def micro_bn(rank):

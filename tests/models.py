@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "mlp", "variants"]
+__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "compiled", "mlp", "variants"]
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -81,3 +81,17 @@ def variants():
     yield "untracked", nn.BatchNorm2d(4, track_running_stats=False), (16, 4, 3, 3)
     yield "eval-mode", nn.BatchNorm2d(4).eval(), (16, 4, 3, 3)
     yield "untracked-eval-mode", nn.BatchNorm2d(4, track_running_stats=False).eval(), (16, 4, 3, 3)
+
+
+def compiled(model: nn.Module, graphs: list, in_place: bool = False) -> nn.Module:
+    """``torch.compile(model)`` (``model.compile()`` with ``in_place``) with a backend that runs each
+    graph as traced and appends it to ``graphs``."""
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compiler.reset()  # graphs compiled for another model of the same class are not reused
+    if in_place:
+        model.compile(backend=backend)
+        return model
+    return torch.compile(model, backend=backend)

@@ -39,7 +39,8 @@ def good_runs(tmp_path_factory):
     scenarios = ["no_bn_exact", "uneven", "padding", "bn_two_pass", "sync_bn", "chunked_phase_one", "micro_bn",
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
                  "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
-                 "phase_one_in_channels_last", "channels_last_fails_on_rank_one"]
+                 "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
+                 "ddp_of_compiled"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -73,7 +74,7 @@ def test_no_bn_ranks_equal_one_process_with_the_whole_batch(good_runs, scenario,
 
 @pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn", "lockstep", "lockstep_out_of_memory",
                                       "checkpointed", "phase_one_in_channels_last",
-                                      "channels_last_fails_on_rank_one"])
+                                      "channels_last_fails_on_rank_one", "compiled_ddp", "ddp_of_compiled"])
 def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
     # The same micro-batches of 4 in one process: the same full-batch statistics, so the same step.
     reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
+from tests.models import compiled
 
 MIB = 2**20
 
@@ -104,3 +105,25 @@ def test_peaks_agree_with_pytorchs_memtracker():
             step(n)()
         reference = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
         assert peak_bytes(step(n), torch.device("cpu"), model, optimizer) == reference
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance needs torch 2.6")
+def test_a_compiled_model_is_measured_eagerly_and_stays_compiled():
+    # Dynamo skips a frame called under a dispatch mode and went on skipping it afterwards
+    # (pytorch/pytorch#190286): one measured step would have left the model uncompiled for good.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    graphs = []
+    fast = compiled(model, graphs)
+    x = torch.randn(8, 16)
+
+    def step(module):
+        module(x).square().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    eager_peak = peak_bytes(lambda: step(model), torch.device("cpu"), model, optimizer)
+    assert peak_bytes(lambda: step(fast), torch.device("cpu"), model, optimizer) == eager_peak
+    assert not graphs
+    step(fast)
+    assert graphs

@@ -8,7 +8,7 @@ from torch import nn
 
 import autobatch
 from autobatch.split import balanced_splits
-from tests.models import Flat, ResidualNet, mlp, variants
+from tests.models import Flat, ResidualNet, compiled, mlp, variants
 from tests.reference import (assert_same_state, cosine, flat_grad, frozen_statistics_grad, full_batch_grad,
                              model_state, plain_accumulation_grad, relative_error)
 
@@ -282,6 +282,48 @@ def test_bfloat16_autocast_on_cpu():
     assert cosine(grad, full_batch_grad(model, x, y, ce)) > 0.9
     torch.testing.assert_close(micro.bn.running_mean, full.bn.running_mean, rtol=2e-2, atol=2e-3)
     assert micro.bn.num_batches_tracked.item() == 1
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, in_place", [({"bn": "two_pass"}, False), ({"bn": "micro"}, False),
+                                               ({"bn": "two_pass", "lockstep": True}, False),
+                                               ({"bn": "two_pass"}, True)],
+                         ids=["two_pass", "micro", "lockstep", "model.compile()"])
+def test_a_compiled_model_trains_as_the_model_itself(options, in_place):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=2).double()
+    other = copy.deepcopy(model)
+    batches = [(torch.randn(16, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (16,))) for _ in range(3)]
+
+    def train(module, parameters):
+        ab = autobatch.wrap(module, torch.optim.SGD(parameters, lr=0.1, momentum=0.9), 16, ce, micro_batch=6,
+                            **options)
+        return [ab.step(x, y) for x, y in batches]
+
+    graphs = []
+    losses = train(compiled(other, graphs, in_place), other.parameters())
+    assert graphs
+    assert losses == pytest.approx(train(model, model.parameters()), rel=1e-12)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[key], value, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_a_compiled_two_pass_step_compiles_in_the_first_step_only():
+    # Phase 1 runs to the end of the forward under torch.compile: stopping it with an exception after
+    # the last BatchNorm made dynamo give up on the traced forward and compile the BatchNorm calls
+    # apart, at every step until its recompile limit (13 graphs after two steps, instead of 4).
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=2)
+    graphs = []
+    ab = autobatch.wrap(compiled(model, graphs), torch.optim.SGD(model.parameters(), lr=0.1), 16, ce,
+                        micro_batch=6)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    ab.step(x, y)
+    first = len(graphs)
+    for _ in range(3):
+        ab.step(x, y)
+    assert first and len(graphs) == first
 
 
 # -- nothing left behind ---------------------------------------------------------------------
