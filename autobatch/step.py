@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from autobatch.batchnorm import (BatchNormCall, BatchNormState, PooledBatchNorm, StopForward, TwoPassBatchNorm,
                                  batch_norm_modules, batch_norm_names, intercept_batch_norm,
                                  uses_batch_statistics)
+from autobatch.bypass import RunningStatisticsWatch
 from autobatch.distributed import RankFailure, Ranks, ddp_of, ddp_state, plain_sync_batch_norm
 from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
@@ -103,6 +104,8 @@ class AutoBatch:
         #: Where the step is, for out-of-memory recovery: "micro-batches", "phase 1" or "lockstep".
         self._phase = "micro-batches"
         self._warned_thin = False
+        #: Whether a step that splits its batch has checked that every BatchNorm went through autobatch.
+        self._watched = False
         self._open = True
         if self.plan is not None:
             log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
@@ -241,6 +244,7 @@ class AutoBatch:
     def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, total: int) -> float:
         """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         mode = self._bn_mode(len(splits))
+        watch = RunningStatisticsWatch(self._module) if len(splits) > 1 and not self._watched else None
         norm: Union[TwoPassBatchNorm, PooledBatchNorm, None] = None
         intercept: ContextManager[None] = contextlib.nullcontext()
         # Activation checkpointing calls BatchNorm again in backward: not a new forward.
@@ -293,8 +297,10 @@ class AutoBatch:
                     settled = True
                     self._settle(weighted, splits, error)
         state.keep_counted()
-        if isinstance(norm, PooledBatchNorm):
-            norm.commit()
+        layers = norm.commit() if isinstance(norm, PooledBatchNorm) else norm.layers if norm is not None else []
+        if watch is not None:
+            watch.check({layer.name for layer in layers}, self._names)
+            self._watched = True
         return mean_loss
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:

@@ -1,0 +1,50 @@
+"""Layers whose running statistics change without a call to ``F.batch_norm``, which autobatch cannot see.
+
+A TorchScript module, or a BatchNorm subclass whose forward computes its own statistics, updates its
+running statistics once per micro-batch and normalizes with the micro-batch's statistics: nothing
+autobatch promises holds for it, so the first step that splits a batch checks for them::
+
+    watch = RunningStatisticsWatch(model)
+    ...                                     # the step's forwards and backwards
+    watch.check(handled, names)             # raises, naming every layer that changed unseen
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RunningStatisticsWatch"]
+
+
+class RunningStatisticsWatch:
+    """Every layer with a ``running_mean`` buffer (TorchScript submodules' too), and its buffers now."""
+
+    def __init__(self, model: nn.Module):
+        self._layers: dict[str, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}
+        for name, module in model.named_modules():
+            own = dict(module.named_buffers(recurse=False))
+            if own.get("running_mean") is not None:
+                saved = [(buffer, buffer.detach().clone()) for buffer in own.values() if buffer is not None]
+                self._layers[name or type(model).__name__] = (own["running_mean"], saved)
+
+    @torch.no_grad()
+    def check(self, handled: set[str], names: dict[int, str]) -> None:
+        """Raise if a running mean changed whose layer is not among the ``handled`` names (``names``:
+        a BatchNorm buffer's id to its layer's name, as the handlers record it), after putting that
+        layer's buffers back."""
+        unseen = {layer: saved for layer, (mean, saved) in self._layers.items()
+                  if names.get(id(mean)) not in handled and not mean.equal(_value(mean, saved))}
+        if not unseen:
+            return
+        for buffer, value in (pair for saved in unseen.values() for pair in saved):
+            buffer.copy_(value)
+        raise RuntimeError(
+            f"layer{'s' if len(unseen) > 1 else ''} {', '.join(map(repr, unseen))} changed running statistics "
+            "without calling torch.nn.functional.batch_norm: autobatch cannot normalize them with the logical "
+            "batch's statistics, and every micro-batch would update them again (a TorchScript module, or a "
+            "BatchNorm whose forward computes its own statistics). Pass the model as Python modules "
+            "(torch.compile works), or make these layers call F.batch_norm; the step was undone")
+
+
+def _value(buffer: Tensor, saved: list[tuple[Tensor, Tensor]]) -> Tensor:
+    return next(value for kept, value in saved if kept is buffer)
