@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = ["RunningStatisticsWatch"]
 
@@ -22,6 +23,8 @@ class RunningStatisticsWatch:
     def __init__(self, model: nn.Module):
         self._layers: dict[str, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}
         for name, module in model.named_modules():
+            if isinstance(module, _InstanceNorm):
+                continue  # it normalizes each sample alone: splitting the batch cannot change its outputs
             own = dict(module.named_buffers(recurse=False))
             if own.get("running_mean") is not None:
                 saved = [(buffer, buffer.detach().clone()) for buffer in own.values() if buffer is not None]

@@ -56,18 +56,20 @@ def test_a_single_split_is_a_plain_step_and_needs_no_check():
 
 
 class UnusedAndFrozen(nn.Module):
-    """A BatchNorm never called, and one in eval mode: their running statistics rightly stay."""
+    """A BatchNorm never called, and one in eval mode: their running statistics rightly stay. An
+    InstanceNorm normalizes each sample alone, so its outputs do not depend on the split."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.frozen = nn.BatchNorm2d(4).eval()
         self.unused = nn.BatchNorm2d(4)
+        self.instance = nn.InstanceNorm2d(4, track_running_stats=True)
         self.bn = nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(self.bn(self.frozen(self.conv(x))).mean((2, 3)))
+        return self.head(self.bn(self.instance(self.frozen(self.conv(x)))).mean((2, 3)))
 
 
 @pytest.mark.parametrize("bn", ["two_pass", "micro"])
