@@ -21,25 +21,29 @@ class RunningStatisticsWatch:
     """Every layer with a ``running_mean`` buffer (TorchScript submodules' too), and its buffers now."""
 
     def __init__(self, model: nn.Module):
-        self._layers: dict[str, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}
+        #: Each layer's buffers by their names, with their values now.
+        self._layers: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         for name, module in model.named_modules():
             if isinstance(module, _InstanceNorm):
                 continue  # it normalizes each sample alone: splitting the batch cannot change its outputs
             own = dict(module.named_buffers(recurse=False))
             if own.get("running_mean") is not None:
-                saved = [(buffer, buffer.detach().clone()) for buffer in own.values() if buffer is not None]
-                self._layers[name or type(model).__name__] = (own["running_mean"], saved)
+                self._layers[name or type(model).__name__] = {
+                    key: (buffer, buffer.detach().clone()) for key, buffer in own.items() if buffer is not None}
 
     @torch.no_grad()
     def check(self, handled: set[str], names: dict[int, str]) -> None:
         """Raise if a running mean changed whose layer is not among the ``handled`` names (``names``:
         a BatchNorm buffer's id to its layer's name, as the handlers record it), after putting that
         layer's buffers back."""
-        unseen = {layer: saved for layer, (mean, saved) in self._layers.items()
-                  if names.get(id(mean)) not in handled and not mean.equal(_value(mean, saved))}
+        unseen = {}
+        for layer, own in self._layers.items():
+            mean, before = own["running_mean"]
+            if names.get(id(mean)) not in handled and not mean.equal(before):
+                unseen[layer] = own
         if not unseen:
             return
-        for buffer, value in (pair for saved in unseen.values() for pair in saved):
+        for buffer, value in (pair for own in unseen.values() for pair in own.values()):
             buffer.copy_(value)
         raise RuntimeError(
             f"layer{'s' if len(unseen) > 1 else ''} {', '.join(map(repr, unseen))} changed running statistics "
@@ -48,6 +52,3 @@ class RunningStatisticsWatch:
             "BatchNorm whose forward computes its own statistics). Pass the model as Python modules "
             "(torch.compile works), or make these layers call F.batch_norm; the step was undone")
 
-
-def _value(buffer: Tensor, saved: list[tuple[Tensor, Tensor]]) -> Tensor:
-    return next(value for kept, value in saved if kept is buffer)

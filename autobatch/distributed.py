@@ -104,7 +104,7 @@ def plain_sync_batch_norm(modules: list[_BatchNorm]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ddp_state(model: nn.Module) -> Iterator[None]:
+def ddp_state(model: Optional[nn.parallel.DistributedDataParallel]) -> Iterator[None]:
     """Puts a DistributedDataParallel model back in step with the other ranks after a failed attempt.
 
     Every rank leaves a failed step together (they agree on it), but not from the same place: a rank
@@ -112,7 +112,6 @@ def ddp_state(model: nn.Module) -> Iterator[None]:
     would all-reduce in the next backward, which the other ranks run under no_sync. The forward also
     set the flag that makes the next forward broadcast buffers. Both are put back on every rank.
     """
-    model = ddp_of(model)
     if model is None:
         yield
         return

@@ -224,7 +224,7 @@ class AutoBatch:
         synced = plain_sync_batch_norm(self._bn_modules) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
         try:
-            with ddp_state(self.model), synced:
+            with ddp_state(self._ddp), synced:
                 loss = self._accumulate(batch, splits, state, sum(sizes))
             self._optimizer_step(params)
         except BaseException:
