@@ -131,8 +131,11 @@ def name_of(call: BatchNormCall, names: dict[int, str], index: Optional[int]) ->
 class _ProjectedBatchNorm(torch.autograd.Function):
     """Normalize with given statistics; backward projects with means over this micro-batch.
 
-    The backward is ``native_batch_norm_backward`` in training mode with the full-batch
-    ``mean`` and ``invstd``: the projected backward of the shared note, in PyTorch's fused kernel.
+    The backward is ``native_batch_norm_backward`` in training mode fed the micro-batch's own mean
+    and the full batch's ``invstd``: ``xhat`` is then centred within the micro-batch, so the input
+    gradient sums to zero per channel (BatchNorm's shift invariance) as the full batch's does. Fed
+    the full batch's mean instead, ``mean_k(xhat) != 0`` leaves a gradient along a constant shift of
+    the input that the loss cannot see, and biases before the layer drift (bench/fidelity_real.py).
     """
 
     @staticmethod
@@ -147,11 +150,22 @@ class _ProjectedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         input, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                ctx.needs_input_grad[2]]
+        wants_weight = weight is not None and ctx.needs_input_grad[1]
+        # dbeta is needed for dgamma's correction below even when the bias needs no gradient.
+        mask = [ctx.needs_input_grad[0], wants_weight, ctx.needs_input_grad[2] or wants_weight]
+        micro_mean = input.mean(_channel_reduction(input), dtype=mean.dtype)
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_output, input, weight, None, None, mean, invstd, True, ctx.eps, mask)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+            grad_output, input, weight, None, None, micro_mean, invstd, True, ctx.eps, mask)
+        if wants_weight:
+            # The kernel's dgamma is sum(g * xhat_centred); the forward's xhat is that plus (mean_k - mean) * invstd.
+            grad_weight = grad_weight + (micro_mean - mean) * invstd * grad_bias
+        return (grad_input, grad_weight, grad_bias if ctx.needs_input_grad[2] else None,
+                None, None, None, None)
+
+
+def _channel_reduction(input: Tensor) -> list[int]:
+    """Every dimension of a BatchNorm input but the channels'."""
+    return [0] + list(range(2, input.dim()))
 
 
 @dataclass

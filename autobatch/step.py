@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,10 @@ from autobatch.bypass import RunningStatisticsWatch
 from autobatch.distributed import RankFailure, Ranks, ddp_of, ddp_state, plain_sync_batch_norm
 from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
+from autobatch.measure import eagerly
 from autobatch.memory import check_memory_budget, is_out_of_memory, release_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
+from autobatch.randomness import RandomDraws
 from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
 from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
 from autobatch.tuning import Tuner
@@ -101,6 +103,8 @@ class AutoBatch:
         self._bn_modules = batch_norm_modules(self._module)
         self._names = batch_norm_names(self._module)
         self._two_pass = TwoPassBatchNorm(self._names, self._ranks)
+        #: Phase 1's dropout and stochastic-depth masks, replayed to the micro-batches (two_pass).
+        self._draws = RandomDraws()
         #: Where the step is, for out-of-memory recovery: "micro-batches", "phase 1" or "lockstep".
         self._phase = "micro-batches"
         self._warned_thin = False
@@ -252,6 +256,7 @@ class AutoBatch:
         lockstep: Optional[Lockstep] = None
         if mode == "two_pass":
             batch = to_device(batch, self.device)
+            self._draws.clear()
             if self.plan.lockstep and self.plan.phase1_chunks == 1:
                 lockstep = self._lockstep(batch, splits[0])
             else:
@@ -275,11 +280,13 @@ class AutoBatch:
                 try:
                     if norm is not None:
                         norm.start_micro_batch(counted=size > 0)
+                    replay, recompute_draws = self._replay(mode, sum(splits[:index]), size)
                     with self._gradient_sync(last):
-                        if index == 0 and lockstep is not None:
-                            loss = self._first_in_lockstep(lockstep, part, size * scale, splits, total)
-                        else:
-                            loss = self._micro_loss(to_device(part, self.device), size * scale, index)
+                        with replay:
+                            if index == 0 and lockstep is not None:
+                                loss = self._first_in_lockstep(lockstep, part, size * scale, splits, total)
+                            else:
+                                loss = self._micro_loss(to_device(part, self.device), size * scale, index)
                         if norm is not None:
                             norm.finish_micro_batch()
                         if index == 0 and (mode != "two_pass" or lockstep is not None):
@@ -288,7 +295,7 @@ class AutoBatch:
                         if last:
                             settled = True
                             mean_loss = self._settle(weighted, splits, None)
-                        with intercept_batch_norm(recompute):
+                        with intercept_batch_norm(recompute), recompute_draws:
                             self._backward(loss)
                 except BaseException as error:
                     if not self._ranks.active or settled:
@@ -302,6 +309,14 @@ class AutoBatch:
             watch.check({layer.name for layer in layers}, self._names)
             self._watched = True
         return mean_loss
+
+    def _replay(self, mode: str, first_row: int, size: int) -> tuple[ContextManager[None], ContextManager[None]]:
+        """The micro-batch's forward and backward with phase 1's random draws for its rows (two_pass).
+        A padding micro-batch (no samples of its own, weight 0) draws afresh. A compiled model replays
+        eagerly: dynamo reused a frame of the replaying mode compiled for one op for another (torch 2.13)."""
+        if mode != "two_pass" or size == 0 or not self._draws.recorded:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return _eagerly_replaying(self._draws, first_row, size), self._draws.recompute()
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
         """DistributedDataParallel all-reduces once per logical batch: after the last micro-batch."""
@@ -318,7 +333,7 @@ class AutoBatch:
         rest = self._layout.convert(rest)
 
         def forward_rest() -> None:
-            with self._autocast():
+            with self._autocast(), self._draws.record(first, size - first):
                 self._forward(rest)
 
         return Lockstep(self._two_pass, forward_rest if rest is not None else None, thread_context(self.device),
@@ -348,7 +363,7 @@ class AutoBatch:
             if chunks == 1:
                 two_pass.start_statistics_pass()
                 complete = True
-                with intercept_batch_norm(two_pass.record):
+                with intercept_batch_norm(two_pass.record), self._draws.record(0, size):
                     try:
                         self._forward(batch)
                     except StopForward:
@@ -359,7 +374,8 @@ class AutoBatch:
                 with intercept_batch_norm(pooled.handle):
                     for index, chunk in enumerate(split_batch(batch, sizes)):
                         pooled.start_micro_batch()
-                        self._forward(chunk)
+                        with self._draws.record(sum(sizes[:index]), sizes[index]):
+                            self._forward(chunk)
                         if index == 0:
                             state.mark_counted()
                 state.keep_counted()
@@ -478,6 +494,12 @@ class AutoBatch:
         for p in self.model.parameters():
             seen.setdefault(id(p), p)
         return list(seen.values())
+
+
+@contextlib.contextmanager
+def _eagerly_replaying(draws: RandomDraws, first_row: int, size: int) -> Iterator[None]:
+    with eagerly(), draws.replay(first_row, size):
+        yield
 
 
 def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any, bn: Any, scaler: Any,

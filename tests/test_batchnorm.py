@@ -9,12 +9,14 @@ from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, TwoPassBatchNo
 
 
 def projected_backward_formula(g, x, gamma, mean, var, eps):
-    """The shared note's projected backward, written out in Python (means over this micro-batch)."""
+    """two_pass's backward written out in Python: the full batch's invstd, ``xhat`` centred within this
+    micro-batch, and means over this micro-batch."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     dims = [0] + list(range(2, x.dim()))
     xhat = (x - mean.view(shape)) / (var.view(shape) + eps).sqrt()
+    centred = xhat - xhat.mean(dims, keepdim=True)
     return gamma.view(shape) / (var.view(shape) + eps).sqrt() * (
-        g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        g - g.mean(dims, keepdim=True) - centred * (g * centred).mean(dims, keepdim=True))
 
 
 def test_intercept_restores_batch_norm_even_on_error():

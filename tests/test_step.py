@@ -180,6 +180,53 @@ def test_two_pass_gradient_is_close_to_the_full_batch_and_beats_the_alternatives
     assert mean(frozen) < 0.7 and mean(ours) > mean(frozen) + 0.3, (ours, frozen)
 
 
+class BiasedConvNet(nn.Module):
+    """Convs with a bias right before each BatchNorm, and a BatchNorm1d head: the full batch's
+    gradient of every such bias is exactly zero (BatchNorm removes any constant shift of its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6, 8)
+        self.bn3 = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(x)))
+        return self.fc2(F.relu(self.bn3(self.fc1(x.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("micro_batch", [2, 3, 5])
+def test_two_pass_keeps_batch_norm_shift_invariance(micro_batch):
+    """Per channel, every BatchNorm's input gradient sums to zero over the logical batch, as in the
+    full batch, and a bias right before a BatchNorm gets no gradient (float64)."""
+    torch.manual_seed(0)
+    model = BiasedConvNet().double()
+    x, y = torch.randn(16, 3, 5, 5, dtype=torch.float64) * 2 + 1, torch.randint(0, 5, (16,))
+    sums = {}
+    for name in ("bn1", "bn2", "bn3"):
+        def hook(module, grad_input, grad_output, name=name):
+            dims = [0] + list(range(2, grad_input[0].dim()))
+            sums[name] = sums.get(name, 0) + grad_input[0].sum(dims)
+        model.get_submodule(name).register_full_backward_hook(hook)
+    reference = full_batch_grad(model, x, y, ce)
+    grad, _ = step_grad(model, x, y, micro_batch)
+    scale = reference.abs().max()
+    for name, total in sums.items():
+        assert total.abs().max() < 1e-12 * scale, (name, total)
+    offset, biases = 0, {}
+    for name, p in model.named_parameters():
+        biases[name] = grad[offset:offset + p.numel()]
+        offset += p.numel()
+    for name in ("conv1.bias", "conv2.bias", "fc1.bias"):
+        assert biases[name].abs().max() < 1e-12 * scale, (name, biases[name])
+    assert biases["conv1.weight"].abs().max() > 1e-3 * scale
+
+
 def test_micro_mode_is_plain_accumulation_with_running_statistics_committed_once():
     """Gradient of plain accumulation; each layer's running statistics updated once, from the
     statistics of everything it saw in the logical batch (its inputs over all micro-batches)."""

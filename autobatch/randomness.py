@@ -1,0 +1,282 @@
+"""Phase 1's random draws (dropout, stochastic depth), replayed to each micro-batch in phase 2.
+
+two_pass normalizes each micro-batch with statistics that phase 1 measured under its own dropout
+and stochastic-depth masks. Drawn afresh, phase 2's masks give every BatchNorm activations that
+phase 1 never saw, normalized with phase 1's statistics; nothing corrects the mismatch, and it
+compounds with depth (stock EfficientNet's first gradient reached 1e17). :class:`RandomDraws`
+records every random draw of phase 1 in order and gives each micro-batch's k-th draw phase 1's
+k-th draw, sliced to the micro-batch's rows (whole when the draw is not per sample)::
+
+    draws = RandomDraws()
+    with draws.record(first_row=0):
+        phase_1(batch)                              # 16 samples: masks of 16 rows
+    with draws.replay(first_row=4):
+        loss = loss_fn(model(batch[4:8]), ...)      # rows 4:8 of each mask
+    with draws.recompute():
+        loss.backward()                             # checkpointing's recomputation: the same masks
+
+Draws are intercepted with a :class:`~torch.overrides.TorchFunctionMode`: per thread, unwound by
+the ``with`` block, and traced by ``torch.compile``. Memory: a dropout mask costs one byte per
+element of its input for the whole logical batch, other draws their own size, and only draws
+made before phase 1's last BatchNorm call are kept (phase 1 stops there); they live until the step
+ends, inside the peak the planner measures.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["RandomDraws"]
+
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+#: Dropouts by qualified name (torch.compile traces string lookups reliably, function-keyed ones not),
+#: with their argument names; those that zero whole channels give the dimensions of a batched input.
+_DROPOUTS = {F.dropout: ("input", "p", "training", "inplace"), torch.dropout: ("input", "p", "train"),
+             torch.dropout_: ("input", "p", "train"), F.dropout1d: ("input", "p", "training", "inplace"),
+             F.dropout2d: ("input", "p", "training", "inplace"), F.dropout3d: ("input", "p", "training", "inplace")}
+_DROPOUT_ARGUMENTS = {func.__qualname__: names for func, names in _DROPOUTS.items()}
+_CHANNEL_DROPOUT_DIMS = {F.dropout1d.__qualname__: 3, F.dropout2d.__qualname__: 4, F.dropout3d.__qualname__: 5}
+#: Functions whose output is the draw itself (in place: the tensor they fill).
+_DRAWS = {func.__qualname__ for func in (
+    torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.exponential_,
+    torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.random_,
+    torch.Tensor.bernoulli, torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
+    torch.randn_like, torch.randint_like, torch.normal, torch.poisson, torch.multinomial, torch.Tensor.multinomial,
+    torch.randperm)}
+
+
+def _kind(func: Callable) -> Optional[str]:
+    """"draw", "dropout", or None for a function that draws nothing."""
+    name = getattr(func, "__qualname__", None)
+    return "draw" if name in _DRAWS else "dropout" if name in _DROPOUT_ARGUMENTS else None
+
+
+@dataclass
+class _Segment:
+    """The draws of one phase-1 forward over ``rows`` samples starting at ``first_row``."""
+
+    first_row: int
+    rows: int = 0
+    funcs: list[Callable] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+
+
+class _Intercept(TorchFunctionMode):
+    """Hands every random draw to ``draw(func, args, kwargs)``; everything else runs as called."""
+
+    def __init__(self, draw: Callable[[Callable, tuple, dict], Any]):
+        super().__init__()
+        self._draw = draw
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _kind(func) is None:
+            return func(*args, **kwargs)
+        return self._draw(func, args, kwargs)
+
+
+def _dropout_arguments(func: Callable, args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]:
+    names = _DROPOUT_ARGUMENTS[func.__qualname__]
+    bound = dict(zip(names, args), **kwargs)
+    training = bound.get("training", bound.get("train", True))
+    return bound["input"], bound.get("p", 0.5), bool(training), bool(bound.get("inplace", func is torch.dropout_))
+
+
+def _mask_shape(func: Callable, input: Tensor) -> Optional[tuple[int, ...]]:
+    """The shape of the dropout's mask, None for an input the dropout does not take per channel."""
+    batched = _CHANNEL_DROPOUT_DIMS.get(func.__qualname__)
+    if batched is None:
+        return tuple(input.shape)
+    if input.dim() == batched:
+        return tuple(input.shape[:2]) + (1,) * (batched - 2)
+    if input.dim() == batched - 1:  # no batch dimension: channels first
+        return (input.shape[0],) + (1,) * (batched - 2)
+    return None
+
+
+def _rng_key(device: torch.device) -> Tensor:
+    """The state of the generator that draws on ``device``: checkpointing restores it to recompute."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    device = kwargs.get("device")
+    return torch.device(device) if device is not None else torch.empty(0).device
+
+
+class RandomDraws:
+    """Phase 1's random draws, recorded per forward and replayed, sliced, to micro-batches."""
+
+    def __init__(self) -> None:
+        self._segments: list[_Segment] = []
+        self._cursor = 0
+        self._rows: Optional[tuple[int, int]] = None
+        #: Each draw of the last micro-batch's forward: (generator state before it, the replayed
+        #: values, or None for a fresh draw, which checkpointing's restored generator draws again).
+        self._given: list[tuple[Optional[Tensor], Optional[Tensor]]] = []
+
+    def clear(self) -> None:
+        """Forget the last step's draws (before a new phase 1)."""
+        self._segments = []
+        self._given = []
+
+    @property
+    def recorded(self) -> int:
+        return sum(len(segment.values) for segment in self._segments)
+
+    # -- phase 1 --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def record(self, first_row: int, rows: int) -> Iterator[None]:
+        """Record the draws of a phase-1 forward over ``rows`` samples starting at ``first_row``."""
+        segment = _Segment(first_row, rows)
+        self._segments.append(segment)
+        with _Intercept(lambda func, args, kwargs: self._record(segment, func, args, kwargs)):
+            yield
+
+    def _record(self, segment: _Segment, func: Callable, args: tuple, kwargs: dict) -> Any:
+        if _kind(func) == "draw":
+            drawn = func(*args, **kwargs)
+            if isinstance(drawn, Tensor):
+                segment.funcs.append(func)
+                segment.values.append(drawn.detach().clone())
+            return drawn
+        return self._dropout(func, args, kwargs, lambda mask: self._keep(segment, func, mask))
+
+    @staticmethod
+    def _keep(segment: _Segment, func: Callable, mask: Tensor) -> Tensor:
+        segment.funcs.append(func)
+        segment.values.append(mask.bool())  # one byte per element: a mask is 0 or 1
+        return mask
+
+    @staticmethod
+    def _dropout(func: Callable, args: tuple, kwargs: dict, mask_of: Callable[[Tensor], Tensor]) -> Tensor:
+        """The dropout as PyTorch computes it, with its 0/1 mask passed through ``mask_of``."""
+        input, p, training, inplace = _dropout_arguments(func, args, kwargs)
+        shape = _mask_shape(func, input)
+        if not training or p == 0 or shape is None or not 0 <= p <= 1:
+            return func(*args, **kwargs)  # nothing drawn (or PyTorch's own error for a bad p)
+        mask = mask_of(torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p))
+        scale = mask.to(input.dtype) * (1 / (1 - p) if p < 1 else 0.0)
+        return input.mul_(scale) if inplace else input * scale
+
+    # -- phase 2 --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def replay(self, first_row: int, rows: int) -> Iterator[None]:
+        """A micro-batch's forward over ``rows`` samples from ``first_row``: phase 1's draws, in order."""
+        self._cursor, self._rows, self._given = 0, (first_row, first_row + rows), []
+        with _Intercept(self._replay):
+            yield
+
+    def _replay(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        index = self._cursor
+        self._cursor += 1
+        # Checkpointing recomputes with the generator as it was; the state then finds the draw again.
+        key = None if _is_compiling() else _rng_key(_device_of(args, kwargs))
+        if _kind(func) == "draw":
+            drawn = func(*args, **kwargs)
+            replayed = self._recorded(index, func, drawn.shape) if isinstance(drawn, Tensor) else None
+            if replayed is not None:
+                drawn = drawn.copy_(replayed) if func.__name__.endswith("_") else replayed.to(drawn.dtype)
+            self._given.append((key, None if replayed is None else drawn.detach().clone()))
+            return drawn
+        input, p, training, inplace = _dropout_arguments(func, args, kwargs)
+        shape = _mask_shape(func, input)
+        replayed = None
+        if training and 0 < p <= 1 and shape is not None:
+            replayed = self._recorded(index, func, torch.Size(shape))
+        if replayed is None:
+            self._given.append((key, None))
+            return func(*args, **kwargs)
+        # The dropout itself, output unused, advances the generator exactly as its recomputation will.
+        func(input.detach().clone() if inplace else input.detach(), *args[1:], **kwargs)
+        mask = replayed.to(input.dtype)
+        self._given.append((key, mask))
+        scale = mask * (1 / (1 - p) if p < 1 else 0.0)
+        return input.mul_(scale) if inplace else input * scale
+
+    def _recorded(self, index: int, func: Callable, shape: torch.Size) -> Optional[Tensor]:
+        """Phase 1's draw number ``index`` for this micro-batch's rows; None where phase 1 has none
+        (draws after its last BatchNorm call, or rows it did not run, as lockstep's first micro-batch)."""
+        start, stop = self._rows
+        pieces = []
+        for segment in self._segments:
+            if index >= len(segment.values):
+                return None
+            if segment.funcs[index].__qualname__ != func.__qualname__:
+                raise RuntimeError(
+                    f"random draw #{index} of the micro-batch forward is {func.__name__} but phase 1's was "
+                    f"{segment.funcs[index].__name__}; bn='two_pass' replays phase 1's random draws in order and "
+                    "needs the same sequence of them for every batch. Use bn='micro' for such models.")
+            value = segment.values[index]
+            per_sample = value.dim() > 0 and value.shape[0] == segment.rows
+            if per_sample and tuple(shape) == (stop - start,) + tuple(value.shape[1:]):
+                low, high = max(start, segment.first_row), min(stop, segment.first_row + segment.rows)
+                if low < high:
+                    pieces.append(value[low - segment.first_row:high - segment.first_row])
+            elif value.shape == shape:
+                return value  # not per sample: the same draw for every micro-batch
+            else:
+                raise RuntimeError(
+                    f"random draw #{index} ({func.__name__}) has shape {tuple(shape)} in the micro-batch forward "
+                    f"but {tuple(value.shape)} in phase 1; bn='two_pass' can replay draws that are per sample "
+                    "(the batch as first dimension) or the same for the whole batch. Use bn='micro' for such models.")
+        if not pieces or sum(len(piece) for piece in pieces) != stop - start:
+            return None
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    @contextlib.contextmanager
+    def recompute(self) -> Iterator[None]:
+        """The micro-batch's backward: a draw that activation checkpointing makes again gets what the
+        forward's draw got, found by the generator state that checkpointing restored (preserve_rng_state,
+        its default). Autograd runs backward without torch-function modes, so this one is a dispatch
+        mode, entered only when the forward replayed a draw."""
+        if not any(given is not None for _, given in self._given):
+            yield
+            return
+        with _Recompute(self._given):
+            yield
+
+
+class _Recompute(TorchDispatchMode):
+    """Gives an aten random op whose generator state matches a forward draw that forward's values."""
+
+    def __init__(self, given: list[tuple[Optional[Tensor], Optional[Tensor]]]):
+        super().__init__()
+        self._given = given
+        self._used: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        key = _rng_key(_device_of(args, kwargs))
+        index = next((i for i, (seen, _) in enumerate(self._given)
+                      if i not in self._used and seen is not None and torch.equal(seen, key)), None)
+        result = func(*args, **kwargs)  # advances the generator as the forward's draw did
+        if index is None or self._given[index][1] is None:
+            return result  # a fresh draw: the restored generator draws it again
+        self._used.add(index)
+        given = self._given[index][1]
+        if func.overloadpacket is torch.ops.aten.native_dropout:  # fused dropout (CUDA): (output, mask)
+            p = args[1]
+            return args[0] * given.to(args[0].dtype) * (1 / (1 - p) if p < 1 else 0.0), given.bool()
+        if isinstance(result, Tensor) and result.shape == given.shape:
+            return result.copy_(given)
+        raise RuntimeError(
+            f"activation checkpointing recomputed a random draw ({func}) of shape "
+            f"{tuple(getattr(result, 'shape', ()))} where the forward's had {tuple(given.shape)}")

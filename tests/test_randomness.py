@@ -1,0 +1,194 @@
+"""randomness.py: two_pass's micro-batches see phase 1's dropout and stochastic-depth masks (float64).
+
+The reference is the full batch with the same masks: the generator seeded alike before the full
+batch's forward and before the step, whose phase 1 draws them in the same order."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import autobatch
+from autobatch.randomness import RandomDraws
+from tests.models import StochasticNet, compiled
+from tests.reference import flat_grad, relative_error
+from tests.test_step import bn_outputs
+
+ce = nn.CrossEntropyLoss()
+
+
+def data(n=16, size=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64),
+            torch.randint(0, 5, (n,), generator=generator))
+
+
+class Checkpointed(nn.Module):
+    """StochasticNet with every block under non-reentrant activation checkpointing."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        net = self.net
+        x = F.silu(net.bn(net.stem(x)))
+        for block in net.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        x = F.dropout(net.fc1(x.mean((2, 3))), 0.3, self.training)
+        return net.fc2(F.silu(net.head_bn(x)))
+
+
+def autobatch_step(model, x, y, micro_batch=5, seed=1, **options):
+    """One two_pass step with the generator seeded at ``seed``; its loss and accumulated gradient."""
+    grads = []
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(x), ce, micro_batch=micro_batch,
+                        cache=False, phase1_memory_format=torch.preserve_format,
+                        before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
+    torch.manual_seed(seed)
+    return ab.step(x, y), grads[0], ab
+
+
+@pytest.mark.parametrize("variant", ["plain", "checkpointed", "compiled"])
+def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
+    """Loss and every BatchNorm output of two_pass equal the full batch's with the same masks."""
+    torch.manual_seed(0)
+    net = StochasticNet(blocks=3).double()
+    x, y = data()
+    full = copy.deepcopy(net)
+    full_outputs = bn_outputs(full)
+    torch.manual_seed(1)
+    full_loss = ce(full(x), y).item()
+    model = copy.deepcopy(net)
+    outputs = bn_outputs(model)
+    if variant == "checkpointed":
+        model = Checkpointed(model)
+    elif variant == "compiled":
+        model = compiled(model, [])
+    loss, grad, _ = autobatch_step(model, x, y)
+    assert loss == pytest.approx(full_loss, rel=1e-10)
+    assert len(full_outputs) == 3 * 3 + 2
+    for name, (whole,) in full_outputs.items():
+        # Checkpointing calls the blocks' layers again in each micro-batch's backward, after its forward.
+        parts = outputs[name][0::2] if variant == "checkpointed" and name.startswith("blocks") else outputs[name]
+        assert relative_error(torch.cat(parts), whole) < 1e-10, name
+    if variant == "checkpointed":
+        # The recomputation in backward got the forward's masks: the gradient of the model without it.
+        _, reference, _ = autobatch_step(copy.deepcopy(net), x, y)
+        assert relative_error(grad, reference) < 1e-10
+
+
+def phase_two_inputs(model):
+    """Every BatchNorm's inputs in grad-enabled forwards (phase 2, and lockstep's first micro-batch)."""
+    inputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(
+                lambda m, i, name=name: inputs.setdefault(name, []).append(i[0].detach())
+                if torch.is_grad_enabled() else None)
+    return inputs
+
+
+@pytest.mark.parametrize("options", [{"lockstep": True}, {"phase1_chunks": 3}], ids=["lockstep", "chunked"])
+def test_micro_batches_normalize_what_phase_one_measured(options):
+    """Lockstep and a chunked phase 1 draw in another order than the full batch, so the check is
+    the property itself: what the micro-batches feed each BatchNorm has the statistics they use."""
+    torch.manual_seed(0)
+    chunks = options.pop("phase1_chunks", 1)
+    # A chunked phase 1 pools per-chunk statistics, exact for the first BatchNorm only: one block's
+    # first layer after a dropout keeps the check exact there.
+    net = StochasticNet(blocks=3).double() if chunks == 1 else nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Dropout2d(0.3), nn.Dropout(0.2), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5)).double()
+    x, y = data()
+    net(x)
+    inputs = phase_two_inputs(net)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
+                        phase1_memory_format=torch.preserve_format, **options)
+    ab.plan = ab.plan.replace(phase1_chunks=chunks)
+    torch.manual_seed(1)
+    ab.step(x, y)
+    layers = {layer.name: layer for layer in ab._two_pass.layers}
+    assert set(layers) == set(inputs) and len(layers) >= 1
+    for name, parts in inputs.items():
+        whole = torch.cat(parts)
+        dims = [0] + list(range(2, whole.dim()))
+        torch.testing.assert_close(whole.mean(dims), layers[name].mean, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(whole.var(dims, unbiased=False), layers[name].var, rtol=1e-10, atol=1e-12,
+                                   msg=name)
+
+
+def test_deep_stochastic_depth_model_trains_like_the_full_batch():
+    """Drawn afresh in each micro-batch, this model's masks put its first gradient at 3.8e8 times
+    ... the full batch's 1.46 (measured before replay); with replay it stays at the full batch's scale."""
+    torch.manual_seed(1)
+    net = StochasticNet(blocks=8).double()
+    x, y = data(size=12, seed=1)
+    full = copy.deepcopy(net)
+    torch.manual_seed(1)
+    ce(full(x), y).backward()
+    full_norm = flat_grad(full).norm().item()
+    _, grad, _ = autobatch_step(copy.deepcopy(net), x, y, micro_batch=2)
+    assert 0.5 < grad.norm().item() / full_norm < 2, (grad.norm().item(), full_norm)
+    model = copy.deepcopy(net)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 16, ce, micro_batch=2,
+                        cache=False)
+    for step in range(10):
+        x, y = data(size=12, seed=10 + step)
+        loss = ab.step(x, y)
+        assert loss == loss and loss < 10, (step, loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_draws_after_the_last_batch_norm_are_drawn_afresh():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
+    for _ in range(3):
+        ab.step(x, y)
+    assert ab._draws.recorded == 0  # phase 1 stops at the BatchNorm, before the dropout
+
+
+def test_a_draw_that_is_neither_per_sample_nor_whole_is_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            noise = torch.rand(len(x) + 1, 4, dtype=x.dtype)[:len(x)]
+            return self.bn(self.fc(x) + noise)
+
+    net = Odd().double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(RuntimeError, match=r"random draw #0 \(rand\) has shape \(5, 4\).*\(17, 4\)"):
+        ab.step(x, y)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_dropout_records_the_mask_pytorch_draws():
+    x = torch.randn(16, 8, 5, 5, dtype=torch.float64)
+    for dropout in (F.dropout, F.dropout2d):
+        torch.manual_seed(3)
+        expected = dropout(x, 0.3, True)
+        draws = RandomDraws()
+        torch.manual_seed(3)
+        with draws.record(0, 16):
+            got = dropout(x, 0.3, True)
+        assert torch.equal(got, expected) and draws.recorded == 1
+        with draws.replay(4, 8):
+            part = dropout(x[4:12], 0.3, True)
+        assert torch.equal(part, expected[4:12])
+
+
+def test_nothing_is_left_intercepted():
+    torch.manual_seed(0)
+    net = StochasticNet(blocks=1).double()
+    autobatch_step(net, *data())
+    assert torch._C._len_torch_function_stack() == 0
