@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["balanced_parts", "balanced_splits", "batch_size", "leaves", "map_tensors", "split_batch", "take",
+__all__ = ["balanced_parts", "balanced_splits", "batch_size", "leaves", "map_tensors", "non_finite_samples",
+           "split_batch", "take",
            "to_device"]
 
 
@@ -86,6 +87,16 @@ def batch_size(tree: Any) -> int:
     if size == 0:
         raise ValueError("the batch is empty (batch dimension 0); skip empty batches before calling step()")
     return size
+
+
+def non_finite_samples(tree: Any) -> list[int]:
+    """The samples (rows of the batch) with a NaN or infinite value in any floating-point tensor."""
+    bad: set[int] = set()
+    for _, leaf in leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dim() > 0:
+            rows = ~torch.isfinite(leaf.detach().reshape(leaf.shape[0], -1)).all(1)
+            bad.update(rows.nonzero().flatten().tolist())
+    return sorted(bad)
 
 
 def split_batch(tree: Any, sizes: Sequence[int]) -> list[Any]:

@@ -28,7 +28,8 @@ from autobatch.memory import check_memory_budget, is_out_of_memory, release_memo
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.randomness import RandomDraws
 from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
-from autobatch.split import balanced_parts, balanced_splits, batch_size, split_batch, take, to_device
+from autobatch.split import (balanced_parts, balanced_splits, batch_size, non_finite_samples, split_batch, take,
+                             to_device)
 from autobatch.tuning import Tuner
 
 __all__ = ["AutoBatch", "wrap"]
@@ -294,7 +295,7 @@ class AutoBatch:
                         weighted.append(loss.detach())
                         if last:
                             settled = True
-                            mean_loss = self._settle(weighted, splits, None)
+                            mean_loss = self._settle(weighted, splits, None, batch)
                         with intercept_batch_norm(recompute), recompute_draws:
                             self._backward(loss)
                 except BaseException as error:
@@ -302,7 +303,7 @@ class AutoBatch:
                         raise
                     # The other ranks learn of it where they settle the step; then every rank raises.
                     settled = True
-                    self._settle(weighted, splits, error)
+                    self._settle(weighted, splits, error, batch)
         state.keep_counted()
         layers = norm.commit() if isinstance(norm, PooledBatchNorm) else norm.layers if norm is not None else []
         if watch is not None:
@@ -428,11 +429,12 @@ class AutoBatch:
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def _settle(self, weighted: list[Tensor], splits: list[int], failure: Optional[BaseException]) -> float:
+    def _settle(self, weighted: list[Tensor], splits: list[int], failure: Optional[BaseException],
+                batch: Any) -> float:
         """Before the last backward: every loss finite and every rank well, or all ranks raise.
         Returns the logical batch's mean loss over all ranks (one device sync per step)."""
         values = torch.stack(weighted).tolist() if weighted else []
-        error = failure or self._non_finite(values, splits)
+        error = failure or self._non_finite(values, splits, batch)
         if not self._ranks.active:
             if error is not None:
                 raise error
@@ -452,18 +454,38 @@ class AutoBatch:
             raise torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         raise RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
-    def _non_finite(self, values: list[float], splits: list[int]) -> Optional[FloatingPointError]:
+    def _non_finite(self, values: list[float], splits: list[int], batch: Any) -> Optional[FloatingPointError]:
         for index, value in enumerate(values):
             if not math.isfinite(value):
                 start = sum(splits[:index])
                 where = "" if not self._ranks.active else f" on rank {self._ranks.rank}"
+                samples = non_finite_samples(batch)
+                # Under two_pass one sample's NaN reaches every micro-batch through phase 1's statistics.
+                culprit = (f"; samples {samples} of the logical batch have NaN or infinite values in their inputs "
+                           "or targets" if samples else "")
                 return FloatingPointError(
                     f"the loss of micro-batch {index}{where} (samples {start}:{start + splits[index]} of the "
-                    f"logical batch) is {value}; no optimizer step was taken and the model is unchanged. "
+                    f"logical batch) is {value}{culprit}; no optimizer step was taken and the model is unchanged. "
                     "Check the data of those samples and the learning rate")
         return None
 
+    def _check_finite_gradient(self, params: list[nn.Parameter]) -> None:
+        """A gradient that is not finite never reaches the optimizer (a GradScaler skips such steps itself)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler is not None or not grads:
+            return
+        # Half-precision norms in float32: a large finite fp16 gradient must not read as overflow.
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None).double()
+                 for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        if not math.isfinite(norm.item()):
+            raise FloatingPointError(
+                f"the accumulated gradient of the logical batch has norm {norm.item()} although every loss is "
+                "finite; no optimizer step was taken and the model is unchanged. Lower the learning rate, or "
+                "look for an operation whose gradient overflows")
+
     def _optimizer_step(self, params: list[nn.Parameter]) -> None:
+        self._check_finite_gradient(params)
         if self.scaler is not None and self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:

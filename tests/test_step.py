@@ -488,3 +488,34 @@ def test_nan_loss_names_the_micro_batch_and_changes_nothing(bn):
         ab.step(x, (y, y_weights))
     assert_same_state(before, model_state(model))
     assert not opt.state
+
+
+def test_a_non_finite_input_sample_is_named_under_two_pass():
+    """Phase 1's statistics carry one sample's NaN into every micro-batch: the error names the sample."""
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    x[5, 1, 2, 3] = float("nan")
+    before = model_state(model)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=3)
+    with pytest.raises(FloatingPointError, match=r"micro-batch 0 .* is nan; samples \[5\] of the logical batch"):
+        ab.step(x, y)
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("bn", ["two_pass", "micro"])
+def test_a_non_finite_gradient_never_reaches_the_optimizer(bn):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1)
+
+    def loss_fn(outputs, targets):
+        # Finite (the square root of 0) with a gradient that is not (0 times infinity).
+        return ce(outputs, targets) + (model.fc.bias - model.fc.bias.detach()).abs().sqrt().sum()
+
+    before = model_state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, opt, 8, loss_fn, micro_batch=3, bn=bn)
+    with pytest.raises(FloatingPointError, match="accumulated gradient .* norm (nan|inf) .* no optimizer step"):
+        ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
+    assert_same_state(before, model_state(model))
+    assert not opt.state
