@@ -140,8 +140,8 @@ class _ProjectedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                mean: Tensor, invstd: Tensor, var: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(input, weight, mean, invstd)
+                mean: Tensor, invstd: Tensor, var: Tensor, eps: float, micro_mean: Tensor) -> Tensor:
+        ctx.save_for_backward(input, weight, mean, invstd, micro_mean)
         ctx.eps = eps
         # Eval-mode batch_norm with the full-batch statistics is the fused full-batch forward.
         return torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps,
@@ -149,23 +149,32 @@ class _ProjectedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        input, weight, mean, invstd = ctx.saved_tensors
+        input, weight, mean, invstd, micro_mean = ctx.saved_tensors
         wants_weight = weight is not None and ctx.needs_input_grad[1]
         # dbeta is needed for dgamma's correction below even when the bias needs no gradient.
         mask = [ctx.needs_input_grad[0], wants_weight, ctx.needs_input_grad[2] or wants_weight]
-        micro_mean = input.mean(_channel_reduction(input), dtype=mean.dtype)
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_output, input, weight, None, None, micro_mean, invstd, True, ctx.eps, mask)
         if wants_weight:
             # The kernel's dgamma is sum(g * xhat_centred); the forward's xhat is that plus (mean_k - mean) * invstd.
             grad_weight = grad_weight + (micro_mean - mean) * invstd * grad_bias
         return (grad_input, grad_weight, grad_bias if ctx.needs_input_grad[2] else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
-def _channel_reduction(input: Tensor) -> list[int]:
-    """Every dimension of a BatchNorm input but the channels'."""
-    return [0] + list(range(2, input.dim()))
+def channel_means(input: Tensor, dtype: torch.dtype, per_sample: bool = False) -> Tensor:
+    """Per-channel means of a BatchNorm input (N, C, ...): over everything but the channels, or with
+    ``per_sample`` over the positions of each sample only, shape (N, C)."""
+    dims = list(range(2, input.dim())) if per_sample else [0] + list(range(2, input.dim()))
+    return input.to(dtype) if not dims else input.mean(dims, dtype=dtype)
+
+
+#: How far (in the full batch's standard deviations) a micro-batch's BatchNorm input mean may lie
+#: from phase 1's mean of the same samples before the step is refused: rounding and a different
+#: memory format or convolution algorithm move it by 1e-3 and less (measured; see the README).
+REPLAY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 0.02}
+#: Half-precision inputs (autocast) round activations to 3 significant digits.
+REPLAY_TOLERANCE_HALF = 0.1
 
 
 @dataclass
@@ -178,6 +187,9 @@ class LayerStatistics:
     var: Tensor
     eps: float
     values_per_channel: int
+    #: Phase 1's per-sample channel means (samples, C) of this rank's batch; None where phase 1 ran in
+    #: chunks or in lockstep, which leaves the micro-batches unchecked.
+    sample_means: Optional[Tensor] = None
 
 
 def check_values_per_channel(count: float, name: str) -> None:
@@ -270,9 +282,14 @@ class TwoPassBatchNorm:
         self.calls_per_forward: Optional[int] = None
         self._cursor = 0
         self._recomputed = RecomputedCalls()
+        #: The rows of the logical batch the running micro-batch holds.
+        self._rows: Optional[tuple[int, int]] = None
+        #: (call index, how far its micro-batch mean lies from phase 1's for the same samples, tolerance).
+        self._deviations: list[tuple[int, Tensor, float]] = []
 
     def start_statistics_pass(self) -> None:
         self.layers = []
+        self._deviations = []
 
     def record(self, call: BatchNormCall) -> Tensor:
         name = name_of(call, self.names, len(self.layers))
@@ -285,6 +302,7 @@ class TwoPassBatchNorm:
                 call.momentum, call.eps)
             layer = LayerStatistics(name, mean, invstd, _variance(invstd, call.eps), call.eps,
                                     call.values_per_channel)
+        layer.sample_means = channel_means(call.input.detach(), layer.mean.dtype, per_sample=True)
         self.layers.append(layer)
         self.stop_after_last_call()
         return output
@@ -313,9 +331,11 @@ class TwoPassBatchNorm:
         if complete:
             self.calls_per_forward = len(self.layers)
 
-    def start_micro_batch(self, counted: bool = True) -> None:
-        """``counted`` is PooledBatchNorm's: two_pass keeps the full batch's statistics either way."""
+    def start_micro_batch(self, counted: bool = True, rows: Optional[tuple[int, int]] = None) -> None:
+        """``counted`` is PooledBatchNorm's: two_pass keeps the full batch's statistics either way.
+        ``rows``: the samples of the logical batch that the micro-batch holds, checked against phase 1."""
         self._cursor = 0
+        self._rows = rows
         self._recomputed.start_forward()
 
     def apply(self, call: BatchNormCall) -> Tensor:
@@ -324,7 +344,7 @@ class TwoPassBatchNorm:
         if index >= len(self.layers):
             raise different_calls("micro-batch", "full-batch", len(self.layers))
         self._recomputed.forward_call(call)
-        return self.project(call, self.layers[index], index)
+        return self.project(call, self.layers[index], index, check=True)
 
     def recompute(self, call: BatchNormCall) -> Tensor:
         """A call made again during the micro-batch's backward by activation checkpointing: the
@@ -332,11 +352,36 @@ class TwoPassBatchNorm:
         index = self._recomputed.match(call, name_of(call, self.names, None))
         return self.project(call, self.layers[index], index)
 
-    def project(self, call: BatchNormCall, layer: LayerStatistics, index: int) -> Tensor:
-        """``call``'s input normalized with ``layer``'s full-batch statistics, with the projected backward."""
+    def project(self, call: BatchNormCall, layer: LayerStatistics, index: int, check: bool = False) -> Tensor:
+        """``call``'s input normalized with ``layer``'s full-batch statistics, with the projected backward.
+        ``check``: compare the micro-batch's mean with phase 1's for the same samples (see :meth:`check`)."""
         check_same_channels(call.input.shape[1], layer.mean.shape[0], index, layer.name)
+        micro_mean = channel_means(call.input.detach(), layer.mean.dtype)
+        if check and layer.sample_means is not None and self._rows is not None:
+            start, stop = self._rows
+            if stop <= len(layer.sample_means):
+                phase1 = layer.sample_means[start:stop].mean(0)
+                tolerance = REPLAY_TOLERANCE.get(call.input.dtype, REPLAY_TOLERANCE_HALF)
+                self._deviations.append((index, ((micro_mean - phase1).abs() * layer.invstd).amax(), tolerance))
         return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
-                                         layer.var, layer.eps)
+                                         layer.var, layer.eps, micro_mean)
+
+    def check(self) -> Optional[RuntimeError]:
+        """The error for a step whose micro-batches fed a BatchNorm other inputs than phase 1 measured
+        for the same samples; None if they agree. One device sync, for the whole step."""
+        if not self._deviations:
+            return None
+        values = torch.stack([deviation for _, deviation, _ in self._deviations]).tolist()
+        for (index, _, tolerance), value in zip(self._deviations, values):
+            if value > tolerance:
+                return RuntimeError(
+                    f"BatchNorm layer {self.layers[index].name!r} got inputs in a micro-batch whose mean lies "
+                    f"{value:.3g} standard deviations from phase 1's for the same samples (rounding allows "
+                    f"{tolerance}); bn='two_pass' needs each micro-batch's forward to repeat phase 1's. Likely "
+                    "causes: a random operation autobatch does not replay (it replays dropout, stochastic depth "
+                    "and torch's random functions), or a layer whose output depends on the other samples of the "
+                    "batch. No optimizer step was taken and the model is unchanged; use bn='micro' for this model.")
+        return None
 
     def add(self, call: BatchNormCall, layer: LayerStatistics) -> None:
         """A layer recorded while the first micro-batch runs (see autobatch.lockstep): counted as its call."""
@@ -398,8 +443,9 @@ class PooledBatchNorm:
         self._cursor = 0
         self._counted = True
 
-    def start_micro_batch(self, counted: bool = True) -> None:
-        """``counted=False``: a padding micro-batch (a rank with fewer samples than splits), left out."""
+    def start_micro_batch(self, counted: bool = True, rows: Optional[tuple[int, int]] = None) -> None:
+        """``counted=False``: a padding micro-batch (a rank with fewer samples than splits), left out.
+        ``rows`` is TwoPassBatchNorm's: each micro-batch uses its own statistics here."""
         self._cursor = 0
         self._counted = counted
 

@@ -279,9 +279,10 @@ class AutoBatch:
                 # A rank with fewer samples than micro-batches repeats one sample at weight 0.
                 part = parts[index] if size else take(batch, 1)
                 try:
+                    first_row = sum(splits[:index])
                     if norm is not None:
-                        norm.start_micro_batch(counted=size > 0)
-                    replay, recompute_draws = self._replay(mode, sum(splits[:index]), size)
+                        norm.start_micro_batch(counted=size > 0, rows=(first_row, first_row + size) if size else None)
+                    replay, recompute_draws = self._replay(mode, first_row, size)
                     with self._gradient_sync(last):
                         with replay:
                             if index == 0 and lockstep is not None:
@@ -295,7 +296,7 @@ class AutoBatch:
                         weighted.append(loss.detach())
                         if last:
                             settled = True
-                            mean_loss = self._settle(weighted, splits, None, batch)
+                            mean_loss = self._settle(weighted, splits, None, batch, norm)
                         with intercept_batch_norm(recompute), recompute_draws:
                             self._backward(loss)
                 except BaseException as error:
@@ -303,7 +304,7 @@ class AutoBatch:
                         raise
                     # The other ranks learn of it where they settle the step; then every rank raises.
                     settled = True
-                    self._settle(weighted, splits, error, batch)
+                    self._settle(weighted, splits, error, batch, norm)
         state.keep_counted()
         layers = norm.commit() if isinstance(norm, PooledBatchNorm) else norm.layers if norm is not None else []
         if watch is not None:
@@ -430,11 +431,13 @@ class AutoBatch:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _settle(self, weighted: list[Tensor], splits: list[int], failure: Optional[BaseException],
-                batch: Any) -> float:
+                batch: Any, norm: Union[TwoPassBatchNorm, PooledBatchNorm, None]) -> float:
         """Before the last backward: every loss finite and every rank well, or all ranks raise.
         Returns the logical batch's mean loss over all ranks (one device sync per step)."""
         values = torch.stack(weighted).tolist() if weighted else []
         error = failure or self._non_finite(values, splits, batch)
+        if error is None and isinstance(norm, TwoPassBatchNorm):
+            error = norm.check()
         if not self._ranks.active:
             if error is not None:
                 raise error

@@ -96,7 +96,7 @@ class _UncentredBackward(torch.autograd.Function):
     """The phase-2 backward autobatch had before: the kernel fed the full batch's mean and invstd."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, mean, invstd, var, eps):
+    def forward(ctx, input, weight, bias, mean, invstd, var, eps, micro_mean):
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.eps = eps
         return torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps, False)
@@ -106,7 +106,7 @@ class _UncentredBackward(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         grads = torch.ops.aten.native_batch_norm_backward(grad_output, input, weight, None, None, mean, invstd,
                                                           True, ctx.eps, [True, weight is not None, True])
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 class _CentredBBackward(_UncentredBackward):
@@ -122,7 +122,7 @@ class _CentredBBackward(_UncentredBackward):
         g = grad_output
         grad_input = (weight.view(shape) * invstd.view(shape)) * (
             g - g.mean(dims, keepdim=True) - xc * (g * xhat).mean(dims, keepdim=True))
-        return grad_input, (g * xhat).sum(dims), g.sum(dims), None, None, None, None
+        return grad_input, (g * xhat).sum(dims), g.sum(dims), None, None, None, None, None
 
 
 BACKWARDS = {"two_pass, uncentred": _UncentredBackward, "two_pass, centred (b)": _CentredBBackward}
