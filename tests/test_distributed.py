@@ -40,7 +40,7 @@ def good_runs(tmp_path_factory):
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
                  "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
-                 "ddp_of_compiled"]
+                 "ddp_of_compiled", "stochastic_depth"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -167,3 +167,12 @@ def test_a_dead_rank_ends_with_a_clear_error(tmp_path):
     result = results[("rank_one_dies", 0)]
     assert result["error"] == "RankFailure", result
     assert "another rank probably died" in result["message"]
+
+
+def test_stochastic_depth_trains_on_two_ranks(good_runs):
+    first, second = good_runs[("stochastic_depth", 0)]["ok"], good_runs[("stochastic_depth", 1)]["ok"]
+    assert first["loss"] == second["loss"] and len(first["loss"]) == 10
+    assert all(loss == loss and loss < 10 for loss in first["loss"]), first["loss"]
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+        assert torch.isfinite(value.double()).all(), key

@@ -192,3 +192,20 @@ def test_nothing_is_left_intercepted():
     net = StochasticNet(blocks=1).double()
     autobatch_step(net, *data())
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_random_op_that_is_not_replayed_stops_the_step():
+    """alpha_dropout is not replayed: the micro-batches feed the BatchNorm other inputs than phase 1
+    measured, and the step is refused before the optimizer step, naming the layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.AlphaDropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    before = copy.deepcopy(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, cache=False)
+    with pytest.raises(RuntimeError, match=r"BatchNorm layer '2' got inputs in a micro-batch whose mean lies .* "
+                                           r"standard deviations from phase 1's"):
+        ab.step(x, y)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not opt.state
