@@ -55,6 +55,26 @@ def measure(splits_count: int, seeds: int, head_norm: bool) -> dict[str, list[fl
     return results
 
 
+def layer_cosines(splits_count: int, seeds: int) -> dict[str, list[float]]:
+    """two_pass's cosine to the full batch of each BatchNorm layer's dgamma (weight) and dbeta (bias)."""
+    ce = nn.CrossEntropyLoss()
+    results: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = ResidualNet(blocks=4).double()
+        x, y = torch.randn(16, 3, 12, 12, dtype=torch.float64), torch.randint(0, 5, (16,))
+        full = copy.deepcopy(model)
+        ce(full(x), y).backward()
+        ours, grads = copy.deepcopy(model), {}
+        keep = lambda ab: grads.update({name: p.grad.clone() for name, p in ab.model.named_parameters()})  # noqa: E731
+        autobatch.wrap(ours, torch.optim.SGD(ours.parameters(), lr=0.0), 16, ce, micro_batch=16 // splits_count,
+                       cache=False, before_step=keep).step(x, y)
+        for name, p in full.named_parameters():
+            if name.endswith(("bn.weight", "bn.bias", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")):
+                results.setdefault(name, []).append(cosine(grads[name], p.grad))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
@@ -73,6 +93,12 @@ def main() -> None:
             cells = [f"{statistics.mean(table[k][arm]):.3f} ({min(table[k][arm]):.3f})" for k in (2, 4, 8)]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["## Per layer: two_pass's dgamma (`.weight`) and dbeta (`.bias`), 4 splits", "",
+              "Cosine to the full batch's, in forward order (the last layer is the one nearest the loss).", "",
+              "| parameter | mean cosine (lowest) |", "| --- | --- |"]
+    for name, values in layer_cosines(4, args.seeds).items():
+        lines.append(f"| {name} | {statistics.mean(values):.3f} ({min(values):.3f}) |")
+    lines.append("")
     text = "\n".join(lines)
     pathlib.Path(args.out).write_text(text)
     print(text)
