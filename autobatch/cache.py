@@ -2,13 +2,15 @@
 
     >>> cache = PlanCache()                       # $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch
     >>> key = plan_key(model=model, batch=batch, ...)
-    >>> cache.load(key)                           # None when absent, corrupt or stale (with a warning)
+    >>> cache.load(key)                           # None when absent, corrupt or invalid (with a warning)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import tempfile
@@ -24,7 +26,7 @@ __all__ = ["PlanCache", "default_cache_dir", "plan_key"]
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what a record means changes; older records are ignored as stale.
-FORMAT = 1
+FORMAT = 2
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -39,18 +41,26 @@ def _describe_batch(batch: Any) -> list[str]:
             else f"{path}:{type(leaf).__name__}" for path, leaf in leaves(batch)]
 
 
+def _describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's class and every group's settings (amsgrad, foreach...), which size its state."""
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return [f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"] + [
+        json.dumps(group, sort_keys=True, default=str) for group in groups]
+
+
 def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, device_name: str,
              device_total_bytes: int, **settings: Any) -> str:
-    """A digest of what a step's memory depends on: structure and shapes, inputs, optimizer, device,
-    torch version, and ``settings`` (autocast dtype, bn mode, budget, world size, target batch...)."""
+    """A digest of what a step's memory depends on: structure, each module's configuration (a conv's
+    stride changes its activations, not its parameters), shapes and strides, inputs, the optimizer and
+    its settings, device, torch version, and ``settings`` (autocast dtype, bn mode, budget, world size...)."""
     description = {
         "format": FORMAT,
-        "modules": [f"{name}:{type(module).__module__}.{type(module).__qualname__}"
+        "modules": [f"{name}:{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
                     for name, module in model.named_modules()],
-        "tensors": [f"{name}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad}"
+        "tensors": [f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.requires_grad}"
                     for name, t in list(model.named_parameters()) + list(model.named_buffers())],
         "inputs": _describe_batch(batch),
-        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "optimizer": _describe_optimizer(optimizer),
         "device": [device_name, device_total_bytes],
         "torch": torch.__version__,
         "settings": {key: str(value) for key, value in sorted(settings.items())},
@@ -58,47 +68,76 @@ def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, dev
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _size(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _problem(record: Any) -> Optional[str]:
+    """What makes a record unusable, or None: every field is checked before a plan is built from it."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("format") != FORMAT:
+        return f"format {record.get('format')!r}, not {FORMAT}"
+    if not _positive_int(record.get("micro_batch")):
+        return f"micro_batch {record.get('micro_batch')!r} is not a positive integer"
+    for name in ("fixed_bytes", "per_sample_bytes"):
+        if not _size(record.get(name)):
+            return f"{name} {record.get(name)!r} is not a size in bytes"
+    points = record.get("points")
+    if not isinstance(points, list) or not all(
+            isinstance(p, list) and len(p) == 2 and _positive_int(p[0]) and (p[1] is None or _size(p[1]))
+            for p in points):
+        return "points are not [micro_batch, peak bytes] pairs"
+    if not _positive_int(record.get("phase1_chunks", 1)):
+        return f"phase1_chunks {record.get('phase1_chunks')!r} is not a positive integer"
+    if not isinstance(record.get("lockstep_fits", False), bool):
+        return f"lockstep_fits {record.get('lockstep_fits')!r} is not true or false"
+    return None
+
+
 class PlanCache:
-    """Plan records in one JSON file; a corrupt file or record is ignored with a warning, never fatal."""
+    """One JSON file per key, written whole and renamed into place: concurrent launches never lose
+    each other's records or read half a file. A file that cannot be read or holds an invalid record
+    is ignored with a warning naming it, never fatal."""
 
     def __init__(self, directory: Union[str, os.PathLike, None] = None):
-        self.path = pathlib.Path(directory or default_cache_dir()) / "plans.json"
+        self.directory = pathlib.Path(directory or default_cache_dir()) / "plans"
 
-    def _read(self) -> dict[str, Any]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError as error:
-            log.warning("cannot read the plan cache %s (%s); measuring afresh", self.path, error)
-            return {}
-        try:
-            records = json.loads(text)
-            if not isinstance(records, dict):
-                raise ValueError("not a JSON object")
-            return records
-        except ValueError as error:
-            log.warning("ignoring the corrupt plan cache %s (%s); it will be rewritten", self.path, error)
-            return {}
+    def path(self, key: str) -> pathlib.Path:
+        return self.directory / f"{key}.json"
 
     def load(self, key: str) -> Optional[dict[str, Any]]:
-        record = self._read().get(key)
-        if record is None:
+        path = self.path(key)
+        try:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
             return None
-        needed = {"format", "micro_batch", "fixed_bytes", "per_sample_bytes", "points"}
-        if not isinstance(record, dict) or not needed <= record.keys() or record["format"] != FORMAT:
-            log.warning("ignoring a stale plan cache record in %s; measuring afresh", self.path)
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            log.warning("ignoring the unreadable plan cache file %s (%s); measuring afresh", path, error)
+            return None
+        problem = _problem(record)
+        if problem is not None:
+            log.warning("ignoring the plan cache file %s (%s); measuring afresh", path, problem)
             return None
         return record
 
     def store(self, key: str, record: dict[str, Any]) -> None:
-        records = self._read()
-        records[key] = {"format": FORMAT, **record}
+        path = self.path(key)
+        temporary = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Written aside and renamed, so that concurrent launches never read half a file.
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as f:
-                json.dump(records, f, indent=1)
-            os.replace(f.name, self.path)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.directory, delete=False, suffix=".tmp") as f:
+                temporary = f.name
+                json.dump({"format": FORMAT, **record}, f, indent=1)
+            os.replace(temporary, path)
+            temporary = None
         except OSError as error:
-            log.warning("cannot write the plan cache %s (%s); the plan is not kept", self.path, error)
+            log.warning("cannot write the plan cache file %s (%s); the plan is not kept", path, error)
+        finally:
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)

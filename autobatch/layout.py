@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from autobatch.batchnorm import BatchNormCall, intercept_batch_norm, with_own_statistics
 from autobatch.distributed import Ranks
-from autobatch.memory import is_out_of_memory, release_memory
+from autobatch.memory import first_line, is_out_of_memory, release_memory
 from autobatch.split import leaves, map_tensors
 
 __all__ = ["PHASE1_FORMATS", "Phase1Layout", "check_phase1_memory_format", "to_channels_last"]
@@ -188,7 +188,7 @@ def _trial(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> t
         return _against_channels_last(forward, batch, reference, device)
     except Exception as error:  # noqa: BLE001 - channels_last is an optimization: any failure drops it
         oom = is_out_of_memory(error)
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
     if oom:
         release_memory(device)
     return _FAILED, 0.0, f"channels_last failed ({message})"

@@ -15,8 +15,8 @@ from typing import Optional, Union
 import psutil
 import torch
 
-__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "is_out_of_memory", "parse_bytes", "probe",
-           "release_memory"]
+__all__ = ["budget", "Budget", "check_memory_budget", "DeviceMemory", "first_line", "is_out_of_memory",
+           "parse_bytes", "probe", "release_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,23 @@ def budget(memory: DeviceMemory, memory_budget: Union[int, float, str, None] = N
     return Budget(int(usable * (1 - margin)), memory.capacity_bytes, cap, margin)
 
 
+#: How allocation failures read when they come as a plain RuntimeError: the host allocator's, CUDA's
+#: own (outside the caching allocator), and cuBLAS/cuDNN failing to allocate their handles or workspaces.
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                        "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, or the host allocator's)."""
+    """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, the host allocator's, cuBLAS's...)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when the message is empty (``MemoryError()``)."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__
 
 
 def release_memory(device: torch.device) -> None:

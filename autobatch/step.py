@@ -24,7 +24,7 @@ from autobatch.distributed import RankFailure, Ranks, ddp_of, ddp_state, plain_s
 from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.measure import eagerly
-from autobatch.memory import check_memory_budget, is_out_of_memory, release_memory
+from autobatch.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.randomness import RandomDraws
 from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
@@ -137,7 +137,7 @@ class AutoBatch:
                 # Running out of memory with phase 1 alongside micro-batch 0 only drops the lockstep.
                 if not (is_out_of_memory(error) and (self._auto or self._phase == "lockstep")):
                     raise
-                phase, message = self._phase, str(error).splitlines()[0]
+                phase, message = self._phase, first_line(error)
             release_memory(self.device)
             self._phase = "micro-batches"
             self.plan = self._tuner.after_out_of_memory(self.plan, phase, message)
@@ -447,7 +447,7 @@ class AutoBatch:
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if not failed:
             return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
-        messages = self._ranks.gather_messages("" if error is None else str(error).splitlines()[0])
+        messages = self._ranks.gather_messages("" if error is None else first_line(error))
         if error is not None:
             raise error
         if all(table[rank, 1] for rank in failed):

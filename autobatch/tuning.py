@@ -68,7 +68,7 @@ class Tuner:
                             tuple((n, peak) for n, peak in record["points"]))
             micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, ab._share))
             self._lockstep_fits = record.get("lockstep_fits", False)
-            plan = Plan(micro_batch, ab.target_batch, "cache", f"fitted line from {self.cache.path}", device,
+            plan = Plan(micro_batch, ab.target_batch, "cache", f"fitted line from {self.cache.path(self._key)}", device,
                         limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
                         record.get("phase1_chunks", 1), ab._ranks.world_size, ab.lockstep and self._lockstep_fits)
         else:
@@ -189,8 +189,8 @@ class Tuner:
             smaller = shrink(plan.micro_batch)
             plan = plan.replace(micro_batch=smaller,
                                 reason=f"out of memory at micro_batch={plan.micro_batch}: shrunk to {smaller}")
+        # Not stored: the cache keeps the fitted plan, and a transient shortage must not shrink the next launch.
         log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, plan.reason)
-        self._store(plan)
         return plan
 
     def after_clean_step(self, plan: Plan) -> Plan:

@@ -1,5 +1,6 @@
 import json
 import logging
+import multiprocessing
 
 import pytest
 import torch
@@ -36,27 +37,69 @@ def test_store_and_load(tmp_path):
     assert PlanCache(tmp_path).load("k")["points"] == [[2, 120], [4, 140]]
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
-def test_corrupt_file_is_ignored_with_a_warning(tmp_path, caplog, text):
-    (tmp_path / "plans.json").write_text(text)
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
+def test_corrupt_file_is_ignored_with_a_warning(tmp_path, caplog, content):
     cache = PlanCache(tmp_path)
+    cache.store("k", RECORD)
+    cache.path("k").write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         assert cache.load("k") is None
-    assert "corrupt plan cache" in caplog.text
+    assert str(cache.path("k")) in caplog.text
     cache.store("k", RECORD)  # and it is rewritten
     assert cache.load("k")["micro_batch"] == 12
 
 
-def test_stale_record_is_ignored(tmp_path, caplog):
-    (tmp_path / "plans.json").write_text(json.dumps({"k": {"format": 0, "micro_batch": 3}}))
+@pytest.mark.parametrize("change", [{"format": 0}, {"micro_batch": "4"}, {"micro_batch": 2.5}, {"micro_batch": 0},
+                                    {"micro_batch": True}, {"phase1_chunks": 0}, {"fixed_bytes": -1.0},
+                                    {"per_sample_bytes": "10"}, {"points": [[0, 120]]}, {"points": "x"},
+                                    {"lockstep_fits": "yes"}])
+def test_an_invalid_record_is_ignored_with_a_warning(tmp_path, caplog, change):
+    cache = PlanCache(tmp_path)
+    cache.store("k", RECORD)
+    cache.path("k").write_text(json.dumps({**json.loads(cache.path("k").read_text()), **change}))
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        assert PlanCache(tmp_path).load("k") is None
-    assert "stale" in caplog.text
+        assert cache.load("k") is None
+    assert str(cache.path("k")) in caplog.text
 
 
-def test_unwritable_directory_warns(tmp_path, caplog):
+def test_unwritable_directory_warns_and_leaves_no_temporary_file(tmp_path, caplog, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         PlanCache(blocker / "sub").store("k", RECORD)
     assert "cannot write the plan cache" in caplog.text
+
+    def refuse(*args):
+        raise PermissionError("refused")
+
+    monkeypatch.setattr("os.replace", refuse)
+    PlanCache(tmp_path).store("k", RECORD)
+    assert list((tmp_path / "plans").iterdir()) == []
+
+
+def _store_many(directory, worker):
+    cache = PlanCache(directory)
+    for index in range(50):
+        cache.store(f"{worker}-{index}", RECORD)
+
+
+def test_concurrent_launches_keep_every_record(tmp_path):
+    processes = [multiprocessing.get_context("spawn").Process(target=_store_many, args=(tmp_path, worker))
+                 for worker in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    cache = PlanCache(tmp_path)
+    assert all(cache.load(f"{worker}-{index}") is not None for worker in range(4) for index in range(50))
+
+
+def test_key_sees_module_configuration_and_optimizer_settings():
+    def conv_key(stride, amsgrad=False):
+        model = nn.Conv2d(3, 4, 3, stride=stride)
+        batch = (torch.randn(2, 3, 8, 8), torch.zeros(2))
+        return plan_key(model, torch.optim.Adam(model.parameters(), amsgrad=amsgrad), batch, "Test GPU", 2**30)
+
+    assert conv_key(1) == conv_key(1)
+    assert conv_key(2) != conv_key(1)  # the same parameter shapes, other activations
+    assert conv_key(1, amsgrad=True) != conv_key(1)  # one more state tensor per parameter

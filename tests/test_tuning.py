@@ -75,7 +75,7 @@ def count_forwards(model):
 def test_second_launch_uses_the_cache_without_any_trial(private_plan_cache):
     model, (x, y) = convnet(), data()
     first = autobatch.wrap(model, torch.optim.Adam(model.parameters()), 32, ce, memory_budget="6MiB").tune(x, y)
-    assert (private_plan_cache / "plans.json").exists()
+    assert len(list((private_plan_cache / "plans").glob("*.json"))) == 1
     again = convnet()
     calls = count_forwards(again)
     second = autobatch.wrap(again, torch.optim.Adam(again.parameters()), 32, ce, memory_budget="6MiB").tune(x, y)
@@ -86,15 +86,20 @@ def test_second_launch_uses_the_cache_without_any_trial(private_plan_cache):
     assert forced.source == "measured" and calls
 
 
-def test_a_corrupt_cache_is_survived(private_plan_cache, caplog):
-    private_plan_cache.mkdir(parents=True)
-    (private_plan_cache / "plans.json").write_text("{\"truncated")
+@pytest.mark.parametrize("content", [b"{\"truncated", b"\xff\xfe not UTF-8", b'{"micro_batch": "4"}'],
+                         ids=["truncated", "not-utf8", "string-micro-batch"])
+def test_a_corrupt_cache_is_survived(private_plan_cache, caplog, content):
     model, (x, y) = convnet(), data()
+    wrap = lambda: autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce,  # noqa: E731
+                                  memory_budget="6MiB")
+    fitted = wrap().tune(x, y)
+    (path,) = (private_plan_cache / "plans").glob("*.json")
+    path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        plan = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce,
-                              memory_budget="6MiB").tune(x, y)
-    assert plan.source == "measured" and "corrupt plan cache" in caplog.text
-    assert json.loads((private_plan_cache / "plans.json").read_text())
+        plan = wrap().tune(x, y)
+    assert plan.source == "measured" and plan.micro_batch == fitted.micro_batch
+    assert str(path) in caplog.text
+    assert json.loads(path.read_text())["micro_batch"] == fitted.micro_batch  # and it is rewritten
 
 
 def test_phase_one_that_does_not_fit_is_chunked():
@@ -282,3 +287,43 @@ def test_a_batch_sliced_from_a_whole_dataset_plans_like_a_batch_of_its_own():
                             cache=False)
         plans.append(ab.tune(inputs, targets))
     assert plans[0].points == plans[1].points and plans[0].micro_batch == plans[1].micro_batch
+
+
+def test_a_transient_out_of_memory_leaves_the_cached_plan_as_fitted(private_plan_cache):
+    model, (x, y) = convnet(), data(16)
+    loss_fn = OutOfMemoryAt(0)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, loss_fn, memory_budget="6MiB")
+    fitted = ab.tune(x, y).micro_batch
+    assert fitted > 1
+    loss_fn.armed = True
+    ab.step(x, y)
+    assert ab.plan.micro_batch < fitted
+    again = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="6MiB")
+    plan = again.tune(x, y)
+    assert (plan.source, plan.micro_batch) == ("cache", fitted)
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(), torch.OutOfMemoryError(""), RuntimeError("CUDA error: out of memory\nCUDA kernel errors might "
+                                                            "be asynchronously reported"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")], ids=["empty-MemoryError", "empty-OutOfMemoryError",
+                                                                 "cuda-text", "cublas", "cudnn"])
+def test_every_spelling_of_out_of_memory_is_recovered(error):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 3)).double()
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 3, (16,))
+    failures = [error]
+
+    def loss_fn(outputs, targets):
+        if failures:
+            raise failures.pop()
+        return ce(outputs, targets)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget=10**10, cache=False)
+    ab.tune(x, y)
+    ab.loss_fn = loss_fn
+    before = ab.plan.micro_batch
+    ab.step(x, y)
+    assert ab.plan.micro_batch < before and not failures
