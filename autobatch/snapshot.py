@@ -33,6 +33,9 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[No
     modes = [(module, module.training) for module in model.modules()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    # The body's backward would accumulate into the saved gradients in place: it starts without any.
+    for p in list(model.parameters()) + optimizer_params:
+        p.grad = None
     try:
         yield
     finally:

@@ -552,11 +552,28 @@ def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
     if grow_after is not None and not (isinstance(grow_after, int) and grow_after >= 1):
         raise ValueError(f"grow_after must be a positive number of steps or None, got {grow_after!r}")
+    _check_optimizer_covers_model(model, optimizer)
     if not isinstance(lockstep, bool):
         raise TypeError(f"lockstep must be True or False, got {lockstep!r}")
     if lockstep and bn != "two_pass":
         raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={bn!r} "
                          "has no phase 1: drop lockstep=True")
+
+
+def _check_optimizer_covers_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer over other parameters trains nothing while BatchNorm statistics still move."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, p in trainable if id(p) not in stepped]
+    if trainable and len(missing) == len(trainable):
+        raise ValueError("the optimizer holds none of the model's parameters, so training would change nothing "
+                         "but BatchNorm's running statistics; build it from this model: "
+                         "optimizer = torch.optim.SGD(model.parameters(), ...)")
+    if missing:
+        listing = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        log.warning("%d of the model's parameters that require grad are in no optimizer param group (%s): they "
+                    "get gradients but are never updated; freeze them (requires_grad_(False)) or add them to "
+                    "the optimizer", len(missing), listing)
 
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,

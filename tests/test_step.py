@@ -519,3 +519,22 @@ def test_a_non_finite_gradient_never_reaches_the_optimizer(bn):
         ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
     assert_same_state(before, model_state(model))
     assert not opt.state
+
+
+def test_an_optimizer_over_other_parameters_is_refused():
+    model, other = mlp(), mlp()
+    with pytest.raises(ValueError, match="the optimizer holds none of the model's parameters"):
+        autobatch.wrap(model, torch.optim.SGD(other.parameters(), lr=0.1), 8, ce)
+
+
+def test_parameters_left_out_of_the_optimizer_are_reported(caplog):
+    model = mlp()
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        autobatch.wrap(model, torch.optim.SGD(model[0].parameters(), lr=0.1), 8, ce)
+    assert "2 of the model's parameters that require grad are in no optimizer param group (2.weight, 2.bias)" \
+        in caplog.text
+    caplog.clear()
+    model[2].requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        autobatch.wrap(model, torch.optim.SGD(model[0].parameters(), lr=0.1), 8, ce)
+    assert caplog.text == ""

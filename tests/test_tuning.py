@@ -327,3 +327,15 @@ def test_every_spelling_of_out_of_memory_is_recovered(error):
     before = ab.plan.micro_batch
     ab.step(x, y)
     assert ab.plan.micro_batch < before and not failures
+
+
+def test_tune_leaves_existing_gradients_as_they_were():
+    model, (x, y) = convnet(), data(16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False)
+    ab.step(x, y)  # the optimizer now has momentum buffers
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad for p in model.parameters()]
+    ab.tune(x, y)
+    assert all(p.grad is g and torch.all(g == 0.5) for p, g in zip(model.parameters(), grads))
