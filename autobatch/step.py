@@ -231,7 +231,7 @@ class AutoBatch:
         try:
             with ddp_state(self._ddp), synced:
                 loss = self._accumulate(batch, splits, state, sum(sizes))
-            self._optimizer_step(params)
+            self._optimizer_step_once(params)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
@@ -486,6 +486,20 @@ class AutoBatch:
                 f"the accumulated gradient of the logical batch has norm {norm.item()} although every loss is "
                 "finite; no optimizer step was taken and the model is unchanged. Lower the learning rate, or "
                 "look for an operation whose gradient overflows")
+
+    def _optimizer_step_once(self, params: list[nn.Parameter]) -> None:
+        """The optimizer step, never redone: running out of memory inside it is not recoverable."""
+        try:
+            self._optimizer_step(params)
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            # PyTorch's optimizers update their state in place before allocating their temporaries.
+            raise RuntimeError(
+                f"out of memory inside optimizer.step() ({first_line(error)}); the optimizer updates its state "
+                "in place, so this step's update may be partly applied, and autobatch does not redo the batch, "
+                "which would apply it twice. Leave more headroom (a smaller memory_budget) and resume from a "
+                "checkpoint") from error
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> None:
         self._check_finite_gradient(params)

@@ -339,3 +339,22 @@ def test_tune_leaves_existing_gradients_as_they_were():
     grads = [p.grad for p in model.parameters()]
     ab.tune(x, y)
     assert all(p.grad is g and torch.all(g == 0.5) for p, g in zip(model.parameters(), grads))
+
+
+def test_out_of_memory_inside_the_optimizer_step_is_never_redone(monkeypatch):
+    """Adam bumps its step count and moments before allocating: redoing the batch applied it twice."""
+    model, (x, y) = convnet(), data(16)
+    optimizer = torch.optim.Adam(model.parameters(), foreach=True)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False)
+    ab.step(x, y)
+    original, failures = torch._foreach_sqrt, [torch.OutOfMemoryError("CUDA out of memory (injected)")]
+
+    def sqrt(tensors):
+        if failures:
+            raise failures.pop()
+        return original(tensors)
+
+    monkeypatch.setattr(torch, "_foreach_sqrt", sqrt)
+    with pytest.raises(RuntimeError, match=r"out of memory inside optimizer.step\(\) .* does not redo the batch"):
+        ab.step(x, y)
+    assert {state["step"].item() for state in optimizer.state.values()} == {2.0}
