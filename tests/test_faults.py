@@ -1,0 +1,142 @@
+"""Faults injected at every point of a step: out of memory in its spellings, and KeyboardInterrupt.
+
+After each, the model, its gradients, the optimizer's state, BatchNorm buffers, the RNG state and
+``F.batch_norm`` are as before the call (float64, exact) and training continues as if nothing had
+happened; with micro_batch="auto", running out of memory is recovered and the step equals a clean
+step under the plan it recovered to (1e-12)."""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autobatch
+from tests.models import ResidualNet
+from tests.reference import assert_same_state, model_state
+
+ce = nn.CrossEntropyLoss()
+
+ERRORS = {
+    "empty-oom": lambda: torch.OutOfMemoryError(""),
+    "cuda-text": lambda: RuntimeError("CUDA error: out of memory"),
+    "cublas": lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    "interrupt": lambda: KeyboardInterrupt(),
+}
+POINTS = ["phase 1", "forward 0", "forward 1", "backward 0", "backward 1", "optimizer step", "lockstep helper"]
+
+
+class Fault:
+    """Raises ``error()`` once, at ``point`` of the next step, from hooks on the model's first BatchNorm."""
+
+    def __init__(self, model, optimizer, point, error):
+        self.point, self.error, self.armed, self.forwards, self.backwards = point, error, False, 0, 0
+        layer = model.bn
+        layer.register_forward_pre_hook(self._forward)
+        layer.register_full_backward_hook(self._backward)
+        step = optimizer.step
+
+        def optimizer_step(*args, **kwargs):
+            self._fire("optimizer step")
+            return step(*args, **kwargs)
+
+        optimizer.step = optimizer_step
+
+    def _fire(self, point):
+        if self.armed and point == self.point:
+            self.armed = False
+            raise self.error()
+
+    def _forward(self, module, inputs):
+        if threading.current_thread().name == "autobatch-phase-1":
+            self._fire("lockstep helper")
+        elif not torch.is_grad_enabled():
+            self._fire("phase 1")
+        else:
+            self._fire(f"forward {self.forwards}")
+            self.forwards += 1
+
+    def _backward(self, module, grad_input, grad_output):
+        self._fire(f"backward {self.backwards}")
+        self.backwards += 1
+
+    def arm(self):
+        self.armed, self.forwards, self.backwards = True, 0, 0
+
+
+def setup(point, error, **options):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    fault = Fault(model, optimizer, point, ERRORS[error])
+    ab = autobatch.wrap(model, optimizer, 8, ce, cache=False, phase1_memory_format=torch.preserve_format,
+                        **options)
+    return model, optimizer, fault, ab
+
+
+def batches():
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(8, 3, 6, 6, generator=generator, dtype=torch.float64),
+             torch.randint(0, 5, (8,), generator=generator)) for _ in range(2)]
+
+
+def snapshot(model, optimizer):
+    return model_state(model), copy.deepcopy(optimizer.state_dict()), torch.get_rng_state()
+
+
+def assert_same(before, after):
+    assert_same_state(before[0], after[0])
+    assert str(before[1]) == str(after[1])
+    assert torch.equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+@pytest.mark.parametrize("point", POINTS)
+def test_a_fault_with_a_fixed_micro_batch_changes_nothing_and_training_continues(point, error):
+    lockstep = point == "lockstep helper"
+    model, optimizer, fault, ab = setup(point, error, micro_batch=4, lockstep=lockstep)
+    first, second = batches()
+    ab.step(*first)
+    before = snapshot(model, optimizer)
+    fault.arm()
+    original = F.batch_norm
+    reference_model, reference_optimizer, _, reference = setup(point, error, micro_batch=4, lockstep=lockstep)
+    reference.step(*first)
+    if lockstep and error != "interrupt":
+        # Documented: out of memory alongside the first micro-batch runs phase 1 first (the same result).
+        loss = ab.step(*second)
+        assert not fault.armed and not ab.plan.lockstep
+        assert loss == pytest.approx(reference.step(*second), rel=1e-12)
+        return
+    expected = KeyboardInterrupt if error == "interrupt" else (torch.OutOfMemoryError, RuntimeError)
+    with pytest.raises(expected):
+        ab.step(*second)
+    assert not fault.armed, "the fault never fired"
+    assert F.batch_norm is original
+    assert_same(before, snapshot(model, optimizer))
+    # Training goes on as if the failed call had never been made.
+    assert ab.step(*second) == reference.step(*second)
+    assert_same(snapshot(reference_model, reference_optimizer), snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("error", ["empty-oom", "cuda-text", "cublas"])
+@pytest.mark.parametrize("point", ["phase 1", "forward 0", "forward 1", "backward 0", "backward 1"])
+def test_out_of_memory_with_auto_is_recovered_as_a_clean_step_under_the_new_plan(point, error):
+    """(The lockstep helper's out of memory is recovered with a fixed micro-batch too: the test above.)"""
+    options = dict(micro_batch="auto", memory_budget=125_000)  # plans 4 of the 8 samples
+    model, optimizer, fault, ab = setup(point, error, **options)
+    first, second = batches()
+    ab.step(*first)
+    assert 1 < ab.plan.micro_batch < 8
+    fault.arm()
+    loss = ab.step(*second)
+    assert not fault.armed
+    reference_model, reference_optimizer, _, reference = setup(point, error, **options)
+    reference.step(*first)
+    reference.plan = ab.plan
+    assert loss == pytest.approx(reference.step(*second), rel=1e-12)
+    after, expected = snapshot(model, optimizer), snapshot(reference_model, reference_optimizer)
+    for key, value in expected[0].items():
+        if value is not None:
+            torch.testing.assert_close(after[0][key], value, rtol=1e-12, atol=1e-12, msg=key)
