@@ -102,6 +102,22 @@ def _mask_shape(func: Callable, input: Tensor) -> Optional[tuple[int, ...]]:
     return None
 
 
+def _drawing_dropout(func: Callable, args: tuple, kwargs: dict) -> Optional[tuple[Tensor, float, bool, tuple]]:
+    """(input, p, inplace, mask shape) of a dropout call that draws a mask; None for one that draws
+    nothing (eval mode, p=0, an input it does not take per channel, or a bad p, which PyTorch reports)."""
+    input, p, training, inplace = _dropout_arguments(func, args, kwargs)
+    shape = _mask_shape(func, input)
+    if not training or shape is None or not 0 < p <= 1:
+        return None
+    return input, p, inplace, shape
+
+
+def _masked(input: Tensor, mask: Tensor, p: float, inplace: bool) -> Tensor:
+    """What the dropout returns for this 0/1 ``mask``."""
+    scale = mask.to(input.dtype) * (1 / (1 - p) if p < 1 else 0.0)
+    return input.mul_(scale) if inplace else input * scale
+
+
 def _rng_key(device: torch.device) -> Tensor:
     """The state of the generator that draws on ``device``: checkpointing restores it to recompute."""
     if device.type == "cuda":
@@ -154,24 +170,15 @@ class RandomDraws:
                 segment.funcs.append(func)
                 segment.values.append(drawn.detach().clone())
             return drawn
-        return self._dropout(func, args, kwargs, lambda mask: self._keep(segment, func, mask))
-
-    @staticmethod
-    def _keep(segment: _Segment, func: Callable, mask: Tensor) -> Tensor:
+        dropout = _drawing_dropout(func, args, kwargs)
+        if dropout is None:
+            return func(*args, **kwargs)
+        input, p, inplace, shape = dropout
+        # The mask PyTorch's own dropout draws (the same generator calls), kept at one byte per element.
+        mask = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
         segment.funcs.append(func)
-        segment.values.append(mask.bool())  # one byte per element: a mask is 0 or 1
-        return mask
-
-    @staticmethod
-    def _dropout(func: Callable, args: tuple, kwargs: dict, mask_of: Callable[[Tensor], Tensor]) -> Tensor:
-        """The dropout as PyTorch computes it, with its 0/1 mask passed through ``mask_of``."""
-        input, p, training, inplace = _dropout_arguments(func, args, kwargs)
-        shape = _mask_shape(func, input)
-        if not training or p == 0 or shape is None or not 0 <= p <= 1:
-            return func(*args, **kwargs)  # nothing drawn (or PyTorch's own error for a bad p)
-        mask = mask_of(torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p))
-        scale = mask.to(input.dtype) * (1 / (1 - p) if p < 1 else 0.0)
-        return input.mul_(scale) if inplace else input * scale
+        segment.values.append(mask.bool())
+        return _masked(input, mask, p, inplace)
 
     # -- phase 2 --------------------------------------------------------------------------------
 
@@ -194,20 +201,17 @@ class RandomDraws:
                 drawn = drawn.copy_(replayed) if func.__name__.endswith("_") else replayed.to(drawn.dtype)
             self._given.append((key, None if replayed is None else drawn.detach().clone()))
             return drawn
-        input, p, training, inplace = _dropout_arguments(func, args, kwargs)
-        shape = _mask_shape(func, input)
-        replayed = None
-        if training and 0 < p <= 1 and shape is not None:
-            replayed = self._recorded(index, func, torch.Size(shape))
+        dropout = _drawing_dropout(func, args, kwargs)
+        replayed = None if dropout is None else self._recorded(index, func, torch.Size(dropout[3]))
         if replayed is None:
             self._given.append((key, None))
             return func(*args, **kwargs)
+        input, p, inplace, _ = dropout
         # The dropout itself, output unused, advances the generator exactly as its recomputation will.
         func(input.detach().clone() if inplace else input.detach(), *args[1:], **kwargs)
         mask = replayed.to(input.dtype)
         self._given.append((key, mask))
-        scale = mask * (1 / (1 - p) if p < 1 else 0.0)
-        return input.mul_(scale) if inplace else input * scale
+        return _masked(input, mask, p, inplace)
 
     def _recorded(self, index: int, func: Callable, shape: torch.Size) -> Optional[Tensor]:
         """Phase 1's draw number ``index`` for this micro-batch's rows; None where phase 1 has none
@@ -262,7 +266,7 @@ class _Recompute(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded not in func.tags:
+        if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
             return func(*args, **kwargs)
         key = _rng_key(_device_of(args, kwargs))
         index = next((i for i, (seen, _) in enumerate(self._given)
