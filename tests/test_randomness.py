@@ -80,17 +80,6 @@ def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
         assert relative_error(grad, reference) < 1e-10
 
 
-def phase_two_inputs(model):
-    """Every BatchNorm's inputs in grad-enabled forwards (phase 2, and lockstep's first micro-batch)."""
-    inputs = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.register_forward_pre_hook(
-                lambda m, i, name=name: inputs.setdefault(name, []).append(i[0].detach())
-                if torch.is_grad_enabled() else None)
-    return inputs
-
-
 @pytest.mark.parametrize("options", [{"lockstep": True}, {"phase1_chunks": 3}], ids=["lockstep", "chunked"])
 def test_micro_batches_normalize_what_phase_one_measured(options):
     """Lockstep and a chunked phase 1 draw in another order than the full batch, so the check is
@@ -103,7 +92,7 @@ def test_micro_batches_normalize_what_phase_one_measured(options):
         nn.Conv2d(3, 4, 3), nn.Dropout2d(0.3), nn.Dropout(0.2), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5)).double()
     x, y = data()
     net(x)
-    inputs = phase_two_inputs(net)
+    inputs = bn_outputs(net, inputs=True)
     ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
                         phase1_memory_format=torch.preserve_format, **options)
     ab.plan = ab.plan.replace(phase1_chunks=chunks)

@@ -124,15 +124,16 @@ def test_grad_scaler_unscales_before_clipping_and_steps_once():
 
 # -- two_pass BatchNorm: the full-batch forward and running statistics --------------------------
 
-def bn_outputs(model):
-    """Collects every BatchNorm layer's outputs from grad-enabled forwards (phase 2, not phase 1)."""
-    outputs = {}
+def bn_outputs(model, inputs=False):
+    """Collects every BatchNorm layer's outputs (or ``inputs``) from grad-enabled forwards (phase 2,
+    and lockstep's first micro-batch; not phase 1)."""
+    seen = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.register_forward_hook(
-                lambda m, i, o, name=name: outputs.setdefault(name, []).append(o.detach())
+                lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0] if inputs else o).detach())
                 if torch.is_grad_enabled() else None)
-    return outputs
+    return seen
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
