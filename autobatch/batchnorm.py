@@ -366,6 +366,16 @@ class TwoPassBatchNorm:
         return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
                                          layer.var, layer.eps, micro_mean)
 
+    def non_finite_samples(self) -> Optional[tuple[str, list[int]]]:
+        """The first layer, in forward order, whose phase-1 input is not finite for some samples, and
+        those samples (rows of this rank's batch); None when phase 1 kept no per-sample means."""
+        for layer in self.layers:
+            if layer.sample_means is not None:
+                bad = ~torch.isfinite(layer.sample_means).all(1)
+                if bad.any():
+                    return layer.name, bad.nonzero().flatten().tolist()
+        return None
+
     def check(self) -> Optional[RuntimeError]:
         """The error for a step whose micro-batches fed a BatchNorm other inputs than phase 1 measured
         for the same samples; None if they agree. One device sync, for the whole step."""

@@ -437,7 +437,7 @@ class AutoBatch:
         """Before the last backward: every loss finite and every rank well, or all ranks raise.
         Returns the logical batch's mean loss over all ranks (one device sync per step)."""
         values = torch.stack(weighted).tolist() if weighted else []
-        error = failure or self._non_finite(values, splits, batch)
+        error = failure or self._non_finite(values, splits, batch, norm)
         if error is None and isinstance(norm, TwoPassBatchNorm):
             error = norm.check()
         if not self._ranks.active:
@@ -459,15 +459,21 @@ class AutoBatch:
             raise torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         raise RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
-    def _non_finite(self, values: list[float], splits: list[int], batch: Any) -> Optional[FloatingPointError]:
+    def _non_finite(self, values: list[float], splits: list[int], batch: Any,
+                    norm: Union[TwoPassBatchNorm, PooledBatchNorm, None]) -> Optional[FloatingPointError]:
         for index, value in enumerate(values):
             if not math.isfinite(value):
                 start = sum(splits[:index])
                 where = "" if not self._ranks.active else f" on rank {self._ranks.rank}"
-                samples = non_finite_samples(batch)
                 # Under two_pass one sample's NaN reaches every micro-batch through phase 1's statistics.
+                samples = non_finite_samples(batch)
                 culprit = (f"; samples {samples} of the logical batch have NaN or infinite values in their inputs "
                            "or targets" if samples else "")
+                activations = norm.non_finite_samples() if isinstance(norm, TwoPassBatchNorm) and not samples else None
+                if activations is not None:
+                    culprit = (f"; in phase 1, the input of BatchNorm layer {activations[0]!r} is NaN or infinite "
+                               f"for samples {activations[1]} of the logical batch, and its statistics carry that "
+                               "into every micro-batch")
                 return FloatingPointError(
                     f"the loss of micro-batch {index}{where} (samples {start}:{start + splits[index]} of the "
                     f"logical batch) is {value}{culprit}; no optimizer step was taken and the model is unchanged. "

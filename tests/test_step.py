@@ -539,3 +539,30 @@ def test_parameters_left_out_of_the_optimizer_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         autobatch.wrap(model, torch.optim.SGD(model[0].parameters(), lr=0.1), 8, ce)
     assert caplog.text == ""
+
+
+def test_a_sample_whose_activations_overflow_in_phase_one_is_named():
+    """Finite inputs, but one sample's activations overflow before a BatchNorm: phase 1 names the
+    layer and the sample, not micro-batch 0 alone."""
+    class Overflowing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.bn(self.fc(x).exp()))  # exp(1000) is infinite
+
+    torch.manual_seed(0)
+    model = Overflowing()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight[:, 0] = 1.0
+    x[6, 0] = 1000.0
+    before = model_state(model)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=3)
+    with pytest.raises(FloatingPointError, match=r"input of BatchNorm layer 'bn' is NaN or infinite for samples \[6\]"):
+        ab.step(x, y)
+    assert_same_state(before, model_state(model))
