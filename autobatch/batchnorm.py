@@ -38,6 +38,7 @@ __all__ = [
     "batch_norm_modules",
     "batch_norm_names",
     "chan_merge",
+    "channel_means",
     "check_same_channels",
     "check_values_per_channel",
     "different_calls",
@@ -187,9 +188,11 @@ class LayerStatistics:
     var: Tensor
     eps: float
     values_per_channel: int
-    #: Phase 1's per-sample channel means (samples, C) of this rank's batch; None where phase 1 ran in
-    #: chunks or in lockstep, which leaves the micro-batches unchecked.
+    #: Phase 1's per-sample channel means (samples, C) of this rank's samples from ``first_row`` on;
+    #: None where phase 1 ran in chunks (each normalized with its own statistics, so the micro-batches
+    #: cannot be compared with it), which leaves the micro-batches unchecked.
     sample_means: Optional[Tensor] = None
+    first_row: int = 0
 
 
 def check_values_per_channel(count: float, name: str) -> None:
@@ -358,8 +361,8 @@ class TwoPassBatchNorm:
         check_same_channels(call.input.shape[1], layer.mean.shape[0], index, layer.name)
         micro_mean = channel_means(call.input.detach(), layer.mean.dtype)
         if check and layer.sample_means is not None and self._rows is not None:
-            start, stop = self._rows
-            if stop <= len(layer.sample_means):
+            start, stop = (row - layer.first_row for row in self._rows)
+            if 0 <= start and stop <= len(layer.sample_means):
                 phase1 = layer.sample_means[start:stop].mean(0)
                 tolerance = REPLAY_TOLERANCE.get(call.input.dtype, REPLAY_TOLERANCE_HALF)
                 self._deviations.append((index, ((micro_mean - phase1).abs() * layer.invstd).amax(), tolerance))

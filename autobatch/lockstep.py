@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from autobatch.batchnorm import (BatchNormCall, LayerStatistics, StopForward, TwoPassBatchNorm, chan_merge,
-                                 check_same_channels, different_calls, intercept_batch_norm, local_statistics,
-                                 name_of, normalize)
+                                 channel_means, check_same_channels, different_calls, intercept_batch_norm,
+                                 local_statistics, name_of, normalize)
 
 __all__ = ["Lockstep", "batch_norm_counters", "thread_context"]
 
@@ -40,6 +40,8 @@ class _Statistics:
     mean: Tensor
     m2: Tensor
     momentum: float
+    #: Per-sample channel means, which the later micro-batches are checked against.
+    sample_means: Tensor
 
 
 @dataclass
@@ -184,6 +186,9 @@ class Lockstep:
                 count, mean, m2 = chan_merge(message.count, message.mean, message.m2, count, mean, m2)
                 momentum = message.momentum
             layer = self.two_pass.merge(call, name, count, mean, m2, momentum)
+            if self._thread is not None:
+                # The helper's samples follow this first micro-batch's.
+                layer.sample_means, layer.first_row = message.sample_means, call.input.shape[0]
         self.two_pass.add(call, layer)
         self._reply = layer
         return self.two_pass.project(call, layer, index)
@@ -215,7 +220,8 @@ class Lockstep:
     def _helper_call(self, call: BatchNormCall) -> Tensor:
         mean, var = local_statistics(call.input, call.eps)
         count = call.values_per_channel
-        self._message = _Statistics(count, mean, var * count, call.momentum)
+        self._message = _Statistics(count, mean, var * count, call.momentum,
+                                    channel_means(call.input, mean.dtype, per_sample=True))
         self._caller_turn.release()
         self._wait_for_turn()  # the caller merges this call, and runs up to its next one
         self.two_pass.stop_after_last_call()

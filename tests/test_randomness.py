@@ -183,7 +183,8 @@ def test_nothing_is_left_intercepted():
     assert torch._C._len_torch_function_stack() == 0
 
 
-def test_a_random_op_that_is_not_replayed_stops_the_step():
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_a_random_op_that_is_not_replayed_stops_the_step(lockstep):
     """alpha_dropout is not replayed: the micro-batches feed the BatchNorm other inputs than phase 1
     measured, and the step is refused before the optimizer step, naming the layer."""
     torch.manual_seed(0)
@@ -191,7 +192,7 @@ def test_a_random_op_that_is_not_replayed_stops_the_step():
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     before = copy.deepcopy(net.state_dict())
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, cache=False)
+    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, cache=False, lockstep=lockstep)
     with pytest.raises(RuntimeError, match=r"BatchNorm layer '2' got inputs in a micro-batch whose mean lies .* "
                                            r"standard deviations from phase 1's"):
         ab.step(x, y)
