@@ -153,6 +153,11 @@ class RandomDraws:
     def recorded(self) -> int:
         return sum(len(segment.values) for segment in self._segments)
 
+    @property
+    def nbytes(self) -> int:
+        """What the recorded draws hold, resident from phase 1 to the end of the step."""
+        return sum(value.numel() * value.element_size() for segment in self._segments for value in segment.values)
+
     # -- phase 1 --------------------------------------------------------------------------------
 
     @contextlib.contextmanager

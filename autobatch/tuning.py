@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -97,6 +98,12 @@ class Tuner:
             self._lockstep_fits = True
             if fit.micro_batch < ab._share and ab._needs_statistics_pass():
                 chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+                # Phase 1's random draws stay resident through every micro-batch (autobatch.randomness).
+                draws, _ = ab._draws.nbytes, ab._draws.clear()
+                if draws:
+                    fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
+                    fit = self._fit = dataclasses.replace(
+                        fit, micro_batch=fit.largest_under(limit.budget_bytes, fit.micro_batch))
                 # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
                 self._lockstep_fits = chunks == 1 and (
                     phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
@@ -132,6 +139,7 @@ class Tuner:
         chunks = 1
         while True:
             def work(chunks: int = chunks) -> None:
+                ab._draws.clear()
                 whole = to_device(take(batch, ab._share), ab.device)
                 # A two_pass of this rank alone, for the same reason as the trials.
                 ab._statistics_pass(whole, TwoPassBatchNorm(ab._names), BatchNormState(ab._bn_modules), chunks,

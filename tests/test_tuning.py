@@ -10,6 +10,7 @@ from torch import nn
 
 import autobatch
 from autobatch.measure import peak_bytes, warm_optimizer_state
+from autobatch.randomness import RandomDraws
 from autobatch.snapshot import preserved
 from tests.models import mlp
 from tests.reference import assert_same_state, model_state
@@ -358,3 +359,26 @@ def test_out_of_memory_inside_the_optimizer_step_is_never_redone(monkeypatch):
     with pytest.raises(RuntimeError, match=r"out of memory inside optimizer.step\(\) .* does not redo the batch"):
         ab.step(x, y)
     assert {state["step"].item() for state in optimizer.state.values()} == {2.0}
+
+
+def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
+    """Dropout masks recorded in phase 1 stay resident through the micro-batches: the plan leaves room."""
+    def dropout_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+
+    x, y = data(32)
+    fits = {}
+    for counted in (True, False):
+        model = dropout_net()
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce, memory_budget="24MiB",
+                            cache=False)
+        with monkeypatch.context() as patch:
+            if not counted:
+                patch.setattr(RandomDraws, "nbytes", property(lambda self: 0))
+            ab.tune(x, y)
+        fits[counted] = ab._tuner._fit
+    masks = 32 * 64 * 32 * 32  # one byte per element of the whole batch's mask
+    assert fits[True].fixed_bytes - fits[False].fixed_bytes == pytest.approx(masks, rel=1e-6)
+    assert fits[True].micro_batch < fits[False].micro_batch < 32
