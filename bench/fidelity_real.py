@@ -1,7 +1,7 @@
 """Training fidelity on real data: scikit-learn's handwritten digits, two BatchNorm networks.
 
-    pip install scikit-learn matplotlib
-    python bench/fidelity_real.py     # ~15 min on 2 CPU cores; writes bench/results/fidelity_real.{md,json,png}
+    pip install -e ".[bench]"          # matplotlib, and scikit-learn, which ships the digits
+    python bench/fidelity_real.py     # ~60 min on 2 CPU cores; writes bench/results/fidelity_real.{md,json,png}
 
 The digits (1,797 8x8 images, 10 classes) ship inside scikit-learn: nothing is downloaded. Two
 models: ``resnet``, a residual CNN (7 BatchNorm2d), and ``bn1d-head``, a VGG-style CNN whose
