@@ -486,8 +486,8 @@ class AutoBatch:
         if self.scaler is not None or not grads:
             return
         # Half-precision norms in float32: a large finite fp16 gradient must not read as overflow.
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None).double()
-                 for g in grads]
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None)
+                 .to(grads[0].device, torch.float64) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms))
         if not math.isfinite(norm.item()):
             raise FloatingPointError(
