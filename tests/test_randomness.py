@@ -199,3 +199,18 @@ def test_a_random_op_that_is_not_replayed_stops_the_step(lockstep):
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not opt.state
+
+
+def test_a_channel_with_a_large_mean_and_a_tiny_spread_is_not_refused():
+    """The float32 rounding of a mean of 1e4 (summed per sample, then over samples, in phase 1; over
+    everything at once in a micro-batch) is far more than 0.02 of a spread of 1e-3: allowed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 3, (16,))
+    net(x)
+    with torch.no_grad():
+        net[0].weight.mul_(1e-3)
+        net[0].bias.fill_(1e4)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
+                        phase1_memory_format=torch.preserve_format)
+    ab.step(x, y)
