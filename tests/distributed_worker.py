@@ -153,26 +153,35 @@ def micro_bn(rank):
 class OutOfMemoryOnRankOne:
     """Runs out of memory once on rank 1, after the plan was measured (the first step's trials)."""
 
-    def __init__(self, rank):
-        self.rank, self.armed, self.calls = rank, False, 0
+    def __init__(self, rank, error=lambda: torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")):
+        self.rank, self.armed, self.calls, self.error = rank, False, 0, error
 
     def __call__(self, outputs, targets):
         if self.rank == 1 and self.armed:
             self.armed = False
-            raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+            raise self.error()
         return ce(outputs, targets)
 
 
-def out_of_memory(rank):
+def out_of_memory(rank, error=None):
     model = mlp()
     ddp = DistributedDataParallel(model)
-    loss_fn = OutOfMemoryOnRankOne(rank)
+    loss_fn = OutOfMemoryOnRankOne(rank) if error is None else OutOfMemoryOnRankOne(rank, error)
     ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
     x, y = data()
     ab.tune(x[halves(rank)], y[halves(rank)])
     loss_fn.armed = True
     loss = ab.step(x[halves(rank)], y[halves(rank)])
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
+def out_of_memory_empty_message(rank):
+    return out_of_memory(rank, lambda: torch.OutOfMemoryError(""))
+
+
+def out_of_memory_cublas(rank):
+    return out_of_memory(rank, lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                                    "`cublasCreate(handle)`"))
 
 
 def out_of_memory_before_the_last(rank):

@@ -40,7 +40,7 @@ def good_runs(tmp_path_factory):
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
                  "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
-                 "ddp_of_compiled", "stochastic_depth"]
+                 "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -140,10 +140,11 @@ def test_micro_mode_pools_running_statistics_over_both_ranks(good_runs):
         assert_same(good_runs[("micro_bn", rank)]["ok"], reference)
 
 
-def test_out_of_memory_on_one_rank_makes_both_redo_the_batch(good_runs):
+@pytest.mark.parametrize("scenario", ["out_of_memory", "out_of_memory_empty_message", "out_of_memory_cublas"])
+def test_out_of_memory_on_one_rank_makes_both_redo_the_batch(good_runs, scenario):
     reference = single_process(mlp(), slice(0, 16), micro_batch=16)
     for rank in range(2):
-        result = good_runs[("out_of_memory", rank)]["ok"]
+        result = good_runs[(scenario, rank)]["ok"]
         assert_same(result, reference)
         assert "out of memory at micro_batch=8" in result["plan"]
 
