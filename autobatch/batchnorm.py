@@ -196,6 +196,14 @@ class LayerStatistics:
     first_row: int = 0
 
 
+def _phase1_means(layer: LayerStatistics, rows: tuple[int, int]) -> Optional[Tensor]:
+    """Phase 1's channel means of the samples ``rows`` of the logical batch; None where it has none."""
+    start, stop = (row - layer.first_row for row in rows)
+    if layer.sample_means is None or start < 0 or stop > len(layer.sample_means):
+        return None
+    return layer.sample_means[start:stop].mean(0)
+
+
 def check_values_per_channel(count: float, name: str) -> None:
     # The same check F.batch_norm makes, so a bad full batch fails as it would without autobatch.
     if count <= 1:
@@ -286,14 +294,18 @@ class TwoPassBatchNorm:
         self.calls_per_forward: Optional[int] = None
         self._cursor = 0
         self._recomputed = RecomputedCalls()
-        #: The rows of the logical batch the running micro-batch holds.
-        self._rows: Optional[tuple[int, int]] = None
-        #: (call index, how far its micro-batch mean lies from phase 1's for the same samples, tolerance).
+        #: Per layer, phase 1's channel means of the running micro-batch's samples (None: unchecked),
+        #: computed when it starts: the forward, perhaps traced by torch.compile, reads no row numbers.
+        self._expected: list[Optional[Tensor]] = []
+        #: (call index, how far its micro-batch mean lies from phase 1's for the same samples, tolerance):
+        #: the running micro-batch's, which starts empty (torch.compile guards on the list's length),
+        #: and the earlier ones of this step.
         self._deviations: list[tuple[int, Tensor, float]] = []
+        self._checked: list[tuple[int, Tensor, float]] = []
 
     def start_statistics_pass(self) -> None:
         self.layers = []
-        self._deviations = []
+        self._deviations, self._checked = [], []
 
     def record(self, call: BatchNormCall) -> Tensor:
         name = name_of(call, self.names, len(self.layers))
@@ -339,7 +351,9 @@ class TwoPassBatchNorm:
         """``counted`` is PooledBatchNorm's: two_pass keeps the full batch's statistics either way.
         ``rows``: the samples of the logical batch that the micro-batch holds, checked against phase 1."""
         self._cursor = 0
-        self._rows = rows
+        self._expected = [] if rows is None else [_phase1_means(layer, rows) for layer in self.layers]
+        self._checked += self._deviations
+        self._deviations = []
         self._recomputed.start_forward()
 
     def apply(self, call: BatchNormCall) -> Tensor:
@@ -361,14 +375,12 @@ class TwoPassBatchNorm:
         ``check``: compare the micro-batch's mean with phase 1's for the same samples (see :meth:`check`)."""
         check_same_channels(call.input.shape[1], layer.mean.shape[0], index, layer.name)
         micro_mean = channel_means(call.input.detach(), layer.mean.dtype)
-        if check and layer.sample_means is not None and self._rows is not None:
-            start, stop = (row - layer.first_row for row in self._rows)
-            if 0 <= start and stop <= len(layer.sample_means):
-                phase1 = layer.sample_means[start:stop].mean(0)
-                tolerance = REPLAY_TOLERANCE.get(call.input.dtype, REPLAY_TOLERANCE_HALF)
-                rounding = 64 * torch.finfo(call.input.dtype).eps * phase1.abs()
-                deviation = ((micro_mean - phase1).abs() - rounding).clamp(min=0) * layer.invstd
-                self._deviations.append((index, deviation.amax(), tolerance))
+        phase1 = self._expected[index] if check and index < len(self._expected) else None
+        if phase1 is not None:
+            tolerance = REPLAY_TOLERANCE.get(call.input.dtype, REPLAY_TOLERANCE_HALF)
+            rounding = 64 * torch.finfo(call.input.dtype).eps * phase1.abs()
+            deviation = ((micro_mean - phase1).abs() - rounding).clamp(min=0) * layer.invstd
+            self._deviations.append((index, deviation.amax(), tolerance))
         return _ProjectedBatchNorm.apply(call.input, call.weight, call.bias, layer.mean, layer.invstd,
                                          layer.var, layer.eps, micro_mean)
 
@@ -385,10 +397,11 @@ class TwoPassBatchNorm:
     def check(self) -> Optional[RuntimeError]:
         """The error for a step whose micro-batches fed a BatchNorm other inputs than phase 1 measured
         for the same samples; None if they agree. One device sync, for the whole step."""
-        if not self._deviations:
+        checked = self._checked + self._deviations
+        if not checked:
             return None
-        values = torch.stack([deviation for _, deviation, _ in self._deviations]).tolist()
-        for (index, _, tolerance), value in zip(self._deviations, values):
+        values = torch.stack([deviation for _, deviation, _ in checked]).tolist()
+        for (index, _, tolerance), value in zip(checked, values):
             if value > tolerance:
                 return RuntimeError(
                     f"BatchNorm layer {self.layers[index].name!r} got inputs in a micro-batch whose mean lies "

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from autobatch.split import leaves
 
-__all__ = ["eagerly", "peak_bytes", "tensor_bytes", "warm_optimizer_state"]
+__all__ = ["peak_bytes", "tensor_bytes", "warm_optimizer_state"]
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -94,7 +94,7 @@ def warm_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = None
 
 
-def eagerly() -> ContextManager[Any]:
+def _eagerly() -> ContextManager[Any]:
     """torch.compile'd code runs eagerly. Dynamo skips any frame called under a dispatch mode, and
     (pytorch/pytorch#190286) goes on skipping it afterwards: one measured step would leave the
     user's compiled model uncompiled for good."""
@@ -115,6 +115,6 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
         return torch.cuda.max_memory_allocated(device)
     tracker = _LiveBytes(_resident(model, optimizer),
                          [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)])
-    with eagerly(), tracker:
+    with _eagerly(), tracker:
         work()
     return tracker.peak

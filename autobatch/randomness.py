@@ -44,14 +44,20 @@ _DROPOUTS = {F.dropout: ("input", "p", "training", "inplace"), torch.dropout: ("
              F.dropout2d: ("input", "p", "training", "inplace"), F.dropout3d: ("input", "p", "training", "inplace")}
 _DROPOUT_ARGUMENTS = {func.__qualname__: names for func, names in _DROPOUTS.items()}
 _CHANNEL_DROPOUT_DIMS = {F.dropout1d.__qualname__: 3, F.dropout2d.__qualname__: 4, F.dropout3d.__qualname__: 5}
-#: Functions whose output is the draw itself (in place: the tensor they fill).
-_DRAWS = {func.__qualname__ for func in (
+#: Functions whose output is the draw itself; those that fill a tensor in place first.
+_IN_PLACE_DRAWS = {func.__qualname__ for func in (
     torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.exponential_,
-    torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.random_,
+    torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.random_)}
+_DRAWS = _IN_PLACE_DRAWS | {func.__qualname__ for func in (
     torch.Tensor.bernoulli, torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
     torch.randn_like, torch.randint_like, torch.normal, torch.poisson, torch.multinomial, torch.Tensor.multinomial)}
 # Not torch.randperm: a permutation of the batch is not per sample (sliced, it would index past a
 # micro-batch); a forward that permutes its batch mixes samples, which the check against phase 1 reports.
+
+
+def _short(qualname: str) -> str:
+    """``rand`` for ``_VariableFunctionsClass.rand``, ``bernoulli_`` for ``TensorBase.bernoulli_``."""
+    return qualname.rsplit(".", 1)[-1]
 
 
 def _kind(func: Callable) -> Optional[str]:
@@ -68,6 +74,20 @@ class _Segment:
     rows: int = 0
     funcs: list[Callable] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Replayed:
+    """Phase 1's draw number k, ready for one micro-batch before its forward starts: nothing that
+    depends on the micro-batch's rows is left to compute while torch.compile traces the forward."""
+
+    qualname: str
+    #: Phase 1's draw (its first forward's, under a chunked phase 1 or lockstep), for a draw not per sample.
+    whole: Tensor
+    #: The shape a per-sample draw has in this micro-batch; None for a draw that is not per sample.
+    micro_shape: Optional[tuple[int, ...]]
+    #: The micro-batch's rows of a per-sample draw; None where phase 1 did not run them (lockstep's first).
+    rows: Optional[Tensor]
 
 
 class _Intercept(TorchFunctionMode):
@@ -140,7 +160,7 @@ class RandomDraws:
     def __init__(self) -> None:
         self._segments: list[_Segment] = []
         self._cursor = 0
-        self._rows: Optional[tuple[int, int]] = None
+        self._prepared: list[_Replayed] = []
         #: Each draw of the last micro-batch's forward: (generator state before it, the replayed
         #: values, or None for a fresh draw, which checkpointing's restored generator draws again).
         self._given: list[tuple[Optional[Tensor], Optional[Tensor]]] = []
@@ -191,9 +211,31 @@ class RandomDraws:
     @contextlib.contextmanager
     def replay(self, first_row: int, rows: int) -> Iterator[None]:
         """A micro-batch's forward over ``rows`` samples from ``first_row``: phase 1's draws, in order."""
-        self._cursor, self._rows, self._given = 0, (first_row, first_row + rows), []
+        self._cursor, self._given = 0, []
+        self._prepared = self._prepare(first_row, first_row + rows)
         with _Intercept(self._replay):
             yield
+
+    def _prepare(self, start: int, stop: int) -> list[_Replayed]:
+        """Every draw phase 1 made, with the rows ``start:stop`` of those that are per sample."""
+        prepared = []
+        for index in range(min((len(segment.values) for segment in self._segments), default=0)):
+            pieces = []
+            for segment in self._segments:
+                value = segment.values[index]
+                if value.dim() > 0 and value.shape[0] == segment.rows:
+                    low, high = max(start, segment.first_row), min(stop, segment.first_row + segment.rows)
+                    if low < high:
+                        pieces.append(value[low - segment.first_row:high - segment.first_row])
+            first = self._segments[0]
+            whole = first.values[index]
+            per_sample = whole.dim() > 0 and whole.shape[0] == first.rows
+            covered = bool(pieces) and sum(len(piece) for piece in pieces) == stop - start
+            prepared.append(_Replayed(
+                first.funcs[index].__qualname__, whole,
+                (stop - start,) + tuple(whole.shape[1:]) if per_sample else None,
+                (pieces[0] if len(pieces) == 1 else torch.cat(pieces)) if covered else None))
+        return prepared
 
     def _replay(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         index = self._cursor
@@ -204,7 +246,7 @@ class RandomDraws:
             drawn = func(*args, **kwargs)
             replayed = self._recorded(index, func, drawn.shape) if isinstance(drawn, Tensor) else None
             if replayed is not None:
-                drawn = drawn.copy_(replayed) if func.__name__.endswith("_") else replayed.to(drawn.dtype)
+                drawn = drawn.copy_(replayed) if func.__qualname__ in _IN_PLACE_DRAWS else replayed.to(drawn.dtype)
             self._given.append((key, None if replayed is None else drawn.detach().clone()))
             return drawn
         dropout = _drawing_dropout(func, args, kwargs)
@@ -222,32 +264,22 @@ class RandomDraws:
     def _recorded(self, index: int, func: Callable, shape: torch.Size) -> Optional[Tensor]:
         """Phase 1's draw number ``index`` for this micro-batch's rows; None where phase 1 has none
         (draws after its last BatchNorm call, or rows it did not run, as lockstep's first micro-batch)."""
-        start, stop = self._rows
-        pieces = []
-        for segment in self._segments:
-            if index >= len(segment.values):
-                return None
-            if segment.funcs[index].__qualname__ != func.__qualname__:
-                raise RuntimeError(
-                    f"random draw #{index} of the micro-batch forward is {func.__name__} but phase 1's was "
-                    f"{segment.funcs[index].__name__}; bn='two_pass' replays phase 1's random draws in order and "
-                    "needs the same sequence of them for every batch. Use bn='micro' for such models.")
-            value = segment.values[index]
-            per_sample = value.dim() > 0 and value.shape[0] == segment.rows
-            if per_sample and tuple(shape) == (stop - start,) + tuple(value.shape[1:]):
-                low, high = max(start, segment.first_row), min(stop, segment.first_row + segment.rows)
-                if low < high:
-                    pieces.append(value[low - segment.first_row:high - segment.first_row])
-            elif value.shape == shape:
-                return value  # not per sample: the same draw for every micro-batch
-            else:
-                raise RuntimeError(
-                    f"random draw #{index} ({func.__name__}) has shape {tuple(shape)} in the micro-batch forward "
-                    f"but {tuple(value.shape)} in phase 1; bn='two_pass' can replay draws that are per sample "
-                    "(the batch as first dimension) or the same for the whole batch. Use bn='micro' for such models.")
-        if not pieces or sum(len(piece) for piece in pieces) != stop - start:
+        if index >= len(self._prepared):
             return None
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        replayed = self._prepared[index]
+        if replayed.qualname != func.__qualname__:
+            raise RuntimeError(
+                f"random draw #{index} of the micro-batch forward is {_short(func.__qualname__)} but phase 1's "
+                f"was {_short(replayed.qualname)}; bn='two_pass' replays phase 1's random draws in order and needs "
+                "the same sequence of them for every batch. Use bn='micro' for such models.")
+        if replayed.micro_shape is not None and tuple(shape) == replayed.micro_shape:
+            return replayed.rows
+        if replayed.whole.shape == shape:
+            return replayed.whole  # not per sample: the same draw for every micro-batch
+        raise RuntimeError(
+            f"random draw #{index} ({_short(func.__qualname__)}) has shape {tuple(shape)} in the micro-batch "
+            f"forward but {tuple(replayed.whole.shape)} in phase 1; bn='two_pass' can replay draws that are per "
+            "sample (the batch as first dimension) or the same for the whole batch. Use bn='micro' for such models.")
 
     @contextlib.contextmanager
     def recompute(self) -> Iterator[None]:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, ContextManager, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,6 @@ from autobatch.bypass import RunningStatisticsWatch
 from autobatch.distributed import RankFailure, Ranks, ddp_of, ddp_state, plain_sync_batch_norm
 from autobatch.layout import PHASE1_FORMATS, Phase1Layout
 from autobatch.lockstep import Lockstep, batch_norm_counters, thread_context
-from autobatch.measure import eagerly
 from autobatch.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.randomness import RandomDraws
@@ -315,11 +314,10 @@ class AutoBatch:
 
     def _replay(self, mode: str, first_row: int, size: int) -> tuple[ContextManager[None], ContextManager[None]]:
         """The micro-batch's forward and backward with phase 1's random draws for its rows (two_pass).
-        A padding micro-batch (no samples of its own, weight 0) draws afresh. A compiled model replays
-        eagerly: dynamo reused a frame of the replaying mode compiled for one op for another (torch 2.13)."""
+        A padding micro-batch (no samples of its own, weight 0) draws afresh."""
         if mode != "two_pass" or size == 0 or not self._draws.recorded:
             return contextlib.nullcontext(), contextlib.nullcontext()
-        return _eagerly_replaying(self._draws, first_row, size), self._draws.recompute()
+        return self._draws.replay(first_row, size), self._draws.recompute()
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
         """DistributedDataParallel all-reduces once per logical batch: after the last micro-batch."""
@@ -541,12 +539,6 @@ class AutoBatch:
         for p in self.model.parameters():
             seen.setdefault(id(p), p)
         return list(seen.values())
-
-
-@contextlib.contextmanager
-def _eagerly_replaying(draws: RandomDraws, first_row: int, size: int) -> Iterator[None]:
-    with eagerly(), draws.replay(first_row, size):
-        yield
 
 
 def _check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any, bn: Any, scaler: Any,
