@@ -8,9 +8,9 @@ records every random draw of phase 1 in order and gives each micro-batch's k-th 
 k-th draw, sliced to the micro-batch's rows (whole when the draw is not per sample)::
 
     draws = RandomDraws()
-    with draws.record(first_row=0):
+    with draws.record(first_row=0, rows=16):
         phase_1(batch)                              # 16 samples: masks of 16 rows
-    with draws.replay(first_row=4):
+    with draws.replay(first_row=4, rows=4):
         loss = loss_fn(model(batch[4:8]), ...)      # rows 4:8 of each mask
     with draws.recompute():
         loss.backward()                             # checkpointing's recomputation: the same masks
@@ -19,7 +19,7 @@ Draws are intercepted with a :class:`~torch.overrides.TorchFunctionMode`: per th
 the ``with`` block, and traced by ``torch.compile``. Memory: a dropout mask costs one byte per
 element of its input for the whole logical batch, other draws their own size, and only draws
 made before phase 1's last BatchNorm call are kept (phase 1 stops there); they live until the step
-ends, inside the peak the planner measures.
+ends, and the planner adds them to every micro-batch's predicted peak (autobatch.tuning).
 """
 from __future__ import annotations
 
