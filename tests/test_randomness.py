@@ -26,17 +26,17 @@ def data(n=16, size=6, seed=0):
 
 
 class Checkpointed(nn.Module):
-    """StochasticNet with every block under non-reentrant activation checkpointing."""
+    """StochasticNet with every block under activation checkpointing."""
 
-    def __init__(self, net):
+    def __init__(self, net, reentrant=False):
         super().__init__()
-        self.net = net
+        self.net, self.reentrant = net, reentrant
 
     def forward(self, x):
         net = self.net
         x = F.silu(net.bn(net.stem(x)))
         for block in net.blocks:
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(block, x, use_reentrant=self.reentrant)
         x = F.dropout(net.fc1(x.mean((2, 3))), 0.3, self.training)
         return net.fc2(F.silu(net.head_bn(x)))
 
@@ -51,7 +51,7 @@ def autobatch_step(model, x, y, micro_batch=5, seed=1, **options):
     return ab.step(x, y), grads[0], ab
 
 
-@pytest.mark.parametrize("variant", ["plain", "checkpointed", "compiled"])
+@pytest.mark.parametrize("variant", ["plain", "checkpointed", "checkpointed-reentrant", "compiled"])
 def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
     """Loss and every BatchNorm output of two_pass equal the full batch's with the same masks."""
     torch.manual_seed(0)
@@ -63,16 +63,18 @@ def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
     full_loss = ce(full(x), y).item()
     model = copy.deepcopy(net)
     outputs = bn_outputs(model)
-    if variant == "checkpointed":
-        model = Checkpointed(model)
+    if variant.startswith("checkpointed"):
+        model = Checkpointed(model, reentrant=variant.endswith("reentrant"))
     elif variant == "compiled":
         model = compiled(model, [])
     loss, grad, _ = autobatch_step(model, x, y)
     assert loss == pytest.approx(full_loss, rel=1e-10)
     assert len(full_outputs) == 3 * 3 + 2
     for name, (whole,) in full_outputs.items():
-        # Checkpointing calls the blocks' layers again in each micro-batch's backward, after its forward.
-        parts = outputs[name][0::2] if variant == "checkpointed" and name.startswith("blocks") else outputs[name]
+        # Checkpointing calls the blocks' layers again in each micro-batch's backward, after its forward;
+        # reentrant checkpointing runs the forward without grad, so only the recomputations are collected.
+        repeated = variant == "checkpointed" and name.startswith("blocks")
+        parts = outputs[name][0::2] if repeated else outputs[name]
         assert relative_error(torch.cat(parts), whole) < 1e-10, name
     if variant == "compiled":
         # Replay and the check are traced into the graphs (the hooks above are not: they grow lists):
@@ -82,7 +84,7 @@ def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
         compiled_in_first_step = len(graphs)
         ab.step(x, y)
         assert len(graphs) == compiled_in_first_step
-    if variant == "checkpointed":
+    if variant.startswith("checkpointed"):
         # The recomputation in backward got the forward's masks: the gradient of the model without it.
         _, reference, _ = autobatch_step(copy.deepcopy(net), x, y)
         assert relative_error(grad, reference) < 1e-10
