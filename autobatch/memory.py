@@ -15,8 +15,8 @@ from typing import Optional, Union
 import psutil
 import torch
 
-__all__ = ["budget", "Budget", "check_memory_budget", "DeviceMemory", "first_line", "is_out_of_memory",
-           "parse_bytes", "probe", "release_memory"]
+__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "first_line", "is_out_of_memory", "parse_bytes",
+           "probe", "release_memory"]
 
 log = logging.getLogger(__name__)
 

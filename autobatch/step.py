@@ -231,7 +231,7 @@ class AutoBatch:
         try:
             with ddp_state(self._ddp), synced:
                 loss = self._accumulate(batch, splits, state, sum(sizes))
-            self._optimizer_step_once(params)
+            self._optimizer_step(params)
         except BaseException:
             for p, grad in zip(params, saved_grads):
                 p.grad = grad
@@ -493,20 +493,6 @@ class AutoBatch:
                 "finite; no optimizer step was taken and the model is unchanged. Lower the learning rate, or "
                 "look for an operation whose gradient overflows")
 
-    def _optimizer_step_once(self, params: list[nn.Parameter]) -> None:
-        """The optimizer step, never redone: running out of memory inside it is not recoverable."""
-        try:
-            self._optimizer_step(params)
-        except BaseException as error:
-            if not is_out_of_memory(error):
-                raise
-            # PyTorch's optimizers update their state in place before allocating their temporaries.
-            raise RuntimeError(
-                f"out of memory inside optimizer.step() ({first_line(error)}); the optimizer updates its state "
-                "in place, so this step's update may be partly applied, and autobatch does not redo the batch, "
-                "which would apply it twice. Leave more headroom (a smaller memory_budget) and resume from a "
-                "checkpoint") from error
-
     def _optimizer_step(self, params: list[nn.Parameter]) -> None:
         self._check_finite_gradient(params)
         if self.scaler is not None and self.max_grad_norm is not None:
@@ -515,11 +501,23 @@ class AutoBatch:
             nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if self.before_step is not None:
             self.before_step(self)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            # Only the update itself is never redone: PyTorch's optimizers update their state in place
+            # before allocating their temporaries. Clipping or before_step running out of memory changed
+            # nothing, and is recovered as anywhere else in the step.
+            raise RuntimeError(
+                f"out of memory inside optimizer.step() ({first_line(error)}); the optimizer updates its state "
+                "in place, so this step's update may be partly applied, and autobatch does not redo the batch, "
+                "which would apply it twice. Leave more headroom (a smaller memory_budget) and resume from a "
+                "checkpoint") from error
 
     def _needs_statistics_pass(self) -> bool:
         return self.bn == "two_pass" and uses_batch_statistics(self._bn_modules)

@@ -99,7 +99,8 @@ class Tuner:
             if fit.micro_batch < ab._share and ab._needs_statistics_pass():
                 chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
                 # Phase 1's random draws stay resident through every micro-batch (autobatch.randomness).
-                draws, _ = ab._draws.nbytes, ab._draws.clear()
+                draws = ab._draws.nbytes
+                ab._draws.clear()
                 if draws:
                     fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
                     fit = self._fit = dataclasses.replace(

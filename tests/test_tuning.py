@@ -382,3 +382,20 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
     masks = 32 * 64 * 32 * 32  # one byte per element of the whole batch's mask
     assert fits[True].fixed_bytes - fits[False].fixed_bytes == pytest.approx(masks, rel=1e-6)
     assert fits[True].micro_batch < fits[False].micro_batch < 32
+
+
+def test_out_of_memory_before_the_update_itself_is_recovered():
+    """Only optimizer.step() is never redone: running out of memory in before_step changed nothing."""
+    model, (x, y) = convnet(), data(16)
+    failures = [torch.OutOfMemoryError("CUDA out of memory (injected in before_step)")]
+
+    def before_step(ab):
+        if failures:
+            raise failures.pop()
+
+    optimizer = torch.optim.Adam(model.parameters())
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False, before_step=before_step)
+    fitted = ab.tune(x, y).micro_batch
+    ab.step(x, y)
+    assert not failures and ab.plan.micro_batch < fitted
+    assert {state["step"].item() for state in optimizer.state.values()} == {1.0}
