@@ -17,16 +17,15 @@ Calls are matched between passes by their order in the forward::
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.distributed import Ranks
+from autobatch.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.recompute import RecomputedCalls
 
 __all__ = [
@@ -59,45 +58,11 @@ _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lamb
 FEW_VALUES_PER_CHANNEL = 32
 
 
-class BatchNormCall(NamedTuple):
-    """The arguments of one training-mode ``F.batch_norm`` call."""
-
-    input: Tensor
-    running_mean: Optional[Tensor]
-    running_var: Optional[Tensor]
-    weight: Optional[Tensor]
-    bias: Optional[Tensor]
-    momentum: float
-    eps: float
-
-    @property
-    def values_per_channel(self) -> int:
-        return self.input.numel() // self.input.shape[1]
-
-
 class StopForward(BaseException):
     """Raised after the last BatchNorm call of phase 1: the rest of the forward is not needed.
 
     A BaseException, so that a model's own ``except Exception`` does not swallow it.
     """
-
-
-@contextlib.contextmanager
-def intercept_batch_norm(handler: Callable[[BatchNormCall], Tensor]) -> Iterator[None]:
-    """Route every training-mode ``F.batch_norm`` call to ``handler``; restores ``F.batch_norm`` on exit."""
-    original = F.batch_norm
-
-    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5):
-        if not training:
-            return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return handler(BatchNormCall(input, running_mean, running_var, weight, bias, momentum, eps))
-
-    F.batch_norm = batch_norm
-    try:
-        yield
-    finally:
-        F.batch_norm = original
 
 
 def batch_norm_modules(model: nn.Module) -> list[_BatchNorm]:

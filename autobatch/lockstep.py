@@ -109,7 +109,6 @@ class Lockstep:
         self._context = context
         self._counters = counters
         self._thread: Optional[threading.Thread] = None
-        self._helper_ident: Optional[int] = None
         self._caller_turn = threading.Semaphore(0)
         self._helper_turn = threading.Semaphore(0)
         #: What the helper left when it gave the turn back; None before its first turn.
@@ -122,7 +121,7 @@ class Lockstep:
 
     def __enter__(self) -> "Lockstep":
         self.two_pass.start_statistics_pass()
-        self._intercept = intercept_batch_norm(self._handle)
+        self._intercept = intercept_batch_norm(self._caller_call)
         self._intercept.__enter__()
         if self._rest is not None:
             self._thread = threading.Thread(target=self._run, name="autobatch-phase-1", daemon=True)
@@ -164,11 +163,6 @@ class Lockstep:
         self._thread.join()
         self._thread = None
 
-    def _handle(self, call: BatchNormCall) -> Tensor:
-        if threading.get_ident() == self._helper_ident:
-            return self._helper_call(call)
-        return self._caller_call(call)
-
     def _caller_call(self, call: BatchNormCall) -> Tensor:
         index = len(self.two_pass.layers)
         name = name_of(call, self.two_pass.names, index)
@@ -196,11 +190,11 @@ class Lockstep:
     # -- the helper's side -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._helper_ident = threading.get_ident()
         message: Union[_Done, BaseException]
         try:
             self._wait_for_turn()
-            with torch.no_grad(), self._context():
+            # Intercepts are per thread: the helper routes its own calls.
+            with torch.no_grad(), self._context(), intercept_batch_norm(self._helper_call):
                 self._rest()
             message = _Done(complete=True)
         except StopForward:

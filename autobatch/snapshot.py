@@ -1,18 +1,20 @@
-"""Everything a trial training step touches, saved and put back.
+"""Everything a training step touches, saved and put back.
 
     with preserved(model, optimizer):
         ...   # real training steps; afterwards parameters, gradients, optimizer state,
               # buffers (BatchNorm running statistics, num_batches_tracked), RNG and modes are as before
+    with undone_on_error(params, optimizer, scaler):
+        optimizer.step()   # on any error, parameters and optimizer state exactly as before
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["preserved"]
+__all__ = ["preserved", "undone_on_error"]
 
 
 def _to_host(value: Any) -> Any:
@@ -52,3 +54,45 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[No
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+@contextlib.contextmanager
+def undone_on_error(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> Iterator[None]:
+    """Run an optimizer update that either completes or, on any error (out of memory included),
+    leaves ``params``, the optimizer's state and hyperparameters and the scaler as before it.
+
+    PyTorch's optimizers update their state in place before they allocate their temporaries, so
+    an error half-way leaves a half-applied step; the copies are taken on the device, where the
+    step's memory is lowest (activations freed), and the planner's trials measure them.
+    """
+    # PyTorch's optimizers skip parameters without a gradient (frozen layers): nothing to copy there.
+    params = [p for p in params if p.grad is not None]
+    values = [_copy(p) for p in params]
+    state = {p: {k: _copy(v) for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+    settings = [{k: _copy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    # GradScaler's scale, growth tracker and record of this optimizer's unscale_ (private: it has no API).
+    scale = [_copy(getattr(scaler, name, None)) for name in ("_scale", "_growth_tracker")]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value)
+        for p in params:
+            if p in state:
+                optimizer.state[p] = state[p]
+            else:
+                optimizer.state.pop(p, None)
+        for group, saved in zip(optimizer.param_groups, settings):
+            group.update(saved)
+        if scaler is not None:
+            for name, value in zip(("_scale", "_growth_tracker"), scale):
+                if isinstance(value, torch.Tensor):
+                    getattr(scaler, name).copy_(value)
+            getattr(scaler, "_per_optimizer_states", {}).pop(id(optimizer), None)
+        raise

@@ -27,6 +27,7 @@ from autobatch.memory import check_memory_budget, first_line, is_out_of_memory, 
 from autobatch.planner import Plan, check_micro_batch, check_target_batch, fixed_plan
 from autobatch.randomness import RandomDraws
 from autobatch.recompute import quiet_checkpoint, recompute_with_own_statistics
+from autobatch.snapshot import undone_on_error
 from autobatch.split import (balanced_parts, balanced_splits, batch_size, non_finite_samples, split_batch, take,
                              to_device)
 from autobatch.tuning import Tuner
@@ -264,10 +265,10 @@ class AutoBatch:
                 self._statistics_pass(batch, self._two_pass, state, self.plan.phase1_chunks)
                 self._warn_thin_layers(splits, total)
             norm = self._two_pass
-            intercept, recompute = intercept_batch_norm(norm.apply), norm.recompute
+            intercept, recompute = intercept_batch_norm(norm.apply, self._bn_modules), norm.recompute
         elif mode == "micro":
             norm = PooledBatchNorm(self._names, self._ranks)
-            intercept, recompute = intercept_batch_norm(norm.handle), norm.recompute
+            intercept, recompute = intercept_batch_norm(norm.handle, self._bn_modules), norm.recompute
         # DistributedDataParallel averages gradients over ranks: weights make that the global mean.
         scale = self._ranks.world_size / total
         parts = split_batch(batch, [n for n in splits if n])
@@ -297,7 +298,7 @@ class AutoBatch:
                         if last:
                             settled = True
                             mean_loss = self._settle(weighted, splits, None, batch, norm)
-                        with intercept_batch_norm(recompute), recompute_draws:
+                        with intercept_batch_norm(recompute, self._bn_modules), recompute_draws:
                             self._backward(loss)
                 except BaseException as error:
                     if not self._ranks.active or settled:
@@ -364,7 +365,7 @@ class AutoBatch:
             if chunks == 1:
                 two_pass.start_statistics_pass()
                 complete = True
-                with intercept_batch_norm(two_pass.record), self._draws.record(0, size):
+                with intercept_batch_norm(two_pass.record, self._bn_modules), self._draws.record(0, size):
                     try:
                         self._forward(batch)
                     except StopForward:
@@ -372,7 +373,7 @@ class AutoBatch:
                 two_pass.finish_statistics_pass(complete)
             else:
                 pooled = PooledBatchNorm(self._names, two_pass.ranks)
-                with intercept_batch_norm(pooled.handle):
+                with intercept_batch_norm(pooled.handle, self._bn_modules):
                     for index, chunk in enumerate(split_batch(batch, sizes)):
                         pooled.start_micro_batch()
                         with self._draws.record(sum(sizes[:index]), sizes[index]):
@@ -444,16 +445,22 @@ class AutoBatch:
             return sum(values)
         table = self._ranks.gather([error is not None, error is not None and is_out_of_memory(error),
                                     sum(values), error is not None and self._phase == "lockstep"])
+        if error is None and table[:, 3].any():
+            self._phase = "lockstep"  # another rank ran out of memory there: every rank drops the lockstep
+        self._fail_together(table, error)
+        return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
+
+    def _fail_together(self, table: Tensor, error: Optional[BaseException]) -> None:
+        """Raise on every rank if any failed (``table``'s first two columns: failed, out of memory):
+        its own error where it failed, elsewhere an out-of-memory error if every failure was one
+        (every rank then shrinks and redoes the same logical batch together), else RankFailure."""
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if not failed:
-            return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
+            return
         messages = self._ranks.gather_messages("" if error is None else first_line(error))
         if error is not None:
             raise error
         if all(table[rank, 1] for rank in failed):
-            # Every rank then shrinks (or drops the lockstep) and redoes the same logical batch together.
-            if table[:, 3].any():
-                self._phase = "lockstep"
             raise torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         raise RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
@@ -494,30 +501,34 @@ class AutoBatch:
                 "look for an operation whose gradient overflows")
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> None:
+        """Clip, ``before_step`` and one update, all or nothing: an error anywhere (out of memory
+        half-way through the optimizer's in-place update included) leaves everything as before."""
         self._check_finite_gradient(params)
+        with undone_on_error(params, self.optimizer, self.scaler):
+            try:
+                self._update(params)
+                error: Optional[BaseException] = None
+            except BaseException as caught:
+                if not self._ranks.active:
+                    raise
+                error = caught
+            if self._ranks.active:
+                # A rank whose update failed is put back; so is every other, or the replicas would part.
+                self._fail_together(self._ranks.gather([error is not None, error is not None and
+                                                        is_out_of_memory(error)]), error)
+
+    def _update(self, params: list[nn.Parameter]) -> None:
         if self.scaler is not None and self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if self.before_step is not None:
             self.before_step(self)
-        try:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        except BaseException as error:
-            if not is_out_of_memory(error):
-                raise
-            # Only the update itself is never redone: PyTorch's optimizers update their state in place
-            # before allocating their temporaries. Clipping or before_step running out of memory changed
-            # nothing, and is recovered as anywhere else in the step.
-            raise RuntimeError(
-                f"out of memory inside optimizer.step() ({first_line(error)}); the optimizer updates its state "
-                "in place, so this step's update may be partly applied, and autobatch does not redo the batch, "
-                "which would apply it twice. Leave more headroom (a smaller memory_budget) and resume from a "
-                "checkpoint") from error
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _needs_statistics_pass(self) -> bool:
         return self.bn == "two_pass" and uses_batch_statistics(self._bn_modules)

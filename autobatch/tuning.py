@@ -18,7 +18,7 @@ from autobatch.cache import PlanCache, plan_key
 from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
 from autobatch.memory import Budget, budget, format_bytes, is_out_of_memory, probe, release_memory
 from autobatch.planner import Fit, Plan, search, shrink
-from autobatch.snapshot import preserved
+from autobatch.snapshot import preserved, undone_on_error
 from autobatch.split import take, to_device
 
 if TYPE_CHECKING:
@@ -127,7 +127,8 @@ class Tuner:
             whole = to_device(take(batch, ab._share), ab.device) if whole_batch_resident else None
             part = take(whole, n) if whole is not None else to_device(take(batch, n), ab.device)
             ab._backward(ab._micro_loss(part, 1.0, 0, ab._module))
-            ab.optimizer.step()
+            with undone_on_error(ab._parameters(), ab.optimizer):  # its copies are part of the peak
+                ab.optimizer.step()
             for p in ab._parameters():
                 p.grad = None
 

@@ -266,6 +266,74 @@ def stochastic_depth(rank):
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses}
 
 
+def interrupted(rank, where):
+    """Rank 1 is interrupted (KeyboardInterrupt) once, in its second micro-batch's loss or after its
+    optimizer's update; every rank must end as before the step, then train on."""
+    model = resnet()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(1)
+        if rank == 1 and where == "loss" and len(calls) == 2:
+            raise KeyboardInterrupt
+        return ce(outputs, targets)
+
+    if rank == 1 and where == "update":
+        step, fired = optimizer.step, []
+
+        def interrupted_step(*args, **kwargs):
+            step(*args, **kwargs)  # the update is applied, then the interrupt comes
+            if not fired:
+                fired.append(1)
+                raise KeyboardInterrupt
+
+        optimizer.step = interrupted_step
+    ab = autobatch.wrap(ddp, optimizer, 16, loss_fn, micro_batch=4, cache=False)
+    x, y = data(image=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        ab.step(x[halves(rank)], y[halves(rank)])
+        raised = None
+    except BaseException as error:  # noqa: BLE001 - the parent checks what was raised
+        raised = type(error).__name__
+    unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    loss = ab.step(x[halves(rank)], y[halves(rank)])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "raised": raised,
+            "unchanged": unchanged}
+
+
+def interrupted_in_loss(rank):
+    return interrupted(rank, "loss")
+
+
+def interrupted_after_update(rank):
+    return interrupted(rank, "update")
+
+
+def out_of_memory_after_update(rank):
+    """Rank 1 runs out of memory after its optimizer applied the update: both ranks redo the batch."""
+    model = mlp()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    ab = autobatch.wrap(ddp, optimizer, 16, ce, cache=False)
+    x, y = data()
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    if rank == 1:
+        step, fired = optimizer.step, []
+
+        def failing_step(*args, **kwargs):
+            step(*args, **kwargs)
+            if not fired:
+                fired.append(1)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+
+        optimizer.step = failing_step
+    loss = ab.step(x[halves(rank)], y[halves(rank)])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
 def main() -> None:
     rank, scenarios, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,

@@ -40,7 +40,8 @@ def good_runs(tmp_path_factory):
                  "out_of_memory", "lockstep", "one_sample_on_rank_one", "one_sample_lockstep",
                  "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
-                 "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas"]
+                 "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas",
+                 "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -160,6 +161,24 @@ def test_failures_raise_on_every_rank(tmp_path):
     assert results[("loss_fails_on_rank_one", 0)]["error"] == "RankFailure"
     assert "rank 1 failed in this step" in results[("loss_fails_on_rank_one", 0)]["message"]
     assert all(torch.load(tmp_path / f"unchanged-{rank}.pt") for rank in range(2))
+
+
+@pytest.mark.parametrize("scenario", ["interrupted_in_loss", "interrupted_after_update"])
+def test_an_interrupt_on_one_rank_leaves_every_rank_as_before_and_training_goes_on(good_runs, scenario):
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
+    results = [good_runs[(scenario, rank)]["ok"] for rank in range(2)]
+    assert [result["raised"] for result in results] == ["RankFailure", "KeyboardInterrupt"]
+    for result in results:
+        assert result["unchanged"]
+        assert_same(result, reference)
+
+
+def test_out_of_memory_after_one_ranks_update_makes_both_redo_the_batch(good_runs):
+    reference = single_process(mlp(), slice(0, 16), micro_batch=16)
+    for rank in range(2):
+        result = good_runs[("out_of_memory_after_update", rank)]["ok"]
+        assert_same(result, reference)
+        assert "out of memory at micro_batch=8" in result["plan"]
 
 
 def test_a_dead_rank_ends_with_a_clear_error(tmp_path):

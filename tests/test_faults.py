@@ -156,3 +156,90 @@ def test_out_of_memory_with_auto_is_recovered_as_a_clean_step_under_the_new_plan
     for key, value in expected[0].items():
         if value is not None:
             torch.testing.assert_close(after[0][key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def fail_once(monkeypatch, owner, name, error):
+    """Make ``owner.name`` raise ``error`` at its next call only."""
+    original, errors = getattr(owner, name), [error]
+
+    def failing(*args, **kwargs):
+        if errors:
+            raise errors.pop()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return errors
+
+
+def adam_setup(micro_batch, **options):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    # foreach Adam bumps its step count and moments in place, then allocates its square roots.
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, foreach=True)
+    ab = autobatch.wrap(model, optimizer, 8, ce, cache=False, phase1_memory_format=torch.preserve_format,
+                        micro_batch=micro_batch, **options)
+    return model, optimizer, ab
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+def test_an_error_half_way_through_the_optimizers_update_leaves_it_undone(monkeypatch, error):
+    model, optimizer, ab = adam_setup(4)
+    reference_model, reference_optimizer, reference = adam_setup(4)
+    first, second = batches()
+    ab.step(*first)
+    reference.step(*first)
+    before = snapshot(model, optimizer)
+    errors = fail_once(monkeypatch, torch, "_foreach_sqrt", ERRORS[error]())
+    with pytest.raises(KeyboardInterrupt if error == "interrupt" else (torch.OutOfMemoryError, RuntimeError)):
+        ab.step(*second)
+    assert not errors, "the fault never fired"
+    assert_same(before, snapshot(model, optimizer))
+    assert ab.step(*second) == reference.step(*second)
+    assert_same(snapshot(reference_model, reference_optimizer), snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("error", ["empty-oom", "cuda-text", "cublas"])
+def test_out_of_memory_half_way_through_the_update_is_recovered_as_one_step(monkeypatch, error):
+    options = dict(memory_budget=125_000)
+    model, optimizer, ab = adam_setup("auto", **options)
+    reference_model, reference_optimizer, reference = adam_setup("auto", **options)
+    first, second = batches()
+    ab.step(*first)
+    reference.step(*first)
+    errors = fail_once(monkeypatch, torch, "_foreach_sqrt", ERRORS[error]())
+    loss = ab.step(*second)
+    assert not errors
+    reference.plan = ab.plan
+    assert loss == pytest.approx(reference.step(*second), rel=1e-12)
+    assert {state["step"].item() for state in optimizer.state.values()} == {2.0}
+    after, expected = snapshot(model, optimizer), snapshot(reference_model, reference_optimizer)
+    for key, value in expected[0].items():
+        if value is not None:
+            torch.testing.assert_close(after[0][key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_out_of_memory_after_the_scaler_unscaled_is_recovered():
+    """GradScaler remembers that it unscaled this step's gradients; a redone step must not trip on it."""
+    def run(fail):
+        torch.manual_seed(0)
+        model = ResidualNet(blocks=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        ab = autobatch.wrap(model, optimizer, 8, ce, cache=False, memory_budget=80_000, scaler=scaler,
+                            max_grad_norm=1.0, phase1_memory_format=torch.preserve_format)
+        x, y = (t.float() if t.is_floating_point() else t for t in batches()[0])
+        ab.tune(x, y)
+        with pytest.MonkeyPatch.context() as patch:
+            errors = fail_once(patch, torch.nn.utils, "clip_grad_norm_",
+                               torch.OutOfMemoryError("")) if fail else []
+            loss = ab.step(x, y)
+        assert not errors
+        return loss, ab.plan, model_state(model), scaler.get_scale()
+
+    loss, plan, state, scale = run(fail=True)
+    assert plan.reason.startswith("out of memory")
+    expected = run(fail=False)
+    assert scale == expected[3]
+    for key, value in expected[2].items():
+        if value is not None:
+            torch.testing.assert_close(state[key], value, msg=key)

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from autobatch.snapshot import preserved
+from autobatch.snapshot import preserved, undone_on_error
 from tests.reference import assert_same_state, model_state
 
 
@@ -39,3 +39,26 @@ def test_preserved_clears_state_the_trials_created():
         assert optimizer.state
     assert not optimizer.state
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_undone_on_error_puts_back_a_half_applied_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    model[0].requires_grad_(False)  # frozen: no gradient, never updated, nothing to copy
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(8, 4, dtype=torch.float64)).sum().backward()
+    before = model_state(model)
+    params = list(model.parameters())
+    try:
+        with undone_on_error(params, optimizer):
+            optimizer.step()  # creates the state lazily and updates every parameter
+            optimizer.param_groups[0]["lr"] = 5.0
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert_same_state(before, model_state(model))
+    assert len(optimizer.state) == 0 and optimizer.param_groups[0]["lr"] == 0.1
+    with undone_on_error(params, optimizer):  # no error: the update stays
+        optimizer.step()
+    assert not torch.equal(before["1.weight"], model[1].weight)
+    assert {s["step"].item() for s in optimizer.state.values()} == {1.0}

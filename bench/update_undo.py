@@ -1,0 +1,101 @@
+"""What the all-or-nothing optimizer step costs: autobatch's step with and without the copies of the
+parameters and optimizer state taken before the update, side by side in one run, and the copies'
+size against the step's measured peak.
+
+    python bench/update_undo.py                                   # CPU: the demo U-Net at 64x64, Adam
+    python bench/update_undo.py --model resnet50 --size 224 --device cuda
+
+Arms run interleaved, in a new random order each round, after warm-up rounds; medians reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import autobatch  # noqa: E402
+from autobatch import snapshot, step  # noqa: E402
+from autobatch.measure import peak_bytes  # noqa: E402
+from bench.cost import make, sync  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="unet")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--target-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    args = parser.parse_args()
+    logging.getLogger("autobatch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
+    arms = {}
+    for arm in ("with copies", "without copies"):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        arms[arm] = autobatch.wrap(model, optimizer, args.target_batch, loss_fn, micro_batch=args.micro_batch,
+                                   cache=False)
+
+    def run(arm: str) -> float:
+        undo = snapshot.undone_on_error if arm == "with copies" else (lambda *a, **k: contextlib.nullcontext())
+        step.undone_on_error = undo
+        sync(device)
+        start = time.perf_counter()
+        arms[arm].step(x, y)
+        sync(device)
+        step.undone_on_error = snapshot.undone_on_error
+        return time.perf_counter() - start
+
+    times = {arm: [] for arm in arms}
+    for round_ in range(args.warmup + args.rounds):
+        order = list(arms)
+        random.shuffle(order)
+        for arm in order:
+            seconds = run(arm)
+            if round_ >= args.warmup:
+                times[arm].append(seconds)
+    ab = arms["with copies"]
+    params = list(ab.model.parameters())  # every one has a gradient at the update
+    copied = sum(p.numel() * p.element_size() for p in params) + sum(
+        t.numel() * t.element_size() for s in ab.optimizer.state.values() for t in s.values()
+        if isinstance(t, torch.Tensor))
+    peak = peak_bytes(lambda: ab.step(x, y), device, ab.model, ab.optimizer, (x, y))
+    median = {arm: statistics.median(values) for arm, values in times.items()}
+    lines = [
+        f"# The all-or-nothing optimizer step: {args.model} {args.size}x{args.size}, logical batch "
+        f"{args.target_batch} in micro-batches of {args.micro_batch}, two_pass, Adam",
+        "",
+        f"Device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}; {args.rounds} rounds after {args.warmup} warm-up, interleaved.",
+        "",
+        "| arm | median step (s) | ratio |",
+        "|---|---|---|",
+    ]
+    for arm in arms:
+        lines.append(f"| {arm} | {median[arm]:.4f} | {median[arm] / median['without copies']:.3f} |")
+    lines += ["", f"Copies: {copied / 2**20:.1f} MiB (parameters and Adam's state); the whole step's measured "
+                  f"peak (with them): {peak / 2**20:.1f} MiB."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
