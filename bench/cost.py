@@ -61,8 +61,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a side-by-side timing of logical steps (this benchmark's and others')."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="unet")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--target-batch", type=int, default=16)
@@ -70,17 +71,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    return parser
+
+
+def prepared(args: argparse.Namespace):
+    """The device, the model, one logical batch and the loss the options name (seeded; autobatch quiet)."""
+    logging.getLogger("autobatch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    return (device,) + make(args.model, args.size, args.target_batch, device)
+
+
+def main() -> None:
+    parser = step_arguments(__doc__)
     parser.add_argument("--channels-last", action="store_true",
                         help="the model and its inputs in channels_last for every arm")
     parser.add_argument("--compile", action="store_true",
                         help="every arm's model under torch.compile (lockstep=True left out: its hand-offs "
                              "between threads break the graph at every BatchNorm call)")
-    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args()
-    logging.getLogger("autobatch").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
+    device, base, x, y, loss_fn = prepared(args)
     if args.channels_last:
         base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     splits = balanced_splits(args.target_batch, args.micro_batch)

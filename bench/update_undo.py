@@ -9,10 +9,8 @@ Arms run interleaved, in a new random order each round, after warm-up rounds; me
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import logging
 import pathlib
 import platform
 import random
@@ -27,24 +25,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import autobatch  # noqa: E402
 from autobatch import snapshot, step  # noqa: E402
 from autobatch.measure import peak_bytes  # noqa: E402
-from bench.cost import make, sync  # noqa: E402
+from bench.cost import prepared, step_arguments, sync  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="unet")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--target-batch", type=int, default=16)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
-    args = parser.parse_args()
-    logging.getLogger("autobatch").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    base, x, y, loss_fn = make(args.model, args.size, args.target_batch, device)
+    args = step_arguments(__doc__).parse_args()
+    device, base, x, y, loss_fn = prepared(args)
     arms = {}
     for arm in ("with copies", "without copies"):
         model = copy.deepcopy(base)
