@@ -1,6 +1,6 @@
 """autobatch: train with the batch size your recipe needs on the GPU you have."""
 from autobatch.distributed import RankFailure
-from autobatch.planner import Plan
+from autobatch.planning.planner import Plan
 from autobatch.step import AutoBatch, wrap
 
 __all__ = ["AutoBatch", "Plan", "RankFailure", "wrap"]

@@ -2,6 +2,7 @@
 
     ranks = Ranks.of(model)                  # world_size 1 unless model is (a compiled) DistributedDataParallel
     table = ranks.gather([size, flag])       # (world_size, 2): every rank's values, on every rank
+    table, failure = ranks.outcome(error, loss)   # failure: what to raise here if any rank failed
     count, mean, m2 = ranks.merge(count, mean, m2)   # per-channel statistics of all ranks together
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from autobatch.planning.memory import first_line, is_out_of_memory
 
 __all__ = ["RankFailure", "Ranks", "ddp_of", "ddp_state", "plain_sync_batch_norm"]
 
@@ -74,6 +77,21 @@ class Ranks:
         padded[:len(data)] = data
         table = self._all_gather(padded, "exchanging messages")
         return [bytes(row[:n].tolist()).decode(errors="replace") for row, n in zip(table, lengths)]
+
+    def outcome(self, error: Optional[BaseException], *values: float) -> tuple[Tensor, Optional[BaseException]]:
+        """Every rank's (failed, out of memory, *values), and what this rank must raise if any failed:
+        its own error where it failed, elsewhere an out-of-memory error if every failure was one (every
+        rank then shrinks and redoes the same logical batch together), else RankFailure. One device sync."""
+        table = self.gather([error is not None, error is not None and is_out_of_memory(error), *values])
+        failed = [rank for rank in range(self.world_size) if table[rank, 0]]
+        if not failed:
+            return table, None
+        messages = self.gather_messages("" if error is None else first_line(error))
+        if error is not None:
+            return table, error
+        if all(table[rank, 1] for rank in failed):
+            return table, torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
+        return table, RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
     def merge(self, count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor]:
         """Chan's parallel merge of per-channel (count, mean, sum of squared deviations) over ranks."""

@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
-import autobatch.batchnorm as batchnorm  # noqa: E402
+import autobatch.batchnorm.full_batch as full_batch  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
 from tests.reference import cosine, flat_grad, full_batch_grad, plain_accumulation_backward  # noqa: E402
 
@@ -131,12 +131,12 @@ BACKWARDS = {"two_pass, uncentred": _UncentredBackward, "two_pass, centred (b)":
 @contextlib.contextmanager
 def backward_of(arm: str):
     """Phase 2 with the arm's backward in place of the shipped one (bench only)."""
-    shipped = batchnorm._ProjectedBatchNorm
-    batchnorm._ProjectedBatchNorm = BACKWARDS.get(arm, shipped)
+    shipped = full_batch._ProjectedBatchNorm
+    full_batch._ProjectedBatchNorm = BACKWARDS.get(arm, shipped)
     try:
         yield
     finally:
-        batchnorm._ProjectedBatchNorm = shipped
+        full_batch._ProjectedBatchNorm = shipped
 
 
 def bn_mode(arm: str) -> str:

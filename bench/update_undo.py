@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
 from autobatch import snapshot, step  # noqa: E402
-from autobatch.measure import peak_bytes  # noqa: E402
+from autobatch.planning.measure import peak_bytes  # noqa: E402
 from bench.cost import prepared, step_arguments, sync  # noqa: E402
 
 

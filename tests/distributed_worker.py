@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
-from autobatch import layout
+from autobatch.planning.planner import Phase1
+from autobatch.batchnorm import layout
 from tests.models import ResidualNet, StochasticNet
 
 ce = nn.CrossEntropyLoss()
@@ -52,11 +53,12 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     ab = autobatch.wrap(ddp, optimizer, 16, options.pop("loss_fn", ce), micro_batch=micro_batch,
                         cache=False, **options)
-    ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
+    if phase1_chunks > 1:
+        ab.plan = ab.plan.replace(phase1=Phase1.chunked(phase1_chunks))
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
-            "phase1_memory_format": str(ab._layout.memory_format)}
+            "phase1_memory_format": str(getattr(ab._strategy, "layout", None) and ab._strategy.layout.memory_format)}
 
 
 def halves(rank):

@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from autobatch.batchnorm import (BatchNormCall, BatchNormState, TwoPassBatchNorm, batch_norm_modules,
-                                 intercept_batch_norm)
+from autobatch.batchnorm.full_batch import FullBatchStatistics
+from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
+from autobatch.batchnorm.statistics import BatchNormState, batch_norm_modules
 from autobatch.split import split_batch
 
 __all__ = ["assert_same_state", "cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad",
@@ -50,7 +51,7 @@ def frozen_statistics_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: 
                                splits: list[int]) -> None:
     """The forum's two-phase scheme into ``model``'s gradients: phase 1 records full-batch statistics
     (updating running statistics once); phase 2 uses them as constants."""
-    two_pass = TwoPassBatchNorm({})
+    two_pass = FullBatchStatistics({})
     state = BatchNormState(batch_norm_modules(model))
     with torch.no_grad(), intercept_batch_norm(two_pass.record):
         model(x)

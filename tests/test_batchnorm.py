@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch.batchnorm import (BatchNormState, PooledBatchNorm, TwoPassBatchNorm, _Pool, _ProjectedBatchNorm,
-                                 batch_norm_modules, uses_batch_statistics)
-from autobatch.intercept import intercept_batch_norm
+from autobatch.batchnorm.full_batch import FullBatchStatistics, _ProjectedBatchNorm
+from autobatch.batchnorm.intercept import intercept_batch_norm
+from autobatch.batchnorm.micro import PooledBatchNorm, _Pool
+from autobatch.batchnorm.statistics import BatchNormState, batch_norm_modules, uses_batch_statistics
 
 
 def projected_backward_formula(g, x, gamma, mean, var, eps):
@@ -41,7 +42,7 @@ def test_projected_forward_and_backward_match_full_batch_formula():
 
 
 def test_two_pass_rejects_a_different_sequence_of_calls():
-    two_pass = TwoPassBatchNorm({})
+    two_pass = FullBatchStatistics({})
     bn3, bn4 = nn.BatchNorm1d(3), nn.BatchNorm1d(4)
     with torch.no_grad(), intercept_batch_norm(two_pass.record):
         bn3(torch.randn(8, 3))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch.cache import PlanCache, plan_key
+from autobatch.planning.cache import PlanCache, plan_key
 
 RECORD = {"micro_batch": 12, "fixed_bytes": 100.0, "per_sample_bytes": 10.0, "points": [[2, 120], [4, 140]]}
 

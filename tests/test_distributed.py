@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import autobatch
+from autobatch.planning.planner import Phase1
 from tests.distributed_worker import ce, data, mlp, resnet
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -53,7 +54,8 @@ def single_process(model, rows, micro_batch, image=False, phase1_chunks=1, **opt
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = data(image=image)
     ab = autobatch.wrap(model, optimizer, len(range(16)[rows]), ce, micro_batch=micro_batch, cache=False, **options)
-    ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
+    if phase1_chunks > 1:
+        ab.plan = ab.plan.replace(phase1=Phase1.chunked(phase1_chunks))
     loss = ab.step(x[rows], y[rows])
     return {"state": model.state_dict(), "loss": [loss]}
 

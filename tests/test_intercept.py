@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
-from autobatch.intercept import intercept_batch_norm
+from autobatch.batchnorm.intercept import intercept_batch_norm
 from tests.models import ResidualNet
 from tests.reference import assert_same_state, model_state
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
-from autobatch import layout
+from autobatch.batchnorm import layout
 from autobatch.distributed import Ranks
-from autobatch.layout import Phase1Layout, to_channels_last
+from autobatch.batchnorm.layout import Phase1Layout, to_channels_last
 from tests.models import ResidualNet
 from tests.reference import assert_same_state, flat_grad, model_state, relative_error
 
@@ -110,7 +110,7 @@ def test_phase_one_in_channels_last_gives_the_full_batch_results():
     full_loss = ce(full(x), y)
     full_loss.backward()
     loss, grad, state, ab = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.channels_last)
-    assert ab._layout.memory_format is torch.channels_last
+    assert ab._strategy.layout.memory_format is torch.channels_last
     assert loss == pytest.approx(full_loss.item(), rel=1e-10)
     for key, value in full.state_dict().items():
         if "running" in key or "num_batches" in key:
@@ -127,7 +127,7 @@ def test_the_measured_format_trains_like_the_inputs_own():
     x, y = data()
     measured = one_step(copy.deepcopy(model), x, y)
     given = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
-    assert measured[3]._layout.measured
+    assert measured[3]._strategy.layout.measured
     assert measured[0] == pytest.approx(given[0], rel=1e-10)
     assert relative_error(measured[1], given[1]) < 1e-10
 
@@ -184,7 +184,7 @@ def test_a_model_that_fails_in_channels_last_keeps_the_inputs_format(caplog):
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.INFO, logger="autobatch"):
         loss, _, state, ab = one_step(model, x, y)
-    assert ab._layout.memory_format is torch.preserve_format
+    assert ab._strategy.layout.memory_format is torch.preserve_format
     assert "channels_last failed" in caplog.text and "view" in caplog.text
     expected, _, expected_state, _ = one_step(reference, x, y, phase1_memory_format=torch.preserve_format)
     assert loss == expected
@@ -269,7 +269,7 @@ def test_the_trial_on_a_gpu_decides_and_trains_like_the_inputs_format():
     x, y = torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 5, (32,), device="cuda")
     measured = one_step(copy.deepcopy(model), x, y)
     given = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
-    assert measured[3]._layout.measured
+    assert measured[3]._strategy.layout.measured
     assert measured[0] == pytest.approx(given[0], rel=1e-3)
     assert relative_error(measured[1], given[1]) < 1e-2
 

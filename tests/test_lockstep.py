@@ -60,7 +60,7 @@ def test_lockstep_equals_phase_one_first(make, momentum):
     x, y = torch.randn(16, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
     first_state, first_losses, _ = train(copy.deepcopy(model), x, y, lockstep=False)
     state, losses, plan = train(copy.deepcopy(model), x, y, lockstep=True)
-    assert plan.lockstep and "alongside the first micro-batch" in str(plan)
+    assert plan.phase1.lockstep and "alongside the first micro-batch" in str(plan)
     assert losses == pytest.approx(first_losses, rel=1e-10)
     assert_close_states(state, first_state)
     # The forward of the first step is the full batch's, and the logical batch is counted once a step.
@@ -188,7 +188,7 @@ def test_out_of_memory_alongside_the_first_micro_batch_falls_back_to_phase_one_f
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         state, losses, plan = train(model, x, y, lockstep=True, steps=1)
     reference_state, reference_losses, _ = train(reference, x, y, lockstep=False, steps=1)
-    assert not plan.lockstep and plan.micro_batch == 5
+    assert not plan.phase1.lockstep and plan.micro_batch == 5
     assert "phase 1 now runs before the micro-batches" in caplog.text
     assert losses == pytest.approx(reference_losses, rel=1e-10)
     assert_close_states(state, reference_state)  # running statistics and counters updated once

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch.measure import peak_bytes, tensor_bytes, warm_optimizer_state
+from autobatch.planning.measure import peak_bytes, tensor_bytes, warm_optimizer_state
 from tests.models import compiled
 
 MIB = 2**20

@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from autobatch import memory
-from autobatch.memory import DeviceMemory, budget, is_out_of_memory, parse_bytes, probe
+from autobatch.planning import memory
+from autobatch.planning.memory import DeviceMemory, budget, is_out_of_memory, parse_bytes, probe
 
 GIB = 2**30
 

@@ -1,6 +1,6 @@
 import pytest
 
-from autobatch.planner import Fit, check_micro_batch, check_target_batch, fixed_plan, search, shrink
+from autobatch.planning.planner import Fit, check_micro_batch, check_target_batch, fixed_plan, search, shrink
 
 
 def linear(fixed, per_sample, calls, oom_above=None):

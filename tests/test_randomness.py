@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
-from autobatch.randomness import RandomDraws
+from autobatch.planning.planner import Phase1
+from autobatch.batchnorm.randomness import RandomDraws
 from tests.models import StochasticNet, compiled
 from tests.reference import flat_grad, relative_error
 from tests.test_step import bn_outputs
@@ -105,10 +106,11 @@ def test_micro_batches_normalize_what_phase_one_measured(options):
     inputs = bn_outputs(net, inputs=True)
     ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
                         phase1_memory_format=torch.preserve_format, **options)
-    ab.plan = ab.plan.replace(phase1_chunks=chunks)
+    if chunks > 1:
+        ab.plan = ab.plan.replace(phase1=Phase1.chunked(chunks))
     torch.manual_seed(1)
     ab.step(x, y)
-    layers = {layer.name: layer for layer in ab._two_pass.layers}
+    layers = {layer.name: layer for layer in ab._strategy.handler.layers}
     assert set(layers) == set(inputs) and len(layers) >= 1
     for name, parts in inputs.items():
         whole = torch.cat(parts)
@@ -147,7 +149,7 @@ def test_draws_after_the_last_batch_norm_are_drawn_afresh():
     ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
     for _ in range(3):
         ab.step(x, y)
-    assert ab._draws.recorded == 0  # phase 1 stops at the BatchNorm, before the dropout
+    assert ab._strategy.draws.recorded == 0  # phase 1 stops at the BatchNorm, before the dropout
 
 
 def test_a_draw_that_is_neither_per_sample_nor_whole_is_refused():

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
-from autobatch.batchnorm import BatchNormCall
-from autobatch.recompute import RecomputedCalls
+from autobatch.batchnorm.intercept import BatchNormCall
+from autobatch.batchnorm.recompute import RecomputedCalls
 from tests.models import Block
 from tests.reference import assert_same_state, model_state
 

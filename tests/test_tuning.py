@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.measure import peak_bytes, warm_optimizer_state
-from autobatch.randomness import RandomDraws
+from autobatch.planning.measure import peak_bytes, warm_optimizer_state
+from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.snapshot import preserved
 from tests.models import mlp
 from tests.reference import assert_same_state, model_state
@@ -115,7 +115,7 @@ def test_phase_one_that_does_not_fit_is_chunked():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="6MiB", cache=False)
     plan = ab.tune(x, y)
-    assert plan.phase1_chunks > 1 and "approximate" in str(plan)
+    assert plan.phase1.chunks > 1 and "approximate" in str(plan)
     ab.step(x, y)
     assert model[1].num_batches_tracked.item() == 1
 
@@ -210,16 +210,16 @@ def test_out_of_memory_in_phase_one_chunks_it():
     ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6)
     trap.armed = True
     ab.step(x, y)
-    assert ab.plan.phase1_chunks == 2 and ab.plan.micro_batch == 6
+    assert ab.plan.phase1.chunks == 2 and ab.plan.micro_batch == 6
     assert model[2].num_batches_tracked.item() == 1
-    assert ab._layout.memory_format is torch.preserve_format
+    assert ab._strategy.layout.memory_format is torch.preserve_format
 
 
 def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
     # At the edge of the budget, phase 1's peak does not fit on top of the micro-batch's activations.
     model, (x, y) = convnet(), data(16)
     ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6, lockstep=True)
-    assert not ab.plan.lockstep and "alongside the first it would pass the budget" in ab.plan.reason
+    assert not ab.plan.phase1.lockstep and "alongside the first it would pass the budget" in ab.plan.reason
     threads = []
     model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
     ab.step(x, y)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # autobatch.batchnorm imports this module
-    from autobatch.batchnorm import BatchNormCall
+from autobatch.batchnorm.intercept import BatchNormCall
 
 __all__ = ["RecomputedCalls", "quiet_checkpoint", "recompute_with_own_statistics"]
 

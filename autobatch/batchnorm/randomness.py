@@ -19,7 +19,7 @@ Draws are intercepted with a :class:`~torch.overrides.TorchFunctionMode`: per th
 the ``with`` block, and traced by ``torch.compile``. Memory: a dropout mask costs one byte per
 element of its input for the whole logical batch, other draws their own size, and only draws
 made before phase 1's last BatchNorm call are kept (phase 1 stops there); they live until the step
-ends, and the planner adds them to every micro-batch's predicted peak (autobatch.tuning).
+ends, and the planner adds them to every micro-batch's predicted peak (autobatch.planning.tuning).
 """
 from __future__ import annotations
 

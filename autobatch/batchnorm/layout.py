@@ -26,9 +26,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from autobatch.batchnorm import BatchNormCall, intercept_batch_norm, with_own_statistics
+from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
+from autobatch.batchnorm.statistics import with_own_statistics
 from autobatch.distributed import Ranks
-from autobatch.memory import first_line, is_out_of_memory, release_memory
+from autobatch.planning.memory import first_line, is_out_of_memory, release_memory
 from autobatch.split import leaves, map_tensors
 
 __all__ = ["PHASE1_FORMATS", "Phase1Layout", "check_phase1_memory_format", "to_channels_last"]

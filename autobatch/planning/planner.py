@@ -13,14 +13,53 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from autobatch.memory import format_bytes
+from autobatch.planning.memory import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Fit", "Plan", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
+__all__ = ["Fit", "Phase1", "Plan", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
 
 Measure = Callable[[int], Optional[int]]
+
+
+@dataclass(frozen=True)
+class Phase1:
+    """How two_pass's phase 1 runs: over the whole batch at once, in ``chunks`` pieces (each normalized
+    with its own statistics: approximate), or alongside the first micro-batch (autobatch.batchnorm.lockstep).
+    Made by :meth:`whole`, :meth:`chunked` or :meth:`alongside`."""
+
+    kind: Literal["whole", "chunked", "lockstep"] = "whole"
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.kind == "chunked") != (self.chunks > 1) or self.chunks < 1:
+            raise ValueError(f"phase 1 {self.kind} with {self.chunks} chunks; use Phase1.whole(), "
+                             "Phase1.chunked(n) with n > 1, or Phase1.alongside()")
+
+    @classmethod
+    def whole(cls) -> "Phase1":
+        return cls("whole")
+
+    @classmethod
+    def chunked(cls, chunks: int) -> "Phase1":
+        """``chunks`` pieces; one piece is the whole batch."""
+        return cls("chunked", chunks) if chunks > 1 else cls("whole")
+
+    @classmethod
+    def alongside(cls) -> "Phase1":
+        return cls("lockstep")
+
+    @property
+    def lockstep(self) -> bool:
+        return self.kind == "lockstep"
+
+    def __str__(self) -> str:
+        if self.kind == "lockstep":
+            return "alongside the first micro-batch (lockstep)"
+        if self.kind == "chunked":
+            return f"{self.chunks} chunks: its statistics are approximate (each chunk normalized with its own)"
+        return "the whole batch at once"
 
 
 @dataclass(frozen=True)
@@ -36,10 +75,9 @@ class Plan:
     predicted_peak_bytes: Optional[int] = None
     points: tuple[tuple[int, Optional[int]], ...] = ()
     trials: int = 0
-    phase1_chunks: int = 1
+    #: How two_pass's phase 1 runs.
+    phase1: Phase1 = Phase1()
     world_size: int = 1
-    #: two_pass: phase 1 of the other micro-batches runs alongside the first one (autobatch.lockstep).
-    lockstep: bool = False
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,11 +103,8 @@ class Plan:
             rows.append(("measured", ", ".join(
                 f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
             rows.append(("trials", self.trials))
-        if self.lockstep:
-            rows.append(("phase 1", "alongside the first micro-batch (lockstep)"))
-        if self.phase1_chunks > 1:
-            rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate "
-                                    "(each chunk normalized with its own)"))
+        if self.phase1 != Phase1.whole():
+            rows.append(("phase 1", str(self.phase1)))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -92,13 +127,14 @@ def check_micro_batch(micro_batch: object) -> Union[int, str]:
     return micro_batch
 
 
-def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
+def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1()) -> Plan:
     """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
     share = target_batch // world_size
     if micro_batch >= share:
         return Plan(share, target_batch, "user", f"micro_batch={micro_batch} holds the whole batch",
-                    world_size=world_size)
-    return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given", world_size=world_size)
+                    phase1=phase1, world_size=world_size)
+    return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given", phase1=phase1,
+                world_size=world_size)
 
 
 @dataclass(frozen=True)

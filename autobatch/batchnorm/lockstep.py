@@ -25,9 +25,9 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from autobatch.batchnorm import (BatchNormCall, LayerStatistics, StopForward, TwoPassBatchNorm, chan_merge,
-                                 channel_means, check_same_channels, different_calls, intercept_batch_norm,
-                                 local_statistics, name_of, normalize)
+from autobatch.batchnorm.full_batch import FullBatchStatistics, StopForward, check_same_channels, different_calls
+from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
+from autobatch.batchnorm.statistics import LayerStatistics, chan_merge, channel_means, local_statistics, name_of, normalize
 
 __all__ = ["Lockstep", "batch_norm_counters", "thread_context"]
 
@@ -102,7 +102,7 @@ class Lockstep:
     helper counts it, so the helper's momentum (momentum=None) and the counters are one forward's.
     """
 
-    def __init__(self, two_pass: TwoPassBatchNorm, rest: Optional[Callable[[], Any]],
+    def __init__(self, two_pass: FullBatchStatistics, rest: Optional[Callable[[], Any]],
                  context: Callable[[], ContextManager[None]], counters: dict[int, Tensor]):
         self.two_pass = two_pass
         self._rest = rest

@@ -1,0 +1,108 @@
+"""What a BatchNorm mode does in a step: the interface every mode implements, and the plain mode.
+
+The step drives one strategy object per logical batch, the same way for every mode::
+
+    norm = strategy.for_step(splits)                 # plain where one micro-batch holds the batch
+    batch = norm.prepare(batch, splits, state, phase1, total)     # two_pass: phase 1
+    with norm.intercept():
+        for index, (first_row, size) in enumerate(rows):
+            with norm.micro_batch(index, first_row, size):
+                loss = loss_fn(model(part), targets)
+            error = norm.check()                     # before the last backward
+            with norm.backward(first_row, size):
+                loss.backward()
+    layers = norm.finish()                           # the layers whose running statistics it set
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, ContextManager, Iterator, Optional
+
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from autobatch.batchnorm.intercept import intercept_batch_norm
+from autobatch.batchnorm.recompute import recompute_with_own_statistics
+from autobatch.batchnorm.statistics import BatchNormState, LayerStatistics, uses_batch_statistics
+from autobatch.distributed import Ranks
+from autobatch.planning.planner import Phase1
+
+__all__ = ["BatchNormStrategy", "Plain"]
+
+
+class BatchNormStrategy:
+    """One BatchNorm mode. Its defaults are plain PyTorch: each micro-batch normalizes with its own
+    statistics, running statistics move as nn.BatchNorm moves them, counted once per logical batch."""
+
+    #: The ``bn`` option that selects it.
+    name: ClassVar[str]
+
+    def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks):
+        self.layers = layers
+        self.names = names
+        self.ranks = ranks
+        self._state: Optional[BatchNormState] = None
+
+    def for_step(self, splits: list[int]) -> "BatchNormStrategy":
+        """The strategy for a logical batch in ``splits``: this one, or plain where one micro-batch
+        holds the whole batch or no layer normalizes with batch statistics."""
+        if len(splits) > 1 and uses_batch_statistics(self.layers):
+            return self
+        return Plain(self.layers, self.names, self.ranks)
+
+    # -- the planner's questions ----------------------------------------------------------------
+
+    def needs_statistics_pass(self) -> bool:
+        """Whether a step runs phase 1 (a no-grad forward of the whole batch) before its micro-batches."""
+        return False
+
+    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+        """Phase 1 as a planner's trial runs it, leaving the model and running statistics alone."""
+        raise NotImplementedError(f"bn={self.name!r} has no phase 1")
+
+    def take_draw_bytes(self) -> int:
+        """Bytes of phase 1's random draws held through the micro-batches, forgotten once read."""
+        return 0
+
+    # -- one logical batch -----------------------------------------------------------------------
+
+    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+        """Before the micro-batches (``total``: samples over all ranks); returns the batch to split."""
+        self._state = state
+        return batch
+
+    def intercept(self) -> ContextManager[None]:
+        """Around every micro-batch's forward and backward."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
+        """Around the forward of micro-batch ``index``: rows ``first_row:first_row + size`` of the
+        logical batch (``size`` 0: a padding micro-batch, at weight 0)."""
+        yield
+        if index == 0:
+            self._state.mark_counted()
+
+    def backward(self, first_row: int, size: int) -> ContextManager[None]:
+        """Around the micro-batch's backward, where activation checkpointing calls BatchNorm again."""
+        return intercept_batch_norm(recompute_with_own_statistics, self.layers)
+
+    def check(self) -> Optional[BaseException]:
+        """The error that refuses this step, found before its last backward; None if it may go on."""
+        return None
+
+    def non_finite_culprit(self) -> Optional[str]:
+        """Where a non-finite loss came from, in words, when the strategy can tell."""
+        return None
+
+    def finish(self) -> list[LayerStatistics]:
+        """After the micro-batches: the layers whose running statistics the strategy updated."""
+        return []
+
+
+class Plain(BatchNormStrategy):
+    """No BatchNorm work: one micro-batch, layers in eval mode, or a model without BatchNorm."""
+
+    name = "plain"
+
+    def for_step(self, splits: list[int]) -> BatchNormStrategy:
+        return self

@@ -1,0 +1,211 @@
+"""bn="two_pass": a no-grad forward of the whole logical batch records every BatchNorm layer's
+statistics (phase 1), then each micro-batch normalizes with them and back-propagates through the
+projected backward (autobatch.batchnorm.full_batch), with phase 1's random draws replayed.
+
+    two_pass = TwoPass(layers, names, ranks, micro, phase1_memory_format=None)
+    batch = two_pass.prepare(batch, splits, state, Phase1.whole(), total)     # phase 1
+    ...                                                 # then as every strategy (autobatch.batchnorm.strategy)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, ContextManager, Iterator, Optional
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from autobatch.batchnorm.full_batch import FullBatchStatistics, StopForward
+from autobatch.batchnorm.intercept import intercept_batch_norm
+from autobatch.batchnorm.layout import Phase1Layout
+from autobatch.batchnorm.lockstep import Lockstep, batch_norm_counters, thread_context
+from autobatch.batchnorm.micro import PooledBatchNorm
+from autobatch.batchnorm.randomness import RandomDraws
+from autobatch.batchnorm.recompute import quiet_checkpoint
+from autobatch.batchnorm.statistics import BatchNormState, LayerStatistics, uses_batch_statistics
+from autobatch.batchnorm.strategy import BatchNormStrategy
+from autobatch.distributed import Ranks
+from autobatch.microstep import MicroStep
+from autobatch.phases import Phase, entered
+from autobatch.planning.planner import Phase1
+from autobatch.split import balanced_splits, batch_size, split_batch, to_device
+
+__all__ = ["SMALL_MICRO_BATCH", "TwoPass"]
+
+log = logging.getLogger(__name__)
+
+#: Below this many samples per micro-batch, two_pass ended a convolutional network at 2.3x plain
+#: accumulation's training loss on real data (bench/fidelity_real.py; at 4 samples it was ahead).
+SMALL_MICRO_BATCH = 4
+
+
+class TwoPass(BatchNormStrategy):
+    """bn="two_pass": full-batch statistics in every micro-batch; running statistics updated once."""
+
+    name = "two_pass"
+
+    def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
+                 phase1_memory_format: Optional[torch.memory_format] = None):
+        super().__init__(layers, names, ranks)
+        self.micro = micro
+        self.handler = FullBatchStatistics(names, ranks)
+        #: Phase 1's dropout and stochastic-depth masks, replayed to the micro-batches.
+        self.draws = RandomDraws()
+        self.layout = Phase1Layout(phase1_memory_format)
+        self._lockstep: Optional[Lockstep] = None
+        self._splits: list[int] = []
+        self._total = 0
+        self._warned_thin = False
+        #: Whether the running micro-batch replays phase 1's draws (and so its backward recomputes them).
+        self._replaying = False
+
+    # -- the planner's questions ----------------------------------------------------------------
+
+    def needs_statistics_pass(self) -> bool:
+        return uses_batch_statistics(self.layers)
+
+    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+        self.draws.clear()
+        # A two_pass of this rank alone: trials must not wait on other ranks' collectives.
+        self._statistics_pass(batch, FullBatchStatistics(self.names), BatchNormState(self.layers), chunks,
+                              measure_layout=False)
+
+    def take_draw_bytes(self) -> int:
+        size = self.draws.nbytes
+        self.draws.clear()
+        return size
+
+    # -- one logical batch -----------------------------------------------------------------------
+
+    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+        super().prepare(batch, splits, state, phase1, total)
+        batch = to_device(batch, self.micro.device)
+        self.draws.clear()
+        self._splits, self._total, self._lockstep = splits, total, None
+        if phase1.lockstep:
+            self._lockstep = self._lockstep_for(batch, splits[0])
+        else:
+            self._statistics_pass(batch, self.handler, state, phase1.chunks)
+            self._warn_thin_layers()
+        return batch
+
+    def intercept(self) -> ContextManager[None]:
+        return intercept_batch_norm(self.handler.apply, self.layers)
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
+        self.handler.start_micro_batch((first_row, first_row + size) if size else None)
+        # A padding micro-batch (no samples of its own, weight 0) draws afresh.
+        self._replaying = bool(size and self.draws.recorded)
+        with self.draws.replay(first_row, size) if self._replaying else contextlib.nullcontext():
+            if index == 0 and self._lockstep is not None:
+                with entered(Phase.LOCKSTEP), quiet_checkpoint(), self._lockstep:
+                    yield
+                self._warn_thin_layers()
+            else:
+                yield
+        self.handler.finish_micro_batch()
+        if index == 0 and self._lockstep is not None:
+            self._state.mark_counted()
+
+    def backward(self, first_row: int, size: int) -> ContextManager[None]:
+        stack = contextlib.ExitStack()
+        stack.enter_context(intercept_batch_norm(self.handler.recompute, self.layers))
+        if self._replaying:
+            stack.enter_context(self.draws.recompute())
+        return stack
+
+    def check(self) -> Optional[BaseException]:
+        return self.handler.check()
+
+    def non_finite_culprit(self) -> Optional[str]:
+        found = self.handler.non_finite_samples()
+        if found is None:
+            return None
+        return (f"in phase 1, the input of BatchNorm layer {found[0]!r} is NaN or infinite for samples {found[1]} "
+                "of the logical batch, and its statistics carry that into every micro-batch")
+
+    def finish(self) -> list[LayerStatistics]:
+        return self.handler.layers
+
+    # -- phase 1 ---------------------------------------------------------------------------------
+
+    def _statistics_pass(self, batch: Any, handler: FullBatchStatistics, state: BatchNormState, chunks: int,
+                         measure_layout: bool = True) -> None:
+        """A no-grad forward of the whole batch that records every BatchNorm's statistics and updates
+        running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled. The first one
+        (``measure_layout``) times the memory formats it may run in (autobatch.batchnorm.layout)."""
+        with entered(Phase.STATISTICS_PASS), torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
+            size = batch_size(batch)
+            sizes = balanced_splits(size, -(-size // chunks))
+            if measure_layout:
+                self._measure_layout(batch if chunks == 1 else split_batch(batch, sizes)[0], handler.ranks)
+            batch = self.layout.convert(batch)
+            if chunks == 1:
+                self._whole_statistics_pass(batch, handler)
+            else:
+                self._chunked_statistics_pass(batch, sizes, handler, state)
+        state.mark_counted()
+
+    def _whole_statistics_pass(self, batch: Any, handler: FullBatchStatistics) -> None:
+        handler.start_statistics_pass()
+        complete = True
+        with intercept_batch_norm(handler.record, self.layers), self.draws.record(0, batch_size(batch)):
+            try:
+                self.micro.forward(batch)
+            except StopForward:
+                complete = False
+        handler.finish_statistics_pass(complete)
+
+    def _chunked_statistics_pass(self, batch: Any, sizes: list[int], handler: FullBatchStatistics,
+                                 state: BatchNormState) -> None:
+        pooled = PooledBatchNorm(self.names, handler.ranks)
+        with intercept_batch_norm(pooled.handle, self.layers):
+            for index, chunk in enumerate(split_batch(batch, sizes)):
+                pooled.start_micro_batch()
+                with self.draws.record(sum(sizes[:index]), sizes[index]):
+                    self.micro.forward(chunk)
+                if index == 0:
+                    state.mark_counted()
+        state.keep_counted()
+        handler.layers = pooled.commit()
+
+    def _measure_layout(self, batch: Any, ranks: Ranks) -> None:
+        """Phase 1's memory format, timed on ``batch`` the first time (autobatch.batchnorm.layout)."""
+        with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
+            self.layout.measure(self.micro.module, self.micro.forward, batch, self.micro.device, ranks)
+
+    def _lockstep_for(self, batch: Any, first: int) -> Lockstep:
+        """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
+        size = batch_size(batch)
+        rest = split_batch(batch, [first, size - first])[1] if size > first else None
+        # Every rank takes part, one without other samples too: the ranks decide together.
+        self._measure_layout(rest, self.ranks)
+        rest = self.layout.convert(rest)
+
+        def forward_rest() -> None:
+            with self.micro.autocast(), self.draws.record(first, size - first):
+                self.micro.forward(rest)
+
+        return Lockstep(self.handler, forward_rest if rest is not None else None, thread_context(self.micro.device),
+                        batch_norm_counters(self.layers))
+
+    # -- phase 2 ---------------------------------------------------------------------------------
+
+    def _warn_thin_layers(self) -> None:
+        if self._warned_thin:
+            return
+        self._warned_thin = True
+        splits = [n for n in self._splits if n] or self._splits
+        if min(splits) < SMALL_MICRO_BATCH:
+            log.warning("two_pass with micro-batches of %d samples: its backward takes BatchNorm's subtracted "
+                        "means from so few samples that a convolutional network trained to 2.3x plain "
+                        "accumulation's loss on real data (a BatchNorm1d head, where plain accumulation "
+                        "collapsed, trained far better; README, Results); prefer micro-batches of %d or more",
+                        min(splits), SMALL_MICRO_BATCH)
+        thin = self.handler.thin_layers(min(splits), self._total)
+        if thin:
+            listing = ", ".join(f"{name} ({values})" for name, values in thin)
+            log.warning("these BatchNorm layers see few values per channel in a micro-batch: %s; two_pass "
+                        "takes its backward means from one micro-batch, so their gradients are only roughly "
+                        "those of the full batch. A larger micro_batch helps.", listing)

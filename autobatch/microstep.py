@@ -1,0 +1,146 @@
+"""The model-facing part of a step, shared by training and the planner's trials: forward, loss,
+backward and the optimizer's update, under the user's autocast, GradScaler and clipping.
+
+    micro = MicroStep(model, optimizer, loss_fn=criterion)
+    micro.backward(micro.loss(part, weight=len(part[0]) / 16, index=0))
+    micro.update(micro.parameters())            # all or nothing
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+from torch import Tensor, nn
+
+from autobatch.distributed import Ranks, ddp_of
+from autobatch.phases import Phase, entered
+from autobatch.snapshot import undone_on_error
+
+__all__ = ["ComputeLoss", "LossFn", "MicroStep"]
+
+LossFn = Callable[[Any, Any], Tensor]
+ComputeLoss = Callable[[nn.Module, Any], Tensor]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class MicroStep:
+    """A model, its optimizer and how one micro-batch trains: ``loss_fn(model(inputs), targets)`` or
+    ``compute_loss(model, micro_batch)``, backward (scaled by ``scaler``), and the update (unscale,
+    clip to ``max_grad_norm``, ``before_step()``, ``optimizer.step()``)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Optional[LossFn] = None,
+                 compute_loss: Optional[ComputeLoss] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                 autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
+                 before_step: Optional[Callable[[], None]] = None, device: Optional[torch.device] = None):
+        self.model = model
+        ddp = ddp_of(model)
+        #: The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
+        self.module = model if ddp is None else ddp.module
+        self.ddp = ddp
+        self.ranks = Ranks.of(model)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.compute_loss = compute_loss
+        self.scaler = scaler
+        self.autocast_dtype = autocast_dtype
+        self.max_grad_norm = max_grad_norm
+        self.before_step = before_step
+        self.device = device if device is not None else _model_device(model)
+
+    def autocast(self) -> ContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The optimizer's parameters, then the model's others, each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                seen.setdefault(id(p), p)
+        for p in self.model.parameters():
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def loss(self, part: Any, weight: float, index: int, model: Optional[nn.Module] = None) -> Tensor:
+        """The micro-batch's loss times ``weight``, checked to be a scalar (``model``: the wrapped one)."""
+        model = self.model if model is None else model
+        with self.autocast():
+            if self.compute_loss is not None:
+                loss = self.compute_loss(model, part)
+            else:
+                loss = self.loss_fn(model(part[0]), part[1])
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"the loss for micro-batch {index} is {got}, not a scalar tensor; return the "
+                             "mean loss over the micro-batch (reduction='mean')")
+        return loss.reshape(()) * weight
+
+    def forward(self, batch: Any) -> None:
+        """The module's forward alone, output unused (phase 1; autocast is the caller's)."""
+        if self.compute_loss is not None:
+            self.compute_loss(self.module, batch)
+        else:
+            self.module(batch[0])
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self, params: list[nn.Parameter]) -> None:
+        """Clip, ``before_step`` and one optimizer step, all or nothing: an error anywhere, on this
+        rank or another (out of memory half-way through the optimizer's in-place update included),
+        leaves parameters, optimizer state and scaler as before (autobatch.snapshot)."""
+        self._check_finite_gradient(params)
+        with entered(Phase.UPDATE), undone_on_error(params, self.optimizer, self.scaler):
+            try:
+                self._update(params)
+                error: Optional[BaseException] = None
+            except BaseException as caught:
+                if not self.ranks.active:
+                    raise
+                error = caught
+            if self.ranks.active:
+                # A rank whose update failed is put back; so is every other, or the replicas would part.
+                _, failure = self.ranks.outcome(error)
+                if failure is not None:
+                    raise failure
+
+    def trial_update(self) -> None:
+        """The update as the planner's trials measure it: the same copies and ``optimizer.step()``."""
+        with undone_on_error(self.parameters(), self.optimizer):
+            self.optimizer.step()
+
+    def _update(self, params: list[nn.Parameter]) -> None:
+        if self.scaler is not None and self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if self.before_step is not None:
+            self.before_step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _check_finite_gradient(self, params: list[nn.Parameter]) -> None:
+        """A gradient that is not finite never reaches the optimizer (a GradScaler skips such steps itself)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler is not None or not grads:
+            return
+        # Half-precision norms in float32: a large finite fp16 gradient must not read as overflow.
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None)
+                 .to(grads[0].device, torch.float64) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        if not math.isfinite(norm.item()):
+            raise FloatingPointError(
+                f"the accumulated gradient of the logical batch has norm {norm.item()} although every loss is "
+                "finite; no optimizer step was taken and the model is unchanged. Lower the learning rate, or "
+                "look for an operation whose gradient overflows")

@@ -1,0 +1,224 @@
+"""The plan's life in a training run: measured or cached at the start, shrunk on out-of-memory, grown back.
+
+    tuner = Tuner(micro, strategy, target_batch=16, memory_budget="6GiB")
+    plan = tuner.plan_for(batch)                         # real trial steps, or the cache: no trial
+    plan = tuner.after_out_of_memory(plan, phase, ...)   # smaller micro-batch, same logical batch again
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Optional, Union
+
+from autobatch.batchnorm.strategy import BatchNormStrategy
+from autobatch.microstep import MicroStep
+from autobatch.phases import Phase
+from autobatch.planning.cache import PlanCache, plan_key
+from autobatch.planning.measure import peak_bytes, tensor_bytes, warm_optimizer_state
+from autobatch.planning.memory import Budget, budget, format_bytes, is_out_of_memory, probe, release_memory
+from autobatch.planning.planner import Fit, Phase1, Plan, search, shrink
+from autobatch.snapshot import preserved
+from autobatch.split import take, to_device
+
+__all__ = ["Tuner"]
+
+log = logging.getLogger(__name__)
+
+
+class Tuner:
+    """Chooses the micro-batch of a training run and adapts it while it trains.
+
+    Its trials run real steps through ``micro`` and ``strategy``, the same code that trains, so that
+    what is measured is what trains. ``lockstep``: the user asked for phase 1 alongside the first
+    micro-batch, planned where it fits.
+    """
+
+    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, target_batch: int,
+                 memory_budget: Union[int, float, str, None] = None, cache: Union[bool, str, os.PathLike] = True,
+                 retune: bool = False, grow_after: Optional[int] = None, lockstep: bool = False):
+        self.micro = micro
+        self.strategy = strategy
+        self.target_batch = target_batch
+        self.ranks = micro.ranks
+        #: This rank's share of a logical batch.
+        self.share = target_batch // self.ranks.world_size
+        self.memory_budget = memory_budget
+        self.cache = None if cache is False else PlanCache(None if cache is True else cache)
+        self.retune = retune
+        self.grow_after = grow_after
+        self.lockstep = lockstep
+        self._fit: Optional[Fit] = None
+        #: Whether phase 1 alongside the first micro-batch was measured to fit the budget.
+        self._lockstep_fits = True
+        self._fitted_micro_batch = 0
+        self._key = ""
+        self._clean_steps = 0
+
+    # -- the start -------------------------------------------------------------------------------
+
+    def plan_for(self, batch: Any) -> Plan:
+        """The plan from the cache, else measured with real steps on ``batch``; agreed over ranks."""
+        micro = self.micro
+        resident = tensor_bytes(micro.model, micro.optimizer) if micro.device.type == "cpu" else 0
+        memory = probe(micro.device, resident_bytes=resident)
+        limit = budget(memory, self.memory_budget)
+        self._key = plan_key(
+            micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, target_batch=self.target_batch,
+            bn=self.strategy.name, autocast=micro.autocast_dtype, memory_budget=self.memory_budget,
+            world_size=self.ranks.world_size, loss=micro.compute_loss is not None)
+        record = None if self.retune or self.cache is None else self.cache.load(self._key)
+        device = f"{memory.device} ({memory.name}, {memory.source})"
+        if record is not None:
+            plan = self._cached(record, limit, device)
+        else:
+            plan = self._measure(batch, limit, device)
+            self._store(plan)
+        plan = self._agreed(plan)
+        self._fitted_micro_batch = plan.micro_batch
+        log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", plan.micro_batch, plan.splits,
+                 plan.source, plan.trials)
+        return plan
+
+    def _phase1(self, chunks: int) -> Phase1:
+        return Phase1.alongside() if self.lockstep and self._lockstep_fits else Phase1.chunked(chunks)
+
+    def _cached(self, record: dict[str, Any], limit: Budget, device: str) -> Plan:
+        self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
+                        tuple((n, peak) for n, peak in record["points"]))
+        micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, self.share))
+        self._lockstep_fits = record.get("lockstep_fits", False)
+        return Plan(micro_batch, self.target_batch, "cache", f"fitted line from {self.cache.path(self._key)}",
+                    device, limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
+                    self._phase1(record.get("phase1_chunks", 1)), self.ranks.world_size)
+
+    def _agreed(self, plan: Plan) -> Plan:
+        """Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks, and phase 1
+        alongside the first micro-batch only where it fits on every rank."""
+        if not self.ranks.active:
+            return plan
+        table = self.ranks.gather([plan.micro_batch, plan.phase1.chunks, plan.phase1.lockstep])
+        micro_batch, chunks, lockstep = int(table[:, 0].min()), int(table[:, 1].max()), bool(table[:, 2].min())
+        phase1 = Phase1.alongside() if lockstep else Phase1.chunked(chunks)
+        if (micro_batch, phase1) == (plan.micro_batch, plan.phase1):
+            return plan
+        return plan.replace(micro_batch=micro_batch, phase1=phase1, reason=plan.reason + "; agreed with the other ranks")
+
+    def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
+        micro = self.micro
+        with preserved(micro.model, micro.optimizer):
+            warm_optimizer_state(micro.optimizer)
+            self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, self.share)
+            chunks, phase1_points = 1, ()
+            self._lockstep_fits = True
+            if fit.micro_batch < self.share and self.strategy.needs_statistics_pass():
+                chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+                # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
+                draws = self.strategy.take_draw_bytes()
+                if draws:
+                    fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
+                    fit = self._fit = dataclasses.replace(
+                        fit, micro_batch=fit.largest_under(limit.budget_bytes, fit.micro_batch))
+                # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
+                self._lockstep_fits = chunks == 1 and (
+                    phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
+        reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
+                  f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
+        if self.lockstep and not self._lockstep_fits:
+            reason += "; phase 1 runs before the micro-batches (alongside the first it would pass the budget)"
+        return Plan(fit.micro_batch, self.target_batch, "measured", reason, device, limit.budget_bytes,
+                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), self._phase1(chunks),
+                    self.ranks.world_size)
+
+    def trial_peak(self, batch: Any, n: int) -> Optional[int]:
+        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory.
+        It runs on the module itself: trials must not wait on other ranks' collectives."""
+        micro = self.micro
+        whole_batch_resident = self.strategy.needs_statistics_pass() and n < self.share
+
+        def work() -> None:
+            # With two_pass the whole logical batch's inputs stay on the device during phase 2.
+            whole = to_device(take(batch, self.share), micro.device) if whole_batch_resident else None
+            part = take(whole, n) if whole is not None else to_device(take(batch, n), micro.device)
+            micro.backward(micro.loss(part, 1.0, 0, micro.module))
+            micro.trial_update()  # the update's copies are part of the peak
+            for p in micro.parameters():
+                p.grad = None
+
+        return self._peak_or_none(work, f"micro-batch of {n}", batch)
+
+    def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
+        """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
+        points = []
+        chunks = 1
+        while True:
+            def work(chunks: int = chunks) -> None:
+                self.strategy.trial_statistics_pass(to_device(take(batch, self.share), self.micro.device), chunks)
+
+            peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)", batch)
+            points.append((chunks, peak))
+            if peak is not None and peak <= budget_bytes:
+                return chunks, tuple(points)
+            if chunks >= self.share:
+                raise MemoryError("phase 1 of two_pass does not fit the memory budget even one sample at a "
+                                  "time; use bn='micro', or raise memory_budget")
+            chunks = min(self.share, chunks * 2)
+
+    def _peak_or_none(self, work: Callable[[], None], what: str, batch: Any) -> Optional[int]:
+        micro = self.micro
+        try:
+            peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, batch)
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            peak = None
+        if peak is None:
+            release_memory(micro.device)
+        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
+        return peak
+
+    def _store(self, plan: Plan) -> None:
+        """Keep the plan in use, with the fitted line, for the next launch."""
+        if self.cache is None or self._fit is None:
+            return
+        self.cache.store(self._key, {
+            "micro_batch": plan.micro_batch, "fixed_bytes": self._fit.fixed_bytes,
+            "per_sample_bytes": self._fit.per_sample_bytes, "points": [list(p) for p in self._fit.points],
+            "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1.chunks,
+            "lockstep_fits": self._lockstep_fits})
+
+    # -- while training --------------------------------------------------------------------------
+
+    def after_out_of_memory(self, plan: Plan, phase: Phase, message: str) -> Plan:
+        """For the same batch: phase 1 before the micro-batches if it failed alongside the first one,
+        more phase-1 chunks if it failed in phase 1, else a smaller micro-batch."""
+        self._clean_steps = 0
+        if phase is Phase.LOCKSTEP:
+            self._lockstep_fits = False
+            plan = plan.replace(phase1=Phase1.whole(), reason="out of memory with phase 1 alongside the first "
+                                                              "micro-batch: phase 1 now runs before the micro-batches")
+        elif phase is Phase.STATISTICS_PASS:
+            chunks = min(self.share, plan.phase1.chunks * 2)
+            if chunks == plan.phase1.chunks:
+                raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")
+            plan = plan.replace(phase1=Phase1.chunked(chunks), reason=f"out of memory in phase 1: now {chunks} chunks")
+        else:
+            smaller = shrink(plan.micro_batch)
+            plan = plan.replace(micro_batch=smaller,
+                                reason=f"out of memory at micro_batch={plan.micro_batch}: shrunk to {smaller}")
+        # Not stored: the cache keeps the fitted plan, and a transient shortage must not shrink the next launch.
+        log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, plan.reason)
+        return plan
+
+    def after_clean_step(self, plan: Plan) -> Plan:
+        """After ``grow_after`` clean steps at a shrunken size, the fitted micro-batch again."""
+        if self.grow_after is None or plan.micro_batch >= self._fitted_micro_batch:
+            return plan
+        self._clean_steps += 1
+        if self._clean_steps < self.grow_after:
+            return plan
+        self._clean_steps = 0
+        plan = plan.replace(micro_batch=self._fitted_micro_batch, reason=(
+            f"grown back to the fitted micro_batch={self._fitted_micro_batch} after {self.grow_after} clean steps"))
+        log.info("autobatch: %s", plan.reason)
+        return plan
