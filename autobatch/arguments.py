@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_arguments"]
+from autobatch.planning.planner import check_target_batch
+
+__all__ = ["check_arguments", "share_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +51,12 @@ def _check_optimizer_covers_model(model: nn.Module, optimizer: torch.optim.Optim
         log.warning("%d of the model's parameters that require grad are in no optimizer param group (%s): they "
                     "get gradients but are never updated; freeze them (requires_grad_(False)) or add them to "
                     "the optimizer", len(missing), listing)
+
+
+def share_of(target_batch: Any, world_size: int) -> int:
+    """Each rank's share of the logical batch ``target_batch`` (over all ``world_size`` ranks)."""
+    check_target_batch(target_batch)
+    if target_batch % world_size:
+        raise ValueError(f"target_batch={target_batch} is the logical batch over all {world_size} ranks and must "
+                         f"divide evenly among them; use a multiple of {world_size}")
+    return target_batch // world_size

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from autobatch.arguments import check_arguments
+from autobatch.arguments import check_arguments, share_of
 from autobatch.batchnorm import BN_MODES, BatchNormMode, BatchNormStrategy, strategy_for
 from autobatch.batchnorm.bypass import RunningStatisticsWatch
 from autobatch.batchnorm.layout import PHASE1_FORMATS, check_phase1_memory_format
@@ -30,7 +30,7 @@ from autobatch.distributed import RankFailure, ddp_state, plain_sync_batch_norm
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.phases import Phase, phase_of, tag
 from autobatch.planning.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
-from autobatch.planning.planner import Phase1, Plan, check_micro_batch, check_target_batch, fixed_plan
+from autobatch.planning.planner import Phase1, Plan, check_micro_batch, fixed_plan
 from autobatch.planning.tuning import Tuner
 from autobatch.split import balanced_parts, batch_size, non_finite_samples, split_batch, take, to_device
 
@@ -68,12 +68,8 @@ class AutoBatch:
                                 None if device is None else torch.device(device))
         self._strategy: BatchNormStrategy = strategy_for(bn, self._micro, lockstep, phase1_memory_format)
         self.bn, self.device, self._ranks = bn, self._micro.device, self._micro.ranks
-        self.target_batch = check_target_batch(target_batch)
-        if target_batch % self._ranks.world_size:
-            raise ValueError(
-                f"target_batch={target_batch} is the logical batch over all {self._ranks.world_size} ranks and "
-                f"must divide evenly among them; use a multiple of {self._ranks.world_size}")
-        self._share = target_batch // self._ranks.world_size
+        self.target_batch = target_batch
+        self._share = share_of(target_batch, self._ranks.world_size)
         self._auto = check_micro_batch(micro_batch) == "auto"
         check_memory_budget(memory_budget)
         if memory_budget is not None and not self._auto:

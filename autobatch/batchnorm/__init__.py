@@ -14,7 +14,7 @@ import torch
 
 from autobatch.batchnorm.micro import Micro
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
-from autobatch.batchnorm.strategy import BatchNormStrategy, Plain
+from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPass
 from autobatch.microstep import MicroStep
 
@@ -27,7 +27,7 @@ BN_MODES: tuple[BatchNormMode, ...] = ("two_pass", "micro")
 
 def strategy_for(bn: BatchNormMode, micro: MicroStep, lockstep: bool = False,
                  phase1_memory_format: Optional[torch.memory_format] = None) -> BatchNormStrategy:
-    """The strategy of mode ``bn`` for ``micro``'s model; plain for a model without BatchNorm.
+    """The strategy of mode ``bn`` for ``micro``'s model, checked here and nowhere else.
     ``lockstep`` (phase 1 alongside the first micro-batch) is two_pass's only."""
     if bn not in BN_MODES:
         hint = (" Statistics frozen as constants (the forum's two-phase scheme) drop BatchNorm's gradient "

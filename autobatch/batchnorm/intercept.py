@@ -20,7 +20,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchNormCall", "Handler", "intercept_batch_norm"]
+__all__ = ["BatchNormCall", "intercept_batch_norm"]
 
 
 class BatchNormCall(NamedTuple):

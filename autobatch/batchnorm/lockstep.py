@@ -9,11 +9,11 @@ the saving is the first micro-batch's share of phase 1, and the result is that o
 Opt-in (``wrap(..., lockstep=True)``): on a 2-core CPU it measured slower than phase 1 first
 (bench/results/cost.md), since every thread that runs PyTorch CPU ops brings its own OpenMP team::
 
-    lockstep = Lockstep(two_pass, rest=lambda: module(other_samples), context=thread_context(device),
+    lockstep = Lockstep(statistics, rest=lambda: module(other_samples), context=thread_context(device),
                         counters=batch_norm_counters(bn_layers))
     with lockstep:                               # the caller's training forward of micro-batch 0
         loss = loss_fn(model(first_samples), first_targets)
-    loss.backward()                              # two_pass.layers holds the full-batch statistics
+    loss.backward()                              # statistics.layers holds the full-batch statistics
 """
 from __future__ import annotations
 
@@ -94,17 +94,17 @@ class Lockstep:
     step, so that its OpenMP team, which competes with the caller's on CPU, ends with the step.
 
     The caller leads: at its BatchNorm call i it lets the helper finish call i-1 and run up to call
-    i, merges both halves' statistics (and every rank's, through ``two_pass.ranks``), updates the
-    running statistics once, adds the layer to ``two_pass`` and normalizes its half with the projected
+    i, merges both halves' statistics (and every rank's, through ``statistics.ranks``), updates the
+    running statistics once, adds the layer to ``statistics`` and normalizes its half with the projected
     BatchNorm. Leading keeps DistributedDataParallel's buffer broadcast, at the start of the caller's
     forward, ahead of anything the helper changes. ``counters`` maps a running_mean's id to its
     layer's ``num_batches_tracked``: the caller takes back its own count of each call before the
     helper counts it, so the helper's momentum (momentum=None) and the counters are one forward's.
     """
 
-    def __init__(self, two_pass: FullBatchStatistics, rest: Optional[Callable[[], Any]],
+    def __init__(self, statistics: FullBatchStatistics, rest: Optional[Callable[[], Any]],
                  context: Callable[[], ContextManager[None]], counters: dict[int, Tensor]):
-        self.two_pass = two_pass
+        self.statistics = statistics
         self._rest = rest
         self._context = context
         self._counters = counters
@@ -120,7 +120,7 @@ class Lockstep:
     # -- the caller's side -----------------------------------------------------------------------
 
     def __enter__(self) -> "Lockstep":
-        self.two_pass.start_statistics_pass()
+        self.statistics.start_statistics_pass()
         self._intercept = intercept_batch_norm(self._caller_call)
         self._intercept.__enter__()
         if self._rest is not None:
@@ -150,9 +150,9 @@ class Lockstep:
         if self._thread is not None:
             message = self._turn_to_helper()
             if isinstance(message, _Statistics):
-                raise different_calls("full-batch", "micro-batch", len(self.two_pass.layers))
+                raise different_calls("full-batch", "micro-batch", len(self.statistics.layers))
             complete = message.complete
-        self.two_pass.finish_statistics_pass(complete)
+        self.statistics.finish_statistics_pass(complete)
 
     def _stop_helper(self) -> None:
         if self._thread is None:
@@ -164,8 +164,8 @@ class Lockstep:
         self._thread = None
 
     def _caller_call(self, call: BatchNormCall) -> Tensor:
-        index = len(self.two_pass.layers)
-        name = name_of(call, self.two_pass.names, index)
+        index = len(self.statistics.layers)
+        name = name_of(call, self.statistics.names, index)
         with torch.no_grad():
             mean, var = local_statistics(call.input.detach(), call.eps)
             count, m2, momentum = call.values_per_channel, var * call.values_per_channel, call.momentum
@@ -179,13 +179,13 @@ class Lockstep:
                 check_same_channels(mean.shape[0], message.mean.shape[0], index, name)
                 count, mean, m2 = chan_merge(message.count, message.mean, message.m2, count, mean, m2)
                 momentum = message.momentum
-            layer = self.two_pass.merge(call, name, count, mean, m2, momentum)
+            layer = self.statistics.merge(call, name, count, mean, m2, momentum)
             if self._thread is not None:
                 # The helper's samples follow this first micro-batch's.
                 layer.sample_means, layer.first_row = message.sample_means, call.input.shape[0]
-        self.two_pass.add(call, layer)
+        self.statistics.add(call, layer)
         self._reply = layer
-        return self.two_pass.project(call, layer, index)
+        return self.statistics.project(call, layer, index)
 
     # -- the helper's side -----------------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class Lockstep:
                                     channel_means(call.input, mean.dtype, per_sample=True))
         self._caller_turn.release()
         self._wait_for_turn()  # the caller merges this call, and runs up to its next one
-        self.two_pass.stop_after_last_call()
+        self.statistics.stop_after_last_call()
         return normalize(call, self._reply)
 
 

@@ -18,7 +18,7 @@ from autobatch.distributed import Ranks
 
 __all__ = ["BatchNormState", "LayerStatistics", "batch_norm_modules", "batch_norm_names", "chan_merge",
            "channel_means", "check_values_per_channel", "full_batch_statistics", "local_statistics", "name_of",
-           "normalize", "update_running", "uses_batch_statistics", "variance", "with_own_statistics"]
+           "normalize", "uses_batch_statistics", "variance", "with_own_statistics"]
 
 
 def batch_norm_modules(model: nn.Module) -> list[_BatchNorm]:

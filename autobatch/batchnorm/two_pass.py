@@ -30,7 +30,7 @@ from autobatch.phases import Phase, entered
 from autobatch.planning.planner import Phase1
 from autobatch.split import balanced_splits, batch_size, split_batch, to_device
 
-__all__ = ["SMALL_MICRO_BATCH", "TwoPass"]
+__all__ = ["TwoPass"]
 
 log = logging.getLogger(__name__)
 
