@@ -93,6 +93,12 @@ class Ranks:
             return table, torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         return table, RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
+    def sum(self, local: Tensor) -> Tensor:
+        """``local`` summed over every rank, in rank order (the same rounding on every rank)."""
+        if not self.active:
+            return local
+        return self._all_gather(local.to(self.device), "summing BatchNorm gradients").sum(0).to(local.device)
+
     def merge(self, count: float, mean: Tensor, m2: Tensor) -> tuple[float, Tensor, Tensor]:
         """Chan's parallel merge of per-channel (count, mean, sum of squared deviations) over ranks."""
         if not self.active:

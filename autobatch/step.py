@@ -72,6 +72,9 @@ class AutoBatch:
         self._share = share_of(target_batch, self._ranks.world_size)
         self._auto = check_micro_batch(micro_batch) == "auto"
         check_memory_budget(memory_budget)
+        if not self._auto and (self._strategy.whole_batch_only or self._strategy.prefers_whole_batch):
+            raise ValueError(f"bn={bn!r} plans its own micro-batch (the whole batch where it fits); leave "
+                             f"micro_batch='auto', or use bn='two_pass' with micro_batch={micro_batch}")
         if memory_budget is not None and not self._auto:
             raise ValueError(f"memory_budget applies to micro_batch='auto'; with micro_batch={micro_batch} "
                              "drop memory_budget, or pass micro_batch='auto' to have the budget measured")
@@ -201,6 +204,7 @@ class AutoBatch:
     def _step(self, batch: Any, sizes: list[int]) -> float:
         """One logical batch, all or nothing: on error every gradient and buffer is put back.
         ``sizes``: every rank's samples; all ranks run as many micro-batches as the largest needs."""
+        self._strategy.adopt(self.plan)
         count = max(math.ceil(n / self.plan.micro_batch) for n in sizes)
         splits = balanced_parts(sizes[self._ranks.rank], count)
         params = self._micro.parameters()

@@ -12,6 +12,8 @@ from typing import Literal, Optional
 
 import torch
 
+from autobatch.batchnorm.auto import Auto
+from autobatch.batchnorm.exact import Exact
 from autobatch.batchnorm.micro import Micro
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
 from autobatch.batchnorm.strategy import BatchNormStrategy
@@ -20,9 +22,9 @@ from autobatch.microstep import MicroStep
 
 __all__ = ["BN_MODES", "BatchNormMode", "BatchNormStrategy", "strategy_for"]
 
-BatchNormMode = Literal["two_pass", "micro"]
+BatchNormMode = Literal["two_pass", "micro", "exact", "auto"]
 #: The ``bn`` values ``wrap`` accepts, in the order the ranks compare them by.
-BN_MODES: tuple[BatchNormMode, ...] = ("two_pass", "micro")
+BN_MODES: tuple[BatchNormMode, ...] = ("two_pass", "micro", "exact", "auto")
 
 
 def strategy_for(bn: BatchNormMode, micro: MicroStep, lockstep: bool = False,
@@ -37,8 +39,13 @@ def strategy_for(bn: BatchNormMode, micro: MicroStep, lockstep: bool = False,
         raise TypeError(f"lockstep must be True or False, got {lockstep!r}")
     if lockstep and bn != "two_pass":
         raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={bn!r} "
-                         "has no phase 1: drop lockstep=True")
+                         "has no phase 1 of its own to run alongside: drop lockstep=True")
     layers, names = batch_norm_modules(micro.module), batch_norm_names(micro.module)
     if bn == "two_pass":
         return TwoPass(layers, names, micro.ranks, micro, phase1_memory_format)
-    return Micro(layers, names, micro.ranks)
+    if bn == "micro":
+        return Micro(layers, names, micro.ranks)
+    exact = Exact(layers, names, micro.ranks, micro)
+    if bn == "exact":
+        return exact
+    return Auto(exact, TwoPass(layers, names, micro.ranks, micro, phase1_memory_format))

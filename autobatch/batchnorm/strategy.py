@@ -24,7 +24,7 @@ from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.recompute import recompute_with_own_statistics
 from autobatch.batchnorm.statistics import BatchNormState, LayerStatistics, uses_batch_statistics
 from autobatch.distributed import Ranks
-from autobatch.planning.planner import Phase1
+from autobatch.planning.planner import Phase1, Plan
 
 __all__ = ["BatchNormStrategy", "Plain"]
 
@@ -35,6 +35,10 @@ class BatchNormStrategy:
 
     #: The ``bn`` option that selects it.
     name: ClassVar[str]
+    #: For the planner: the logical batch runs in one piece only (bn="exact"), or in one piece where
+    #: that fits and pays, else split (bn="auto").
+    whole_batch_only: ClassVar[bool] = False
+    prefers_whole_batch: ClassVar[bool] = False
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks):
         self.layers = layers
@@ -48,6 +52,15 @@ class BatchNormStrategy:
         if len(splits) > 1 and uses_batch_statistics(self.layers):
             return self
         return Plain(self.layers, self.names, self.ranks)
+
+    @property
+    def split_mode(self) -> str:
+        """The mode that runs when the planner splits the batch into micro-batches."""
+        return self.name
+
+    def adopt(self, plan: Plan) -> None:
+        """Take on the plan's choices that concern the strategy (bn="exact"'s checkpointing, the mode
+        bn="auto" chose); before every step."""
 
     # -- the planner's questions ----------------------------------------------------------------
 

@@ -96,6 +96,13 @@ def _problem(record: Any) -> Optional[str]:
         return f"phase1_chunks {record.get('phase1_chunks')!r} is not a positive integer"
     if not isinstance(record.get("lockstep_fits", False), bool):
         return f"lockstep_fits {record.get('lockstep_fits')!r} is not true or false"
+    if not isinstance(record.get("bn", ""), str) or not isinstance(record.get("label", ""), str):
+        return "bn or label is not a string"
+    checkpointed = record.get("checkpointed", [])
+    if not isinstance(checkpointed, list) or not all(isinstance(name, str) for name in checkpointed):
+        return "checkpointed is not a list of module names"
+    if not isinstance(record.get("selective", False), bool):
+        return f"selective {record.get('selective')!r} is not true or false"
     return None
 
 

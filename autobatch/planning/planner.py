@@ -15,10 +15,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Union
 
+from autobatch.checkpointing import Checkpointing
 from autobatch.planning.memory import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Fit", "Phase1", "Plan", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
+__all__ = ["Candidate", "Fit", "Phase1", "Plan", "candidate_table", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
 
 Measure = Callable[[int], Optional[int]]
 
@@ -78,6 +79,12 @@ class Plan:
     #: How two_pass's phase 1 runs.
     phase1: Phase1 = Phase1()
     world_size: int = 1
+    #: The BatchNorm mode that runs ("two_pass", "micro", "exact"; bn="auto" chooses one).
+    bn: str = "two_pass"
+    #: bn="exact": the submodules checkpointed during a step.
+    checkpointing: Checkpointing = Checkpointing()
+    #: bn="exact" or "auto": every policy measured, with the whole batch's peak and step time.
+    candidates: tuple[Candidate, ...] = ()
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,11 +95,18 @@ class Plan:
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def checkpointed(self) -> tuple[str, ...]:
+        """The qualified names of the submodules checkpointed during a step; empty when none."""
+        return self.checkpointing.modules
+
     def __str__(self) -> str:
         target = self.target_batch if self.world_size == 1 else (
             f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
-        rows = [("target_batch", target), ("micro_batch", self.micro_batch),
+        rows = [("target_batch", target), ("bn", self.bn), ("micro_batch", self.micro_batch),
                 ("splits", self.splits), ("source", self.source), ("reason", self.reason)]
+        if self.bn == "exact":
+            rows.append(("checkpointed", _listing(self.checkpointing)))
         if self.device:
             rows.append(("device", self.device))
         if self.budget_bytes is not None:
@@ -106,7 +120,35 @@ class Plan:
         if self.phase1 != Phase1.whole():
             rows.append(("phase 1", str(self.phase1)))
         width = max(len(name) for name, _ in rows)
-        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        return text + ("\n" + candidate_table(self.candidates) if self.candidates else "")
+
+
+def _listing(policy: Checkpointing) -> str:
+    if not policy:
+        return "none"
+    names = ", ".join(policy.modules[:6]) + (f" and {len(policy.modules) - 6} more" if len(policy.modules) > 6 else "")
+    return f"{len(policy.modules)} modules ({policy.label}): {names}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of running the logical batch the planner measured: a checkpointing policy of the whole
+    batch (exact) or two_pass at its largest micro-batch, with the peak (None: out of memory) and time."""
+
+    label: str
+    peak_bytes: Optional[int]
+    seconds: Optional[float]
+    exact: bool
+
+
+def candidate_table(candidates: tuple[Candidate, ...]) -> str:
+    """The measured candidates as a table, for ``python -m autobatch plan``."""
+    rows = [("candidate", "peak", "step time", "exact")] + [
+        (c.label, format_bytes(c.peak_bytes) if c.peak_bytes is not None else "out of memory",
+         f"{c.seconds:.3f} s" if c.seconds is not None else "-", "yes" if c.exact else "no") for c in candidates]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def _is_int(value: object) -> bool:

@@ -11,19 +11,26 @@ import logging
 import os
 from typing import Any, Callable, Optional, Union
 
+from autobatch.batchnorm.exact import Exact
 from autobatch.batchnorm.strategy import BatchNormStrategy
+from autobatch.checkpointing import Checkpointing, candidates as checkpointing_candidates
 from autobatch.microstep import MicroStep
 from autobatch.phases import Phase
 from autobatch.planning.cache import PlanCache, plan_key
 from autobatch.planning.measure import peak_bytes, tensor_bytes, warm_optimizer_state
 from autobatch.planning.memory import Budget, budget, format_bytes, is_out_of_memory, probe, release_memory
-from autobatch.planning.planner import Fit, Phase1, Plan, search, shrink
+from autobatch.planning.planner import Candidate, Fit, Phase1, Plan, search, shrink
+from autobatch.planning.whole_batch import timed, whole_batch_step
 from autobatch.snapshot import preserved
 from autobatch.split import take, to_device
 
 __all__ = ["Tuner"]
 
 log = logging.getLogger(__name__)
+
+#: bn="auto" takes the whole batch with checkpointing where its step takes at most this many times
+#: plain accumulation's at the largest micro-batch that fits.
+AUTO_SLOWDOWN = 1.5
 
 
 class Tuner:
@@ -69,9 +76,8 @@ class Tuner:
             world_size=self.ranks.world_size, loss=micro.compute_loss is not None)
         record = None if self.retune or self.cache is None else self.cache.load(self._key)
         device = f"{memory.device} ({memory.name}, {memory.source})"
-        if record is not None:
-            plan = self._cached(record, limit, device)
-        else:
+        plan = None if record is None else self._cached(record, limit, device)
+        if plan is None:
             plan = self._measure(batch, limit, device)
             self._store(plan)
         plan = self._agreed(plan)
@@ -83,14 +89,26 @@ class Tuner:
     def _phase1(self, chunks: int) -> Phase1:
         return Phase1.alongside() if self.lockstep and self._lockstep_fits else Phase1.chunked(chunks)
 
-    def _cached(self, record: dict[str, Any], limit: Budget, device: str) -> Plan:
+    def _cached(self, record: dict[str, Any], limit: Budget, device: str) -> Optional[Plan]:
+        """The plan of a cache record; None where it names a mode or modules this run does not have."""
+        bn = record.get("bn", self.strategy.split_mode)
+        policy = Checkpointing(tuple(record.get("checkpointed", [])), record.get("selective", False),
+                               record.get("label", "none"))
+        modules = dict(self.micro.module.named_modules())
+        if bn not in (self.strategy.split_mode, Exact.name) or not all(name in modules for name in policy.modules):
+            log.warning("autobatch: the cached plan %s does not match this model; measuring afresh",
+                        self.cache.path(self._key))
+            return None
         self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
                         tuple((n, peak) for n, peak in record["points"]))
-        micro_batch = min(record["micro_batch"], self._fit.largest_under(limit.budget_bytes, self.share))
+        whole = bn != self.strategy.split_mode
+        micro_batch = self.share if whole else min(record["micro_batch"],
+                                                   self._fit.largest_under(limit.budget_bytes, self.share))
         self._lockstep_fits = record.get("lockstep_fits", False)
         return Plan(micro_batch, self.target_batch, "cache", f"fitted line from {self.cache.path(self._key)}",
                     device, limit.budget_bytes, self._fit.predict(micro_batch), self._fit.points, 0,
-                    self._phase1(record.get("phase1_chunks", 1)), self.ranks.world_size)
+                    self._phase1(record.get("phase1_chunks", 1)), self.ranks.world_size, bn=bn,
+                    checkpointing=policy)
 
     def _agreed(self, plan: Plan) -> Plan:
         """Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks, and phase 1
@@ -108,31 +126,88 @@ class Tuner:
         micro = self.micro
         with preserved(micro.model, micro.optimizer):
             warm_optimizer_state(micro.optimizer)
-            self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, self.share)
-            chunks, phase1_points = 1, ()
-            self._lockstep_fits = True
-            if fit.micro_batch < self.share and self.strategy.needs_statistics_pass():
-                chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
-                # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
-                draws = self.strategy.take_draw_bytes()
-                if draws:
-                    fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
-                    fit = self._fit = dataclasses.replace(
-                        fit, micro_batch=fit.largest_under(limit.budget_bytes, fit.micro_batch))
-                # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
-                self._lockstep_fits = chunks == 1 and (
-                    phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
+            if self.strategy.whole_batch_only or self.strategy.prefers_whole_batch:
+                return self._measure_whole(batch, limit, device)
+            return self._measure_split(batch, limit, device)
+
+    def _measure_whole(self, batch: Any, limit: Budget, device: str) -> Plan:
+        """bn="exact": the fastest checkpointing policy whose whole-batch peak fits. bn="auto": that, if
+        it needs no checkpointing or costs at most AUTO_SLOWDOWN x plain accumulation; else two_pass."""
+        candidates, fitting = self._whole_batch_candidates(batch, limit.budget_bytes)
+        best = min(fitting, key=lambda fit: fit[0]) if fitting else None
+        if self.strategy.prefers_whole_batch and (best is None or best[1]):
+            split = self._measure_split(batch, limit, device)
+            seconds = timed(self._micro_step(batch, split.micro_batch), self.micro.device) * len(split.splits)
+            candidates.append(Candidate(f"{split.bn}, micro_batch {split.micro_batch}", split.predicted_peak_bytes,
+                                        seconds, False))
+            if best is None or best[0] > AUTO_SLOWDOWN * seconds:
+                why = "no checkpointing policy fits" if best is None else (
+                    f"the best fitting policy ({best[1].label}) took {best[0] / seconds:.2f}x plain accumulation's "
+                    f"time, over {AUTO_SLOWDOWN}x")
+                return split.replace(candidates=tuple(candidates), reason=f"{split.reason}; whole batch: {why}")
+        if best is None:
+            smallest = min((c.peak_bytes for c in candidates if c.peak_bytes is not None), default=None)
+            raise MemoryError(
+                f"bn='exact' does not fit: the whole batch of {self.share} peaked at "
+                f"{format_bytes(smallest) if smallest is not None else 'out of memory'} at best (under every "
+                f"checkpointing policy tried) against a budget of {format_bytes(limit.budget_bytes)}; use "
+                "bn='two_pass', which splits the batch, or a larger memory_budget")
+        seconds, policy, peak = best
+        self._fit = Fit(self.share, peak, 0, ((self.share, peak),))
+        reason = (f"the whole batch in one piece fits {limit.describe()}" + (
+            f" with {len(policy.modules)} modules checkpointed ({policy.label}), the fastest that fits" if policy
+            else " without checkpointing"))
+        return Plan(self.share, self.target_batch, "measured", reason, device, limit.budget_bytes, peak,
+                    self._fit.points, len(candidates), Phase1.whole(), self.ranks.world_size, bn=Exact.name,
+                    checkpointing=policy, candidates=tuple(candidates))
+
+    def _whole_batch_candidates(self, batch: Any, budget_bytes: int) -> tuple[list[Candidate], list[tuple]]:
+        """Every checkpointing policy's whole-batch peak, and (seconds, policy, peak) of those that fit;
+        stops at the first, no checkpointing, if it fits."""
+        candidates, fitting = [], []
+        for policy in checkpointing_candidates(self.micro.module):
+            work = whole_batch_step(self.micro, self.strategy.layers, batch, self.share, policy)
+            peak = self._peak_or_none(work, f"whole batch, checkpointing {policy.label}", batch)
+            # Timed apart: the host's memory tracking slows every operation.
+            seconds = timed(work, self.micro.device) if peak is not None and peak <= budget_bytes else None
+            candidates.append(Candidate(policy.label, peak, seconds, True))
+            if seconds is not None:
+                fitting.append((seconds, policy, peak))
+                if not policy:
+                    break
+        return candidates, fitting
+
+    def _measure_split(self, batch: Any, limit: Budget, device: str) -> Plan:
+        """The largest micro-batch whose measured step fits, and phase 1 in as few chunks as fit."""
+        self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, self.share)
+        chunks, phase1_points = 1, ()
+        self._lockstep_fits = True
+        if fit.micro_batch < self.share and self.strategy.needs_statistics_pass():
+            chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+            # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
+            draws = self.strategy.take_draw_bytes()
+            if draws:
+                fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
+                fit = self._fit = dataclasses.replace(
+                    fit, micro_batch=fit.largest_under(limit.budget_bytes, fit.micro_batch))
+            # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
+            self._lockstep_fits = chunks == 1 and (
+                phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
         reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
                   f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
         if self.lockstep and not self._lockstep_fits:
             reason += "; phase 1 runs before the micro-batches (alongside the first it would pass the budget)"
         return Plan(fit.micro_batch, self.target_batch, "measured", reason, device, limit.budget_bytes,
                     fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), self._phase1(chunks),
-                    self.ranks.world_size)
+                    self.ranks.world_size, bn=self.strategy.split_mode)
 
     def trial_peak(self, batch: Any, n: int) -> Optional[int]:
-        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory.
-        It runs on the module itself: trials must not wait on other ranks' collectives."""
+        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
+        return self._peak_or_none(self._micro_step(batch, n), f"micro-batch of {n}", batch)
+
+    def _micro_step(self, batch: Any, n: int) -> Callable[[], None]:
+        """One real training micro-step of ``n`` samples and the update. It runs on the module itself:
+        trials must not wait on other ranks' collectives."""
         micro = self.micro
         whole_batch_resident = self.strategy.needs_statistics_pass() and n < self.share
 
@@ -145,7 +220,7 @@ class Tuner:
             for p in micro.parameters():
                 p.grad = None
 
-        return self._peak_or_none(work, f"micro-batch of {n}", batch)
+        return work
 
     def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
         """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
@@ -185,7 +260,8 @@ class Tuner:
             "micro_batch": plan.micro_batch, "fixed_bytes": self._fit.fixed_bytes,
             "per_sample_bytes": self._fit.per_sample_bytes, "points": [list(p) for p in self._fit.points],
             "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1.chunks,
-            "lockstep_fits": self._lockstep_fits})
+            "lockstep_fits": self._lockstep_fits, "bn": plan.bn, "checkpointed": list(plan.checkpointed),
+            "selective": plan.checkpointing.selective, "label": plan.checkpointing.label})
 
     # -- while training --------------------------------------------------------------------------
 
@@ -193,7 +269,9 @@ class Tuner:
         """For the same batch: phase 1 before the micro-batches if it failed alongside the first one,
         more phase-1 chunks if it failed in phase 1, else a smaller micro-batch."""
         self._clean_steps = 0
-        if phase is Phase.LOCKSTEP:
+        if plan.bn != self.strategy.split_mode:
+            plan = self._split_after_whole_batch(plan, message)
+        elif phase is Phase.LOCKSTEP:
             self._lockstep_fits = False
             plan = plan.replace(phase1=Phase1.whole(), reason="out of memory with phase 1 alongside the first "
                                                               "micro-batch: phase 1 now runs before the micro-batches")
@@ -209,6 +287,17 @@ class Tuner:
         # Not stored: the cache keeps the fitted plan, and a transient shortage must not shrink the next launch.
         log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, plan.reason)
         return plan
+
+    def _split_after_whole_batch(self, plan: Plan, message: str) -> Plan:
+        """bn="auto" goes on in micro-batches; bn="exact" has nothing smaller to run."""
+        if self.strategy.whole_batch_only:
+            raise MemoryError(f"bn='exact' ran out of memory with the whole batch of {self.share} ({message}) "
+                              f"under checkpointing {plan.checkpointing.label}; plan again with a smaller "
+                              "memory_budget (and retune=True), or use bn='two_pass'")
+        smaller = shrink(plan.micro_batch)
+        return plan.replace(bn=self.strategy.split_mode, micro_batch=smaller, checkpointing=Checkpointing(),
+                            reason=f"out of memory with the whole batch in one piece: {self.strategy.split_mode} "
+                                   f"in micro-batches of {smaller}")
 
     def after_clean_step(self, plan: Plan) -> Plan:
         """After ``grow_after`` clean steps at a shrunken size, the fitted micro-batch again."""
