@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
+from autobatch.checkpointing import Checkpointing
 from autobatch.planning.planner import Phase1
 from autobatch.batchnorm import layout
 from tests.models import ResidualNet, StochasticNet
@@ -334,6 +335,24 @@ def out_of_memory_after_update(rank):
         optimizer.step = failing_step
     loss = ab.step(x[halves(rank)], y[halves(rank)])
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
+def exact(rank, rows=None):
+    """bn="exact" on both ranks, its first block checkpointed: BatchNorm over both ranks' samples."""
+    model = resnet()
+    ddp = DistributedDataParallel(model)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, bn="exact", cache=False,
+                        memory_budget=10**10)
+    x, y = data(image=True)
+    rows = rows or halves(rank)
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    ab.plan = ab.plan.replace(checkpointing=Checkpointing(("blocks.0",), label="first block"))
+    loss = ab.step(x[rows], y[rows])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+
+
+def exact_uneven(rank):
+    return exact(rank, slice(0, 8) if rank == 0 else slice(8, 13))
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ def good_runs(tmp_path_factory):
                  "lockstep_out_of_memory", "checkpointed", "out_of_memory_before_the_last",
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
                  "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas",
-                 "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update"]
+                 "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update", "exact",
+                 "exact_uneven"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -181,6 +182,17 @@ def test_out_of_memory_after_one_ranks_update_makes_both_redo_the_batch(good_run
         result = good_runs[("out_of_memory_after_update", rank)]["ok"]
         assert_same(result, reference)
         assert "out of memory at micro_batch=8" in result["plan"]
+
+
+@pytest.mark.parametrize("scenario, rows", [("exact", slice(0, 16)), ("exact_uneven", slice(0, 13))])
+def test_exact_over_two_ranks_is_one_process_with_the_whole_batch(good_runs, scenario, rows):
+    """BatchNorm's statistics and the sums of its backward over both ranks, also in the block that
+    checkpointing recomputes: the global batch's step, running statistics and counters included."""
+    reference = single_process(resnet(), rows, micro_batch=len(range(16)[rows]), image=True)
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        assert "blocks.0" in result["plan"]
+        assert_same(result, reference)
 
 
 def test_a_dead_rank_ends_with_a_clear_error(tmp_path):

@@ -101,7 +101,7 @@ class Tuner:
             return None
         self._fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
                         tuple((n, peak) for n, peak in record["points"]))
-        whole = bn != self.strategy.split_mode
+        whole = bn == Exact.name
         micro_batch = self.share if whole else min(record["micro_batch"],
                                                    self._fit.largest_under(limit.budget_bytes, self.share))
         self._lockstep_fits = record.get("lockstep_fits", False)
@@ -138,6 +138,7 @@ class Tuner:
         if self.strategy.prefers_whole_batch and (best is None or best[1]):
             split = self._measure_split(batch, limit, device)
             seconds = timed(self._micro_step(batch, split.micro_batch), self.micro.device) * len(split.splits)
+            seconds = self._slowest([seconds])[0]
             candidates.append(Candidate(f"{split.bn}, micro_batch {split.micro_batch}", split.predicted_peak_bytes,
                                         seconds, False))
             if best is None or best[0] > AUTO_SLOWDOWN * seconds:
@@ -162,20 +163,27 @@ class Tuner:
                     checkpointing=policy, candidates=tuple(candidates))
 
     def _whole_batch_candidates(self, batch: Any, budget_bytes: int) -> tuple[list[Candidate], list[tuple]]:
-        """Every checkpointing policy's whole-batch peak, and (seconds, policy, peak) of those that fit;
-        stops at the first, no checkpointing, if it fits."""
-        candidates, fitting = [], []
-        for policy in checkpointing_candidates(self.micro.module):
+        """Every checkpointing policy's whole-batch peak, and (seconds, policy, peak) of those that fit
+        (on every rank, its time the slowest rank's: every rank must checkpoint alike, since recomputed
+        BatchNorm layers meet the other ranks in backward); stops at no checkpointing if that fits."""
+        policies, candidates = checkpointing_candidates(self.micro.module), []
+        for policy in policies:
             work = whole_batch_step(self.micro, self.strategy.layers, batch, self.share, policy)
             peak = self._peak_or_none(work, f"whole batch, checkpointing {policy.label}", batch)
             # Timed apart: the host's memory tracking slows every operation.
             seconds = timed(work, self.micro.device) if peak is not None and peak <= budget_bytes else None
             candidates.append(Candidate(policy.label, peak, seconds, True))
-            if seconds is not None:
-                fitting.append((seconds, policy, peak))
-                if not policy:
-                    break
+            if seconds is not None and not policy and not self.ranks.active:
+                break
+        times = self._slowest([c.seconds for c in candidates])
+        fitting = [(seconds, policy, c.peak_bytes) for seconds, policy, c in zip(times, policies, candidates)
+                   if seconds is not None]
         return candidates, fitting
+
+    def _slowest(self, seconds: list[Optional[float]]) -> list[Optional[float]]:
+        """Per entry, the slowest rank's time; None where any rank has none."""
+        table = self.ranks.gather([-1.0 if value is None else value for value in seconds])
+        return [None if (column < 0).any() else float(column.max()) for column in table.T]
 
     def _measure_split(self, batch: Any, limit: Budget, device: str) -> Plan:
         """The largest micro-batch whose measured step fits, and phase 1 in as few chunks as fit."""
@@ -269,7 +277,7 @@ class Tuner:
         """For the same batch: phase 1 before the micro-batches if it failed alongside the first one,
         more phase-1 chunks if it failed in phase 1, else a smaller micro-batch."""
         self._clean_steps = 0
-        if plan.bn != self.strategy.split_mode:
+        if plan.bn == Exact.name:
             plan = self._split_after_whole_batch(plan, message)
         elif phase is Phase.LOCKSTEP:
             self._lockstep_fits = False
