@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from autobatch.batchnorm import BN_MODES
+
 __all__ = ["main"]
 
 
@@ -51,8 +53,9 @@ def demo(args: argparse.Namespace) -> int:
     result = run(epochs=args.epochs, memory_budget=_budget(args.budget), bn=args.bn, device=args.device,
                  out_dir=args.out, micro_batch=int(args.micro_batch) if args.micro_batch != "auto" else "auto",
                  train_size=args.train_size)
+    checkpointed = f", {len(result.plan.checkpointed)} modules checkpointed" if result.plan.checkpointed else ""
     print(f"validation IoU {result.validation_iou:.3f} after {args.epochs} epochs "
-          f"({result.seconds:.0f} s, micro-batches {result.plan.splits}, bn={args.bn})")
+          f"({result.seconds:.0f} s, micro-batches {result.plan.splits}, bn={result.plan.bn}{checkpointed})")
     if result.picture is not None:
         print(f"picture (input | true mask | predicted mask): {result.picture}")
     return 0
@@ -90,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     d = commands.add_parser("demo", help="train a little BatchNorm U-Net on generated shapes")
     d.add_argument("--epochs", type=int, default=8)
     d.add_argument("--budget", default="24MiB", help="memory budget, e.g. 24MiB, 0.5 (of the device) or none")
-    d.add_argument("--bn", choices=("two_pass", "micro"), default="two_pass")
+    d.add_argument("--bn", choices=BN_MODES, default="two_pass",
+                   help="BatchNorm mode; exact runs the whole batch with checkpointing, auto chooses")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--micro-batch", default="auto", help="an int, or auto (measured under --budget)")
     d.add_argument("--train-size", type=int, default=512)
@@ -102,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--input-shape", required=True, help="one sample's shape, e.g. 3x224x224")
     p.add_argument("--target-batch", type=int, required=True)
     p.add_argument("--budget", default=None, help="e.g. 4GiB, or 0.5 for half the device")
-    p.add_argument("--bn", choices=("two_pass", "micro"), default="two_pass")
+    p.add_argument("--bn", choices=BN_MODES, default="two_pass")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -45,7 +45,7 @@ class Checkpointing:
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """The submodules' forwards checkpointed while the block runs; their own forwards back after."""
-        submodules = dict(model.named_modules())
+        submodules = dict(_plain(model).named_modules())
         patched = [(submodules[name], submodules[name].__dict__.get("forward")) for name in self.modules]
         for module, _ in patched:
             module.forward = self._checkpointed(module.forward)
@@ -81,14 +81,23 @@ def _selective_contexts() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(policy)
 
 
+def _plain(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper: module names are the model's own."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _holds_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
 def candidates(model: nn.Module, max_depth: int = 4) -> list[Checkpointing]:
     """The policies the planner measures: none, then every module with parameters at depth 1, 2, ...
-    (each depth one policy), and the coarsest of several modules with a selective recomputation.
+    (each depth one policy, and the same with a selective recomputation); for a compiled model, none.
     Modules without parameters (activations, pooling) are never checkpointed alone."""
+    if hasattr(model, "_orig_mod"):
+        # Compiled, a checkpointed BatchNorm failed in backward (its counter's in-place update): the
+        # compiler's own rematerialization (torch._functorch.config.activation_memory_budget) is the way.
+        return [Checkpointing()]
     levels: list[list[str]] = []
     frontier = [("", model)]
     for _ in range(max_depth):
@@ -102,8 +111,6 @@ def candidates(model: nn.Module, max_depth: int = 4) -> list[Checkpointing]:
     found = [Checkpointing()]
     for depth, names in enumerate(levels, start=1):
         found.append(Checkpointing(tuple(names), label=f"depth {depth}"))
-    for policy in found[1:]:
-        if len(policy.modules) > 1:  # one checkpointed module is the whole model again
-            found.append(Checkpointing(policy.modules, selective=True, label=f"{policy.label}, selective"))
-            break
+        if len(names) > 1:  # one checkpointed module is the whole model again
+            found.append(Checkpointing(tuple(names), selective=True, label=f"depth {depth}, selective"))
     return found

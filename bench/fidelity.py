@@ -1,11 +1,13 @@
-"""Does training with autobatch behave like training with the real batch? The demo's task, 5 arms.
+"""Does training with autobatch behave like training with the real batch? The demo's task, 6 arms.
 
     python bench/fidelity.py      # ~11 min on 2 CPU cores; writes bench/results/fidelity.{md,json,png}
     python bench/fidelity.py --device cuda --width 224   # a ResNet-50-sized U-Net (22.8 M parameters)
+    python bench/fidelity.py --arms "autobatch exact" --splits 2    # one arm (files named after it)
 
 From the same initial weights and the same batch order (per seed), train the demo U-Net with a
 logical batch of 16 as: the real full batch (the reference), plain accumulation, the forum's
-frozen-statistics scheme, autobatch two_pass and autobatch micro, at 2, 4 and 8 splits. Reported
+frozen-statistics scheme, autobatch two_pass, micro and exact (the whole batch, its top-level blocks
+checkpointed; the split count does not apply to it), at 2, 4 and 8 splits. Reported
 per arm: final training loss and validation IoU (eval mode), the relative distance of the final
 weights from the reference's, and the cosine of each arm's gradient to the full-batch gradient,
 measured at checkpoints along the reference trajectory.
@@ -27,22 +29,34 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
+from autobatch.checkpointing import candidates  # noqa: E402
 from autobatch.demo import UNet, shapes  # noqa: E402
 from autobatch.demo.train import evaluate  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
 from tests.reference import (cosine, flat_grad, frozen_statistics_backward, frozen_statistics_grad,  # noqa: E402
                              full_batch_grad, plain_accumulation_backward, plain_accumulation_grad)
 
-ARMS = ("plain accumulation", "frozen statistics (forum)", "autobatch two_pass", "autobatch micro")
+ARMS = ("plain accumulation", "frozen statistics (forum)", "autobatch two_pass", "autobatch micro", "autobatch exact")
 TARGET = 16
 ce = nn.CrossEntropyLoss()
+
+
+def wrapped(model, optimizer, micro_batch, bn, x, y, **options):
+    """autobatch with ``bn``; bn="exact" runs the whole batch with the model's top-level blocks
+    checkpointed (what the planner picks for the U-Net where the whole batch does not fit as it is)."""
+    if bn != "exact":
+        return autobatch.wrap(model, optimizer, TARGET, ce, micro_batch=micro_batch, bn=bn, cache=False, **options)
+    ab = autobatch.wrap(model, optimizer, TARGET, ce, bn=bn, cache=False, memory_budget=10**12, **options)
+    ab.tune(x, y)
+    ab.plan = ab.plan.replace(checkpointing=candidates(model)[1])
+    return ab
 
 
 def autobatch_grad(model, x, y, micro_batch, bn):
     model = copy.deepcopy(model)
     grads = []
-    autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(x), ce, micro_batch=micro_batch,
-                   bn=bn, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model))).step(x, y)
+    wrapped(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch, bn, x, y,
+            before_step=lambda ab: grads.append(flat_grad(ab.model))).step(x, y)
     return grads[0]
 
 
@@ -63,7 +77,7 @@ def train(arm, splits_count, seed, data, epochs, checkpoint_every, width=16, dev
     micro_batch = TARGET // splits_count
     ab = None
     if arm.startswith("autobatch"):
-        ab = autobatch.wrap(model, optimizer, TARGET, ce, micro_batch=micro_batch, bn=arm.split()[-1], cache=False)
+        ab = wrapped(model, optimizer, micro_batch, arm.split()[-1], train_x[:TARGET], train_y[:TARGET])
     order = torch.Generator().manual_seed(seed)
     curves = {"train_loss": [], "val_iou": []}
     checkpoints = []
@@ -104,7 +118,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=48, help="image size (the demo's: 48)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (the full batch always runs)")
     args = parser.parse_args()
+    args.arms = [arm for arm in ARMS if arm in args.arms.split(",")]
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -119,7 +135,7 @@ def main() -> None:
         reference = train("full batch", 1, seed, data, args.epochs, checkpoint_every=16, **options)
         curves.setdefault(("full batch", 1), []).append(reference["curves"])
         for k in split_counts:
-            for arm in ARMS:
+            for arm in args.arms:
                 result = train(arm, k, seed, data, args.epochs, checkpoint_every=0, **options)
                 distance = ((result["weights"] - reference["weights"]).norm() / reference["weights"].norm()).item()
                 cosines = [cosine(arm_grad(arm, m, x, y, balanced_splits(len(x), TARGET // k)),
@@ -151,6 +167,9 @@ def write(rows, curves, split_counts, args, seconds, device):
     # The demo's settings keep the README's file names; others get their own.
     stem = "fidelity" if demo else f"fidelity-{device.type}-width{args.width}-size{args.size}"
     options = "" if demo else f" --device {args.device} --width {args.width} --size {args.size}"
+    if args.arms != list(ARMS):
+        stem += "-" + "-".join(arm.split()[-1] for arm in args.arms)
+        options += f' --arms "{",".join(args.arms)}" --splits {args.splits}'
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     parameters = sum(p.numel() for p in UNet(width=args.width).parameters()) / 1e6
     lines = ["# Training fidelity on the demo task", "",
@@ -168,7 +187,7 @@ def write(rows, curves, split_counts, args, seconds, device):
         lines += [f"## {k} splits (micro-batches of {TARGET // k})", "",
                   "| arm | final loss | validation IoU | weight distance | gradient cosine |",
                   "| --- | --- | --- | --- | --- |"]
-        for arm in ARMS:
+        for arm in args.arms:
             row = rows[(arm, k)]
             lines.append(f"| {arm} | {mean_sd(row['loss'])} | {mean_sd(row['iou'])} | "
                          f"{mean_sd(row['distance'])} | {mean_sd(row['cosine'])} |")
@@ -176,11 +195,11 @@ def write(rows, curves, split_counts, args, seconds, device):
     (out / f"{stem}.md").write_text("\n".join(lines))
     (out / f"{stem}.json").write_text(json.dumps(
         {f"{arm}|{k}": {"rows": rows[(arm, k)], "curves": curves[(arm, k)]} for arm, k in rows}, indent=1))
-    plot(curves, split_counts, out / f"{stem}.png")
+    plot(curves, split_counts, out / f"{stem}.png", args.arms)
     print("\n".join(lines))
 
 
-def plot(curves, split_counts, path):
+def plot(curves, split_counts, path, arms):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +209,8 @@ def plot(curves, split_counts, path):
                              squeeze=False)
     styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),
               "frozen statistics (forum)": ("tab:red", ":"), "autobatch two_pass": ("tab:blue", "-"),
-              "autobatch micro": ("tab:green", "-.")}
+              "autobatch micro": ("tab:green", "-."), "autobatch exact": ("tab:purple", ":")}
+    styles = {arm: style for arm, style in styles.items() if arm == "full batch" or arm in arms}
     for column, k in enumerate(split_counts):
         for arm, (colour, style) in styles.items():
             runs = curves[(arm, 1 if arm == "full batch" else k)]

@@ -191,3 +191,47 @@ def test_the_cache_keeps_the_chosen_policy(tmp_path):
     cached = wrap(budget).tune(x, y)
     assert cached.source == "cache" and cached.checkpointing == measured.checkpointing
     assert cached.bn == "exact" and cached.checkpointed
+
+
+def test_a_compiled_model_runs_the_whole_batch_without_checkpointing():
+    """Compiled, a checkpointed BatchNorm fails in backward (its counter's in-place update): the planner
+    measures no checkpointing for a compiled model, and the compiled exact step is the eager one."""
+    from tests.models import compiled
+
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=2).double()
+    assert [policy.label for policy in candidates(compiled(copy.deepcopy(model), []))] == ["none"]
+    x, y = data()
+    eager, graphs = copy.deepcopy(model), []
+    compiled_model = copy.deepcopy(model)
+    runs = []
+    for module, wrapped_model in ((eager, eager), (compiled_model, compiled(compiled_model, graphs))):
+        ab = autobatch.wrap(wrapped_model, torch.optim.SGD(module.parameters(), lr=0.1), 16, ce, bn="exact",
+                            cache=False, memory_budget=10**10)
+        runs.append([ab.step(x, y) for _ in range(2)])
+        assert ab.plan.checkpointed == ()
+    assert runs[0] == pytest.approx(runs[1], rel=1e-12) and graphs
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_autocast_and_grad_scaler_give_the_full_batch_step():
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=2)
+    x, y = (t.float() if t.is_floating_point() else t for t in data())
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ce(reference(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn="exact", cache=False,
+                        memory_budget=10**10, autocast_dtype=torch.bfloat16,
+                        scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    ab.tune(x, y)
+    ab.plan = ab.plan.replace(checkpointing=candidates(model)[1])
+    assert ab.step(x, y) == pytest.approx(loss.item(), rel=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
