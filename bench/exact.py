@@ -31,7 +31,7 @@ from autobatch.planning.memory import format_bytes  # noqa: E402
 from autobatch.planning.whole_batch import timed, whole_batch_step  # noqa: E402
 from autobatch.snapshot import preserved  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
-from bench.cost import make, step_arguments  # noqa: E402
+from bench.cost import prepared, step_arguments  # noqa: E402
 from tests.reference import plain_accumulation_backward  # noqa: E402
 
 
@@ -60,7 +60,6 @@ def main() -> None:
     parser.add_argument("--largest", type=int, default=4, help="try logical batches up to this many base batches")
     args = parser.parse_args()
     args.target_batch = args.base_batch * args.largest
-    from bench.cost import prepared  # noqa: E402
 
     device, base, x, y, loss_fn = prepared(args)
     budget = peaks(base, x, y, loss_fn, args.base_batch, device)[candidates(base)[0]]

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.batchnorm.statistics import full_batch_statistics, local_statistics, name_of, normalize
+from autobatch.batchnorm.statistics import (BatchNormState, full_batch_statistics, local_statistics, name_of,
+                                            normalize)
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.distributed import Ranks
@@ -82,17 +83,14 @@ class GlobalStatistics:
 
 @contextlib.contextmanager
 def running_statistics_kept(layers: list[_BatchNorm]) -> Iterator[None]:
-    """Running statistics as they are now, after the block: checkpointing's recomputation during
+    """BatchNorm buffers as they are now, after the block: checkpointing's recomputation during
     backward repeats the forward's BatchNorm calls, update included, operation for operation (as
     selective checkpointing requires), and the forward's update is the one that counts."""
-    buffers = [buffer for layer in layers for buffer in (layer.running_mean, layer.running_var) if buffer is not None]
-    saved = [buffer.clone() for buffer in buffers]
+    state = BatchNormState(layers)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        state.restore()
 
 
 class Exact(BatchNormStrategy):
