@@ -235,3 +235,15 @@ def test_autocast_and_grad_scaler_give_the_full_batch_step():
     assert ab.step(x, y) == pytest.approx(loss.item(), rel=1e-6)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_skip_connections_across_blocks():
+    """The demo U-Net: encoder outputs cross to the decoder around the checkpointed blocks."""
+    from autobatch.demo import UNet
+
+    torch.manual_seed(0)
+    model = UNet(width=4).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 2, (8, 16, 16))
+    for policy in candidates(model)[1:3]:
+        assert_equal_to_full_batch(model, x, y, policy)
