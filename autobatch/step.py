@@ -86,7 +86,8 @@ class AutoBatch:
                             lockstep)
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if self._auto else fixed_plan(
-            target_batch, micro_batch, self._ranks.world_size, Phase1.alongside() if lockstep else Phase1.whole())
+            target_batch, micro_batch, self._ranks.world_size, Phase1.alongside() if lockstep else Phase1.whole(),
+            self._strategy.split_mode)
         #: Whether a step that splits its batch has checked that every BatchNorm went through autobatch.
         self._watched = False
         self._open = True

@@ -47,3 +47,13 @@ def test_only_two_pass_has_a_statistics_pass():
     assert not strategy_for("micro", micro_step(model)).needs_statistics_pass()
     model.eval()
     assert not strategy_for("two_pass", micro_step(model)).needs_statistics_pass()
+
+
+@pytest.mark.parametrize("bn", ["two_pass", "micro"])
+def test_a_given_micro_batch_plans_the_mode_asked_for(bn):
+    import autobatch
+
+    model = ResidualNet(blocks=1)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, nn.CrossEntropyLoss(),
+                        micro_batch=4, bn=bn)
+    assert ab.plan.bn == bn and f"bn            {bn}" in str(ab.plan)

@@ -169,14 +169,12 @@ def check_micro_batch(micro_batch: object) -> Union[int, str]:
     return micro_batch
 
 
-def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1()) -> Plan:
+def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1(),
+               bn: str = "two_pass") -> Plan:
     """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
     share = target_batch // world_size
-    if micro_batch >= share:
-        return Plan(share, target_batch, "user", f"micro_batch={micro_batch} holds the whole batch",
-                    phase1=phase1, world_size=world_size)
-    return Plan(micro_batch, target_batch, "user", f"micro_batch={micro_batch} given", phase1=phase1,
-                world_size=world_size)
+    reason = f"micro_batch={micro_batch} holds the whole batch" if micro_batch >= share else f"micro_batch={micro_batch} given"
+    return Plan(min(micro_batch, share), target_batch, "user", reason, phase1=phase1, world_size=world_size, bn=bn)
 
 
 @dataclass(frozen=True)
@@ -235,7 +233,14 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
 
     for n in sorted({min(2, target_batch), min(4, target_batch)}):
         if not fits(n):
-            return result(_bisect(fits, 0, n))
+            try:
+                return result(_bisect(fits, 0, n))
+            except MemoryError:
+                one = measured.get(1)
+                raise MemoryError(
+                    f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
+                    f"peaked at {format_bytes(one) if one is not None else 'out of memory'} against a budget of "
+                    f"{format_bytes(budget_bytes)}") from None
     largest_good = max(measured)
     guess = result(0).largest_under(budget_bytes, target_batch)
     if guess > 2 * largest_good:

@@ -18,7 +18,7 @@ from autobatch.microstep import MicroStep
 from autobatch.phases import Phase
 from autobatch.planning.cache import PlanCache, plan_key
 from autobatch.planning.measure import peak_bytes, tensor_bytes, warm_optimizer_state
-from autobatch.planning.memory import Budget, budget, format_bytes, is_out_of_memory, probe, release_memory
+from autobatch.planning.memory import Budget, budget, first_line, format_bytes, is_out_of_memory, probe, release_memory
 from autobatch.planning.planner import Candidate, Fit, Phase1, Plan, search, shrink
 from autobatch.planning.whole_batch import timed, whole_batch_step
 from autobatch.snapshot import preserved
@@ -169,7 +169,16 @@ class Tuner:
         policies, candidates = checkpointing_candidates(self.micro.module), []
         for policy in policies:
             work = whole_batch_step(self.micro, self.strategy.layers, batch, self.share, policy)
-            peak = self._peak_or_none(work, f"whole batch, checkpointing {policy.label}", batch)
+            try:
+                peak = self._peak_or_none(work, f"whole batch, checkpointing {policy.label}", batch)
+            except RuntimeError as error:
+                if not policy:
+                    raise
+                # A layer that changes its input or output in place breaks checkpointing at its boundary:
+                # that policy is out, the model is not.
+                log.info("autobatch trial, whole batch, checkpointing %s: fails (%s)", policy.label, first_line(error))
+                candidates.append(Candidate(f"{policy.label} (fails: {first_line(error)[:60]})", None, None, True))
+                continue
             # Timed apart: the host's memory tracking slows every operation.
             seconds = timed(work, self.micro.device) if peak is not None and peak <= budget_bytes else None
             candidates.append(Candidate(policy.label, peak, seconds, True))
@@ -187,7 +196,14 @@ class Tuner:
 
     def _measure_split(self, batch: Any, limit: Budget, device: str) -> Plan:
         """The largest micro-batch whose measured step fits, and phase 1 in as few chunks as fit."""
-        self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, self.share)
+        try:
+            self._fit = fit = search(lambda n: self.trial_peak(batch, n), limit.budget_bytes, self.share)
+        except MemoryError as error:
+            resident = tensor_bytes(self.micro.model, self.micro.optimizer)
+            raise MemoryError(
+                f"{error}; of it, {format_bytes(resident)} are parameters, gradients, buffers and optimizer state, "
+                f"and the update's undo copies add up to as much again. Raise memory_budget, free memory on the "
+                "device, or use a smaller model, input or optimizer state") from None
         chunks, phase1_points = 1, ()
         self._lockstep_fits = True
         if fit.micro_batch < self.share and self.strategy.needs_statistics_pass():
