@@ -1,4 +1,11 @@
 """autobatch: train with the batch size your recipe needs on the GPU you have."""
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns at import when NumPy is absent; autobatch does not use NumPy. Scoped to this import.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from autobatch.distributed import RankFailure
 from autobatch.planning.planner import Plan
 from autobatch.step import AutoBatch, wrap

@@ -1,15 +1,19 @@
 """Command line: ``python -m autobatch demo`` and ``python -m autobatch plan``.
 
     python -m autobatch demo --epochs 8 --budget 24MiB --bn two_pass
-    python -m autobatch plan --model torchvision.models:resnet50 --input-shape 3x224x224 --target-batch 64
+    python -m autobatch plan --model torchvision.models:resnet50 --model-kwargs num_classes=10 \\
+        --input-shape 3x224x224 --target-batch 64 --plot plan.png
+
+Every failure is one message with what to try next, and exit status 2 (``--debug``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +21,10 @@ from torch import nn
 from autobatch.batchnorm import BN_MODES
 
 __all__ = ["main"]
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used; its message says what to give instead."""
 
 
 def _budget(text: Optional[str]):
@@ -30,21 +38,38 @@ def _budget(text: Optional[str]):
     return value if value <= 1 else int(value)
 
 
-def _factory(spec: str):
+def _factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     if not attribute:
-        raise SystemExit(f"--model must look like package.module:factory, got {spec!r}")
-    target = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
+        raise UsageError(f"--model must look like package.module:factory, got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"--model {spec}: {error}; give an importable package.module:factory") from None
     return target
+
+
+def _keywords(text: Optional[str]) -> dict[str, Any]:
+    """'num_classes=10,pretrained=False' as keyword arguments; values are Python literals or strings."""
+    keywords: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip().isidentifier():
+            raise UsageError(f"--model-kwargs must look like num_classes=10,dropout=0.2, got {text!r}")
+        try:
+            keywords[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            keywords[name.strip()] = value.strip()
+    return keywords
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--input-shape must look like 3x224x224, got {text!r}") from None
+        raise UsageError(f"--input-shape must look like 3x224x224, got {text!r}") from None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -65,9 +90,12 @@ def plan(args: argparse.Namespace) -> int:
     import autobatch
 
     device = torch.device(args.device)
-    model = _factory(args.model)().to(device)
-    shape = _shape(args.input_shape)
-    inputs = torch.randn(args.target_batch, *shape)
+    factory = _factory(args.model)
+    try:
+        model = factory(**_keywords(args.model_kwargs)).to(device)
+    except TypeError as error:
+        raise UsageError(f"--model {args.model}: {error}; pass its arguments with --model-kwargs") from None
+    inputs = torch.randn(args.target_batch, *_shape(args.input_shape))
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)}[args.optimizer](
         model.parameters())
@@ -82,41 +110,67 @@ def plan(args: argparse.Namespace) -> int:
     ab = autobatch.wrap(model, optimizer, target_batch=args.target_batch, compute_loss=compute_loss,
                         bn=args.bn, memory_budget=_budget(args.budget), autocast_dtype=autocast,
                         retune=args.retune, device=device)
-    print(ab.tune(inputs))
+    result = ab.tune(inputs)
+    print(result)
+    if args.plot:
+        from autobatch.plot import plot_plan
+
+        print(f"picture of the plan: {plot_plan(result, args.plot)}")
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m autobatch", description="autobatch command line")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    d = commands.add_parser("demo", help="train a little BatchNorm U-Net on generated shapes")
-    d.add_argument("--epochs", type=int, default=8)
+    d = commands.add_parser("demo", parents=[common], help="train a little BatchNorm U-Net on generated shapes")
+    d.add_argument("--epochs", type=int, default=8, help="passes over the training images (default 8)")
     d.add_argument("--budget", default="24MiB", help="memory budget, e.g. 24MiB, 0.5 (of the device) or none")
     d.add_argument("--bn", choices=BN_MODES, default="two_pass",
                    help="BatchNorm mode; exact runs the whole batch with checkpointing, auto chooses")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (default: cuda if present, else cpu)")
     d.add_argument("--micro-batch", default="auto", help="an int, or auto (measured under --budget)")
-    d.add_argument("--train-size", type=int, default=512)
+    d.add_argument("--train-size", type=int, default=512, help="number of generated training images")
     d.add_argument("--out", default="demo-out", help="folder for the picture")
     d.set_defaults(run=demo)
 
-    p = commands.add_parser("plan", help="measure and print the plan for a model")
+    p = commands.add_parser("plan", parents=[common], help="measure and print the plan for a model")
     p.add_argument("--model", required=True, help="package.module:factory returning the nn.Module")
+    p.add_argument("--model-kwargs", default=None,
+                   help="keyword arguments for the factory, e.g. num_classes=10,dropout=0.2")
     p.add_argument("--input-shape", required=True, help="one sample's shape, e.g. 3x224x224")
-    p.add_argument("--target-batch", type=int, required=True)
-    p.add_argument("--budget", default=None, help="e.g. 4GiB, or 0.5 for half the device")
-    p.add_argument("--bn", choices=BN_MODES, default="two_pass")
-    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw")
-    p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--target-batch", type=int, required=True, help="the logical batch size of the recipe")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 4GiB, or 0.5 for half the device")
+    p.add_argument("--bn", choices=BN_MODES, default="two_pass", help="BatchNorm mode to plan for")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
+                   help="optimizer whose state the plan holds (default adamw)")
+    p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision of the forward passes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to plan for (default: cuda if present, else cpu)")
     p.add_argument("--retune", action="store_true", help="measure even when the cache has a plan")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw the measured peaks, the fitted line, the budget and the choice (needs matplotlib)")
     p.set_defaults(run=plan)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     # Trials are reported as they run: that is the progress of a measurement.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, MemoryError, ValueError, TypeError, RuntimeError, ImportError) as error:
+        if args.debug:
+            raise
+        print(f"autobatch: {error}", file=sys.stderr)
+        if not isinstance(error, UsageError):
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

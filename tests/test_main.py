@@ -1,8 +1,9 @@
 import logging
+import sys
 
 import pytest
 
-from autobatch.__main__ import _budget, _shape, main
+from autobatch.__main__ import UsageError, _budget, _keywords, _parser, _shape, main
 
 
 def test_plan_command_prints_the_plan(capsys, caplog):
@@ -12,7 +13,57 @@ def test_plan_command_prints_the_plan(capsys, caplog):
     out = capsys.readouterr().out
     assert "source          measured" in out and "splits          [" in out
     assert "splits          [16]" not in out
+    assert "(the largest micro-batch that runs)" in out and "(the largest micro-batch the budget allows)" in out
     assert "autobatch trial, micro-batch of 2" in caplog.text  # progress while it measures
+
+
+def test_the_factory_gets_keyword_arguments(capsys):
+    assert main(["plan", "--model", "tests.models:ResidualNet", "--model-kwargs", "blocks=1,classes=7",
+                 "--input-shape", "3x8x8", "--target-batch", "8", "--optimizer", "sgd"]) == 0
+    assert _keywords("classes=7,name=small,rate=0.5") == {"classes": 7, "name": "small", "rate": 0.5}
+    with pytest.raises(UsageError, match="--model-kwargs must look like"):
+        _keywords("7")
+
+
+def test_a_failure_is_one_message_and_exit_status_2(capsys):
+    # A budget that not even one sample's step fits: the figures, the next thing to try, no traceback.
+    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
+                 "--budget", "20KiB", "--optimizer", "sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "not even a micro-batch of one sample fits" in err and "peaked at" in err and "budget of" in err
+    assert "Raise memory_budget" in err and "Traceback" not in err
+    for arguments, message in ((["--model", "nocolon"], "must look like package.module:factory"),
+                               (["--model", "tests.models:Nothing"], "has no attribute 'Nothing'"),
+                               (["--model", "tests.models:ResidualNet", "--model-kwargs", "depth=3"],
+                                "pass its arguments with --model-kwargs")):
+        assert main(["plan", *arguments, "--input-shape", "3x8x8", "--target-batch", "4"]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(MemoryError):
+        main(["plan", "--debug", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12",
+              "--target-batch", "16", "--budget", "20KiB", "--optimizer", "sgd"])
+
+
+def test_every_option_has_help():
+    parser = _parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help text"
+
+
+def test_the_plan_can_be_drawn(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plan.png"
+    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
+                 "--budget", "1MiB", "--optimizer", "sgd", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drawing_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x8x8", "--target-batch", "4",
+                 "--optimizer", "sgd", "--plot", "never.png"]) == 2
+    assert 'pip install "autobatch[plot]"' in capsys.readouterr().err
 
 
 def test_demo_command(capsys, tmp_path):
@@ -26,7 +77,13 @@ def test_arguments():
     assert _budget("6GiB") == "6GiB" and _budget("0.5") == 0.5 and _budget("none") is None
     assert _budget("4000000") == 4000000
     assert _shape("3x224x224") == (3, 224, 224)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         _shape("3 by 4")
-    with pytest.raises(SystemExit):
-        main(["plan", "--model", "nocolon", "--input-shape", "3", "--target-batch", "2"])
+
+
+def test_importing_autobatch_without_numpy_warns_nothing():
+    import subprocess
+
+    code = "import sys; sys.modules['numpy'] = None; import autobatch"
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "NumPy" not in result.stderr

@@ -19,7 +19,8 @@ from autobatch.checkpointing import Checkpointing
 from autobatch.planning.memory import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Candidate", "Fit", "Phase1", "Plan", "candidate_table", "check_micro_batch", "check_target_batch", "fixed_plan", "search", "shrink"]
+__all__ = ["Candidate", "Fit", "Phase1", "Plan", "candidate_table", "check_micro_batch", "check_target_batch",
+           "fitted_line", "fixed_plan", "search", "shrink"]
 
 Measure = Callable[[int], Optional[int]]
 
@@ -103,8 +104,11 @@ class Plan:
     def __str__(self) -> str:
         target = self.target_batch if self.world_size == 1 else (
             f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
-        rows = [("target_batch", target), ("bn", self.bn), ("micro_batch", self.micro_batch),
-                ("splits", self.splits), ("source", self.source), ("reason", self.reason)]
+        rows = [("target_batch", target), ("bn", self.bn),
+                ("micro_batch", f"{max(self.splits)} (the largest micro-batch that runs)")]
+        if self.budget_bytes is not None:
+            rows.append(("capacity", f"{self.micro_batch} samples (the largest micro-batch the budget allows)"))
+        rows += [("splits", self.splits), ("source", self.source), ("reason", self.reason)]
         if self.bn == "exact":
             rows.append(("checkpointed", _listing(self.checkpointing)))
         if self.device:
@@ -200,7 +204,7 @@ class Fit:
         return max(1, min(limit, math.floor((budget_bytes - self.fixed_bytes) / self.per_sample_bytes)))
 
 
-def _line(points: dict[int, int]) -> tuple[float, float]:
+def fitted_line(points: dict[int, int]) -> tuple[float, float]:
     """Least-squares fixed + per_sample * n through the points (one point: through the origin)."""
     ns, peaks = list(points), list(points.values())
     if len(ns) == 1:
@@ -228,7 +232,7 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
 
     def result(n: int) -> Fit:
         good = {k: v for k, v in measured.items() if v is not None}
-        fixed, per_sample = _line(good)
+        fixed, per_sample = fitted_line(good)
         return Fit(n, fixed, per_sample, tuple(sorted(measured.items())))
 
     for n in sorted({min(2, target_batch), min(4, target_batch)}):
