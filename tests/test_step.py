@@ -308,12 +308,19 @@ def test_tiny_micro_batches_are_reported(caplog):
     assert caplog.text.count("two_pass with micro-batches of 2 samples") == 1
 
 
-def test_few_values_per_channel_are_reported(caplog):
+def test_few_values_per_channel_are_reported_once_in_one_line(caplog):
     model = ResidualNet(blocks=1, head_norm=True)
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4)
-    with caplog.at_level(logging.WARNING, logger="autobatch"):
-        ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
-    assert "head_bn (4)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="autobatch"):
+        for _ in range(3):
+            ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert "1 BatchNorm layer sees fewer than 32 values per channel" in warnings[0].getMessage()
+    assert "'head_bn', 4" in warnings[0].getMessage()
+    details = [record.getMessage() for record in caplog.records if "values per channel in a micro-batch:" in
+               record.getMessage()]
+    assert details == ["autobatch: values per channel in a micro-batch: head_bn (4)"]
     assert "blocks" not in caplog.text  # 4 samples x 36 positions is enough
 
 

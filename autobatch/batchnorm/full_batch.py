@@ -24,7 +24,7 @@ from autobatch.batchnorm.statistics import (LayerStatistics, channel_means, chec
                                             full_batch_statistics, local_statistics, name_of, normalize, variance)
 from autobatch.distributed import Ranks
 
-__all__ = ["FullBatchStatistics", "StopForward", "check_same_channels", "different_calls"]
+__all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "check_same_channels", "different_calls"]
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 

@@ -216,4 +216,6 @@ def _against_channels_last(forward: Callable[[Any], Any], batch: Any, reference:
     saving = 1 - min(times[True]) / min(times[False])
     if saving >= MARGIN:
         return _FASTER, saving, ""
-    return _SLOWER, saving, f"channels_last saved {100 * saving:.0f}%, less than {100 * MARGIN:.0f}%"
+    if saving < 0:
+        return _SLOWER, saving, f"channels_last was {-100 * saving:.0f}% slower"
+    return _SLOWER, saving, f"channels_last saved only {100 * saving:.0f}% (it must save {100 * MARGIN:.0f}%)"

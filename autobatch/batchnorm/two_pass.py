@@ -15,7 +15,7 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autobatch.batchnorm.full_batch import FullBatchStatistics, StopForward
+from autobatch.batchnorm.full_batch import FEW_VALUES_PER_CHANNEL, FullBatchStatistics, StopForward
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.layout import Phase1Layout
 from autobatch.batchnorm.lockstep import Lockstep, batch_norm_counters, thread_context
@@ -193,19 +193,21 @@ class TwoPass(BatchNormStrategy):
     # -- phase 2 ---------------------------------------------------------------------------------
 
     def _warn_thin_layers(self) -> None:
+        """Once per wrap, one line each: micro-batches under SMALL_MICRO_BATCH samples, and layers with
+        few values per channel in a micro-batch (their list at INFO)."""
         if self._warned_thin:
             return
         self._warned_thin = True
-        splits = [n for n in self._splits if n] or self._splits
-        if min(splits) < SMALL_MICRO_BATCH:
-            log.warning("two_pass with micro-batches of %d samples: its backward takes BatchNorm's subtracted "
-                        "means from so few samples that a convolutional network trained to 2.3x plain "
-                        "accumulation's loss on real data (a BatchNorm1d head, where plain accumulation "
-                        "collapsed, trained far better; README, Results); prefer micro-batches of %d or more",
-                        min(splits), SMALL_MICRO_BATCH)
-        thin = self.handler.thin_layers(min(splits), self._total)
+        smallest = min([n for n in self._splits if n] or self._splits)
+        if smallest < SMALL_MICRO_BATCH:
+            log.warning("two_pass with micro-batches of %d samples: at 2 samples a convolutional network trained to "
+                        "2.3x plain accumulation's loss on real data (README, Results); prefer %d or more per "
+                        "micro-batch", smallest, SMALL_MICRO_BATCH)
+        thin = sorted(self.handler.thin_layers(smallest, self._total), key=lambda layer: layer[1])
         if thin:
-            listing = ", ".join(f"{name} ({values})" for name, values in thin)
-            log.warning("these BatchNorm layers see few values per channel in a micro-batch: %s; two_pass "
-                        "takes its backward means from one micro-batch, so their gradients are only roughly "
-                        "those of the full batch. A larger micro_batch helps.", listing)
+            layers = "1 BatchNorm layer sees" if len(thin) == 1 else f"{len(thin)} BatchNorm layers see"
+            log.warning("%s fewer than %d values per channel in a micro-batch (fewest: %r, %d): two_pass takes "
+                        "the backward's means from so few values that those gradients are only roughly the full "
+                        "batch's; a larger micro_batch helps", layers, FEW_VALUES_PER_CHANNEL, thin[0][0], thin[0][1])
+            log.info("autobatch: values per channel in a micro-batch: %s",
+                     ", ".join(f"{name} ({values})" for name, values in thin))
