@@ -2,6 +2,7 @@
 own path; PyTorch Lightning's Trainer with autobatch in training_step."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -15,11 +16,19 @@ from tests.test_distributed import assert_same, single_process
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def free_port():
+    """A port nothing listens on: launches one after another must not meet the last one's port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def accelerate_launch(tmp_path, mixed_precision, scenarios):
     pytest.importorskip("accelerate")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
                str(ROOT / "tests" / "accelerate_worker.py"), str(tmp_path), ",".join(scenarios)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,3 +60,26 @@ def test_accelerate_mixed_precision_equals_autobatchs_autocast(tmp_path):
         assert result["loss"][0] == pytest.approx(loss, rel=1e-5)
         for key, value in model.state_dict().items():
             torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def lightning_run(tmp_path, devices, bn):
+    pytest.importorskip("lightning")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    command = [sys.executable, str(ROOT / "tests" / "lightning_worker.py"), str(tmp_path), str(devices), bn]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_loss=" in result.stderr + result.stdout  # Lightning's progress bar shows the logged loss
+    return [torch.load(tmp_path / f"lightning-{bn}-{devices}-{rank}.pt") for rank in range(devices)]
+
+
+@pytest.mark.parametrize("devices, bn, micro_batch", [(2, "two_pass", 4), (2, "exact", 16), (1, "two_pass", 4)])
+def test_lightning_trains_as_autobatchs_own_path(tmp_path, devices, bn, micro_batch):
+    """Lightning's Trainer, manual optimization, ab.step in training_step; on 2 CPU processes with
+    AutoBatchDDPStrategy (Lightning launches them, gloo): the same step as one process with the
+    whole batch, which autobatch's own DDP path equals (tests/test_distributed.py)."""
+    reference = single_process(resnet(), slice(0, 16), micro_batch=micro_batch, image=True)
+    for result in lightning_run(tmp_path, devices, bn):
+        assert result["world"] == devices and len(result["loss"]) == 1  # max_steps=1 counted autobatch's step
+        assert result["logged"] == pytest.approx(result["loss"][0], rel=1e-6)  # self.log is float32
+        assert_same(result, reference)
+        assert not any("autobatch" in key or "module." in key for key in result["keys"])
