@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
-from autobatch import snapshot, step  # noqa: E402
+from autobatch import microstep, snapshot  # noqa: E402
 from autobatch.planning.measure import peak_bytes  # noqa: E402
 from bench.cost import prepared, step_arguments, sync  # noqa: E402
 
@@ -40,12 +40,12 @@ def main() -> None:
 
     def run(arm: str) -> float:
         undo = snapshot.undone_on_error if arm == "with copies" else (lambda *a, **k: contextlib.nullcontext())
-        step.undone_on_error = undo
+        microstep.undone_on_error = undo
         sync(device)
         start = time.perf_counter()
         arms[arm].step(x, y)
         sync(device)
-        step.undone_on_error = snapshot.undone_on_error
+        microstep.undone_on_error = snapshot.undone_on_error
         return time.perf_counter() - start
 
     times = {arm: [] for arm in arms}
