@@ -237,14 +237,10 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
 
     for n in sorted({min(2, target_batch), min(4, target_batch)}):
         if not fits(n):
-            try:
-                return result(_bisect(fits, 0, n))
-            except MemoryError:
-                one = measured.get(1)
-                raise MemoryError(
-                    f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
-                    f"peaked at {format_bytes(one) if one is not None else 'out of memory'} against a budget of "
-                    f"{format_bytes(budget_bytes)}") from None
+            good = _bisect(fits, 0, n)
+            if not good:
+                raise _nothing_fits(measured.get(1), budget_bytes)
+            return result(good)
     largest_good = max(measured)
     guess = result(0).largest_under(budget_bytes, target_batch)
     if guess > 2 * largest_good:
@@ -265,17 +261,21 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
 
 
 def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:
-    """The largest n in [good, bad) that fits, given that ``good`` fits (0: nothing known) and ``bad`` does not."""
+    """The largest n in [good, bad) that fits, given that ``good`` fits (0: nothing known, and 0 returned
+    when nothing does) and ``bad`` does not."""
     while bad - good > 1:
         middle = (good + bad) // 2
         if fits(middle):
             good = middle
         else:
             bad = middle
-    if good == 0:
-        raise MemoryError("not even a micro-batch of one sample fits the memory budget; raise memory_budget, "
-                          "free memory on the device, or use a smaller model or input")
     return good
+
+
+def _nothing_fits(one_sample: Optional[int], budget_bytes: int) -> MemoryError:
+    measured = format_bytes(one_sample) if one_sample is not None else "out of memory"
+    return MemoryError(f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
+                       f"peaked at {measured} against a budget of {format_bytes(budget_bytes)}")
 
 
 def shrink(micro_batch: int) -> int:
