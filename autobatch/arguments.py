@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from autobatch.planning.planner import check_target_batch
+from autobatch.snapshot import UPDATE_COPIES
 
 __all__ = ["check_arguments", "share_of"]
 
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any, scaler: Any,
-                    autocast_dtype: Any, max_grad_norm: Any, before_step: Any, grow_after: Any) -> None:
+                    autocast_dtype: Any, max_grad_norm: Any, before_step: Any, grow_after: Any,
+                    update_copies: Any = "device") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -34,6 +36,8 @@ def check_arguments(model: Any, optimizer: Any, loss_fn: Any, compute_loss: Any,
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
     if grow_after is not None and not (isinstance(grow_after, int) and grow_after >= 1):
         raise ValueError(f"grow_after must be a positive number of steps or None, got {grow_after!r}")
+    if update_copies not in UPDATE_COPIES:
+        raise ValueError(f"update_copies must be one of {UPDATE_COPIES}, got {update_copies!r}")
     _check_optimizer_covers_model(model, optimizer)
 
 

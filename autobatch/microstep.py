@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from autobatch.distributed import Ranks, ddp_of
 from autobatch.phases import Phase, entered
-from autobatch.snapshot import undone_on_error
+from autobatch.planning.memory import first_line, is_out_of_memory
+from autobatch.snapshot import UpdateCopies, undone_on_error
 
 __all__ = ["ComputeLoss", "LossFn", "MicroStep"]
 
@@ -38,7 +39,8 @@ class MicroStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Optional[LossFn] = None,
                  compute_loss: Optional[ComputeLoss] = None, scaler: Optional[torch.amp.GradScaler] = None,
                  autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
-                 before_step: Optional[Callable[[], None]] = None, device: Optional[torch.device] = None):
+                 before_step: Optional[Callable[[], None]] = None, device: Optional[torch.device] = None,
+                 update_copies: UpdateCopies = "device"):
         self.model = model
         ddp = ddp_of(model)
         #: The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
@@ -53,6 +55,8 @@ class MicroStep:
         self.max_grad_norm = max_grad_norm
         self.before_step = before_step
         self.device = device if device is not None else _model_device(model)
+        #: Where the update's undo copies live (autobatch.snapshot).
+        self.update_copies = update_copies
 
     def autocast(self) -> ContextManager[Any]:
         if self.autocast_dtype is None:
@@ -98,14 +102,16 @@ class MicroStep:
         rank or another (out of memory half-way through the optimizer's in-place update included),
         leaves parameters, optimizer state and scaler as before (autobatch.snapshot)."""
         self._check_finite_gradient(params)
-        with entered(Phase.UPDATE), undone_on_error(params, self.optimizer, self.scaler):
+        with entered(Phase.UPDATE), undone_on_error(params, self.optimizer, self.scaler, self.update_copies):
             try:
                 self._update(params)
                 error: Optional[BaseException] = None
             except BaseException as caught:
+                error = self._unrecoverable(caught)
                 if not self.ranks.active:
-                    raise
-                error = caught
+                    if error is caught:
+                        raise
+                    raise error from caught
             if self.ranks.active:
                 # A rank whose update failed is put back; so is every other, or the replicas would part.
                 _, failure = self.ranks.outcome(error)
@@ -114,8 +120,18 @@ class MicroStep:
 
     def trial_update(self) -> None:
         """The update as the planner's trials measure it: the same copies and ``optimizer.step()``."""
-        with undone_on_error(self.parameters(), self.optimizer):
+        with undone_on_error(self.parameters(), self.optimizer, copies=self.update_copies):
             self.optimizer.step()
+
+    def _unrecoverable(self, error: BaseException) -> BaseException:
+        """Without copies an update that ran out of memory may be half applied: redoing the batch would
+        apply it twice, so it is not an out-of-memory error to recover from any more."""
+        if self.update_copies != "none" or not is_out_of_memory(error):
+            return error
+        return RuntimeError(
+            f"out of memory inside the optimizer update ({first_line(error)}); with update_copies='none' it may be "
+            "partly applied and autobatch does not redo the batch. Leave more headroom (a smaller memory_budget), "
+            "or let autobatch keep copies to undo it (update_copies='host' costs no device memory)")
 
     def _update(self, params: list[nn.Parameter]) -> None:
         if self.scaler is not None and self.max_grad_norm is not None:

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["preserved", "undone_on_error"]
+__all__ = ["UPDATE_COPIES", "UpdateCopies", "preserved", "undone_on_error"]
 
 
 def _to_host(value: Any) -> Any:
@@ -56,27 +56,47 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[No
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def _copy(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+UpdateCopies = Literal["device", "host", "none"]
+#: Where ``undone_on_error`` keeps its copies (``wrap(..., update_copies=...)``).
+UPDATE_COPIES: tuple[UpdateCopies, ...] = ("device", "host", "none")
+
+
+def _copy(value: Any, host: bool = False) -> Any:
+    """A copy of ``value`` and where it belongs: on its device, or with ``host`` in host memory."""
+    if not isinstance(value, torch.Tensor):
+        return value, None
+    copied = value.detach().to("cpu", copy=True) if host else value.detach().clone()
+    return copied, value.device
+
+
+def _back(saved: tuple[Any, Any]) -> Any:
+    value, device = saved
+    return value if device is None else value.to(device)
 
 
 @contextlib.contextmanager
 def undone_on_error(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scaler: Optional[torch.amp.GradScaler] = None) -> Iterator[None]:
+                    scaler: Optional[torch.amp.GradScaler] = None, copies: UpdateCopies = "device") -> Iterator[None]:
     """Run an optimizer update that either completes or, on any error (out of memory included),
     leaves ``params``, the optimizer's state and hyperparameters and the scaler as before it.
 
     PyTorch's optimizers update their state in place before they allocate their temporaries, so
-    an error half-way leaves a half-applied step; the copies are taken on the device, where the
-    step's memory is lowest (activations freed), and the planner's trials measure them.
+    an error half-way leaves a half-applied step. ``copies``: "device" keeps the copies on the device,
+    where the step's memory is lowest (activations freed; the planner's trials measure them); "host"
+    in host memory (no device memory, a device-to-host copy per step); "none" takes none and undoes
+    nothing.
     """
+    if copies == "none":
+        yield
+        return
+    host = copies == "host"
     # PyTorch's optimizers skip parameters without a gradient (frozen layers): nothing to copy there.
     params = [p for p in params if p.grad is not None]
-    values = [_copy(p) for p in params]
-    state = {p: {k: _copy(v) for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
-    settings = [{k: _copy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    values = [_copy(p, host)[0] for p in params]
+    state = {p: {k: _copy(v, host) for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+    settings = [{k: _copy(v)[0] for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     # GradScaler's scale, growth tracker and record of this optimizer's unscale_ (private: it has no API).
-    scale = [_copy(getattr(scaler, name, None)) for name in ("_scale", "_growth_tracker")]
+    scale = [_copy(getattr(scaler, name, None))[0] for name in ("_scale", "_growth_tracker")]
     try:
         yield
     except BaseException:
@@ -85,7 +105,7 @@ def undone_on_error(params: Sequence[torch.Tensor], optimizer: torch.optim.Optim
                 p.copy_(value)
         for p in params:
             if p in state:
-                optimizer.state[p] = state[p]
+                optimizer.state[p] = {k: _back(saved) for k, saved in state[p].items()}
             else:
                 optimizer.state.pop(p, None)
         for group, saved in zip(optimizer.param_groups, settings):

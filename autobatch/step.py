@@ -32,6 +32,7 @@ from autobatch.phases import Phase, phase_of, tag
 from autobatch.planning.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
 from autobatch.planning.planner import Phase1, Plan, check_micro_batch, fixed_plan
 from autobatch.planning.tuning import Tuner
+from autobatch.snapshot import UpdateCopies
 from autobatch.split import balanced_parts, batch_size, non_finite_samples, split_batch, take, to_device
 
 __all__ = ["AutoBatch", "wrap"]
@@ -58,14 +59,14 @@ class AutoBatch:
                  memory_budget: Union[int, float, str, None] = None,
                  cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
                  grow_after: Optional[int] = None, lockstep: bool = False,
-                 phase1_memory_format: Optional[torch.memory_format] = None):
+                 phase1_memory_format: Optional[torch.memory_format] = None, update_copies: UpdateCopies = "device"):
         check_arguments(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
-                        before_step, grow_after)
+                        before_step, grow_after, update_copies)
         check_phase1_memory_format(phase1_memory_format)
         self.model, self.optimizer, self.before_step = model, optimizer, before_step
         self._micro = MicroStep(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
                                 None if before_step is None else lambda: before_step(self),
-                                None if device is None else torch.device(device))
+                                None if device is None else torch.device(device), update_copies)
         self._strategy: BatchNormStrategy = strategy_for(bn, self._micro, lockstep, phase1_memory_format)
         self.bn, self.device, self._ranks = bn, self._micro.device, self._micro.ranks
         self.target_batch = target_batch
@@ -345,6 +346,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
             ``torch.channels_last`` (3d), or as given with ``torch.preserve_format``; None (default)
             times both at the first phase 1 and keeps channels_last where it is faster and its
             statistics agree (autobatch.batchnorm.layout). The training forward is never changed.
+        update_copies: where the copies that undo a failed optimizer update live: "device" (default;
+            parameters plus optimizer state, at the step's lowest point, in the measured plan), "host"
+            (no device memory; a device-to-host copy per step), or "none" (an error inside the update
+            may leave it half applied, and is then not redone).
 
     Example::
 

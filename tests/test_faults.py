@@ -243,3 +243,28 @@ def test_out_of_memory_after_the_scaler_unscaled_is_recovered():
     for key, value in expected[2].items():
         if value is not None:
             torch.testing.assert_close(state[key], value, msg=key)
+
+
+@pytest.mark.parametrize("copies", ["host", "none"])
+def test_where_the_updates_copies_live(monkeypatch, copies):
+    """"host": the same all-or-nothing update from copies in host memory. "none": no copies, and an
+    update that ran out of memory half-way is reported, never redone (it could be applied twice)."""
+    model, optimizer, ab = adam_setup(4, update_copies=copies)
+    first, second = batches()
+    ab.step(*first)
+    before = snapshot(model, optimizer)
+    errors = fail_once(monkeypatch, torch, "_foreach_sqrt", torch.OutOfMemoryError("CUDA out of memory (injected)"))
+    if copies == "host":
+        with pytest.raises(torch.OutOfMemoryError):
+            ab.step(*second)
+        assert_same(before, snapshot(model, optimizer))
+    else:
+        with pytest.raises(RuntimeError, match="update_copies='none' it may be partly applied .* does not redo"):
+            ab.step(*second)
+        assert {state["step"].item() for state in optimizer.state.values()} == {2.0}  # half applied, once
+    assert not errors
+
+
+def test_update_copies_is_checked():
+    with pytest.raises(ValueError, match="update_copies must be one of"):
+        adam_setup(4, update_copies="disk")

@@ -73,7 +73,7 @@ class Tuner:
         self._key = plan_key(
             micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, target_batch=self.target_batch,
             bn=self.strategy.name, autocast=micro.autocast_dtype, memory_budget=self.memory_budget,
-            world_size=self.ranks.world_size, loss=micro.compute_loss is not None)
+            world_size=self.ranks.world_size, loss=micro.compute_loss is not None, update_copies=micro.update_copies)
         record = None if self.retune or self.cache is None else self.cache.load(self._key)
         device = f"{memory.device} ({memory.name}, {memory.source})"
         plan = None if record is None else self._cached(record, limit, device)
