@@ -32,6 +32,10 @@ def main() -> None:
     dtype = torch.float64 if accelerator.mixed_precision == "no" else torch.float32
     for bn in scenarios:
         torch.save(run(accelerator, bn, dtype), f"{out}/{accelerator.mixed_precision}-{bn}-{accelerator.process_index}.pt")
+    # gloo's threads must end before the interpreter does (else: "terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

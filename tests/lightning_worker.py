@@ -57,6 +57,10 @@ def main() -> None:
     torch.save({"loss": module.losses, "logged": logged, "world": trainer.world_size,
                 "state": {k: v.clone() for k, v in module.net.state_dict().items()},
                 "keys": list(module.state_dict())}, f"{out}/lightning-{bn}-{devices}-{rank}.pt")
+    # gloo's threads must end before the interpreter does (else: "terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
