@@ -42,6 +42,11 @@ class Checkpointing:
     def __bool__(self) -> bool:
         return bool(self.modules)
 
+    def applies_to(self, model: nn.Module) -> bool:
+        """Whether ``model`` has every module the policy names (a cached plan may name others)."""
+        submodules = dict(_plain(model).named_modules())
+        return all(name in submodules for name in self.modules)
+
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """The submodules' forwards checkpointed while the block runs; their own forwards back after."""

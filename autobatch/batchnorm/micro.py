@@ -103,10 +103,8 @@ class Micro(BatchNormStrategy):
     """bn="micro": plain accumulation's statistics, the running statistics of the whole batch."""
 
     name = "micro"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._pooled = PooledBatchNorm(self.names, self.ranks)
+    #: This logical batch's pooled statistics: new at each prepare, so a failed step leaves nothing behind.
+    _pooled: PooledBatchNorm
 
     def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
         self._pooled = PooledBatchNorm(self.names, self.ranks)

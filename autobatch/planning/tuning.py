@@ -94,8 +94,7 @@ class Tuner:
         bn = record.get("bn", self.strategy.split_mode)
         policy = Checkpointing(tuple(record.get("checkpointed", [])), record.get("selective", False),
                                record.get("label", "none"))
-        modules = dict(getattr(self.micro.module, "_orig_mod", self.micro.module).named_modules())
-        if bn not in (self.strategy.split_mode, Exact.name) or not all(name in modules for name in policy.modules):
+        if bn not in (self.strategy.split_mode, Exact.name) or not policy.applies_to(self.micro.module):
             log.warning("autobatch: the cached plan %s does not match this model; measuring afresh",
                         self.cache.path(self._key))
             return None
