@@ -1,5 +1,5 @@
 """A picture of a plan: each measured trial's peak against the micro-batch, the fitted line, the
-budget and the size chosen (matplotlib, an optional extra: ``pip install "autobatch[plot]"``).
+budget and the size chosen (matplotlib, an optional extra: ``pip install "torch-autobatch[plot]"``).
 
     plot_plan(ab.plan, "plan.png")
 """
@@ -19,7 +19,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError('drawing a plan needs matplotlib: pip install "autobatch[plot]"') from None
+        raise ImportError('drawing a plan needs matplotlib: pip install "torch-autobatch[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
