@@ -2,27 +2,30 @@
 backward and the optimizer's update, under the user's autocast, GradScaler and clipping.
 
     micro = MicroStep(model, optimizer, loss_fn=criterion)
-    micro.backward(micro.loss(part, weight=len(part[0]) / 16, index=0))
+    micro.backward(micro.loss(part, index=0).value * len(part[0]) / 16)
     micro.update(micro.parameters())            # all or nothing
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from autobatch.distributed import Ranks, ddp_of
+from autobatch.loss import LossValue, read_loss
 from autobatch.phases import Phase, entered
 from autobatch.planning.memory import first_line, is_out_of_memory
 from autobatch.snapshot import UpdateCopies, undone_on_error
+from autobatch.split import BatchFormat, NestedFormat
 
 __all__ = ["ComputeLoss", "LossFn", "MicroStep"]
 
-LossFn = Callable[[Any, Any], Tensor]
-ComputeLoss = Callable[[nn.Module, Any], Tensor]
+#: A loss returns its micro-batch's mean, or ``(loss_sum, count)`` (autobatch.loss).
+LossFn = Callable[[Any, Any], Union[Tensor, tuple[Tensor, Any]]]
+ComputeLoss = Callable[[nn.Module, Any], Union[Tensor, tuple[Tensor, Any]]]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -40,7 +43,7 @@ class MicroStep:
                  compute_loss: Optional[ComputeLoss] = None, scaler: Optional[torch.amp.GradScaler] = None,
                  autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
                  before_step: Optional[Callable[[], None]] = None, device: Optional[torch.device] = None,
-                 update_copies: UpdateCopies = "device"):
+                 update_copies: UpdateCopies = "device", batches: Optional[BatchFormat] = None):
         self.model = model
         ddp = ddp_of(model)
         #: The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
@@ -57,6 +60,8 @@ class MicroStep:
         self.device = device if device is not None else _model_device(model)
         #: Where the update's undo copies live (autobatch.snapshot).
         self.update_copies = update_copies
+        #: How batches are counted, cut and moved (autobatch.split).
+        self.batches = batches if batches is not None else NestedFormat()
 
     def autocast(self) -> ContextManager[Any]:
         if self.autocast_dtype is None:
@@ -73,19 +78,16 @@ class MicroStep:
             seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def loss(self, part: Any, weight: float, index: int, model: Optional[nn.Module] = None) -> Tensor:
-        """The micro-batch's loss times ``weight``, checked to be a scalar (``model``: the wrapped one)."""
+    def loss(self, part: Any, index: int, model: Optional[nn.Module] = None) -> LossValue:
+        """The micro-batch's loss as the user's function returns it, checked (``model``: the wrapped one):
+        its mean, or ``(loss_sum, count)`` (autobatch.loss)."""
         model = self.model if model is None else model
         with self.autocast():
             if self.compute_loss is not None:
-                loss = self.compute_loss(model, part)
+                result = self.compute_loss(model, part)
             else:
-                loss = self.loss_fn(model(part[0]), part[1])
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"the loss for micro-batch {index} is {got}, not a scalar tensor; return the "
-                             "mean loss over the micro-batch (reduction='mean')")
-        return loss.reshape(()) * weight
+                result = self.loss_fn(model(part[0]), part[1])
+        return read_loss(result, index)
 
     def forward(self, batch: Any) -> None:
         """The module's forward alone, output unused (phase 1; autocast is the caller's)."""

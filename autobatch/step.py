@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, ContextManager, Literal, Optional, Union
+from typing import Any, Callable, ContextManager, Literal, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -27,19 +27,27 @@ from autobatch.batchnorm.bypass import RunningStatisticsWatch
 from autobatch.batchnorm.layout import PHASE1_FORMATS, check_phase1_memory_format
 from autobatch.batchnorm.statistics import BatchNormState
 from autobatch.distributed import RankFailure, ddp_state, plain_sync_batch_norm
+from autobatch.loss import Losses, check_counts
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.phases import Phase, phase_of, tag
 from autobatch.planning.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
 from autobatch.planning.planner import Phase1, Plan, check_micro_batch, fixed_plan
 from autobatch.planning.tuning import Tuner
 from autobatch.snapshot import UpdateCopies
-from autobatch.split import balanced_parts, batch_size, non_finite_samples, split_batch, take, to_device
+from autobatch.split import balanced_parts, batch_format
 
 __all__ = ["AutoBatch", "wrap"]
 
 log = logging.getLogger(__name__)
 
 MicroBatch = Union[int, Literal["auto"]]
+
+
+class InputsTargets(NamedTuple):
+    """``step(inputs, targets)``'s batch: a structure of two parts, never a list of two samples."""
+
+    inputs: Any
+    targets: Any
 
 
 class AutoBatch:
@@ -59,14 +67,17 @@ class AutoBatch:
                  memory_budget: Union[int, float, str, None] = None,
                  cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
                  grow_after: Optional[int] = None, lockstep: bool = False,
-                 phase1_memory_format: Optional[torch.memory_format] = None, update_copies: UpdateCopies = "device"):
+                 phase1_memory_format: Optional[torch.memory_format] = None, update_copies: UpdateCopies = "device",
+                 num_samples: Optional[Callable[[Any], int]] = None,
+                 split_batch: Optional[Callable[[Any, list[int]], Any]] = None):
         check_arguments(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
                         before_step, grow_after, update_copies)
         check_phase1_memory_format(phase1_memory_format)
         self.model, self.optimizer, self.before_step = model, optimizer, before_step
         self._micro = MicroStep(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
                                 None if before_step is None else lambda: before_step(self),
-                                None if device is None else torch.device(device), update_copies)
+                                None if device is None else torch.device(device), update_copies,
+                                batch_format(num_samples, split_batch))
         self._strategy: BatchNormStrategy = strategy_for(bn, self._micro, lockstep, phase1_memory_format)
         self.bn, self.device, self._ranks = bn, self._micro.device, self._micro.ranks
         self.target_batch = target_batch
@@ -92,6 +103,8 @@ class AutoBatch:
         #: Whether a step that splits its batch has checked that every BatchNorm went through autobatch.
         self._watched = False
         self._open = True
+        #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
+        self._items: Optional[float] = None
         if self.plan is not None:
             log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
 
@@ -164,8 +177,8 @@ class AutoBatch:
             raise RuntimeError("this AutoBatch was unwrapped; wrap the model again to keep training")
         if self._micro.compute_loss is not None and targets is not None:
             raise TypeError("with compute_loss, pass the whole batch as one argument: step(batch)")
-        batch = inputs if self._micro.compute_loss is not None else (inputs, targets)
-        size = batch_size(batch)
+        batch = inputs if self._micro.compute_loss is not None else InputsTargets(inputs, targets)
+        size = self._micro.batches.size(batch)
         if size > self._share:
             where = "" if self._ranks.world_size == 1 else f" on each of {self._ranks.world_size} ranks"
             raise ValueError(
@@ -216,9 +229,11 @@ class AutoBatch:
         state = BatchNormState(self._strategy.layers)
         synced = plain_sync_batch_norm(self._strategy.layers) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
+        losses = Losses(self._ranks.world_size, sum(sizes), self._items)
         try:
             with ddp_state(self._micro.ddp), synced:
-                loss = self._accumulate(batch, splits, state, sum(sizes))
+                loss = self._accumulate(batch, splits, state, losses)
+            losses.rescale(params)
             self._micro.update(params)
         except BaseException:
             for p, grad in zip(params, saved_grads):
@@ -227,22 +242,22 @@ class AutoBatch:
             raise
         for p in params:
             p.grad = None
+        if losses.total is not None:
+            self._items = losses.total
         return loss
 
-    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, total: int) -> float:
+    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, losses: Losses) -> float:
         """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         norm = self._strategy.for_step(splits)
         watch = RunningStatisticsWatch(self._micro.module) if len(splits) > 1 and not self._watched else None
-        batch = norm.prepare(batch, splits, state, self.plan.phase1, total)
-        # DistributedDataParallel averages gradients over ranks: weights make that the global mean.
-        scale = self._ranks.world_size / total
-        parts = split_batch(batch, [n for n in splits if n])
-        weighted: list[Tensor] = []
+        batches = self._micro.batches
+        batch = norm.prepare(batch, splits, state, self.plan.phase1, losses.samples)
+        parts = batches.split(batch, [n for n in splits if n])
         with norm.intercept():
             for index, size in enumerate(splits):
                 # A rank with fewer samples than micro-batches repeats one sample at weight 0.
-                part = parts[index] if size else take(batch, 1)
-                mean_loss = self._micro_batch(norm, part, index, splits, size * scale, weighted, batch)
+                part = parts[index] if size else batches.take(batch, 1)
+                mean_loss = self._micro_batch(norm, part, index, splits, losses, batch)
         state.keep_counted()
         layers = norm.finish()
         if watch is not None:
@@ -250,8 +265,8 @@ class AutoBatch:
             self._watched = True
         return mean_loss
 
-    def _micro_batch(self, norm: BatchNormStrategy, part: Any, index: int, splits: list[int], weight: float,
-                     weighted: list[Tensor], batch: Any) -> Optional[float]:
+    def _micro_batch(self, norm: BatchNormStrategy, part: Any, index: int, splits: list[int], losses: Losses,
+                     batch: Any) -> Optional[float]:
         """Forward and backward of micro-batch ``index``; the last one first settles the step with the
         other ranks and returns the logical batch's mean loss."""
         last, first_row, size = index == len(splits) - 1, sum(splits[:index]), splits[index]
@@ -259,12 +274,11 @@ class AutoBatch:
         try:
             with self._gradient_sync(last):
                 with norm.micro_batch(index, first_row, size):
-                    loss = self._micro.loss(to_device(part, self.device), weight, index)
-                weighted.append(loss.detach())
+                    loss = losses.add(self._micro.loss(self._micro.batches.to(part, self.device), index), size)
                 mean_loss = None
                 if last:
                     settled = True
-                    mean_loss = self._settle(weighted, splits, None, batch, norm)
+                    mean_loss = self._settle(losses, splits, None, batch, norm)
                 with norm.backward(first_row, size):
                     self._micro.backward(loss)
             return mean_loss
@@ -272,7 +286,7 @@ class AutoBatch:
             if not self._ranks.active or settled:
                 raise
             # The other ranks learn of it where they settle the step; then every rank raises.
-            self._settle(weighted, splits, error, batch, norm)
+            self._settle(losses, splits, error, batch, norm)
             raise
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
@@ -281,23 +295,26 @@ class AutoBatch:
             return contextlib.nullcontext()
         return self._micro.ddp.no_sync()
 
-    def _settle(self, weighted: list[Tensor], splits: list[int], failure: Optional[BaseException],
+    def _settle(self, losses: Losses, splits: list[int], failure: Optional[BaseException],
                 batch: Any, norm: BatchNormStrategy) -> float:
-        """Before the last backward: every loss finite and every rank well, or all ranks raise.
+        """Before the last backward: every loss and count valid and every rank well, or all ranks raise.
         Returns the logical batch's mean loss over all ranks (one device sync per step)."""
-        values = torch.stack(weighted).tolist() if weighted else []
-        error = failure or self._non_finite(values, splits, batch, norm) or norm.check()
+        values, counts = losses.local() if losses.values else ([], [])
+        error = failure or self._non_finite(values, splits, batch, norm) or (
+            check_counts(counts, splits, self._ranks.rank if self._ranks.active else None)
+            if losses.counted else None) or norm.check()
+        numerator, denominator = losses.sums(values, counts) if values else (0.0, 0.0)
         if not self._ranks.active:
             if error is not None:
                 raise error
-            return sum(values)
-        table, raised = self._ranks.outcome(error, sum(values), error is not None and
+            return losses.settle(numerator, denominator)
+        table, raised = self._ranks.outcome(error, numerator, denominator, error is not None and
                                             phase_of(error) is Phase.LOCKSTEP)
         if raised is not None:
-            if raised is not error and table[:, 3].any():
+            if raised is not error and table[:, 4].any():
                 tag(raised, Phase.LOCKSTEP)  # another rank ran out of memory there: every rank drops the lockstep
             raise raised
-        return float(table[:, 2].sum()) / self._ranks.world_size  # the weights carry world_size
+        return losses.settle(float(table[:, 2].sum()), float(table[:, 3].sum()))
 
     def _non_finite(self, values: list[float], splits: list[int], batch: Any,
                     norm: BatchNormStrategy) -> Optional[FloatingPointError]:
@@ -306,7 +323,7 @@ class AutoBatch:
                 start = sum(splits[:index])
                 where = "" if not self._ranks.active else f" on rank {self._ranks.rank}"
                 # Under two_pass one sample's NaN reaches every micro-batch through phase 1's statistics.
-                samples = non_finite_samples(batch)
+                samples = self._micro.batches.non_finite_samples(batch)
                 culprit = (f"samples {samples} of the logical batch have NaN or infinite values in their inputs "
                            "or targets" if samples else norm.non_finite_culprit())
                 return FloatingPointError(

@@ -16,7 +16,7 @@ import autobatch
 from autobatch.checkpointing import Checkpointing
 from autobatch.planning.planner import Phase1
 from autobatch.batchnorm import layout
-from tests.models import ResidualNet, StochasticNet
+from tests.models import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
 
 ce = nn.CrossEntropyLoss()
 
@@ -353,6 +353,30 @@ def exact(rank, rows=None):
 
 def exact_uneven(rank):
     return exact(rank, slice(0, 8) if rank == 0 else slice(8, 13))
+
+
+#: Two ranks' shares of a length-grouped batch: rank 0 holds the short sequences, rank 1 the long ones.
+COUNTED_LENGTHS = [2, 3, 2, 3, 12, 11, 12, 10]
+
+
+def counted(rank, rows=None, micro_batch=2, steps=2):
+    """Count-weighted token losses over two ranks with different counts: the loss over every valid token."""
+    torch.manual_seed(0)
+    model = TinyLanguageModel().double()
+    ddp = DistributedDataParallel(model)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9), 8,
+                        compute_loss=token_loss_sum, micro_batch=micro_batch, cache=False)
+    rows = rows or slice(4 * rank, 4 * rank + 4)
+    losses = []
+    for step in range(steps):
+        batch = padded_sequences(COUNTED_LENGTHS, seed=step)
+        losses.append(ab.step({key: value[rows] for key, value in batch.items()}))
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses}
+
+
+def counted_uneven(rank):
+    # Rank 1 holds one sample: its second micro-batch repeats it at weight 0.
+    return counted(rank, slice(0, 4) if rank == 0 else slice(7, 8))
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "StochasticNet", "compiled", "mlp", "variants"]
+__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "StochasticNet", "TinyLanguageModel", "compiled", "mlp",
+           "padded_sequences", "token_loss_mean", "token_loss_sum", "variants"]
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -138,3 +139,42 @@ class StochasticNet(nn.Module):
         x = self.blocks(F.silu(self.bn(self.stem(x))))
         x = F.dropout(self.fc1(x.mean((2, 3))), 0.3, self.training)
         return self.fc2(F.silu(self.head_bn(x)))
+
+
+class TinyLanguageModel(nn.Module):
+    """Token embedding, a GRU and a linear head: next-token logits of shape (batch, length, vocabulary)."""
+
+    def __init__(self, vocabulary: int = 11, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+def padded_sequences(lengths, vocabulary: int = 11, seed: int = 0, dtype=torch.float64):
+    """A batch of sequences of ``lengths``, right-padded to the longest: ``{"tokens", "labels"}`` with
+    the padding's labels -100 (ignored), as a language-model collator gives them."""
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    tokens = torch.randint(1, vocabulary, (len(lengths), longest), generator=generator)
+    labels = torch.full((len(lengths), longest), -100)
+    for row, length in enumerate(lengths):
+        tokens[row, length:] = 0
+        labels[row, :length] = torch.randint(0, vocabulary, (length,), generator=generator)
+    return {"tokens": tokens, "labels": labels}
+
+
+def token_loss_sum(model: nn.Module, batch) -> tuple:
+    """The summed next-token loss over the batch's valid tokens, and their number."""
+    logits = model(batch["tokens"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
+    return loss, (batch["labels"] != -100).sum()
+
+
+def token_loss_mean(model: nn.Module, batch) -> torch.Tensor:
+    """The mean next-token loss over the batch's valid tokens: the full batch's reference."""
+    logits = model(batch["tokens"])
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)

@@ -43,7 +43,7 @@ def good_runs(tmp_path_factory):
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
                  "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas",
                  "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update", "exact",
-                 "exact_uneven"]
+                 "exact_uneven", "counted", "counted_uneven"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -210,3 +210,26 @@ def test_stochastic_depth_trains_on_two_ranks(good_runs):
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
         assert torch.isfinite(value.double()).all(), key
+
+
+@pytest.mark.parametrize("scenario, rows", [("counted", slice(0, 8)), ("counted_uneven", [0, 1, 2, 3, 7])])
+def test_count_weighted_losses_over_ranks_with_different_counts_equal_the_whole_batch(good_runs, scenario, rows):
+    # Rank 0's short sequences hold far fewer tokens than rank 1's: each token weighs the same on both.
+    from tests.distributed_worker import COUNTED_LENGTHS
+    from tests.models import TinyLanguageModel, padded_sequences, token_loss_mean
+    torch.manual_seed(0)
+    model = TinyLanguageModel().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for step in range(2):
+        batch = {key: value[rows] for key, value in padded_sequences(COUNTED_LENGTHS, seed=step).items()}
+        optimizer.zero_grad()
+        loss = token_loss_mean(model, batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+        assert result["loss"] == pytest.approx(losses, rel=1e-10)

@@ -63,7 +63,7 @@ def test_drawing_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x8x8", "--target-batch", "4",
                  "--optimizer", "sgd", "--plot", "never.png"]) == 2
-    assert 'pip install "autobatch[plot]"' in capsys.readouterr().err
+    assert 'pip install "torch-autobatch[plot]"' in capsys.readouterr().err
 
 
 def test_demo_command(capsys, tmp_path):

@@ -3,7 +3,8 @@ import collections
 import pytest
 import torch
 
-from autobatch.split import balanced_splits, batch_size, split_batch, to_device
+from autobatch.split import (CustomFormat, balanced_splits, batch_format, batch_size, non_finite_samples, split_batch,
+                             take, to_device)
 
 
 def test_balanced_splits_example():
@@ -44,8 +45,115 @@ def test_batch_size_nested():
 
 def test_batch_size_disagreement_names_the_tensors():
     batch = {"image": torch.ones(4, 3), "mask": [torch.ones(5)]}
-    with pytest.raises(ValueError, match=r"batch\['image'\]: 4.*batch\['mask'\]\[0\]: 5"):
+    with pytest.raises(ValueError, match=r"batch\['image'\] has 4 .*batch\['mask'\]\[0\] has 5"):
         batch_size(batch)
+
+
+def test_a_disagreement_over_long_lists_is_a_short_message():
+    # A detection batch whose targets miss one image: the message names two paths, never the lists.
+    images = [torch.randn(3, 20 + i, 30) for i in range(64)]
+    targets = [{"boxes": torch.rand(2, 4), "labels": torch.ones(2, dtype=torch.long)} for _ in range(63)]
+    with pytest.raises(ValueError) as caught:
+        batch_size((images, targets))
+    message = str(caught.value)
+    assert "batch[1] has 63 (a list of samples)" in message and "batch[0] has 64 (a list of samples)" in message
+    assert len(message) <= 230, len(message)
+
+
+def detection_batch(n, same_size=False):
+    images = [torch.randn(3, 16 if same_size else 12 + 2 * i, 16) for i in range(n)]
+    targets = [{"boxes": torch.rand(i % 3 + 1, 4), "labels": torch.ones(i % 3 + 1, dtype=torch.long)}
+               for i in range(n)]
+    return images, targets
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("same_size", [False, True])
+def test_torchvision_detection_batches_are_lists_of_samples(n, same_size):
+    # Three 3-channel images of one size read as three samples too: the targets beside them are a list of dicts.
+    batch = detection_batch(n, same_size)
+    assert batch_size(batch) == n
+    sizes = balanced_splits(n, 2)
+    parts = split_batch(batch, sizes)
+    assert [len(images) for images, _ in parts] == sizes
+    assert [len(targets) for _, targets in parts] == sizes
+    rejoined = [image for images, _ in parts for image in images]
+    assert all(a is b for a, b in zip(rejoined, batch[0]))  # the samples themselves, whole and in order
+    assert all(isinstance(images, list) and isinstance(targets, list) for images, targets in parts)
+
+
+def test_default_collate_lists_are_batched_tensors():
+    # PyTorch's default collate turns (input, target) samples into [inputs, targets]: batched tensors.
+    from torch.utils.data import default_collate
+    for n in (1, 2, 3, 5):
+        batch = default_collate([(torch.randn(3, 8, 8), torch.randn(1, 8, 8)) for _ in range(n)])
+        assert isinstance(batch, list) and batch_size(batch) == n
+        parts = split_batch(batch, balanced_splits(n, 2))
+        assert [p[0].shape[0] for p in parts] == balanced_splits(n, 2)
+        assert torch.equal(torch.cat([p[1] for p in parts]), batch[1])
+
+
+def test_lists_of_sequences_of_different_lengths_are_samples():
+    sequences = [torch.arange(length) for length in (5, 3, 7, 2)]
+    batch = {"tokens": sequences, "lengths": torch.tensor([5, 3, 7, 2])}
+    assert batch_size(batch) == 4
+    first, second = split_batch(batch, [3, 1])
+    assert first["tokens"] == sequences[:3] and torch.equal(second["lengths"], torch.tensor([2]))
+
+
+def test_take_repeats_samples_of_lists_and_tensors():
+    images, targets = detection_batch(3)
+    taken = take((images, targets, torch.arange(3)), 5)
+    assert [image is images[i] for i, image in zip([0, 1, 2, 0, 1], taken[0])] == [True] * 5
+    assert taken[1][3] is targets[0] and taken[2].tolist() == [0, 1, 2, 0, 1]
+    assert take((images, targets), 2)[1] == targets[:2]
+
+
+def test_non_finite_samples_of_a_list_of_samples():
+    images, targets = detection_batch(4)
+    images[2] = images[2].clone()
+    images[2][0, 0, 0] = float("nan")
+    targets[3]["boxes"] = targets[3]["boxes"] * float("inf")
+    assert non_finite_samples((images, targets)) == [2, 3]
+
+
+class Graphs:
+    """A batch type of the user's own: graphs concatenated, with offsets."""
+
+    def __init__(self, nodes, sizes):
+        self.nodes, self.sizes = nodes, list(sizes)
+
+    def split(self, counts):
+        parts, node, graph = [], 0, 0
+        for count in counts:
+            width = sum(self.sizes[graph:graph + count])
+            parts.append(Graphs(self.nodes[node:node + width], self.sizes[graph:graph + count]))
+            node, graph = node + width, graph + count
+        return parts
+
+
+def test_a_custom_format_counts_and_splits_with_the_users_functions():
+    batch = Graphs(torch.randn(10, 3), [3, 1, 4, 2])
+    fmt = batch_format(num_samples=lambda g: len(g.sizes), split_batch=lambda g, sizes: g.split(sizes))
+    assert isinstance(fmt, CustomFormat) and fmt.size(batch) == 4
+    parts = fmt.split(batch, [2, 2])
+    assert [p.sizes for p in parts] == [[3, 1], [4, 2]]
+    assert fmt.take(batch, 1).sizes == [3]
+    assert {id(t) for t in fmt.tensors(batch)} == {id(batch.nodes)}
+    with pytest.raises(ValueError, match="cannot repeat samples"):
+        fmt.take(batch, 5)
+    wrong = batch_format(num_samples=lambda g: len(g.sizes), split_batch=lambda g, sizes: [g])
+    with pytest.raises(ValueError, match="one batch per size"):
+        wrong.split(batch, [2, 2])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_samples": len}, "together"),
+    ({"num_samples": 3, "split_batch": lambda b, s: b}, "callable"),
+])
+def test_a_custom_format_needs_both_functions(options, message):
+    with pytest.raises(TypeError, match=message):
+        batch_format(**options)
 
 
 @pytest.mark.parametrize("batch, message", [

@@ -451,7 +451,7 @@ def test_wrap_rejects_bad_arguments(options, error, message):
 
 
 def bad_batches():
-    yield "disagreeing", (torch.randn(8, 6), torch.randint(0, 3, (7,))), "disagree on the batch dimension"
+    yield "disagreeing", (torch.randn(8, 6), torch.randint(0, 3, (7,))), "disagree on the number of samples"
     yield "empty", (torch.randn(0, 6), torch.randint(0, 3, (0,))), "empty"
     yield "too large", (torch.randn(9, 6), torch.randint(0, 3, (9,))), "at most 8 samples"
 

@@ -28,7 +28,7 @@ from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
 from autobatch.phases import Phase, entered
 from autobatch.planning.planner import Phase1
-from autobatch.split import balanced_splits, batch_size, split_batch, to_device
+from autobatch.split import balanced_splits
 
 __all__ = ["TwoPass"]
 
@@ -79,7 +79,7 @@ class TwoPass(BatchNormStrategy):
 
     def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
         super().prepare(batch, splits, state, phase1, total)
-        batch = to_device(batch, self.micro.device)
+        batch = self.micro.batches.to(batch, self.micro.device)
         self.draws.clear()
         self._splits, self._total, self._lockstep = splits, total, None
         if phase1.lockstep:
@@ -136,10 +136,10 @@ class TwoPass(BatchNormStrategy):
         running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled. The first one
         (``measure_layout``) times the memory formats it may run in (autobatch.batchnorm.layout)."""
         with entered(Phase.STATISTICS_PASS), torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
-            size = batch_size(batch)
+            size = self.micro.batches.size(batch)
             sizes = balanced_splits(size, -(-size // chunks))
             if measure_layout:
-                self._measure_layout(batch if chunks == 1 else split_batch(batch, sizes)[0], handler.ranks)
+                self._measure_layout(batch if chunks == 1 else self.micro.batches.split(batch, sizes)[0], handler.ranks)
             batch = self.layout.convert(batch)
             if chunks == 1:
                 self._whole_statistics_pass(batch, handler)
@@ -150,7 +150,7 @@ class TwoPass(BatchNormStrategy):
     def _whole_statistics_pass(self, batch: Any, handler: FullBatchStatistics) -> None:
         handler.start_statistics_pass()
         complete = True
-        with intercept_batch_norm(handler.record, self.layers), self.draws.record(0, batch_size(batch)):
+        with intercept_batch_norm(handler.record, self.layers), self.draws.record(0, self.micro.batches.size(batch)):
             try:
                 self.micro.forward(batch)
             except StopForward:
@@ -161,7 +161,7 @@ class TwoPass(BatchNormStrategy):
                                  state: BatchNormState) -> None:
         pooled = PooledBatchNorm(self.names, handler.ranks)
         with intercept_batch_norm(pooled.handle, self.layers):
-            for index, chunk in enumerate(split_batch(batch, sizes)):
+            for index, chunk in enumerate(self.micro.batches.split(batch, sizes)):
                 pooled.start_micro_batch()
                 with self.draws.record(sum(sizes[:index]), sizes[index]):
                     self.micro.forward(chunk)
@@ -177,8 +177,8 @@ class TwoPass(BatchNormStrategy):
 
     def _lockstep_for(self, batch: Any, first: int) -> Lockstep:
         """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
-        size = batch_size(batch)
-        rest = split_batch(batch, [first, size - first])[1] if size > first else None
+        size = self.micro.batches.size(batch)
+        rest = self.micro.batches.split(batch, [first, size - first])[1] if size > first else None
         # Every rank takes part, one without other samples too: the ranks decide together.
         self._measure_layout(rest, self.ranks)
         rest = self.layout.convert(rest)

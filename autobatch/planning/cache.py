@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from autobatch.split import leaves
+from autobatch.split import BatchFormat, NestedFormat
 
 __all__ = ["PlanCache", "default_cache_dir", "plan_key"]
 
@@ -36,11 +36,6 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "autobatch"
 
 
-def _describe_batch(batch: Any) -> list[str]:
-    return [f"{path}:{tuple(leaf.shape[1:])}:{leaf.dtype}" if isinstance(leaf, torch.Tensor)
-            else f"{path}:{type(leaf).__name__}" for path, leaf in leaves(batch)]
-
-
 def _describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
     """The optimizer's class and every group's settings (amsgrad, foreach...), which size its state."""
     groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
@@ -49,17 +44,18 @@ def _describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
 
 
 def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, device_name: str,
-             device_total_bytes: int, **settings: Any) -> str:
+             device_total_bytes: int, batches: BatchFormat = NestedFormat(), **settings: Any) -> str:
     """A digest of what a step's memory depends on: structure, each module's configuration (a conv's
     stride changes its activations, not its parameters), shapes and strides, inputs, the optimizer and
-    its settings, device, torch version, and ``settings`` (autocast dtype, bn mode, budget, world size...)."""
+    its settings, device, torch version, and ``settings`` (autocast dtype, bn mode, budget, world size...).
+    ``batches`` describes the batch (autobatch.split)."""
     description = {
         "format": FORMAT,
         "modules": [f"{name}:{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
                     for name, module in model.named_modules()],
         "tensors": [f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}:{t.requires_grad}"
                     for name, t in list(model.named_parameters()) + list(model.named_buffers())],
-        "inputs": _describe_batch(batch),
+        "inputs": batches.describe(batch),
         "optimizer": _describe_optimizer(optimizer),
         "device": [device_name, device_total_bytes],
         "torch": torch.__version__,

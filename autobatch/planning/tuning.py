@@ -22,7 +22,6 @@ from autobatch.planning.memory import Budget, budget, first_line, format_bytes, 
 from autobatch.planning.planner import Candidate, Fit, Phase1, Plan, search, shrink
 from autobatch.planning.whole_batch import timed, whole_batch_step
 from autobatch.snapshot import preserved
-from autobatch.split import take, to_device
 
 __all__ = ["Tuner"]
 
@@ -71,7 +70,8 @@ class Tuner:
         memory = probe(micro.device, resident_bytes=resident)
         limit = budget(memory, self.memory_budget)
         self._key = plan_key(
-            micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, target_batch=self.target_batch,
+            micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
+            target_batch=self.target_batch,
             bn=self.strategy.name, autocast=micro.autocast_dtype, memory_budget=self.memory_budget,
             world_size=self.ranks.world_size, loss=micro.compute_loss is not None, update_copies=micro.update_copies)
         record = None if self.retune or self.cache is None else self.cache.load(self._key)
@@ -236,9 +236,10 @@ class Tuner:
 
         def work() -> None:
             # With two_pass the whole logical batch's inputs stay on the device during phase 2.
-            whole = to_device(take(batch, self.share), micro.device) if whole_batch_resident else None
-            part = take(whole, n) if whole is not None else to_device(take(batch, n), micro.device)
-            micro.backward(micro.loss(part, 1.0, 0, micro.module))
+            batches = micro.batches
+            whole = batches.to(batches.take(batch, self.share), micro.device) if whole_batch_resident else None
+            part = batches.take(whole, n) if whole is not None else batches.to(batches.take(batch, n), micro.device)
+            micro.backward(micro.loss(part, 0, micro.module).value)
             micro.trial_update()  # the update's copies are part of the peak
             for p in micro.parameters():
                 p.grad = None
@@ -251,7 +252,9 @@ class Tuner:
         chunks = 1
         while True:
             def work(chunks: int = chunks) -> None:
-                self.strategy.trial_statistics_pass(to_device(take(batch, self.share), self.micro.device), chunks)
+                batches = self.micro.batches
+                self.strategy.trial_statistics_pass(batches.to(batches.take(batch, self.share), self.micro.device),
+                                                    chunks)
 
             peak = self._peak_or_none(work, f"phase 1 in {chunks} chunk(s)", batch)
             points.append((chunks, peak))
@@ -265,7 +268,7 @@ class Tuner:
     def _peak_or_none(self, work: Callable[[], None], what: str, batch: Any) -> Optional[int]:
         micro = self.micro
         try:
-            peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, batch)
+            peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch))
         except BaseException as error:
             if not is_out_of_memory(error):
                 raise

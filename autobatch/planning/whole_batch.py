@@ -16,7 +16,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.batchnorm.exact import running_statistics_kept
 from autobatch.checkpointing import Checkpointing
 from autobatch.microstep import MicroStep
-from autobatch.split import take, to_device
 
 __all__ = ["timed", "whole_batch_step"]
 
@@ -27,9 +26,9 @@ def whole_batch_step(micro: MicroStep, layers: list[_BatchNorm], batch: Any, sha
     ``policy``'s submodules checkpointed (on the module itself: trials wait on no other rank)."""
 
     def work() -> None:
-        whole = to_device(take(batch, share), micro.device)
+        whole = micro.batches.to(micro.batches.take(batch, share), micro.device)
         with policy.applied(micro.module):
-            loss = micro.loss(whole, 1.0, 0, micro.module)
+            loss = micro.loss(whole, 0, micro.module).value
             with running_statistics_kept(layers):
                 micro.backward(loss)
         micro.trial_update()
