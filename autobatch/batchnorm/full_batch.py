@@ -237,8 +237,10 @@ class FullBatchStatistics:
                     f"{value:.3g} standard deviations from phase 1's for the same samples (rounding allows "
                     f"{tolerance}); bn='two_pass' needs each micro-batch's forward to repeat phase 1's. Likely "
                     "causes: a random operation autobatch does not replay (it replays dropout, stochastic depth "
-                    "and torch's random functions), or a layer whose output depends on the other samples of the "
-                    "batch. No optimizer step was taken and the model is unchanged; use bn='micro' for this model.")
+                    "and torch's random functions), a layer whose output depends on the other samples of the batch, "
+                    "or a model that pads each batch to its largest sample (torchvision's detection models), which pads "
+                    "a micro-batch otherwise than the whole batch: give it inputs of one size. No optimizer step was "
+                    "taken and the model is unchanged; use bn='micro' for this model.")
         return None
 
     def add(self, call: BatchNormCall, layer: LayerStatistics) -> None:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["shapes"]
+__all__ = ["detection_shapes", "shapes"]
 
 
 def _texture(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -55,3 +55,35 @@ def shapes(count: int, size: int = 48, seed: int = 0) -> tuple[torch.Tensor, tor
     inside = colour + 0.5 * _texture(count, size, generator)
     images = torch.where(masks.unsqueeze(1), inside, images)
     return images.float(), masks.long()
+
+
+def detection_shapes(sizes: list[tuple[int, int]], seed: int = 0, masks: bool = False,
+                     dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[dict]]:
+    """Detection samples in torchvision's convention: one image (3, H, W) per entry of ``sizes`` and its
+    target, a dict of ``boxes`` (K, 4) in pixels, ``labels`` (K,) of classes 1 (square) and 2 (disc),
+    and with ``masks`` the (K, H, W) instance masks. One to three shapes per image, on a textured
+    background; deterministic in ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for height, width in sizes:
+        image = _texture(1, max(height, width), generator)[0, :, :height, :width].to(dtype)
+        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        boxes, labels, instance_masks = [], [], []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            side = int(min(height, width) * (0.2 + 0.25 * float(torch.rand(1, generator=generator))))
+            x0 = int(torch.randint(0, width - side, (1,), generator=generator))
+            y0 = int(torch.randint(0, height - side, (1,), generator=generator))
+            label = int(torch.randint(1, 3, (1,), generator=generator))
+            inside = (xx >= x0) & (xx < x0 + side) & (yy >= y0) & (yy < y0 + side)
+            if label == 2:
+                inside &= (xx - x0 - side / 2 + 0.5) ** 2 + (yy - y0 - side / 2 + 0.5) ** 2 <= (side / 2) ** 2
+            image = torch.where(inside, torch.rand(3, 1, 1, generator=generator, dtype=dtype) * 2 - 1, image)
+            boxes.append([x0, y0, x0 + side, y0 + side])
+            labels.append(label)
+            instance_masks.append(inside)
+        target = {"boxes": torch.tensor(boxes, dtype=dtype), "labels": torch.tensor(labels)}
+        if masks:
+            target["masks"] = torch.stack(instance_masks).to(torch.uint8)
+        images.append(image)
+        targets.append(target)
+    return images, targets
