@@ -118,18 +118,61 @@ def test_non_finite_samples_of_a_list_of_samples():
 
 
 class Graphs:
-    """A batch type of the user's own: graphs concatenated, with offsets."""
+    """A batch type of the user's own: graphs' nodes concatenated, each graph's size and target."""
 
-    def __init__(self, nodes, sizes):
+    def __init__(self, nodes, sizes, targets=None):
         self.nodes, self.sizes = nodes, list(sizes)
+        self.targets = targets if targets is not None else torch.zeros(len(self.sizes), dtype=nodes.dtype)
 
     def split(self, counts):
         parts, node, graph = [], 0, 0
         for count in counts:
             width = sum(self.sizes[graph:graph + count])
-            parts.append(Graphs(self.nodes[node:node + width], self.sizes[graph:graph + count]))
+            parts.append(Graphs(self.nodes[node:node + width], self.sizes[graph:graph + count],
+                                self.targets[graph:graph + count]))
             node, graph = node + width, graph + count
         return parts
+
+    def to(self, device):
+        return Graphs(self.nodes.to(device), self.sizes, self.targets.to(device))
+
+
+class GraphRegressor(torch.nn.Module):
+    """Per-node features, summed per graph, one number per graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.node = torch.nn.Linear(3, 8)
+        self.graph = torch.nn.Linear(8, 1)
+
+    def forward(self, batch):
+        index = torch.repeat_interleave(torch.arange(len(batch.sizes)), torch.tensor(batch.sizes))
+        pooled = torch.zeros(len(batch.sizes), 8, dtype=batch.nodes.dtype).index_add_(
+            0, index, torch.tanh(self.node(batch.nodes)))
+        return self.graph(pooled).squeeze(1)
+
+
+def test_a_batch_of_a_custom_class_trains_as_the_whole_batch():
+    import copy
+
+    import autobatch
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 1, 4, 2, 5, 2, 3]
+    batch = Graphs(torch.randn(sum(sizes), 3, generator=generator, dtype=torch.float64), sizes,
+                   torch.randn(len(sizes), generator=generator, dtype=torch.float64))
+    torch.manual_seed(0)
+    model = GraphRegressor().double()
+    reference = copy.deepcopy(model)
+    loss = lambda model, graphs: torch.nn.functional.mse_loss(model(graphs), graphs.targets)  # noqa: E731
+    loss(reference, batch).backward()
+    grads = []
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 7, compute_loss=loss, micro_batch=3,
+                        num_samples=lambda graphs: len(graphs.sizes), split_batch=lambda graphs, n: graphs.split(n),
+                        before_step=lambda ab: grads.append([p.grad.clone() for p in ab.model.parameters()]))
+    assert ab.step(batch) == pytest.approx(loss(reference, batch).item(), rel=1e-12)
+    assert ab.plan.splits == [3, 2, 2]
+    for got, p in zip(grads[0], reference.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_a_custom_format_counts_and_splits_with_the_users_functions():
@@ -139,7 +182,7 @@ def test_a_custom_format_counts_and_splits_with_the_users_functions():
     parts = fmt.split(batch, [2, 2])
     assert [p.sizes for p in parts] == [[3, 1], [4, 2]]
     assert fmt.take(batch, 1).sizes == [3]
-    assert {id(t) for t in fmt.tensors(batch)} == {id(batch.nodes)}
+    assert {id(t) for t in fmt.tensors(batch)} == {id(batch.nodes), id(batch.targets)}
     with pytest.raises(ValueError, match="cannot repeat samples"):
         fmt.take(batch, 5)
     wrong = batch_format(num_samples=lambda g: len(g.sizes), split_batch=lambda g, sizes: [g])
