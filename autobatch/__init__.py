@@ -7,8 +7,9 @@ with warnings.catch_warnings():
     import torch  # noqa: F401
 
 from autobatch.distributed import RankFailure
-from autobatch.planning.planner import Plan
+from autobatch.modes import Auto, Exact, Micro, TwoPass
+from autobatch.plan import Plan
 from autobatch.step import AutoBatch, wrap
 
-__all__ = ["AutoBatch", "Plan", "RankFailure", "wrap"]
+__all__ = ["Auto", "AutoBatch", "Exact", "Micro", "Plan", "RankFailure", "TwoPass", "wrap"]
 __version__ = "0.1.0"

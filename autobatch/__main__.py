@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from autobatch.batchnorm import BN_MODES
+from autobatch.modes import BN_MODES
 
 __all__ = ["main"]
 
@@ -109,7 +109,7 @@ def plan(args: argparse.Namespace) -> int:
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     ab = autobatch.wrap(model, optimizer, target_batch=args.target_batch, compute_loss=compute_loss,
                         bn=args.bn, memory_budget=_budget(args.budget), autocast_dtype=autocast,
-                        retune=args.retune, device=device)
+                        cache="refresh" if args.retune else True, device=device)
     result = ab.tune(inputs)
     print(result)
     if args.plot:

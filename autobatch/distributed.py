@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autobatch.planning.memory import first_line, is_out_of_memory
+from autobatch.oom import first_line, is_out_of_memory
 
 __all__ = ["RankFailure", "Ranks", "ddp_of", "ddp_state", "plain_sync_batch_norm"]
 

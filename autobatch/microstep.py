@@ -1,9 +1,9 @@
 """The model-facing part of a step, shared by training and the planner's trials: forward, loss,
 backward and the optimizer's update, under the user's autocast, GradScaler and clipping.
 
-    micro = MicroStep(model, optimizer, loss_fn=criterion)
+    micro = MicroStep(model, optimizer, Options.build(model, optimizer, 16, loss_fn=criterion))
     micro.backward(micro.loss(part, index=0).value * len(part[0]) / 16)
-    micro.update(micro.parameters())            # all or nothing
+    micro.update(micro.parameters())            # all or nothing; out of memory there: the update again
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from autobatch.distributed import Ranks, ddp_of
 from autobatch.loss import LossValue, read_loss
-from autobatch.phases import Phase, entered
-from autobatch.planning.memory import first_line, is_out_of_memory
-from autobatch.snapshot import UpdateCopies, undone_on_error
-from autobatch.split import BatchFormat, NestedFormat
+from autobatch.oom import first_line, is_out_of_memory, release_memory
+from autobatch.options import Options, UpdateCopies
+from autobatch.phases import Phase, entered, tag
+from autobatch.transaction import update_transaction
 
 __all__ = ["ComputeLoss", "LossFn", "MicroStep"]
 
@@ -35,15 +35,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class MicroStep:
-    """A model, its optimizer and how one micro-batch trains: ``loss_fn(model(inputs), targets)`` or
-    ``compute_loss(model, micro_batch)``, backward (scaled by ``scaler``), and the update (unscale,
-    clip to ``max_grad_norm``, ``before_step()``, ``optimizer.step()``)."""
+    """A model, its optimizer and how one micro-batch trains (``options``: autobatch.options):
+    ``loss_fn(model(inputs), targets)`` or ``compute_loss(model, micro_batch)``, backward (scaled by
+    the scaler), and the update (unscale, clip to ``max_grad_norm``, ``before_step()``,
+    ``optimizer.step()``). ``before_step``: the user's hook, bound to its AutoBatch."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Optional[LossFn] = None,
-                 compute_loss: Optional[ComputeLoss] = None, scaler: Optional[torch.amp.GradScaler] = None,
-                 autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
-                 before_step: Optional[Callable[[], None]] = None, device: Optional[torch.device] = None,
-                 update_copies: UpdateCopies = "device", batches: Optional[BatchFormat] = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: Options,
+                 before_step: Optional[Callable[[], None]] = None):
         self.model = model
         ddp = ddp_of(model)
         #: The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
@@ -51,17 +49,22 @@ class MicroStep:
         self.ddp = ddp
         self.ranks = Ranks.of(model)
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.compute_loss = compute_loss
-        self.scaler = scaler
-        self.autocast_dtype = autocast_dtype
-        self.max_grad_norm = max_grad_norm
+        self.options = options
+        self.loss_fn = options.loss_fn
+        self.compute_loss = options.compute_loss
+        self.scaler = options.scaler
+        self.autocast_dtype = options.autocast_dtype
+        self.max_grad_norm = options.max_grad_norm
         self.before_step = before_step
-        self.device = device if device is not None else _model_device(model)
-        #: Where the update's undo copies live (autobatch.snapshot).
-        self.update_copies = update_copies
+        self.device = options.device if options.device is not None else _model_device(model)
+        #: Where the update's undo copies live (autobatch.transaction).
+        self.update_copies: UpdateCopies = options.update_copies
         #: How batches are counted, cut and moved (autobatch.split).
-        self.batches = batches if batches is not None else NestedFormat()
+        self.batches = options.batches
+        #: Whether the update changes the gradients in place (unscaling, clipping, the user's hook): its
+        #: undo copies then keep them too, so that the update alone can be taken again.
+        self.update_changes_gradients = (self.scaler is not None or self.max_grad_norm is not None
+                                         or before_step is not None)
 
     def autocast(self) -> ContextManager[Any]:
         if self.autocast_dtype is None:
@@ -102,37 +105,62 @@ class MicroStep:
     def update(self, params: list[nn.Parameter]) -> None:
         """Clip, ``before_step`` and one optimizer step, all or nothing: an error anywhere, on this
         rank or another (out of memory half-way through the optimizer's in-place update included),
-        leaves parameters, optimizer state and scaler as before (autobatch.snapshot)."""
+        leaves parameters, optimizer state, scaler and gradients as before (autobatch.transaction).
+        Out of memory there takes the update once more, on every rank, with its copies on the host:
+        the gradients are complete, and a smaller micro-batch would not make the update smaller."""
         self._check_finite_gradient(params)
-        with entered(Phase.UPDATE), undone_on_error(params, self.optimizer, self.scaler, self.update_copies):
-            try:
-                self._update(params)
-                error: Optional[BaseException] = None
-            except BaseException as caught:
-                error = self._unrecoverable(caught)
-                if not self.ranks.active:
-                    if error is caught:
-                        raise
-                    raise error from caught
-            if self.ranks.active:
-                # A rank whose update failed is put back; so is every other, or the replicas would part.
-                _, failure = self.ranks.outcome(error)
-                if failure is not None:
-                    raise failure
+        with entered(Phase.UPDATE):
+            message = self._attempt(params, self.update_copies)
+            if message is None:
+                return
+            release_memory(self.device)
+            message = self._attempt(params, "host")
+            if message is not None:
+                raise tag(MemoryError(
+                    f"out of memory inside the optimizer update ({message}), also with its undo copies in host "
+                    "memory; the step was put back. The update needs the memory the micro-batches' activations "
+                    "leave free: give it more headroom (a smaller memory_budget), or a smaller optimizer state"),
+                    Phase.UPDATE)
+
+    def _attempt(self, params: list[nn.Parameter], copies: UpdateCopies) -> Optional[str]:
+        """One try of the update; None if it was taken, else why it ran out of memory (put back, to be
+        tried again). Any other error is raised, the update put back."""
+        try:
+            with update_transaction(params, self.optimizer, self.scaler, copies, self.update_changes_gradients):
+                try:
+                    self._update(params)
+                    error: Optional[BaseException] = None
+                except BaseException as caught:
+                    error = self._unrecoverable(caught, copies)
+                    if not self.ranks.active:
+                        if error is caught:
+                            raise
+                        raise error from caught
+                if self.ranks.active:
+                    # A rank whose update failed is put back; so is every other, or the replicas would part.
+                    _, failure = self.ranks.outcome(error)
+                    if failure is not None:
+                        raise failure
+            return None
+        except BaseException as error:
+            if copies == "none" or not is_out_of_memory(error):
+                raise
+            return first_line(error)
 
     def trial_update(self) -> None:
         """The update as the planner's trials measure it: the same copies and ``optimizer.step()``."""
-        with undone_on_error(self.parameters(), self.optimizer, copies=self.update_copies):
+        with update_transaction(self.parameters(), self.optimizer, copies=self.update_copies,
+                             gradients=self.update_changes_gradients):
             self.optimizer.step()
 
-    def _unrecoverable(self, error: BaseException) -> BaseException:
-        """Without copies an update that ran out of memory may be half applied: redoing the batch would
+    def _unrecoverable(self, error: BaseException, copies: UpdateCopies) -> BaseException:
+        """Without copies an update that ran out of memory may be half applied: taking it again would
         apply it twice, so it is not an out-of-memory error to recover from any more."""
-        if self.update_copies != "none" or not is_out_of_memory(error):
+        if copies != "none" or not is_out_of_memory(error):
             return error
         return RuntimeError(
             f"out of memory inside the optimizer update ({first_line(error)}); with update_copies='none' it may be "
-            "partly applied and autobatch does not redo the batch. Leave more headroom (a smaller memory_budget), "
+            "partly applied and autobatch does not take it again. Leave more headroom (a smaller memory_budget), "
             "or let autobatch keep copies to undo it (update_copies='host' costs no device memory)")
 
     def _update(self, params: list[nn.Parameter]) -> None:

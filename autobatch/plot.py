@@ -8,7 +8,9 @@ from __future__ import annotations
 import pathlib
 from typing import Union
 
-from autobatch.planning.planner import Plan, fitted_line
+from autobatch.modes import Mode
+from autobatch.plan import Plan
+from autobatch.planning.search import fitted_line
 
 __all__ = ["plot_plan"]
 
@@ -68,7 +70,7 @@ def _trials(axes, plan: Plan) -> None:
 def _candidates(axes, plan: Plan) -> None:
     labels = [c.label.split(" (fails")[0] for c in plan.candidates]
     peaks = [0.0 if c.peak_bytes is None else c.peak_bytes / MIB for c in plan.candidates]
-    chosen = [plan.checkpointing.label if plan.bn == "exact" else None]
+    chosen = [plan.checkpointing.label if plan.bn is Mode.EXACT else None]
     colours = ["tab:green" if c.exact and c.label == chosen[0] else "tab:blue" if c.exact else "tab:orange"
                for c in plan.candidates]
     axes.bar(range(len(peaks)), peaks, color=colours)

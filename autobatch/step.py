@@ -5,9 +5,10 @@
     ...     loss = ab.step(inputs, targets)   # float: mean loss over the logical batch
 
 A step agrees on the batch with the other ranks, plans (first step only), then runs the logical
-batch all or nothing: the BatchNorm strategy prepares it (two_pass: phase 1), every micro-batch's
-forward and backward run under the strategy, the ranks settle before the last backward, and the
-update is taken once. Out of memory anywhere redoes the same batch under a smaller plan.
+batch as one transaction (autobatch.transaction): the BatchNorm strategy prepares it (two_pass:
+phase 1), every micro-batch's forward and backward run under the strategy, the ranks settle before
+the last backward, and the update is taken once. Any exception puts everything back; out of memory
+redoes the same batch under a smaller plan.
 """
 from __future__ import annotations
 
@@ -15,32 +16,29 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, ContextManager, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from autobatch.arguments import check_arguments, share_of
-from autobatch.batchnorm import BN_MODES, BatchNormMode, BatchNormStrategy, strategy_for
+from autobatch.batchnorm import BatchNormStrategy, strategy_for
 from autobatch.batchnorm.bypass import RunningStatisticsWatch
-from autobatch.batchnorm.layout import PHASE1_FORMATS, check_phase1_memory_format
-from autobatch.batchnorm.statistics import BatchNormState
-from autobatch.distributed import RankFailure, ddp_state, plain_sync_batch_norm
+from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
 from autobatch.loss import Losses, check_counts
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
+from autobatch.modes import BatchNormMode, TwoPass
+from autobatch.oom import first_line, is_out_of_memory, release_memory
+from autobatch.options import MicroBatch, Options, UpdateCopies
 from autobatch.phases import Phase, phase_of, tag
-from autobatch.planning.memory import check_memory_budget, first_line, is_out_of_memory, release_memory
-from autobatch.planning.planner import Phase1, Plan, check_micro_batch, fixed_plan
-from autobatch.planning.tuning import Tuner
-from autobatch.snapshot import UpdateCopies
-from autobatch.split import balanced_parts, batch_format
+from autobatch.plan import Phase1, Plan, fixed_plan
+from autobatch.planning.planner import Planner
+from autobatch.split import balanced_parts
+from autobatch.transaction import Attributes, BatchNormState, Transaction, step_transaction
 
 __all__ = ["AutoBatch", "wrap"]
 
 log = logging.getLogger(__name__)
-
-MicroBatch = Union[int, Literal["auto"]]
 
 
 class InputsTargets(NamedTuple):
@@ -54,52 +52,23 @@ class AutoBatch:
     """A model and its optimizer, stepped once per logical batch of up to ``target_batch`` samples.
 
     Build it with :func:`wrap`. Each :meth:`step` splits the batch into balanced micro-batches,
-    accumulates the gradient of the logical batch's mean loss, and takes one optimizer step.
+    accumulates the gradient of the logical batch's loss, and takes one optimizer step.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
-                 loss_fn: Optional[LossFn] = None, *, compute_loss: Optional[ComputeLoss] = None,
-                 micro_batch: MicroBatch = "auto", bn: BatchNormMode = "two_pass",
-                 scaler: Optional[torch.amp.GradScaler] = None,
-                 autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
-                 before_step: Optional[Callable[["AutoBatch"], None]] = None,
-                 device: Optional[Union[torch.device, str]] = None,
-                 memory_budget: Union[int, float, str, None] = None,
-                 cache: Union[bool, str, os.PathLike] = True, retune: bool = False,
-                 grow_after: Optional[int] = None, lockstep: bool = False,
-                 phase1_memory_format: Optional[torch.memory_format] = None, update_copies: UpdateCopies = "device",
-                 num_samples: Optional[Callable[[Any], int]] = None,
-                 split_batch: Optional[Callable[[Any, list[int]], Any]] = None):
-        check_arguments(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
-                        before_step, grow_after, update_copies)
-        check_phase1_memory_format(phase1_memory_format)
-        self.model, self.optimizer, self.before_step = model, optimizer, before_step
-        self._micro = MicroStep(model, optimizer, loss_fn, compute_loss, scaler, autocast_dtype, max_grad_norm,
-                                None if before_step is None else lambda: before_step(self),
-                                None if device is None else torch.device(device), update_copies,
-                                batch_format(num_samples, split_batch))
-        self._strategy: BatchNormStrategy = strategy_for(bn, self._micro, lockstep, phase1_memory_format)
-        self.bn, self.device, self._ranks = bn, self._micro.device, self._micro.ranks
-        self.target_batch = target_batch
-        self._share = share_of(target_batch, self._ranks.world_size)
-        self._auto = check_micro_batch(micro_batch) == "auto"
-        check_memory_budget(memory_budget)
-        if not self._auto and (self._strategy.whole_batch_only or self._strategy.prefers_whole_batch):
-            raise ValueError(f"bn={bn!r} plans its own micro-batch (the whole batch where it fits); leave "
-                             f"micro_batch='auto', or use bn='two_pass' with micro_batch={micro_batch}")
-        if memory_budget is not None and not self._auto:
-            raise ValueError(f"memory_budget applies to micro_batch='auto'; with micro_batch={micro_batch} "
-                             "drop memory_budget, or pass micro_batch='auto' to have the budget measured")
-        #: What the ranks compare before each step: every rank must wrap the same way.
-        self._settings = {"target_batch": target_batch, "micro_batch mode": self._auto, "bn": BN_MODES.index(bn),
-                          "BatchNorm layers": len(self._strategy.layers), "lockstep": lockstep,
-                          "phase1_memory_format": PHASE1_FORMATS.index(phase1_memory_format)}
-        self._tuner = Tuner(self._micro, self._strategy, target_batch, memory_budget, cache, retune, grow_after,
-                            lockstep)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: Options):
+        self.model, self.optimizer, self.options = model, optimizer, options
+        hook = options.before_step
+        self._micro = MicroStep(model, optimizer, options, None if hook is None else lambda: hook(self))
+        self._strategy: BatchNormStrategy = strategy_for(options.bn, self._micro)
+        self.device, self._ranks = self._micro.device, self._micro.ranks
+        self.target_batch = options.target_batch
+        self._share = options.target_batch // self._ranks.world_size
+        self._planner = Planner(self._micro, self._strategy, options)
+        lockstep = isinstance(options.bn, TwoPass) and options.bn.lockstep
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
-        self.plan: Optional[Plan] = None if self._auto else fixed_plan(
-            target_batch, micro_batch, self._ranks.world_size, Phase1.alongside() if lockstep else Phase1.whole(),
-            self._strategy.split_mode)
+        self.plan: Optional[Plan] = None if options.auto else fixed_plan(
+            options.target_batch, options.micro_batch, self._ranks.world_size,
+            Phase1.alongside() if lockstep else Phase1.whole(), self._strategy.split_mode)
         #: Whether a step that splits its batch has checked that every BatchNorm went through autobatch.
         self._watched = False
         self._open = True
@@ -109,6 +78,11 @@ class AutoBatch:
             log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
 
     # -- public -------------------------------------------------------------------------------
+
+    @property
+    def bn(self) -> str:
+        """The ``bn`` mode asked for ("auto" included; ``plan.bn`` is the one that runs)."""
+        return self.options.bn.name
 
     @property
     def loss_fn(self) -> Optional[LossFn]:
@@ -124,34 +98,22 @@ class AutoBatch:
 
         With ``loss_fn``: ``step(inputs, targets)`` computes ``loss_fn(model(inputs), targets)``.
         With ``compute_loss``: ``step(batch)`` computes ``compute_loss(model, micro_batch)``.
-        On any error the parameters, gradients and BatchNorm buffers are left as they were. With
-        micro_batch="auto", running out of memory shrinks the micro-batch and redoes the same batch.
+        On any error the parameters, gradients, optimizer state, BatchNorm buffers, the RNG and the
+        plan are left as they were. With micro_batch="auto", running out of memory shrinks the
+        micro-batch and redoes the same batch.
         """
         batch, sizes = self._agree_on_batch(inputs, targets)
-        if self.plan is None:
-            self.plan = self._tuner.plan_for(batch)
-        recovered = False
-        while True:
-            try:
-                loss = self._step(batch, sizes)
-                break
-            except BaseException as error:
-                # Running out of memory with phase 1 alongside micro-batch 0 only drops the lockstep.
-                phase = phase_of(error)
-                if not (is_out_of_memory(error) and (self._auto or phase is Phase.LOCKSTEP)):
-                    raise
-                message = first_line(error)
-            release_memory(self.device)
-            self.plan = self._tuner.after_out_of_memory(self.plan, phase, message)
-            recovered = True
-        if not recovered:
-            self.plan = self._tuner.after_clean_step(self.plan)
-        return loss
+        recovery = self._planner.recovery
+        with Transaction(kept=lambda: Attributes([(self, "plan"), (recovery, "clean_steps"),
+                                                  (recovery, "lockstep_fits")])):
+            if self.plan is None:
+                self.plan = self._planner.plan_for(batch)
+            return self._until_it_fits(batch, sizes)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
         batch, _ = self._agree_on_batch(inputs, targets)
-        self.plan = self._tuner.plan_for(batch)
+        self.plan = self._planner.plan_for(batch)
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -169,6 +131,32 @@ class AutoBatch:
         micro = self.plan.micro_batch if self.plan is not None else "auto (not measured yet)"
         return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
                 f"micro_batch={micro}, bn={self.bn!r})")
+
+    def _until_it_fits(self, batch: Any, sizes: list[int]) -> float:
+        """The logical batch, taken again under a smaller plan while it runs out of memory."""
+        recovered = False
+        while True:
+            try:
+                loss = self._attempt(batch, sizes)
+                break
+            except BaseException as error:
+                phase = phase_of(error)
+                if not self._recoverable(error, phase):
+                    raise
+                message = first_line(error)
+            release_memory(self.device)
+            self.plan = self._planner.after_out_of_memory(self.plan, phase, message)
+            recovered = True
+        if not recovered:
+            self.plan = self._planner.after_clean_step(self.plan)
+        return loss
+
+    def _recoverable(self, error: BaseException, phase: Phase) -> bool:
+        """Out of memory in the micro-batches or phase 1 with a measured plan (with phase 1 alongside
+        micro-batch 0, running it first recovers a given plan too); not in the update, which was
+        taken again alone already (autobatch.microstep)."""
+        return is_out_of_memory(error) and phase is not Phase.UPDATE and (
+            self.options.auto or phase is Phase.LOCKSTEP)
 
     # -- the batch, agreed over ranks -----------------------------------------------------------
 
@@ -199,7 +187,9 @@ class AutoBatch:
             if error is not None:
                 raise error
             return batch, [size]
-        settings = dict(self._settings, micro_batch=0 if self.plan is None else self.plan.micro_batch)
+        # Every rank must wrap the same way: what the options declare agreed, and the plan in use.
+        settings = dict(self.options.agreed(), **{"BatchNorm layers": len(self._strategy.layers),
+                                                  "plan": 0 if self.plan is None else self.plan.micro_batch})
         table = self._ranks.gather([error is not None, size] + list(settings.values()))
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if failed:
@@ -216,30 +206,22 @@ class AutoBatch:
 
     # -- one logical batch, all or nothing --------------------------------------------------------
 
-    def _step(self, batch: Any, sizes: list[int]) -> float:
-        """One logical batch, all or nothing: on error every gradient and buffer is put back.
-        ``sizes``: every rank's samples; all ranks run as many micro-batches as the largest needs."""
+    def _attempt(self, batch: Any, sizes: list[int]) -> float:
+        """One logical batch as one transaction: on any exception every gradient, buffer, the RNG and
+        the update are put back. ``sizes``: every rank's samples; all ranks run as many micro-batches
+        as the largest needs."""
         self._strategy.adopt(self.plan)
         count = max(math.ceil(n / self.plan.micro_batch) for n in sizes)
         splits = balanced_parts(sizes[self._ranks.rank], count)
         params = self._micro.parameters()
-        saved_grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        state = BatchNormState(self._strategy.layers)
         synced = plain_sync_batch_norm(self._strategy.layers) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
         losses = Losses(self._ranks.world_size, sum(sizes), self._items)
-        try:
+        with step_transaction(params, self._strategy.layers) as saved:
             with ddp_state(self._micro.ddp), synced:
-                loss = self._accumulate(batch, splits, state, losses)
+                loss = self._accumulate(batch, splits, saved["buffers"], losses)
             losses.rescale(params)
             self._micro.update(params)
-        except BaseException:
-            for p, grad in zip(params, saved_grads):
-                p.grad = grad
-            state.restore()
-            raise
         for p in params:
             p.grad = None
         if losses.total is not None:
@@ -333,40 +315,56 @@ class AutoBatch:
         return None
 
 
-def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
-         loss_fn: Optional[LossFn] = None, **options: Any) -> AutoBatch:
+def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, loss_fn: Optional[LossFn] = None,
+         *, compute_loss: Optional[ComputeLoss] = None, micro_batch: MicroBatch = "auto",
+         bn: Union[str, BatchNormMode] = "two_pass", memory_budget: Union[int, float, str, None] = None,
+         cache: Union[bool, str, os.PathLike] = True, scaler: Optional[torch.amp.GradScaler] = None,
+         autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
+         before_step: Optional[Callable[[AutoBatch], None]] = None, device: Union[torch.device, str, None] = None,
+         grow_after: Optional[int] = None, update_copies: UpdateCopies = "device",
+         num_samples: Optional[Callable[[Any], int]] = None,
+         split_batch: Optional[Callable[[Any, list[int]], Any]] = None, lockstep: Optional[bool] = None,
+         phase1_memory_format: Optional[torch.memory_format] = None, retune: Optional[bool] = None) -> AutoBatch:
     """Train ``model`` with logical batches of ``target_batch`` samples, in micro-batches that fit.
 
     Args:
-        model: the module to train; it is not modified (no hooks, buffers or patches left behind).
+        model: the module to train (a DistributedDataParallel one under DDP); it is not modified: no
+            hooks, buffers or patches are left behind, and its ``state_dict`` is the plain model's.
         optimizer: the optimizer over the model's parameters; stepped once per logical batch.
-        target_batch: the logical batch size of the training recipe.
-        loss_fn: ``loss_fn(outputs, targets)``, the mean loss over its micro-batch.
-        compute_loss: instead of ``loss_fn``, ``compute_loss(model, micro_batch)`` for losses that
-            need more than ``(outputs, targets)``; then call ``step(batch)``.
-        micro_batch: samples per micro-batch, or "auto" (measured at the first step).
-        bn: "two_pass" (full-batch statistics, projected backward) or "micro" (each micro-batch its
-            own statistics; running statistics committed once from the pooled statistics).
-        scaler, autocast_dtype, max_grad_norm: mixed precision and gradient clipping, once per step.
-        before_step: called with the AutoBatch before each optimizer step (gradients unscaled, clipped).
+        target_batch: the logical batch size of the training recipe, over all ranks. A shorter batch
+            (the last of an epoch) is fine, a larger one is an error.
+        loss_fn: ``loss_fn(model(inputs), targets)``, called per micro-batch; returns the micro-batch's
+            mean loss, or ``(loss_sum, count)``: its loss summed over ``count`` items (valid tokens,
+            labelled pixels), which makes the step's loss the logical batch's sum over its items.
+        compute_loss: instead of ``loss_fn``, ``compute_loss(model, micro_batch)`` for losses that need
+            more than ``(outputs, targets)``; then call ``step(batch)``. Returns as ``loss_fn`` does.
+        micro_batch: samples per micro-batch (an int), or "auto" (default): the largest that fits,
+            measured with real steps at the first step.
+        bn: how BatchNorm layers see the logical batch. "two_pass" (default, or
+            ``autobatch.TwoPass(lockstep=..., phase1_memory_format=...)``): a no-grad forward of the
+            whole batch records its statistics, every micro-batch normalizes with them. "micro"
+            (``autobatch.Micro()``): each micro-batch its own statistics, running statistics committed
+            once. "exact" (``autobatch.Exact()``): the whole batch in one piece under activation
+            checkpointing, exactly the full batch's step. "auto" (``autobatch.Auto()``): exact where
+            the whole batch fits and pays, else two_pass.
+        memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device's
+            memory such as 0.8 (default None: all the device has free). A 10% margin is kept below it.
+        cache: keep the measured plan across launches: True (default; ``$AUTOBATCH_CACHE_DIR`` or
+            ``~/.cache/autobatch``), a directory, False (never), or "refresh" (measure afresh, keep it).
+        scaler: a ``torch.amp.GradScaler``; losses are scaled per micro-batch, unscaled once per step.
+        autocast_dtype: e.g. ``torch.bfloat16``: forward passes run under ``torch.autocast``.
+        max_grad_norm: clip the logical batch's gradient to this norm, once, after unscaling.
+        before_step: ``before_step(ab)``, called before each optimizer step with the final gradients.
         device: where micro-batches are computed; defaults to the model's device.
-        memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device.
-        cache: keep the fitted plan across launches (True: the user cache directory; or a directory;
-            False: never). retune: measure afresh even when the cache has a plan.
-        grow_after: after running out of memory, grow back to the fitted micro-batch after this
-            many clean steps (None: stay small).
-        lockstep: two_pass only: run phase 1 of the other micro-batches in a helper thread, taking
-            turns with the first micro-batch's training forward, which then needs no phase 1 of its
-            own (the same result; see the README's cost table before turning it on). Falls back to
-            phase 1 first when it would not fit in memory.
-        phase1_memory_format: two_pass's phase 1 runs its 4-D (5-D) floating-point inputs in
-            ``torch.channels_last`` (3d), or as given with ``torch.preserve_format``; None (default)
-            times both at the first phase 1 and keeps channels_last where it is faster and its
-            statistics agree (autobatch.batchnorm.layout). The training forward is never changed.
-        update_copies: where the copies that undo a failed optimizer update live: "device" (default;
-            parameters plus optimizer state, at the step's lowest point, in the measured plan), "host"
-            (no device memory; a device-to-host copy per step), or "none" (an error inside the update
-            may leave it half applied, and is then not redone).
+        grow_after: after running out of memory, grow back to the measured micro-batch after this many
+            clean steps (default None: stay small).
+        update_copies: where the copies that undo a failed optimizer update live: "device" (default),
+            "host" (no device memory; a device-to-host copy per step), or "none" (an error inside the
+            update may leave it half applied, and is then not taken again).
+        num_samples, split_batch: for a batch type of your own: ``num_samples(batch)`` counts its
+            samples and ``split_batch(batch, sizes)`` cuts it into ``len(sizes)`` batches of those sizes.
+        lockstep, phase1_memory_format, retune: deprecated; use ``bn=autobatch.TwoPass(lockstep=...,
+            phase1_memory_format=...)`` and ``cache="refresh"``.
 
     Example::
 
@@ -374,4 +372,11 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
         for inputs, targets in loader:
             loss = ab.step(inputs, targets)
     """
-    return AutoBatch(model, optimizer, target_batch, loss_fn, **options)
+    moved = {name: value for name, value in (("lockstep", lockstep), ("phase1_memory_format", phase1_memory_format),
+                                             ("retune", retune)) if value is not None}
+    options = Options.build(
+        model, optimizer, target_batch, Ranks.of(model).world_size, loss_fn=loss_fn, compute_loss=compute_loss,
+        micro_batch=micro_batch, bn=bn, scaler=scaler, autocast_dtype=autocast_dtype, max_grad_norm=max_grad_norm,
+        before_step=before_step, device=device, memory_budget=memory_budget, cache=cache, grow_after=grow_after,
+        update_copies=update_copies, num_samples=num_samples, split_batch=split_batch, **moved)
+    return AutoBatch(model, optimizer, options)

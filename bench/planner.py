@@ -27,7 +27,7 @@ from autobatch.demo import UNet, shapes  # noqa: E402
 from autobatch.planning.measure import warm_optimizer_state  # noqa: E402
 from autobatch.planning.memory import format_bytes, is_out_of_memory  # noqa: E402
 from autobatch.snapshot import preserved  # noqa: E402
-from tests.models import ResidualNet  # noqa: E402
+from autobatch.demo.models import ResidualNet  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 
@@ -48,7 +48,7 @@ def exhaustive(ab, x, y, target: int, budget_bytes: int) -> tuple[int, float]:
     with preserved(ab.model, ab.optimizer):
         warm_optimizer_state(ab.optimizer)
         for n in range(1, target + 1):
-            peak = ab._tuner.trial_peak((x, y), n)
+            peak = ab._planner.trials.micro_step_peak((x, y), n)
             if peak is not None and peak <= budget_bytes:
                 best = n
     return best, time.perf_counter() - start

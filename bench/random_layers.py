@@ -2,7 +2,7 @@
 
     python bench/random_layers.py     # ~3 min on 2 CPU cores; prints one line per configuration
 
-tests/models.py's StochasticNet (inverted-residual blocks, 5x5 depthwise convolutions, a dropout
+autobatch.demo.models' StochasticNet (inverted-residual blocks, 5x5 depthwise convolutions, a dropout
 before a BatchNorm1d head), float64, logical batch 16, 12x12 inputs, 3 seeds. Per configuration: the
 first step's gradient norm divided by the full batch's with the same masks, with autobatch's
 replay of random draws and its check against phase 1 switched off, i.e. as autobatch behaved before.
@@ -11,7 +11,7 @@ import sys, pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import torch, copy, contextlib, logging, torch.nn as nn, itertools
 import autobatch
-from tests.models import StochasticNet, StochasticBlock
+from autobatch.demo.models import StochasticBlock, StochasticNet
 logging.getLogger("autobatch").setLevel(logging.ERROR)
 ce = nn.CrossEntropyLoss()
 torch.set_num_threads(1)

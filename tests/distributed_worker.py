@@ -14,18 +14,16 @@ from torch.utils.checkpoint import checkpoint
 
 import autobatch
 from autobatch.checkpointing import Checkpointing
-from autobatch.planning.planner import Phase1
+from autobatch.plan import Phase1
 from autobatch.batchnorm import layout
-from tests.models import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
+from tests.common import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
 
 def data(n=16, image=False):
-    generator = torch.Generator().manual_seed(7)
-    shape = (n, 3, 6, 6) if image else (n, 6)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3 if not image else 5, (n,), generator=generator))
+    return common.data(n, (3, 6, 6) if image else (6,), classes=5 if image else 3, seed=7)
 
 
 def mlp():
@@ -316,25 +314,27 @@ def interrupted_after_update(rank):
 
 
 def out_of_memory_after_update(rank):
-    """Rank 1 runs out of memory after its optimizer applied the update: both ranks redo the batch."""
+    """Rank 1 runs out of memory after its optimizer applied the update: both ranks put it back and take
+    the update again, alone (the gradients are complete); the micro-batches are not run again."""
     model = mlp()
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     ab = autobatch.wrap(ddp, optimizer, 16, ce, cache=False)
     x, y = data()
     ab.tune(x[halves(rank)], y[halves(rank)])
-    if rank == 1:
-        step, fired = optimizer.step, []
+    step, fired, forwards = optimizer.step, [], []
+    model.register_forward_hook(lambda *args: forwards.append(1))
 
-        def failing_step(*args, **kwargs):
-            step(*args, **kwargs)
-            if not fired:
-                fired.append(1)
-                raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+    def failing_step(*args, **kwargs):
+        step(*args, **kwargs)
+        if rank == 1 and not fired:
+            fired.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
 
-        optimizer.step = failing_step
+    optimizer.step = failing_step
     loss = ab.step(x[halves(rank)], y[halves(rank)])
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan)}
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan),
+            "forwards": len(forwards), "updates": len(fired)}
 
 
 def exact(rank, rows=None):

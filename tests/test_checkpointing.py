@@ -2,7 +2,7 @@
 import torch
 
 from autobatch.checkpointing import Checkpointing, candidates
-from tests.models import ResidualNet, compiled
+from tests.common import ResidualNet, compiled
 
 
 def test_candidates_name_modules_with_parameters_depth_by_depth():

@@ -8,7 +8,7 @@ from autobatch.__main__ import UsageError, _budget, _keywords, _parser, _shape, 
 
 def test_plan_command_prints_the_plan(capsys, caplog):
     with caplog.at_level(logging.INFO, logger="autobatch"):
-        assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12",
+        assert main(["plan", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12",
                      "--target-batch", "16", "--budget", "1MiB", "--optimizer", "sgd"]) == 0
     out = capsys.readouterr().out
     assert "source          measured" in out and "splits          [" in out
@@ -18,7 +18,7 @@ def test_plan_command_prints_the_plan(capsys, caplog):
 
 
 def test_the_factory_gets_keyword_arguments(capsys):
-    assert main(["plan", "--model", "tests.models:ResidualNet", "--model-kwargs", "blocks=1,classes=7",
+    assert main(["plan", "--model", "tests.common:ResidualNet", "--model-kwargs", "blocks=1,classes=7",
                  "--input-shape", "3x8x8", "--target-batch", "8", "--optimizer", "sgd"]) == 0
     assert _keywords("classes=7,name=small,rate=0.5") == {"classes": 7, "name": "small", "rate": 0.5}
     with pytest.raises(UsageError, match="--model-kwargs must look like"):
@@ -27,19 +27,19 @@ def test_the_factory_gets_keyword_arguments(capsys):
 
 def test_a_failure_is_one_message_and_exit_status_2(capsys):
     # A budget that not even one sample's step fits: the figures, the next thing to try, no traceback.
-    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
+    assert main(["plan", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
                  "--budget", "20KiB", "--optimizer", "sgd"]) == 2
     err = capsys.readouterr().err
     assert "not even a micro-batch of one sample fits" in err and "peaked at" in err and "budget of" in err
     assert "Raise memory_budget" in err and "Traceback" not in err
     for arguments, message in ((["--model", "nocolon"], "must look like package.module:factory"),
-                               (["--model", "tests.models:Nothing"], "has no attribute 'Nothing'"),
-                               (["--model", "tests.models:ResidualNet", "--model-kwargs", "depth=3"],
+                               (["--model", "tests.common:Nothing"], "has no attribute 'Nothing'"),
+                               (["--model", "tests.common:ResidualNet", "--model-kwargs", "depth=3"],
                                 "pass its arguments with --model-kwargs")):
         assert main(["plan", *arguments, "--input-shape", "3x8x8", "--target-batch", "4"]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(MemoryError):
-        main(["plan", "--debug", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12",
+        main(["plan", "--debug", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12",
               "--target-batch", "16", "--budget", "20KiB", "--optimizer", "sgd"])
 
 
@@ -54,14 +54,14 @@ def test_every_option_has_help():
 def test_the_plan_can_be_drawn(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "plan.png"
-    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
+    assert main(["plan", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
                  "--budget", "1MiB", "--optimizer", "sgd", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_drawing_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert main(["plan", "--model", "tests.models:ResidualNet", "--input-shape", "3x8x8", "--target-batch", "4",
+    assert main(["plan", "--model", "tests.common:ResidualNet", "--input-shape", "3x8x8", "--target-batch", "4",
                  "--optimizer", "sgd", "--plot", "never.png"]) == 2
     assert 'pip install "torch-autobatch[plot]"' in capsys.readouterr().err
 

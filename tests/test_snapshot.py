@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from autobatch.snapshot import preserved, undone_on_error
-from tests.reference import assert_same_state, model_state
+from autobatch.transaction import trial_transaction as preserved, update_transaction as undone_on_error
+from tests.common import assert_same_state, model_state
 
 
 def test_preserved_puts_everything_back():

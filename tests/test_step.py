@@ -8,9 +8,9 @@ from torch import nn
 
 import autobatch
 from autobatch.split import balanced_splits
-from tests.models import Flat, ResidualNet, compiled, mlp, variants
-from tests.reference import (assert_same_state, cosine, flat_grad, frozen_statistics_grad, full_batch_grad,
-                             model_state, plain_accumulation_grad, relative_error)
+from tests.common import Flat, ResidualNet, compiled, mlp, variants
+from autobatch.reference import cosine, flat_grad, frozen_statistics_grad, full_batch_grad, plain_accumulation_grad, relative_error
+from tests.common import assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

@@ -1,6 +1,6 @@
 """BatchNorm over a logical batch that runs as micro-batches: one strategy object per ``bn`` mode.
 
-    strategy = strategy_for("two_pass", micro, phase1_memory_format=None)   # decided once, at wrap
+    strategy = strategy_for(TwoPass(), micro)      # decided once, at wrap (autobatch.modes)
 
 Every training-mode ``F.batch_norm`` call goes to the strategy's handlers while a step runs
 (autobatch.batchnorm.intercept), so nn.BatchNorm1d/2d/3d, SyncBatchNorm and subclasses that call
@@ -8,44 +8,27 @@ Every training-mode ``F.batch_norm`` call goes to the strategy's handlers while 
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
-
-import torch
-
-from autobatch.batchnorm.auto import Auto
-from autobatch.batchnorm.exact import Exact
-from autobatch.batchnorm.micro import Micro
+from autobatch.batchnorm.auto import AutoStrategy
+from autobatch.batchnorm.exact import ExactStrategy
+from autobatch.batchnorm.micro import MicroStrategy
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
 from autobatch.batchnorm.strategy import BatchNormStrategy
-from autobatch.batchnorm.two_pass import TwoPass
+from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.microstep import MicroStep
+from autobatch.modes import Auto, BatchNormMode, Exact, Micro, TwoPass
 
-__all__ = ["BN_MODES", "BatchNormMode", "BatchNormStrategy", "strategy_for"]
-
-BatchNormMode = Literal["two_pass", "micro", "exact", "auto"]
-#: The ``bn`` values ``wrap`` accepts, in the order the ranks compare them by.
-BN_MODES: tuple[BatchNormMode, ...] = ("two_pass", "micro", "exact", "auto")
+__all__ = ["BatchNormStrategy", "strategy_for"]
 
 
-def strategy_for(bn: BatchNormMode, micro: MicroStep, lockstep: bool = False,
-                 phase1_memory_format: Optional[torch.memory_format] = None) -> BatchNormStrategy:
-    """The strategy of mode ``bn`` for ``micro``'s model, checked here and nowhere else.
-    ``lockstep`` (phase 1 alongside the first micro-batch) is two_pass's only."""
-    if bn not in BN_MODES:
-        hint = (" Statistics frozen as constants (the forum's two-phase scheme) drop BatchNorm's gradient "
-                "through its mean and variance and train badly; it is not offered.") if bn == "frozen" else ""
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}.{hint}")
-    if not isinstance(lockstep, bool):
-        raise TypeError(f"lockstep must be True or False, got {lockstep!r}")
-    if lockstep and bn != "two_pass":
-        raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={bn!r} "
-                         "has no phase 1 of its own to run alongside: drop lockstep=True")
+def strategy_for(mode: BatchNormMode, micro: MicroStep) -> BatchNormStrategy:
+    """The strategy of ``mode`` (autobatch.modes) for ``micro``'s model: decided here and nowhere else."""
     layers, names = batch_norm_modules(micro.module), batch_norm_names(micro.module)
-    if bn == "two_pass":
-        return TwoPass(layers, names, micro.ranks, micro, phase1_memory_format)
-    if bn == "micro":
-        return Micro(layers, names, micro.ranks)
-    exact = Exact(layers, names, micro.ranks, micro)
-    if bn == "exact":
+    if isinstance(mode, TwoPass):
+        return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
+    if isinstance(mode, Micro):
+        return MicroStrategy(layers, names, micro.ranks)
+    exact = ExactStrategy(layers, names, micro.ranks, micro)
+    if isinstance(mode, Exact):
         return exact
-    return Auto(exact, TwoPass(layers, names, micro.ranks, micro, phase1_memory_format))
+    assert isinstance(mode, Auto), mode
+    return AutoStrategy(exact, TwoPassStrategy(layers, names, micro.ranks, micro, mode.two_pass.phase1_memory_format))

@@ -1,7 +1,7 @@
 """bn="auto": the planner chooses per launch between the whole batch in one piece (bn="exact", with
 activation checkpointing where needed) and two_pass's micro-batches.
 
-    auto = Auto(exact, two_pass)
+    auto = AutoStrategy(exact, two_pass)
     auto.adopt(plan)                 # plan.bn is "exact" or "two_pass": the strategy that runs
     norm = auto.for_step(splits)     # that strategy, as every step asks for it
 """
@@ -9,29 +9,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from autobatch.batchnorm.exact import Exact
+from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.strategy import BatchNormStrategy
-from autobatch.batchnorm.two_pass import TwoPass
-from autobatch.planning.planner import Plan
+from autobatch.batchnorm.two_pass import TwoPassStrategy
+from autobatch.modes import Mode
+from autobatch.plan import Plan
 
-__all__ = ["Auto"]
+__all__ = ["AutoStrategy"]
 
 
-class Auto(BatchNormStrategy):
+class AutoStrategy(BatchNormStrategy):
     """Runs ``exact`` or ``two_pass``, whichever the plan chose (two_pass's until a plan exists)."""
 
     name = "auto"
     prefers_whole_batch = True
 
-    def __init__(self, exact: Exact, two_pass: TwoPass):
+    def __init__(self, exact: ExactStrategy, two_pass: TwoPassStrategy):
         super().__init__(two_pass.layers, two_pass.names, two_pass.ranks)
-        self._modes: dict[str, BatchNormStrategy] = {Exact.name: exact, TwoPass.name: two_pass}
+        self._modes: dict[Mode, BatchNormStrategy] = {Mode.EXACT: exact, Mode.TWO_PASS: two_pass}
         self.two_pass = two_pass
         self.chosen: BatchNormStrategy = two_pass
 
     @property
-    def split_mode(self) -> str:
-        return self.two_pass.name
+    def split_mode(self) -> Mode:
+        return Mode.TWO_PASS
 
     def adopt(self, plan: Plan) -> None:
         self.chosen = self._modes[plan.bn]

@@ -3,7 +3,7 @@ checkpointing; BatchNorm is then the full batch's by construction. Under Distrib
 each layer's forward statistics and the two sums of its backward are reduced over ranks, as
 SyncBatchNorm does, so the step is the global batch's.
 
-    exact = Exact(layers, names, ranks, micro)
+    exact = ExactStrategy(layers, names, ranks, micro)
     exact.checkpointing = Checkpointing(("layer1", "layer2"))     # chosen by the planner
 """
 from __future__ import annotations
@@ -16,15 +16,16 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.batchnorm.statistics import (BatchNormState, full_batch_statistics, local_statistics, name_of,
+from autobatch.transaction import BatchNormState
+from autobatch.batchnorm.statistics import (full_batch_statistics, local_statistics, name_of,
                                             normalize)
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
-from autobatch.planning.planner import Plan
+from autobatch.plan import Plan
 
-__all__ = ["Exact", "running_statistics_kept"]
+__all__ = ["ExactStrategy", "running_statistics_kept"]
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
@@ -93,7 +94,7 @@ def running_statistics_kept(layers: list[_BatchNorm]) -> Iterator[None]:
         state.restore()
 
 
-class Exact(BatchNormStrategy):
+class ExactStrategy(BatchNormStrategy):
     """bn="exact": one forward and one backward of the (per-rank) logical batch, with ``checkpointing``."""
 
     name = "exact"

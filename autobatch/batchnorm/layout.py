@@ -29,15 +29,13 @@ from torch import Tensor, nn
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.statistics import with_own_statistics
 from autobatch.distributed import Ranks
-from autobatch.planning.memory import first_line, is_out_of_memory, release_memory
+from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.split import leaves, map_tensors
 
-__all__ = ["PHASE1_FORMATS", "Phase1Layout", "check_phase1_memory_format", "to_channels_last"]
+__all__ = ["Phase1Layout", "to_channels_last"]
 
 log = logging.getLogger(__name__)
 
-#: What ``wrap(..., phase1_memory_format=...)`` accepts; None is "measure".
-PHASE1_FORMATS = (None, torch.channels_last, torch.preserve_format)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 #: channels_last is chosen only if it saves at least this share of phase 1's time (timing noise).
 MARGIN = 0.05
@@ -53,12 +51,6 @@ ROUNDS = 2
 # inputs' own format raised an error other than out-of-memory, which phase 1 itself then meets and
 # reports; measured again at the next phase 1.
 _FAILED, _UNDECIDED, _SLOWER, _FASTER, _NOTHING_TO_TRY = range(5)
-
-
-def check_phase1_memory_format(memory_format: Any) -> None:
-    if not any(memory_format is allowed for allowed in PHASE1_FORMATS):
-        raise ValueError(f"phase1_memory_format must be None (measure), torch.channels_last or "
-                         f"torch.preserve_format (the inputs' own), got {memory_format!r}")
 
 
 def _convertible(leaf: Any) -> bool:
@@ -126,7 +118,6 @@ class Phase1Layout:
     """The memory format phase 1 runs in: ``memory_format`` given, or measured by :meth:`measure`."""
 
     def __init__(self, memory_format: Optional[torch.memory_format]):
-        check_phase1_memory_format(memory_format)
         self.memory_format = memory_format
 
     @property

@@ -19,13 +19,14 @@ import torch
 from torch import Tensor
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.batchnorm.statistics import (BatchNormState, LayerStatistics, chan_merge, check_values_per_channel,
+from autobatch.transaction import BatchNormState
+from autobatch.batchnorm.statistics import (LayerStatistics, chan_merge, check_values_per_channel,
                                             full_batch_statistics, name_of, variance, with_own_statistics)
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
-from autobatch.planning.planner import Phase1
+from autobatch.plan import Phase1
 
-__all__ = ["Micro", "PooledBatchNorm"]
+__all__ = ["MicroStrategy", "PooledBatchNorm"]
 
 @dataclass
 class _Pool:
@@ -99,7 +100,7 @@ class PooledBatchNorm:
         return layers
 
 
-class Micro(BatchNormStrategy):
+class MicroStrategy(BatchNormStrategy):
     """bn="micro": plain accumulation's statistics, the running statistics of the whole batch."""
 
     name = "micro"

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.batchnorm.intercept import BatchNormCall
 from autobatch.distributed import Ranks
 
-__all__ = ["BatchNormState", "LayerStatistics", "batch_norm_modules", "batch_norm_names", "chan_merge",
+__all__ = ["LayerStatistics", "batch_norm_modules", "batch_norm_names", "chan_merge",
            "channel_means", "check_values_per_channel", "full_batch_statistics", "local_statistics", "name_of",
            "normalize", "uses_batch_statistics", "variance", "with_own_statistics"]
 
@@ -135,31 +135,3 @@ def normalize(call: BatchNormCall, layer: LayerStatistics) -> Tensor:
 def with_own_statistics(call: BatchNormCall) -> tuple[Tensor, Tensor, Tensor]:
     """Output, mean and invstd of ``call`` normalized with its own batch's statistics; running ones untouched."""
     return torch.ops.aten.native_batch_norm(call.input, call.weight, call.bias, None, None, True, 0.0, call.eps)
-
-
-class BatchNormState:
-    """A snapshot of every BatchNorm buffer: undoes a failed step, and keeps each layer's
-    ``num_batches_tracked`` counting a logical batch once although the layer runs once per micro-batch."""
-
-    def __init__(self, modules: list[_BatchNorm]):
-        self._buffers = [buffer for module in modules
-                         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
-                         if buffer is not None]
-        self._saved = [buffer.clone() for buffer in self._buffers]
-        self._counters = [module.num_batches_tracked for module in modules
-                          if module.num_batches_tracked is not None]
-        self._counted: list[Tensor] = []
-
-    def mark_counted(self) -> None:
-        """Call after the first forward of the logical batch: its counters are the right ones."""
-        self._counted = [counter.clone() for counter in self._counters]
-
-    def keep_counted(self) -> None:
-        """Undo the counting done by later forwards of the same logical batch."""
-        for counter, counted in zip(self._counters, self._counted):
-            counter.copy_(counted)
-
-    def restore(self) -> None:
-        """Put every buffer back as it was when the snapshot was taken."""
-        for buffer, saved in zip(self._buffers, self._saved):
-            buffer.copy_(saved)

@@ -22,9 +22,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.recompute import recompute_with_own_statistics
-from autobatch.batchnorm.statistics import BatchNormState, LayerStatistics, uses_batch_statistics
+from autobatch.transaction import BatchNormState
+from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.distributed import Ranks
-from autobatch.planning.planner import Phase1, Plan
+from autobatch.modes import Mode
+from autobatch.plan import Phase1, Plan
 
 __all__ = ["BatchNormStrategy", "Plain"]
 
@@ -54,9 +56,9 @@ class BatchNormStrategy:
         return Plain(self.layers, self.names, self.ranks)
 
     @property
-    def split_mode(self) -> str:
+    def split_mode(self) -> Mode:
         """The mode that runs when the planner splits the batch into micro-batches."""
-        return self.name
+        return Mode(self.name)
 
     def adopt(self, plan: Plan) -> None:
         """Take on the plan's choices that concern the strategy (bn="exact"'s checkpointing, the mode

@@ -2,7 +2,7 @@
 statistics (phase 1), then each micro-batch normalizes with them and back-propagates through the
 projected backward (autobatch.batchnorm.full_batch), with phase 1's random draws replayed.
 
-    two_pass = TwoPass(layers, names, ranks, micro, phase1_memory_format=None)
+    two_pass = TwoPassStrategy(layers, names, ranks, micro, phase1_memory_format=None)
     batch = two_pass.prepare(batch, splits, state, Phase1.whole(), total)     # phase 1
     ...                                                 # then as every strategy (autobatch.batchnorm.strategy)
 """
@@ -22,15 +22,16 @@ from autobatch.batchnorm.lockstep import Lockstep, batch_norm_counters, thread_c
 from autobatch.batchnorm.micro import PooledBatchNorm
 from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.batchnorm.recompute import quiet_checkpoint
-from autobatch.batchnorm.statistics import BatchNormState, LayerStatistics, uses_batch_statistics
+from autobatch.transaction import BatchNormState
+from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
 from autobatch.phases import Phase, entered
-from autobatch.planning.planner import Phase1
+from autobatch.plan import Phase1
 from autobatch.split import balanced_splits
 
-__all__ = ["TwoPass"]
+__all__ = ["TwoPassStrategy"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 SMALL_MICRO_BATCH = 4
 
 
-class TwoPass(BatchNormStrategy):
+class TwoPassStrategy(BatchNormStrategy):
     """bn="two_pass": full-batch statistics in every micro-batch; running statistics updated once."""
 
     name = "two_pass"

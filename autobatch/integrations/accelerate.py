@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.step import AutoBatch
+from autobatch.step import AutoBatch, wrap as autobatch_wrap
 
 __all__ = ["wrap"]
 
 
 def wrap(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int,
          loss_fn: Any = None, **options: Any) -> AutoBatch:
-    """``autobatch.wrap`` for a model and optimizer that ``accelerator.prepare`` returned.
-    ``target_batch`` is the logical batch over all processes, as with plain DDP."""
+    """``autobatch.wrap`` (with its keywords) for a model and optimizer that ``accelerator.prepare``
+    returned. ``target_batch`` is the logical batch over all processes, as with plain DDP."""
     inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer holds the real one
     options.setdefault("scaler", accelerator.scaler)
     options.setdefault("device", accelerator.device)
-    return AutoBatch(model, inner, target_batch, loss_fn, **options)
+    return autobatch_wrap(model, inner, target_batch, loss_fn, **options)

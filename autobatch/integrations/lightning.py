@@ -32,6 +32,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
+from autobatch.distributed import Ranks
+from autobatch.options import Options
 from autobatch.step import AutoBatch
 
 __all__ = ["AutoBatchDDPStrategy", "LightningAutoBatch", "wrap"]
@@ -57,8 +59,8 @@ class LightningAutoBatch(AutoBatch):
     """An AutoBatch whose optimizer steps Lightning counts (``trainer.global_step``, schedulers,
     ``max_steps``, checkpoint intervals), as it counts ``optimizer.step()`` in manual optimization."""
 
-    def __init__(self, module: LightningModule, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, module: LightningModule, model: Any, optimizer: Any, options: Options):
+        super().__init__(model, optimizer, options)
         self._module = module
 
     def step(self, inputs: Any, targets: Any = None) -> float:
@@ -71,7 +73,7 @@ class LightningAutoBatch(AutoBatch):
 
 
 def wrap(module: LightningModule, target_batch: int, loss_fn: Any = None, **options: Any) -> AutoBatch:
-    """The module's AutoBatch, made at its first call and kept on the module (not in its state_dict):
+    """The module's AutoBatch (``options``: ``autobatch.wrap``'s keywords), made at its first call and kept on the module (not in its state_dict):
     over the strategy's DistributedDataParallel under :class:`AutoBatchDDPStrategy`, else the module
     itself, with the optimizer of ``configure_optimizers``. ``target_batch``: over all processes.
     Lightning's precision plugin runs ``training_step`` under its autocast (bf16-mixed);
@@ -86,6 +88,7 @@ def wrap(module: LightningModule, target_batch: int, loss_fn: Any = None, **opti
         optimizer = module.optimizers()
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer holds the real one
         options.setdefault("device", module.device)
-        ab = LightningAutoBatch(module, model, optimizer, target_batch, loss_fn, **options)
+        built = Options.build(model, optimizer, target_batch, Ranks.of(model).world_size, loss_fn=loss_fn, **options)
+        ab = LightningAutoBatch(module, model, optimizer, built)
         module.__dict__["_autobatch"] = ab
     return ab

@@ -1,8 +1,11 @@
 """The plan cache: a fitted memory line kept across launches, keyed by what changes memory.
 
-    >>> cache = PlanCache()                       # $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch
+    >>> cache = PlanCache(directory)              # wrap's cache: $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch
     >>> key = plan_key(model=model, batch=batch, ...)
-    >>> cache.load(key)                           # None when absent, corrupt or invalid (with a warning)
+    >>> cache.load(key, share=16)                 # None when absent, corrupt or invalid (with a warning)
+
+A record is read with bounds (its size, its nesting) and every field checked against this run before
+a plan is built from it; files are written whole, renamed into place, readable as the umask allows.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
+import uuid
 from typing import Any, Optional, Union
 
 import torch
@@ -21,19 +24,14 @@ from torch import nn
 
 from autobatch.split import BatchFormat, NestedFormat
 
-__all__ = ["PlanCache", "default_cache_dir", "plan_key"]
+__all__ = ["PlanCache", "plan_key"]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what a record means changes; older records are ignored as stale.
-FORMAT = 2
-
-
-def default_cache_dir() -> pathlib.Path:
-    if os.environ.get("AUTOBATCH_CACHE_DIR"):
-        return pathlib.Path(os.environ["AUTOBATCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "autobatch"
+FORMAT = 3
+#: A record is a few hundred bytes; anything far larger is not one of ours.
+MAX_BYTES = 1 << 20
 
 
 def _describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -72,14 +70,17 @@ def _size(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _problem(record: Any) -> Optional[str]:
-    """What makes a record unusable, or None: every field is checked before a plan is built from it."""
+def _problem(record: Any, share: Optional[int]) -> Optional[str]:
+    """What makes a record unusable for a run whose rank holds ``share`` samples, or None: every field is
+    checked, its range too, before a plan is built from it."""
     if not isinstance(record, dict):
         return "not a JSON object"
     if record.get("format") != FORMAT:
         return f"format {record.get('format')!r}, not {FORMAT}"
     if not _positive_int(record.get("micro_batch")):
         return f"micro_batch {record.get('micro_batch')!r} is not a positive integer"
+    if share is not None and record["micro_batch"] > share:
+        return f"micro_batch {record['micro_batch']} is larger than this run's batch of {share}"
     for name in ("fixed_bytes", "per_sample_bytes"):
         if not _size(record.get(name)):
             return f"{name} {record.get(name)!r} is not a size in bytes"
@@ -88,12 +89,16 @@ def _problem(record: Any) -> Optional[str]:
             isinstance(p, list) and len(p) == 2 and _positive_int(p[0]) and (p[1] is None or _size(p[1]))
             for p in points):
         return "points are not [micro_batch, peak bytes] pairs"
+    if share is not None and any(p[0] > share for p in points):
+        return f"points measure more samples than this run's batch of {share}"
     if not _positive_int(record.get("phase1_chunks", 1)):
         return f"phase1_chunks {record.get('phase1_chunks')!r} is not a positive integer"
+    if share is not None and record.get("phase1_chunks", 1) > share:
+        return f"phase1_chunks {record['phase1_chunks']} is more than this run's batch of {share} samples"
     if not isinstance(record.get("lockstep_fits", False), bool):
         return f"lockstep_fits {record.get('lockstep_fits')!r} is not true or false"
-    if not isinstance(record.get("bn", ""), str) or not isinstance(record.get("label", ""), str):
-        return "bn or label is not a string"
+    if record.get("bn", "two_pass") not in ("two_pass", "micro", "exact") or not isinstance(record.get("label", ""), str):
+        return f"bn {record.get('bn')!r} is not a mode a plan runs, or its label is not a string"
     checkpointed = record.get("checkpointed", [])
     if not isinstance(checkpointed, list) or not all(isinstance(name, str) for name in checkpointed):
         return "checkpointed is not a list of module names"
@@ -107,22 +112,27 @@ class PlanCache:
     each other's records or read half a file. A file that cannot be read or holds an invalid record
     is ignored with a warning naming it, never fatal."""
 
-    def __init__(self, directory: Union[str, os.PathLike, None] = None):
-        self.directory = pathlib.Path(directory or default_cache_dir()) / "plans"
+    def __init__(self, directory: Union[str, os.PathLike]):
+        self.directory = pathlib.Path(directory) / "plans"
 
     def path(self, key: str) -> pathlib.Path:
         return self.directory / f"{key}.json"
 
-    def load(self, key: str) -> Optional[dict[str, Any]]:
+    def load(self, key: str, share: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """The record under ``key``, checked against a run whose rank holds ``share`` samples; None if
+        there is none or it is unusable (with a warning naming the file)."""
         path = self.path(key)
         try:
+            if path.stat().st_size > MAX_BYTES:
+                raise ValueError(f"{path.stat().st_size} bytes, more than a plan record holds")
             record = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            log.warning("ignoring the unreadable plan cache file %s (%s); measuring afresh", path, error)
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep to be ours
+            log.warning("ignoring the unreadable plan cache file %s (%s); measuring afresh", path,
+                        type(error).__name__ if isinstance(error, RecursionError) else error)
             return None
-        problem = _problem(record)
+        problem = _problem(record, share)
         if problem is not None:
             log.warning("ignoring the plan cache file %s (%s); measuring afresh", path, problem)
             return None
@@ -130,17 +140,17 @@ class PlanCache:
 
     def store(self, key: str, record: dict[str, Any]) -> None:
         path = self.path(key)
-        temporary = None
+        temporary = self.directory / f".{key}.{uuid.uuid4().hex}.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.directory, delete=False, suffix=".tmp") as f:
-                temporary = f.name
+            # os.open's mode passes through the umask, as a shared cache directory needs; a named
+            # temporary file would be 0600 whatever the umask.
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(handle, "w") as f:
                 json.dump({"format": FORMAT, **record}, f, indent=1)
             os.replace(temporary, path)
-            temporary = None
         except OSError as error:
             log.warning("cannot write the plan cache file %s (%s); the plan is not kept", path, error)
         finally:
-            if temporary is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)

@@ -6,25 +6,21 @@
 """
 from __future__ import annotations
 
-import gc
 import logging
-import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import psutil
 import torch
 
-__all__ = ["Budget", "DeviceMemory", "budget", "check_memory_budget", "first_line", "is_out_of_memory", "parse_bytes",
-           "probe", "release_memory"]
+from autobatch.sizes import format_bytes, parse_bytes
+
+__all__ = ["Budget", "DeviceMemory", "budget", "probe"]
 
 log = logging.getLogger(__name__)
 
 #: Share of the budget kept free for the allocator's fragmentation and what the fit cannot see.
 SAFETY_MARGIN = 0.10
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -58,41 +54,10 @@ class Budget:
                 f"less a {self.margin:.0%} safety margin)")
 
 
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def parse_bytes(text: str) -> int:
-    """'6GiB', '500 MB', '1.5e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a memory size; write it like '6GiB', '500MB' or 4000000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def check_memory_budget(memory_budget: Union[int, float, str, None]) -> None:
-    """Raise a clear error unless ``memory_budget`` is None, positive bytes, a size string, or a fraction."""
-    if memory_budget is None:
-        return
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, str)):
-        raise TypeError(f"memory_budget must be bytes, a string such as '6GiB', or a fraction such as 0.8, "
-                        f"got {memory_budget!r}")
-    if isinstance(memory_budget, float) and not 0 < memory_budget <= 1:
-        raise ValueError(f"a fractional memory_budget must lie in (0, 1], got {memory_budget}; "
-                         "give bytes as an int or a string such as '6GiB'")
-    if (parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget) <= 0:
-        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
-
-
 def budget(memory: DeviceMemory, memory_budget: Union[int, float, str, None] = None,
            margin: float = SAFETY_MARGIN) -> Budget:
     """The step's peak budget: the device's capacity, capped by ``memory_budget`` (bytes as an int or
     a string such as "6GiB", or a fraction of the device's total memory as a float in (0, 1])."""
-    check_memory_budget(memory_budget)
     if memory_budget is None:
         cap = None
     elif isinstance(memory_budget, float):
@@ -103,32 +68,6 @@ def budget(memory: DeviceMemory, memory_budget: Union[int, float, str, None] = N
         cap = memory_budget
     usable = memory.capacity_bytes if cap is None else min(cap, memory.capacity_bytes)
     return Budget(int(usable * (1 - margin)), memory.capacity_bytes, cap, margin)
-
-
-#: How allocation failures read when they come as a plain RuntimeError: the host allocator's, CUDA's
-#: own (outside the caching allocator), and cuBLAS/cuDNN failing to allocate their handles or workspaces.
-_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                        "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, the host allocator's, cuBLAS's...)."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message, or its type's name when the message is empty (``MemoryError()``)."""
-    text = str(error)
-    return text.splitlines()[0] if text.strip() else type(error).__name__
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what a failed attempt held; called outside the except block, whose frames pin tensors."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def probe(device: torch.device, resident_bytes: int = 0) -> DeviceMemory:

@@ -1,285 +1,198 @@
-"""The planner: choose the largest micro-batch whose measured peak fits the memory budget.
+"""The planner: a training run's plan, from the cache or measured with real steps, agreed over ranks.
 
-It measures a few real training micro-steps, fits ``peak = fixed + per_sample * n``, predicts the
-largest ``n`` under the budget and verifies it once; it bisects only when the verification fails::
+    planner = Planner(micro, strategy, options)
+    plan = planner.plan_for(batch)            # the cache, or trial steps: no trace left on the model
+    plan = planner.after_out_of_memory(plan, phase, message)     # autobatch.planning.recovery
 
-    >>> fit = search(measure=lambda n: measured_peak_of_a_step_with(n), budget_bytes=6 * 2**30,
-    ...              target_batch=64)
-    >>> fit.micro_batch, fit.trials
-    (23, 4)
+Trials (autobatch.planning.trials) run the code that trains; the search (autobatch.planning.search)
+chooses the micro-batch; bn="exact" and "auto" plan the whole batch (autobatch.planning.whole).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+import logging
+from typing import Any, Optional
 
+from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
-from autobatch.planning.memory import format_bytes
-from autobatch.split import balanced_splits
+from autobatch.microstep import MicroStep
+from autobatch.modes import Auto, Mode, TwoPass
+from autobatch.options import Options
+from autobatch.phases import Phase
+from autobatch.plan import Phase1, Plan
+from autobatch.planning.cache import PlanCache, plan_key
+from autobatch.planning.measure import tensor_bytes, warm_optimizer_state
+from autobatch.planning.memory import Budget, budget, probe
+from autobatch.planning.recovery import Recovery
+from autobatch.planning.search import Fit, search
+from autobatch.planning.trials import Trials
+from autobatch.planning.whole import whole_batch_plan
+from autobatch.sizes import format_bytes
+from autobatch.transaction import trial_transaction
 
-__all__ = ["Candidate", "Fit", "Phase1", "Plan", "candidate_table", "check_micro_batch", "check_target_batch",
-           "fitted_line", "fixed_plan", "search", "shrink"]
+__all__ = ["Planner"]
 
-Measure = Callable[[int], Optional[int]]
-
-
-@dataclass(frozen=True)
-class Phase1:
-    """How two_pass's phase 1 runs: over the whole batch at once, in ``chunks`` pieces (each normalized
-    with its own statistics: approximate), or alongside the first micro-batch (autobatch.batchnorm.lockstep).
-    Made by :meth:`whole`, :meth:`chunked` or :meth:`alongside`."""
-
-    kind: Literal["whole", "chunked", "lockstep"] = "whole"
-    chunks: int = 1
-
-    def __post_init__(self) -> None:
-        if (self.kind == "chunked") != (self.chunks > 1) or self.chunks < 1:
-            raise ValueError(f"phase 1 {self.kind} with {self.chunks} chunks; use Phase1.whole(), "
-                             "Phase1.chunked(n) with n > 1, or Phase1.alongside()")
-
-    @classmethod
-    def whole(cls) -> "Phase1":
-        return cls("whole")
-
-    @classmethod
-    def chunked(cls, chunks: int) -> "Phase1":
-        """``chunks`` pieces; one piece is the whole batch."""
-        return cls("chunked", chunks) if chunks > 1 else cls("whole")
-
-    @classmethod
-    def alongside(cls) -> "Phase1":
-        return cls("lockstep")
-
-    @property
-    def lockstep(self) -> bool:
-        return self.kind == "lockstep"
-
-    def __str__(self) -> str:
-        if self.kind == "lockstep":
-            return "alongside the first micro-batch (lockstep)"
-        if self.kind == "chunked":
-            return f"{self.chunks} chunks: its statistics are approximate (each chunk normalized with its own)"
-        return "the whole batch at once"
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The micro-batch size in use, the splits of a full logical batch, and how they were chosen."""
-
-    micro_batch: int
-    target_batch: int
-    source: str
-    reason: str
-    device: str = ""
-    budget_bytes: Optional[int] = None
-    predicted_peak_bytes: Optional[int] = None
-    points: tuple[tuple[int, Optional[int]], ...] = ()
-    trials: int = 0
-    #: How two_pass's phase 1 runs.
-    phase1: Phase1 = Phase1()
-    world_size: int = 1
-    #: The BatchNorm mode that runs ("two_pass", "micro", "exact"; bn="auto" chooses one).
-    bn: str = "two_pass"
-    #: bn="exact": the submodules checkpointed during a step.
-    checkpointing: Checkpointing = Checkpointing()
-    #: bn="exact" or "auto": every policy measured, with the whole batch's peak and step time.
-    candidates: tuple[Candidate, ...] = ()
-    splits: list[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        # The splits of one rank's share of a full logical batch.
-        object.__setattr__(self, "splits", balanced_splits(self.target_batch // self.world_size,
-                                                           self.micro_batch))
-
-    def replace(self, **changes) -> "Plan":
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def checkpointed(self) -> tuple[str, ...]:
-        """The qualified names of the submodules checkpointed during a step; empty when none."""
-        return self.checkpointing.modules
-
-    def __str__(self) -> str:
-        target = self.target_batch if self.world_size == 1 else (
-            f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
-        rows = [("target_batch", target), ("bn", self.bn),
-                ("micro_batch", f"{max(self.splits)} (the largest micro-batch that runs)")]
-        if self.budget_bytes is not None:
-            rows.append(("capacity", f"{self.micro_batch} samples (the largest micro-batch the budget allows)"))
-        rows += [("splits", self.splits), ("source", self.source), ("reason", self.reason)]
-        if self.bn == "exact":
-            rows.append(("checkpointed", _listing(self.checkpointing)))
-        if self.device:
-            rows.append(("device", self.device))
-        if self.budget_bytes is not None:
-            rows.append(("budget", format_bytes(self.budget_bytes)))
-        if self.predicted_peak_bytes is not None:
-            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
-        if self.points:
-            rows.append(("measured", ", ".join(
-                f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
-            rows.append(("trials", self.trials))
-        if self.phase1 != Phase1.whole():
-            rows.append(("phase 1", str(self.phase1)))
-        width = max(len(name) for name, _ in rows)
-        text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-        return text + ("\n" + candidate_table(self.candidates) if self.candidates else "")
+def _lockstep(options: Options) -> bool:
+    mode = options.bn.two_pass if isinstance(options.bn, Auto) else options.bn
+    return isinstance(mode, TwoPass) and mode.lockstep
 
 
-def _listing(policy: Checkpointing) -> str:
-    if not policy:
-        return "none"
-    names = ", ".join(policy.modules[:6]) + (f" and {len(policy.modules) - 6} more" if len(policy.modules) > 6 else "")
-    return f"{len(policy.modules)} modules ({policy.label}): {names}"
+class Planner:
+    """Chooses the micro-batch of a training run and adapts it while it trains."""
 
+    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
+        self.micro = micro
+        self.strategy = strategy
+        self.options = options
+        self.ranks = micro.ranks
+        #: This rank's share of a logical batch.
+        self.share = options.target_batch // self.ranks.world_size
+        self.trials = Trials(micro, strategy, self.share)
+        self.cache = None if options.cache is None else PlanCache(options.cache)
+        self.lockstep = _lockstep(options)
+        self.recovery = Recovery(self.share, strategy.split_mode, strategy.whole_batch_only, options.grow_after)
+        self.fit: Optional[Fit] = None
+        self.key = ""
 
-@dataclass(frozen=True)
-class Candidate:
-    """One way of running the logical batch the planner measured: a checkpointing policy of the whole
-    batch (exact) or two_pass at its largest micro-batch, with the peak (None: out of memory) and time."""
+    # -- the start -------------------------------------------------------------------------------
 
-    label: str
-    peak_bytes: Optional[int]
-    seconds: Optional[float]
-    exact: bool
+    def plan_for(self, batch: Any) -> Plan:
+        """The plan from the cache, else measured with real steps on ``batch``; agreed over ranks."""
+        micro = self.micro
+        resident = tensor_bytes(micro.model, micro.optimizer) if micro.device.type == "cpu" else 0
+        memory = probe(micro.device, resident_bytes=resident)
+        limit = budget(memory, self.options.memory_budget)
+        self.key = plan_key(micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
+                            world_size=self.ranks.world_size, **self.options.keyed())
+        record = None if self.options.refresh_cache or self.cache is None else self.cache.load(self.key, self.share)
+        device = f"{memory.device} ({memory.name}, {memory.source})"
+        plan = None if record is None else self._cached(record, limit, device)
+        if plan is None:
+            plan = self._measure(batch, limit, device)
+            self._store(plan)
+        plan = self._agreed(plan)
+        self.recovery.fitted(plan)
+        log.info("autobatch plan: micro_batch=%d, splits %s (%s, %d trials)", plan.micro_batch, plan.splits,
+                 plan.source, plan.trials)
+        return plan
 
+    def _phase1(self, chunks: int) -> Phase1:
+        return Phase1.alongside() if self.lockstep and self.recovery.lockstep_fits else Phase1.chunked(chunks)
 
-def candidate_table(candidates: tuple[Candidate, ...]) -> str:
-    """The measured candidates as a table, for ``python -m autobatch plan``."""
-    rows = [("candidate", "peak", "step time", "exact")] + [
-        (c.label, format_bytes(c.peak_bytes) if c.peak_bytes is not None else "out of memory",
-         f"{c.seconds:.3f} s" if c.seconds is not None else "-", "yes" if c.exact else "no") for c in candidates]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
+    def _cached(self, record: dict[str, Any], limit: Budget, device: str) -> Optional[Plan]:
+        """The plan of a cache record; None where it names a mode or modules this run does not have, or
+        a whole batch whose peak passes today's budget."""
+        bn = Mode(record.get("bn", self.strategy.split_mode))
+        policy = Checkpointing(tuple(record.get("checkpointed", [])), record.get("selective", False),
+                               record.get("label", "none"))
+        path = self.cache.path(self.key)
+        if bn not in (self.strategy.split_mode, Mode.EXACT) or not policy.applies_to(self.micro.module):
+            log.warning("autobatch: the cached plan %s does not match this model; measuring afresh", path)
+            return None
+        fit = Fit(record["micro_batch"], record["fixed_bytes"], record["per_sample_bytes"],
+                  tuple((n, peak) for n, peak in record["points"]))
+        whole = bn is Mode.EXACT
+        if whole and fit.fixed_bytes > limit.budget_bytes:
+            log.warning("autobatch: the cached whole-batch plan %s peaked at %s, over today's budget of %s; measuring "
+                        "afresh", path, format_bytes(fit.fixed_bytes), format_bytes(limit.budget_bytes))
+            return None
+        self.fit = fit
+        micro_batch = self.share if whole else min(record["micro_batch"], fit.largest_under(limit.budget_bytes,
+                                                                                             self.share))
+        self.recovery.lockstep_fits = record.get("lockstep_fits", False)
+        return Plan(micro_batch, self.options.target_batch, "cache", f"fitted line from {path}", device,
+                    limit.budget_bytes, fit.predict(micro_batch), fit.points, 0,
+                    self._phase1(record.get("phase1_chunks", 1)), self.ranks.world_size, bn=bn,
+                    checkpointing=policy)
 
+    def _agreed(self, plan: Plan) -> Plan:
+        """Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks, and phase 1
+        alongside the first micro-batch only where it fits on every rank."""
+        if not self.ranks.active:
+            return plan
+        table = self.ranks.gather([plan.micro_batch, plan.phase1.chunks, plan.phase1.lockstep])
+        micro_batch, chunks, lockstep = int(table[:, 0].min()), int(table[:, 1].max()), bool(table[:, 2].min())
+        phase1 = Phase1.alongside() if lockstep else Phase1.chunked(chunks)
+        if (micro_batch, phase1) == (plan.micro_batch, plan.phase1):
+            return plan
+        return plan.replace(micro_batch=micro_batch, phase1=phase1, reason=plan.reason + "; agreed with the other ranks")
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    def _measure(self, batch: Any, limit: Budget, device: str) -> Plan:
+        micro = self.micro
+        with trial_transaction(micro.model, micro.optimizer):
+            warm_optimizer_state(micro.optimizer)
+            if self.strategy.whole_batch_only or self.strategy.prefers_whole_batch:
+                plan, fit = whole_batch_plan(self.trials, self.ranks, batch, limit, device, self.options.target_batch,
+                                             self.strategy.prefers_whole_batch,
+                                             lambda: self._measure_split(batch, limit, device))
+                self.fit = fit or self.fit
+                return plan
+            return self._measure_split(batch, limit, device)
 
+    def _measure_split(self, batch: Any, limit: Budget, device: str) -> Plan:
+        """The largest micro-batch whose measured step fits, and phase 1 in as few chunks as fit."""
+        trials = self.trials
+        try:
+            self.fit = fit = search(lambda n: trials.micro_step_peak(batch, n), limit.budget_bytes, self.share)
+        except MemoryError as error:
+            resident = tensor_bytes(self.micro.model, self.micro.optimizer)
+            raise MemoryError(
+                f"{error}; of it, {format_bytes(resident)} are parameters, gradients, buffers and optimizer state, "
+                f"and the update's undo copies add up to as much again. Raise memory_budget, free memory on the "
+                "device, or use a smaller model, input or optimizer state") from None
+        chunks, phase1_points = 1, ()
+        self.recovery.lockstep_fits = True
+        if fit.micro_batch < self.share and self.strategy.needs_statistics_pass():
+            chunks, phase1_points = self._fit_statistics_pass(batch, limit.budget_bytes)
+            # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
+            draws = self.strategy.take_draw_bytes()
+            if draws:
+                fit = dataclasses.replace(fit, fixed_bytes=fit.fixed_bytes + draws)
+                fit = self.fit = dataclasses.replace(
+                    fit, micro_batch=fit.largest_under(limit.budget_bytes, fit.micro_batch))
+            # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
+            self.recovery.lockstep_fits = chunks == 1 and (
+                phase1_points[0][1] + fit.per_sample_bytes * fit.micro_batch <= limit.budget_bytes)
+        reason = (f"largest micro-batch whose measured peak fits {limit.describe()}; "
+                  f"{fit.per_sample_bytes / 2**20:.2f} MiB per sample")
+        if self.lockstep and not self.recovery.lockstep_fits:
+            reason += "; phase 1 runs before the micro-batches (alongside the first it would pass the budget)"
+        return Plan(fit.micro_batch, self.options.target_batch, "measured", reason, device, limit.budget_bytes,
+                    fit.predict(fit.micro_batch), fit.points, fit.trials + len(phase1_points), self._phase1(chunks),
+                    self.ranks.world_size, bn=self.strategy.split_mode)
 
-def check_target_batch(target_batch: object) -> int:
-    if not _is_int(target_batch) or target_batch < 1:
-        raise ValueError(f"target_batch must be a positive int (the logical batch size), got {target_batch!r}")
-    return target_batch
+    def _fit_statistics_pass(self, batch: Any, budget_bytes: int) -> tuple[int, tuple]:
+        """The fewest chunks in which phase 1 (no-grad forward of the whole batch) fits the budget."""
+        points = []
+        chunks = 1
+        while True:
+            peak = self.trials.peak(self.trials.statistics_pass(batch, chunks), f"phase 1 in {chunks} chunk(s)", batch)
+            points.append((chunks, peak))
+            if peak is not None and peak <= budget_bytes:
+                return chunks, tuple(points)
+            if chunks >= self.share:
+                raise MemoryError("phase 1 of two_pass does not fit the memory budget even one sample at a "
+                                  "time; use bn='micro', or raise memory_budget")
+            chunks = min(self.share, chunks * 2)
 
+    def _store(self, plan: Plan) -> None:
+        """Keep the plan in use, with the fitted line, for the next launch."""
+        if self.cache is None or self.fit is None:
+            return
+        self.cache.store(self.key, {
+            "micro_batch": plan.micro_batch, "fixed_bytes": self.fit.fixed_bytes,
+            "per_sample_bytes": self.fit.per_sample_bytes, "points": [list(p) for p in self.fit.points],
+            "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1.chunks,
+            "lockstep_fits": self.recovery.lockstep_fits, "bn": str(plan.bn), "checkpointed": list(plan.checkpointed),
+            "selective": plan.checkpointing.selective, "label": plan.checkpointing.label})
 
-def check_micro_batch(micro_batch: object) -> Union[int, str]:
-    if micro_batch == "auto":
-        return micro_batch
-    if not _is_int(micro_batch) or micro_batch < 1:
-        raise ValueError(f"micro_batch must be 'auto' or a positive int, got {micro_batch!r}")
-    return micro_batch
+    # -- while training --------------------------------------------------------------------------
 
+    def after_out_of_memory(self, plan: Plan, phase: Phase, message: str) -> Plan:
+        return self.recovery.after_out_of_memory(plan, phase, message)
 
-def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1(),
-               bn: str = "two_pass") -> Plan:
-    """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
-    share = target_batch // world_size
-    reason = f"micro_batch={micro_batch} holds the whole batch" if micro_batch >= share else f"micro_batch={micro_batch} given"
-    return Plan(min(micro_batch, share), target_batch, "user", reason, phase1=phase1, world_size=world_size, bn=bn)
-
-
-@dataclass(frozen=True)
-class Fit:
-    """What the search found: the micro-batch, the fitted line, and every measured point."""
-
-    micro_batch: int
-    fixed_bytes: float
-    per_sample_bytes: float
-    points: tuple[tuple[int, Optional[int]], ...]
-
-    @property
-    def trials(self) -> int:
-        return len(self.points)
-
-    def predict(self, n: int) -> int:
-        return int(self.fixed_bytes + self.per_sample_bytes * n)
-
-    def largest_under(self, budget_bytes: int, limit: int) -> int:
-        """The largest n in [1, limit] whose predicted peak is at most ``budget_bytes``."""
-        if self.per_sample_bytes <= 0:
-            return limit
-        return max(1, min(limit, math.floor((budget_bytes - self.fixed_bytes) / self.per_sample_bytes)))
-
-
-def fitted_line(points: dict[int, int]) -> tuple[float, float]:
-    """Least-squares fixed + per_sample * n through the points (one point: through the origin)."""
-    ns, peaks = list(points), list(points.values())
-    if len(ns) == 1:
-        return 0.0, peaks[0] / ns[0]
-    mean_n, mean_peak = sum(ns) / len(ns), sum(peaks) / len(peaks)
-    spread = sum((n - mean_n) ** 2 for n in ns)
-    slope = sum((n - mean_n) * (p - mean_peak) for n, p in zip(ns, peaks)) / spread
-    return mean_peak - slope * mean_n, slope
-
-
-def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
-    """The largest micro-batch in [1, target_batch] whose measured peak is at most ``budget_bytes``.
-
-    ``measure(n)`` runs one real training micro-step of ``n`` samples and returns its peak bytes,
-    or None when it ran out of memory. Typically 2 points, 1 point near the answer, 1 verification.
-    Raises MemoryError when not even one sample fits.
-    """
-    measured: dict[int, Optional[int]] = {}
-
-    def fits(n: int) -> bool:
-        if n not in measured:
-            measured[n] = measure(n)
-        peak = measured[n]
-        return peak is not None and peak <= budget_bytes
-
-    def result(n: int) -> Fit:
-        good = {k: v for k, v in measured.items() if v is not None}
-        fixed, per_sample = fitted_line(good)
-        return Fit(n, fixed, per_sample, tuple(sorted(measured.items())))
-
-    for n in sorted({min(2, target_batch), min(4, target_batch)}):
-        if not fits(n):
-            good = _bisect(fits, 0, n)
-            if not good:
-                raise _nothing_fits(measured.get(1), budget_bytes)
-            return result(good)
-    largest_good = max(measured)
-    guess = result(0).largest_under(budget_bytes, target_batch)
-    if guess > 2 * largest_good:
-        # A third point near the answer, where the line matters most.
-        if not fits(guess // 2):
-            return result(_bisect(fits, largest_good, guess // 2))
-        largest_good = guess // 2
-        guess = result(0).largest_under(budget_bytes, target_batch)
-    best = largest_good
-    for _ in range(3):  # the verification is a new point: refit, and try again while the line allows more
-        if guess <= best:
-            break
-        if not fits(guess):
-            return result(_bisect(fits, best, guess))
-        best = guess
-        guess = result(0).largest_under(budget_bytes, target_batch)
-    return result(best)
-
-
-def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:
-    """The largest n in [good, bad) that fits, given that ``good`` fits (0: nothing known, and 0 returned
-    when nothing does) and ``bad`` does not."""
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return good
-
-
-def _nothing_fits(one_sample: Optional[int], budget_bytes: int) -> MemoryError:
-    measured = format_bytes(one_sample) if one_sample is not None else "out of memory"
-    return MemoryError(f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
-                       f"peaked at {measured} against a budget of {format_bytes(budget_bytes)}")
-
-
-def shrink(micro_batch: int) -> int:
-    """The next micro-batch to try after running out of memory at ``micro_batch``."""
-    if micro_batch <= 1:
-        raise MemoryError("out of memory with a micro-batch of one sample; nothing smaller to try")
-    return max(1, min(micro_batch - 1, math.floor(micro_batch * 0.8)))
+    def after_clean_step(self, plan: Plan) -> Plan:
+        return self.recovery.after_clean_step(plan)

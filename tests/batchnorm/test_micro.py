@@ -5,7 +5,7 @@ from torch import nn
 
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.micro import PooledBatchNorm, _Pool
-from autobatch.batchnorm.statistics import BatchNormState
+from autobatch.transaction import BatchNormState
 
 
 def merged(x, sizes):

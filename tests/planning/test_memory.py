@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from autobatch.planning import memory
-from autobatch.planning.memory import DeviceMemory, budget, is_out_of_memory, parse_bytes, probe
+from autobatch.oom import is_out_of_memory
+from autobatch.options import check_memory_budget
+from autobatch.planning.memory import DeviceMemory, budget, probe
+from autobatch.sizes import parse_bytes
 
 GIB = 2**30
 
@@ -42,7 +45,7 @@ def test_budget_caps(cap, expected):
                                         (True, TypeError), ([1], TypeError)])
 def test_budget_rejects(cap, error):
     with pytest.raises(error):
-        budget(device, cap)
+        check_memory_budget(cap)
 
 
 def test_probe_host():

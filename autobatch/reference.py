@@ -1,5 +1,11 @@
-"""The computations autobatch is judged against: the full batch, plain accumulation, and the
-forum user's frozen-statistics scheme (reproduced here only, to show why it fails)."""
+"""The computations autobatch is judged against: the full batch's gradient, plain accumulation, and
+the forum user's frozen-statistics scheme (reproduced here only, to show why it fails: it is not a
+mode of autobatch). For tests and benchmarks, and for checking autobatch on a model of your own::
+
+    expected = full_batch_grad(model, x, y, loss_fn)           # the model itself is untouched
+    got = ...                                                  # autobatch's gradient, from before_step
+    cosine(got, expected), relative_error(got, expected)
+"""
 from __future__ import annotations
 
 import copy
@@ -10,12 +16,12 @@ from torch import Tensor, nn
 
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.batchnorm.statistics import BatchNormState, batch_norm_modules
+from autobatch.batchnorm.statistics import batch_norm_modules
+from autobatch.transaction import BatchNormState
 from autobatch.split import split_batch
 
-__all__ = ["assert_same_state", "cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad",
-           "full_batch_grad", "model_state", "plain_accumulation_backward", "plain_accumulation_grad",
-           "relative_error"]
+__all__ = ["cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad", "full_batch_grad",
+           "plain_accumulation_backward", "plain_accumulation_grad", "relative_error"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -81,21 +87,3 @@ def frozen_statistics_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Loss
     model = copy.deepcopy(model)
     frozen_statistics_backward(model, x, y, loss_fn, splits)
     return flat_grad(model)
-
-
-def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter, gradient and buffer of ``model``, cloned, for 'nothing changed' checks."""
-    state = {name: value.detach().clone() for name, value in model.state_dict(keep_vars=True).items()}
-    for name, p in model.named_parameters():
-        state[f"{name}.grad"] = None if p.grad is None else p.grad.clone()
-    return state
-
-
-def assert_same_state(before: dict[str, Tensor], after: dict[str, Tensor]) -> None:
-    assert before.keys() == after.keys()
-    for name, value in before.items():
-        other = after[name]
-        if value is None or other is None:
-            assert value is None and other is None, name
-        else:
-            assert torch.equal(value, other), name

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
-from tests.models import Flat, ResidualNet, mlp, variants
-from tests.reference import assert_same_state, model_state
+from tests.common import Flat, ResidualNet, mlp, variants
+from tests.common import assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

@@ -12,15 +12,16 @@ import autobatch
 from autobatch.batchnorm import layout
 from autobatch.distributed import Ranks
 from autobatch.batchnorm.layout import Phase1Layout, to_channels_last
-from tests.models import ResidualNet
-from tests.reference import assert_same_state, flat_grad, model_state, relative_error
+from tests.common import ResidualNet
+from autobatch.reference import flat_grad, relative_error
+from tests.common import assert_same_state, model_state
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
 
 def data(n=12, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (n,), generator=g)
+    return common.data(n, (3, 8, 8), seed=seed, dtype=dtype)
 
 
 def one_step(model, x, y, **options):

@@ -11,16 +11,15 @@ from torch.utils.checkpoint import checkpoint
 
 import autobatch
 from autobatch.checkpointing import Checkpointing, candidates
-from tests.models import ResidualNet, StochasticNet
-from tests.reference import model_state
+from tests.common import ResidualNet, StochasticNet
+from tests.common import model_state
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
 
 def data(n=16, size=8, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64),
-            torch.randint(0, 5, (n,), generator=generator))
+    return common.data(n, (3, size, size), seed=seed)
 
 
 def wrapped(model, bn, loss_fn=ce, **options):
@@ -196,7 +195,7 @@ def test_the_cache_keeps_the_chosen_policy(tmp_path):
 def test_a_compiled_model_runs_the_whole_batch_without_checkpointing():
     """Compiled, a checkpointed BatchNorm fails in backward (its counter's in-place update): the planner
     measures no checkpointing for a compiled model, and the compiled exact step is the eager one."""
-    from tests.models import compiled
+    from tests.common import compiled
 
     torch.manual_seed(0)
     model = ResidualNet(blocks=2).double()

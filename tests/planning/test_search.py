@@ -1,6 +1,8 @@
 import pytest
 
-from autobatch.planning.planner import Fit, check_micro_batch, check_target_batch, fixed_plan, search, shrink
+from autobatch.options import check_micro_batch, check_target_batch
+from autobatch.plan import fixed_plan
+from autobatch.planning.search import Fit, search, shrink
 
 
 def linear(fixed, per_sample, calls, oom_above=None):

@@ -11,19 +11,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
-from autobatch.planning.planner import Phase1
+from autobatch.plan import Phase1
 from autobatch.batchnorm.randomness import RandomDraws
-from tests.models import StochasticNet, compiled
-from tests.reference import flat_grad, relative_error
+from tests.common import StochasticNet, compiled
+from autobatch.reference import flat_grad, relative_error
 from tests.test_step import bn_outputs
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
 
 def data(n=16, size=6, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64),
-            torch.randint(0, 5, (n,), generator=generator))
+    return common.data(n, (3, size, size), seed=seed)
 
 
 class Checkpointed(nn.Module):

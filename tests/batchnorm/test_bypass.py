@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import autobatch
-from tests.reference import assert_same_state, model_state
+from tests.common import assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

@@ -11,9 +11,10 @@ from torch import nn
 import autobatch
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state
 from autobatch.batchnorm.randomness import RandomDraws
-from autobatch.snapshot import preserved
-from tests.models import mlp
-from tests.reference import assert_same_state, model_state
+from autobatch.transaction import trial_transaction as preserved
+from tests.common import mlp
+from tests.common import assert_same_state, model_state
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
@@ -33,8 +34,7 @@ def no_bn_convnet():
 
 
 def data(n=32, size=32, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(n, 3, size, size, generator=generator, dtype=dtype), torch.randint(0, 5, (n,), generator=generator)
+    return common.data(n, (3, size, size), seed=1, dtype=dtype)
 
 
 def step_peak(model, optimizer, x, y, n):
@@ -143,7 +143,7 @@ def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **option
     first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, cache=False, **options)
     with preserved(model, optimizer):
         warm_optimizer_state(optimizer)
-        low, high = (first._tuner.trial_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
+        low, high = (first._planner.trials.micro_step_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
     assert low < high
     ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
                         cache=False, **options)
@@ -366,14 +366,14 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
             if not counted:
                 patch.setattr(RandomDraws, "nbytes", property(lambda self: 0))
             ab.tune(x, y)
-        fits[counted] = ab._tuner._fit
+        fits[counted] = ab._planner.fit
     masks = 32 * 64 * 32 * 32  # one byte per element of the whole batch's mask
     assert fits[True].fixed_bytes - fits[False].fixed_bytes == pytest.approx(masks, rel=1e-6)
     assert fits[True].micro_batch < fits[False].micro_batch < 32
 
 
 def test_out_of_memory_before_the_update_itself_is_recovered():
-    """Running out of memory in before_step is recovered: the step is redone at a smaller micro-batch."""
+    """Running out of memory in before_step is recovered: the update is taken again, alone, at the same plan."""
     model, (x, y) = convnet(), data(16)
     failures = [torch.OutOfMemoryError("CUDA out of memory (injected in before_step)")]
 
@@ -385,5 +385,5 @@ def test_out_of_memory_before_the_update_itself_is_recovered():
     ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False, before_step=before_step)
     fitted = ab.tune(x, y).micro_batch
     ab.step(x, y)
-    assert not failures and ab.plan.micro_batch < fitted
+    assert not failures and ab.plan.micro_batch == fitted
     assert {state["step"].item() for state in optimizer.state.values()} == {1.0}

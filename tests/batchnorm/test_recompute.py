@@ -15,8 +15,9 @@ from torch.utils.checkpoint import checkpoint
 import autobatch
 from autobatch.batchnorm.intercept import BatchNormCall
 from autobatch.batchnorm.recompute import RecomputedCalls
-from tests.models import Block
-from tests.reference import assert_same_state, model_state
+from tests.common import Block
+from tests.common import assert_same_state, model_state
+from tests import common
 
 ce = nn.CrossEntropyLoss()
 
@@ -56,8 +57,7 @@ def train(model, x, y, steps=2, **options):
 
 
 def data(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+    return common.data(n, (3, 6, 6), classes=4, seed=seed)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])

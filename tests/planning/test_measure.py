@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from autobatch.planning.measure import peak_bytes, tensor_bytes, warm_optimizer_state
-from tests.models import compiled
+from tests.common import compiled
 
 MIB = 2**20
 

@@ -1,12 +1,45 @@
-"""Small models for the tests: a residual BatchNorm CNN, its variants, and a model without BatchNorm."""
+"""What the tests share: the one data helper, small models, and checks that nothing changed.
+
+    x, y = data(16, (3, 6, 6))                  # float64 inputs and class labels, fixed by the seed
+    before = model_state(model); ...; assert_same_state(before, model_state(model))
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "StochasticNet", "TinyLanguageModel", "compiled", "mlp",
-           "padded_sequences", "token_loss_mean", "token_loss_sum", "variants"]
+from autobatch.demo.models import Block, ResidualNet, StochasticBlock, StochasticNet
+
+__all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "StochasticBlock", "StochasticNet", "TinyLanguageModel",
+           "assert_same_state", "compiled", "data", "mlp", "model_state", "padded_sequences", "token_loss_mean",
+           "token_loss_sum", "variants"]
+
+
+def data(n: int = 16, shape: tuple[int, ...] = (3, 6, 6), classes: int = 5, seed: int = 0,
+         dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """``n`` inputs of ``shape`` (standard normal) and their class labels, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *shape, generator=generator, dtype=dtype),
+            torch.randint(0, classes, (n,), generator=generator))
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter, gradient and buffer of ``model``, cloned, for 'nothing changed' checks."""
+    state = {name: value.detach().clone() for name, value in model.state_dict(keep_vars=True).items()}
+    for name, p in model.named_parameters():
+        state[f"{name}.grad"] = None if p.grad is None else p.grad.clone()
+    return state
+
+
+def assert_same_state(before: dict[str, Tensor], after: dict[str, Tensor]) -> None:
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        other = after[name]
+        if value is None or other is None:
+            assert value is None and other is None, name
+        else:
+            assert torch.equal(value, other), name
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -22,35 +55,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
                          self.running_var if not self.training or self.track_running_stats else None,
                          self.weight, self.bias, bn_training, factor, self.eps)
         return F.relu(x)
-
-
-class Block(nn.Module):
-    def __init__(self, channels: int, norm=nn.BatchNorm2d):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = norm(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = norm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class ResidualNet(nn.Module):
-    """Stem conv + BN, ``blocks`` residual blocks of two conv + BN, pooled linear head."""
-
-    def __init__(self, blocks: int = 4, channels: int = 8, classes: int = 5, norm=nn.BatchNorm2d,
-                 head_norm: bool = False):
-        super().__init__()
-        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
-        self.bn = norm(channels)
-        self.blocks = nn.Sequential(*(Block(channels, norm) for _ in range(blocks)))
-        self.head_bn = nn.BatchNorm1d(channels) if head_norm else nn.Identity()
-        self.fc = nn.Linear(channels, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.relu(self.bn(self.stem(x))))
-        return self.fc(self.head_bn(x.mean((2, 3))))
 
 
 def mlp(features: int = 6, classes: int = 3) -> nn.Module:
@@ -96,49 +100,6 @@ def compiled(model: nn.Module, graphs: list, in_place: bool = False) -> nn.Modul
         model.compile(backend=backend)
         return model
     return torch.compile(model, backend=backend)
-
-
-class StochasticBlock(nn.Module):
-    """An inverted-residual block whose branch is dropped per sample (stochastic depth, "row" mode, as
-    torchvision's StochasticDepth draws it), with a channel dropout inside the branch."""
-
-    def __init__(self, channels: int, survival: float = 0.7):
-        super().__init__()
-        self.expand = nn.Conv2d(channels, 2 * channels, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(2 * channels)
-        self.depthwise = nn.Conv2d(2 * channels, 2 * channels, 5, padding=2, groups=2 * channels, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * channels)
-        self.project = nn.Conv2d(2 * channels, channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(channels)
-        self.survival = survival
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = F.silu(self.bn1(self.expand(x)))
-        branch = F.dropout2d(F.silu(self.bn2(self.depthwise(branch))), 0.2, self.training)
-        branch = self.bn3(self.project(branch))
-        if self.training:
-            keep = torch.empty([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device).bernoulli_(self.survival)
-            branch = branch * keep.div_(self.survival)
-        return x + branch
-
-
-class StochasticNet(nn.Module):
-    """Stochastic-depth blocks and a dropout before a BatchNorm1d head: every random draw comes
-    before the last BatchNorm call, so two_pass's forward can equal the full batch's with the same masks."""
-
-    def __init__(self, blocks: int = 4, channels: int = 8, classes: int = 5):
-        super().__init__()
-        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
-        self.blocks = nn.Sequential(*(StochasticBlock(channels) for _ in range(blocks)))
-        self.fc1 = nn.Linear(channels, 16)
-        self.head_bn = nn.BatchNorm1d(16)
-        self.fc2 = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.silu(self.bn(self.stem(x))))
-        x = F.dropout(self.fc1(x.mean((2, 3))), 0.3, self.training)
-        return self.fc2(F.silu(self.head_bn(x)))
 
 
 class TinyLanguageModel(nn.Module):

@@ -10,8 +10,8 @@ from torch import nn
 
 import autobatch
 from autobatch.batchnorm.intercept import intercept_batch_norm
-from tests.models import ResidualNet
-from tests.reference import assert_same_state, model_state
+from tests.common import ResidualNet
+from tests.common import assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

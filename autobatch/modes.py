@@ -1,0 +1,99 @@
+"""The BatchNorm modes, as values: which one a step runs, and its settings. Decided once, at ``wrap``.
+
+    autobatch.wrap(..., bn="two_pass")                    # the same as bn=autobatch.TwoPass()
+    autobatch.wrap(..., bn=autobatch.TwoPass(lockstep=True, phase1_memory_format=torch.channels_last))
+    autobatch.wrap(..., bn=autobatch.Exact())             # or "micro", "exact", "auto"
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass", "bn_mode"]
+
+#: What ``TwoPass(phase1_memory_format=...)`` accepts; None is "measure".
+PHASE1_FORMATS = (None, torch.channels_last, torch.preserve_format)
+
+
+class Mode(str, enum.Enum):
+    """The mode a plan runs ("auto" chooses one of them); compares equal to its name."""
+
+    TWO_PASS = "two_pass"
+    MICRO = "micro"
+    EXACT = "exact"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class BatchNormMode:
+    """A ``bn`` mode and its settings."""
+
+    name: ClassVar[str]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class TwoPass(BatchNormMode):
+    """Full-batch statistics from a no-grad forward of the logical batch (phase 1), then micro-batches.
+
+    ``lockstep``: run phase 1 of the other micro-batches in a helper thread, taking turns with the first
+    micro-batch's training forward (the same result; measured slower on a 2-core CPU). Falls back to
+    phase 1 first where it would not fit. ``phase1_memory_format``: phase 1's 4-D (5-D) inputs in
+    ``torch.channels_last``, or as given with ``torch.preserve_format``; None (default) times both at
+    the first phase 1 and keeps the faster where the statistics agree."""
+
+    name: ClassVar[str] = "two_pass"
+    lockstep: bool = False
+    phase1_memory_format: Optional[torch.memory_format] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lockstep, bool):
+            raise TypeError(f"lockstep must be True or False, got {self.lockstep!r}")
+        if not any(self.phase1_memory_format is allowed for allowed in PHASE1_FORMATS):
+            raise ValueError(f"phase1_memory_format must be None (measure), torch.channels_last or "
+                             f"torch.preserve_format (the inputs' own), got {self.phase1_memory_format!r}")
+
+
+@dataclass(frozen=True)
+class Micro(BatchNormMode):
+    """Each micro-batch normalized with its own statistics; running statistics committed once, pooled."""
+
+    name: ClassVar[str] = "micro"
+
+
+@dataclass(frozen=True)
+class Exact(BatchNormMode):
+    """The whole logical batch in one forward and backward, made to fit by activation checkpointing."""
+
+    name: ClassVar[str] = "exact"
+
+
+@dataclass(frozen=True)
+class Auto(BatchNormMode):
+    """``Exact`` where the whole batch fits and pays, else ``two_pass`` (with these settings)."""
+
+    name: ClassVar[str] = "auto"
+    two_pass: TwoPass = field(default_factory=TwoPass)
+
+
+#: The ``bn`` names ``wrap`` accepts, in the order the ranks compare them by.
+BN_MODES: tuple[str, ...] = ("two_pass", "micro", "exact", "auto")
+_BY_NAME = {"two_pass": TwoPass, "micro": Micro, "exact": Exact, "auto": Auto}
+
+
+def bn_mode(bn: Union[str, BatchNormMode, Any]) -> BatchNormMode:
+    """``bn`` as a mode value: a name becomes its mode with default settings; a mode stays itself."""
+    if isinstance(bn, BatchNormMode):
+        return bn
+    if isinstance(bn, str) and bn in _BY_NAME:
+        return _BY_NAME[bn]()
+    hint = (" Statistics frozen as constants (the forum's two-phase scheme) drop BatchNorm's gradient "
+            "through its mean and variance and train badly; it is not offered.") if bn == "frozen" else ""
+    raise ValueError(f"bn must be one of {BN_MODES} or a mode such as autobatch.TwoPass(), got {bn!r}.{hint}")

@@ -1,0 +1,158 @@
+"""The plan: the micro-batch in use, how phase 1 runs, the BatchNorm mode that runs, and why.
+
+    >>> plan = fixed_plan(target_batch=16, micro_batch=7)
+    >>> plan.splits
+    [6, 5, 5]
+    >>> print(plan)                 # every choice and the measurements behind it
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from autobatch.checkpointing import Checkpointing
+from autobatch.modes import Mode
+from autobatch.sizes import format_bytes
+from autobatch.split import balanced_splits
+
+__all__ = ["Candidate", "Phase1", "Plan", "candidate_table", "fixed_plan"]
+
+
+@dataclass(frozen=True)
+class Phase1:
+    """How two_pass's phase 1 runs: over the whole batch at once, in ``chunks`` pieces (each normalized
+    with its own statistics: approximate), or alongside the first micro-batch (autobatch.batchnorm.lockstep).
+    Made by :meth:`whole`, :meth:`chunked` or :meth:`alongside`."""
+
+    kind: Literal["whole", "chunked", "lockstep"] = "whole"
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.kind == "chunked") != (self.chunks > 1) or self.chunks < 1:
+            raise ValueError(f"phase 1 {self.kind} with {self.chunks} chunks; use Phase1.whole(), "
+                             "Phase1.chunked(n) with n > 1, or Phase1.alongside()")
+
+    @classmethod
+    def whole(cls) -> "Phase1":
+        return cls("whole")
+
+    @classmethod
+    def chunked(cls, chunks: int) -> "Phase1":
+        """``chunks`` pieces; one piece is the whole batch."""
+        return cls("chunked", chunks) if chunks > 1 else cls("whole")
+
+    @classmethod
+    def alongside(cls) -> "Phase1":
+        return cls("lockstep")
+
+    @property
+    def lockstep(self) -> bool:
+        return self.kind == "lockstep"
+
+    def __str__(self) -> str:
+        if self.kind == "lockstep":
+            return "alongside the first micro-batch (lockstep)"
+        if self.kind == "chunked":
+            return f"{self.chunks} chunks: its statistics are approximate (each chunk normalized with its own)"
+        return "the whole batch at once"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of running the logical batch the planner measured: a checkpointing policy of the whole
+    batch (exact) or two_pass at its largest micro-batch, with the peak (None: out of memory) and time."""
+
+    label: str
+    peak_bytes: Optional[int]
+    seconds: Optional[float]
+    exact: bool
+
+
+def candidate_table(candidates: tuple[Candidate, ...]) -> str:
+    """The measured candidates as a table, for ``python -m autobatch plan``."""
+    rows = [("candidate", "peak", "step time", "exact")] + [
+        (c.label, format_bytes(c.peak_bytes) if c.peak_bytes is not None else "out of memory",
+         f"{c.seconds:.3f} s" if c.seconds is not None else "-", "yes" if c.exact else "no") for c in candidates]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The micro-batch size in use, the splits of a full logical batch, and how they were chosen."""
+
+    micro_batch: int
+    target_batch: int
+    source: str
+    reason: str
+    device: str = ""
+    budget_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[int] = None
+    points: tuple[tuple[int, Optional[int]], ...] = ()
+    trials: int = 0
+    #: How two_pass's phase 1 runs.
+    phase1: Phase1 = Phase1()
+    world_size: int = 1
+    #: The BatchNorm mode that runs (bn="auto" chooses one).
+    bn: Mode = Mode.TWO_PASS
+    #: bn="exact": the submodules checkpointed during a step.
+    checkpointing: Checkpointing = Checkpointing()
+    #: bn="exact" or "auto": every policy measured, with the whole batch's peak and step time.
+    candidates: tuple[Candidate, ...] = ()
+    splits: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bn", Mode(self.bn))
+        # The splits of one rank's share of a full logical batch.
+        object.__setattr__(self, "splits", balanced_splits(self.target_batch // self.world_size,
+                                                           self.micro_batch))
+
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def checkpointed(self) -> tuple[str, ...]:
+        """The qualified names of the submodules checkpointed during a step; empty when none."""
+        return self.checkpointing.modules
+
+    def __str__(self) -> str:
+        target = self.target_batch if self.world_size == 1 else (
+            f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
+        rows = [("target_batch", target), ("bn", str(self.bn)),
+                ("micro_batch", f"{max(self.splits)} (the largest micro-batch that runs)")]
+        if self.budget_bytes is not None:
+            rows.append(("capacity", f"{self.micro_batch} samples (the largest micro-batch the budget allows)"))
+        rows += [("splits", self.splits), ("source", self.source), ("reason", self.reason)]
+        if self.bn is Mode.EXACT:
+            rows.append(("checkpointed", _listing(self.checkpointing)))
+        if self.device:
+            rows.append(("device", self.device))
+        if self.budget_bytes is not None:
+            rows.append(("budget", format_bytes(self.budget_bytes)))
+        if self.predicted_peak_bytes is not None:
+            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
+        if self.points:
+            rows.append(("measured", ", ".join(
+                f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
+            rows.append(("trials", self.trials))
+        if self.phase1 != Phase1.whole():
+            rows.append(("phase 1", str(self.phase1)))
+        width = max(len(name) for name, _ in rows)
+        text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        return text + ("\n" + candidate_table(self.candidates) if self.candidates else "")
+
+
+def _listing(policy: Checkpointing) -> str:
+    if not policy:
+        return "none"
+    names = ", ".join(policy.modules[:6]) + (f" and {len(policy.modules) - 6} more" if len(policy.modules) > 6 else "")
+    return f"{len(policy.modules)} modules ({policy.label}): {names}"
+
+
+def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1(),
+               bn: Mode = Mode.TWO_PASS) -> Plan:
+    """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
+    share = target_batch // world_size
+    reason = f"micro_batch={micro_batch} holds the whole batch" if micro_batch >= share else f"micro_batch={micro_batch} given"
+    return Plan(min(micro_batch, share), target_batch, "user", reason, phase1=phase1, world_size=world_size, bn=bn)

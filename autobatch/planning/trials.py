@@ -1,0 +1,109 @@
+"""The planner's trials: real training steps of a given size, measured for peak memory and time.
+
+    trials = Trials(micro, strategy, share=16)
+    peak = trials.peak(trials.micro_step(batch, 8), "micro-batch of 8", batch)    # None: out of memory
+    seconds = timed(trials.whole_batch_step(batch, policy), device)
+
+Each trial runs the code that trains (``MicroStep`` and the strategy), on the module itself: trials
+wait on no other rank's collectives. The caller restores the model afterwards (``trial_transaction``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from autobatch.batchnorm.exact import running_statistics_kept
+from autobatch.batchnorm.strategy import BatchNormStrategy
+from autobatch.checkpointing import Checkpointing
+from autobatch.microstep import MicroStep
+from autobatch.oom import is_out_of_memory, release_memory
+from autobatch.planning.measure import peak_bytes
+from autobatch.sizes import format_bytes
+
+__all__ = ["Trials", "timed"]
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[], None]
+
+
+def timed(work: Work, device: torch.device) -> float:
+    """Seconds ``work`` takes, the device synchronized before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+class Trials:
+    """Real steps on ``micro``'s model under ``strategy``, at this rank's ``share`` of a logical batch."""
+
+    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, share: int):
+        self.micro = micro
+        self.strategy = strategy
+        self.share = share
+
+    def peak(self, work: Work, what: str, batch: Any) -> Optional[int]:
+        """The measured peak bytes of ``work``; None if it ran out of memory (logged either way)."""
+        micro = self.micro
+        try:
+            peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch))
+        except BaseException as error:
+            if not is_out_of_memory(error):
+                raise
+            peak = None
+        if peak is None:
+            release_memory(micro.device)
+        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
+        return peak
+
+    def micro_step_peak(self, batch: Any, n: int) -> Optional[int]:
+        """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
+        return self.peak(self.micro_step(batch, n), f"micro-batch of {n}", batch)
+
+    def micro_step(self, batch: Any, n: int) -> Work:
+        """One real training micro-step of ``n`` samples and the update (its undo copies included)."""
+        micro, batches = self.micro, self.micro.batches
+        whole_batch_resident = self.strategy.needs_statistics_pass() and n < self.share
+
+        def work() -> None:
+            # With two_pass the whole logical batch's inputs stay on the device during phase 2.
+            whole = batches.to(batches.take(batch, self.share), micro.device) if whole_batch_resident else None
+            part = batches.take(whole, n) if whole is not None else batches.to(batches.take(batch, n), micro.device)
+            micro.backward(micro.loss(part, 0, micro.module).value)
+            micro.trial_update()
+            for p in micro.parameters():
+                p.grad = None
+
+        return work
+
+    def statistics_pass(self, batch: Any, chunks: int) -> Work:
+        """Phase 1 of the whole share in ``chunks`` pieces (two_pass)."""
+        batches = self.micro.batches
+
+        def work() -> None:
+            self.strategy.trial_statistics_pass(batches.to(batches.take(batch, self.share), self.micro.device), chunks)
+
+        return work
+
+    def whole_batch_step(self, batch: Any, policy: Checkpointing) -> Work:
+        """A real step of the whole share in one forward and one backward, ``policy``'s modules checkpointed."""
+        micro, batches = self.micro, self.micro.batches
+
+        def work() -> None:
+            whole = batches.to(batches.take(batch, self.share), micro.device)
+            with policy.applied(micro.module):
+                loss = micro.loss(whole, 0, micro.module).value
+                with running_statistics_kept(self.strategy.layers):
+                    micro.backward(loss)
+            micro.trial_update()
+            for p in micro.parameters():
+                p.grad = None
+
+        return work

@@ -1,0 +1,278 @@
+"""What a step may change, saved on entry and put back: on any exception, or always (a planner's trial).
+
+One mechanism serves every use: a :class:`Transaction` saves its parts when it is entered, before the
+body changes anything, and puts every part back when the body raises (or always, for a trial)::
+
+    with step_transaction(params, layers, keep=[(ab, "plan")]) as saved:
+        ...          # micro-batches from cleared gradients; any exception: all as on entry, the
+                     # gradients the caller held, BatchNorm buffers, the RNG and the plan
+    with update_transaction(params, optimizer, scaler, copies="device", gradients=True):
+        optimizer.step()                         # parameters, optimizer state, scaler (and gradients) undone on error
+    with trial_transaction(model, optimizer):
+        ...                                      # a planner's trial: afterwards everything is as before
+
+Putting back is done in full even when it is interrupted (a KeyboardInterrupt between two tensors):
+each part's restore is idempotent, so an interrupted pass starts again, and the interrupt is raised
+once the model is whole.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from autobatch.options import UpdateCopies
+
+__all__ = ["BatchNormState", "Transaction", "put_back", "step_transaction", "trial_transaction",
+           "update_transaction"]
+
+#: Passes at putting state back when the restore itself is interrupted.
+_ATTEMPTS = 3
+
+
+def put_back(restores: Sequence[Callable[[], None]]) -> None:
+    """Run every restore in order; one that raises (an interrupt, say) starts them all again, and the
+    first error is raised once a full pass succeeded (or after the last pass failed)."""
+    failure: Optional[BaseException] = None
+    for _ in range(_ATTEMPTS):
+        try:
+            for restore in restores:
+                restore()
+        except BaseException as error:  # noqa: BLE001 - the state must be whole before anything is raised
+            failure = failure or error
+            continue
+        break
+    if failure is not None:
+        raise failure
+
+
+def _copy(value: Any, host: bool) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().to("cpu", copy=True) if host else value.detach().clone()
+
+
+def _back(value: Any, like: Any) -> Any:
+    """``value`` where ``like`` lives (a copy kept on the host goes back to its device)."""
+    return value.to(like.device) if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor) else value
+
+
+# -- the parts -----------------------------------------------------------------------------------------
+
+class Gradients:
+    """The tensors' ``.grad`` as they are (references: no memory), set back as they were."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self._saved = [(t, t.grad) for t in tensors]
+
+    def restore(self) -> None:
+        for tensor, grad in self._saved:
+            tensor.grad = grad
+
+
+class Values:
+    """Copies of tensors' values (``host``: in host memory), copied back in place; ``grads``: of their
+    gradients instead."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor], host: bool = False, grads: bool = False):
+        self._grads = grads
+        self._saved = [(t, _copy(t.grad if grads else t, host)) for t in tensors]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self._saved:
+                (tensor.grad if self._grads else tensor).copy_(value)
+
+
+class OptimizerState:
+    """The optimizer's per-parameter state for ``params`` (copies; ``host``: in host memory) and every
+    group's settings (learning rate, betas...), put back; state it did not have is removed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], host: bool = False):
+        self._optimizer = optimizer
+        self._params = list(params)
+        self._state = {p: {k: _copy(v, host) for k, v in optimizer.state[p].items()}
+                       for p in self._params if p in optimizer.state}
+        self._settings = [{k: _copy(v, False) for k, v in group.items() if k != "params"}
+                          for group in optimizer.param_groups]
+
+    def restore(self) -> None:
+        state = self._optimizer.state
+        for p in self._params:
+            if p in self._state:
+                state[p] = {k: _back(v, p) for k, v in self._state[p].items()}
+            else:
+                state.pop(p, None)
+        for group, saved in zip(self._optimizer.param_groups, self._settings):
+            group.update(saved)
+
+
+class ScalerState:
+    """A GradScaler's scale, growth tracker and record of this optimizer's ``unscale_`` (private: it has
+    no API for them)."""
+
+    def __init__(self, scaler: Optional[torch.amp.GradScaler], optimizer: torch.optim.Optimizer):
+        self._scaler, self._optimizer = scaler, optimizer
+        self._values = [_copy(getattr(scaler, name, None), False) for name in ("_scale", "_growth_tracker")]
+
+    def restore(self) -> None:
+        if self._scaler is None:
+            return
+        for name, value in zip(("_scale", "_growth_tracker"), self._values):
+            if isinstance(value, torch.Tensor):
+                getattr(self._scaler, name).copy_(value)
+        getattr(self._scaler, "_per_optimizer_states", {}).pop(id(self._optimizer), None)
+
+
+class Modes:
+    """Every module's train/eval mode."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(module, module.training) for module in model.modules()]
+
+    def restore(self) -> None:
+        for module, training in self._saved:
+            module.training = training
+
+
+class RandomState:
+    """The generators a step draws from: the host's and, where CUDA is in use, every GPU's. Put back,
+    a step taken again draws the same dropout masks as the first time."""
+
+    def __init__(self) -> None:
+        self._host = torch.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self._host)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state_all(self._cuda)
+
+
+class Attributes:
+    """Attributes of Python objects (the plan, the planner's counters)."""
+
+    def __init__(self, keep: Iterable[tuple[Any, str]]):
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name in keep]
+
+    def restore(self) -> None:
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+
+
+class BatchNormState:
+    """A snapshot of every BatchNorm buffer: undoes a failed step, and keeps each layer's
+    ``num_batches_tracked`` counting a logical batch once although the layer runs once per micro-batch."""
+
+    def __init__(self, modules: list[_BatchNorm]):
+        self._buffers = [buffer for module in modules
+                         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+                         if buffer is not None]
+        self._saved = [buffer.clone() for buffer in self._buffers]
+        self._counters = [module.num_batches_tracked for module in modules
+                          if module.num_batches_tracked is not None]
+        self._counted: list[torch.Tensor] = []
+
+    def mark_counted(self) -> None:
+        """Call after the first forward of the logical batch: its counters are the right ones."""
+        self._counted = [counter.clone() for counter in self._counters]
+
+    def keep_counted(self) -> None:
+        """Undo the counting done by later forwards of the same logical batch."""
+        for counter, counted in zip(self._counters, self._counted):
+            counter.copy_(counted)
+
+    def restore(self) -> None:
+        """Put every buffer back as it was when the snapshot was taken."""
+        with torch.no_grad():
+            for buffer, saved in zip(self._buffers, self._saved):
+                buffer.copy_(saved)
+
+
+# -- the transaction ---------------------------------------------------------------------------------
+
+class Transaction:
+    """Saves ``parts`` (callables that save one part each, in order) on entry, then runs ``then`` (the
+    first change, such as clearing gradients); puts every part back when the body raises, or with
+    ``always`` whatever happens. ``transaction[name]`` is a saved part."""
+
+    def __init__(self, always: bool = False, then: Optional[Callable[[], None]] = None, **parts: Callable[[], Any]):
+        self._makers = parts
+        self._always = always
+        self._then = then
+        self.parts: dict[str, Any] = {}
+
+    def __enter__(self) -> "Transaction":
+        # Every part is saved before anything changes: an error while saving leaves all whole.
+        self.parts = {name: make() for name, make in self._makers.items()}
+        if self._then is not None:
+            try:
+                self._then()
+            except BaseException:
+                put_back([part.restore for part in self.parts.values()])
+                raise
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if kind is not None or self._always:
+            put_back([part.restore for part in self.parts.values()])
+
+    def __getitem__(self, name: str) -> Any:
+        return self.parts[name]
+
+
+def _clear(params: Iterable[torch.Tensor]) -> Callable[[], None]:
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+    return clear
+
+
+def step_transaction(params: Sequence[nn.Parameter], layers: list[_BatchNorm],
+                     keep: Sequence[tuple[Any, str]] = ()) -> Transaction:
+    """One attempt at a logical batch: the gradients the caller held (then cleared: the micro-batches
+    accumulate from none), BatchNorm buffers (``["buffers"]``, which also count ``num_batches_tracked``
+    once), the RNG and ``keep``'s attributes, put back on any exception."""
+    return Transaction(then=_clear(params), gradients=lambda: Gradients(params),
+                       buffers=lambda: BatchNormState(layers), random=RandomState, kept=lambda: Attributes(keep))
+
+
+def update_transaction(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
+                       scaler: Optional[torch.amp.GradScaler] = None, copies: UpdateCopies = "device",
+                       gradients: bool = False) -> Transaction:
+    """An optimizer update that either completes or, on any error (out of memory included), leaves the
+    parameters, the optimizer's state and settings, the scaler and (``gradients``: for updates that
+    unscale or clip them in place) the gradients as before it.
+
+    PyTorch's optimizers update their state in place before they allocate their temporaries, so an
+    error half-way leaves a half-applied step. ``copies``: "device" keeps the copies on the device,
+    where the step's memory is lowest (activations freed; the planner's trials measure them); "host"
+    in host memory (no device memory, a device-to-host copy per step); "none" takes none and undoes
+    nothing."""
+    if copies == "none":
+        return Transaction()
+    host = copies == "host"
+    # PyTorch's optimizers skip parameters without a gradient (frozen layers): nothing to copy there.
+    stepped = [p for p in params if p.grad is not None]
+    parts: dict[str, Callable[[], Any]] = {"values": lambda: Values(stepped, host)}
+    if gradients:
+        parts["gradients"] = lambda: Values(stepped, host, grads=True)
+    parts["optimizer"] = lambda: OptimizerState(optimizer, stepped, host)
+    parts["scaler"] = lambda: ScalerState(scaler, optimizer)
+    return Transaction(**parts)
+
+
+def trial_transaction(model: nn.Module, optimizer: torch.optim.Optimizer) -> Transaction:
+    """A planner's trial: the model's parameters and buffers, gradients (then cleared: a trial's backward
+    would accumulate into them in place), the optimizer's state, modes and the RNG, all put back
+    afterwards (copies in host memory: they do not count against the device memory being measured)."""
+    optimizer_params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = list(dict.fromkeys(list(model.parameters()) + optimizer_params + list(optimizer.state)))
+    return Transaction(always=True, then=_clear(params),
+                       values=lambda: Values(list(model.parameters()) + list(model.buffers()), host=True),
+                       gradients=lambda: Gradients(params),
+                       optimizer=lambda: OptimizerState(optimizer, params, host=True),
+                       modes=lambda: Modes(model), random=RandomState)
