@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.statistics import batch_norm_modules
-from autobatch.transaction import BatchNormState
 from autobatch.split import split_batch
+from autobatch.transaction import BatchNormState
 
 __all__ = ["cosine", "flat_grad", "frozen_statistics_backward", "frozen_statistics_grad", "full_batch_grad",
            "plain_accumulation_backward", "plain_accumulation_grad", "relative_error"]

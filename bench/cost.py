@@ -28,9 +28,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
 from autobatch.demo import UNet, shapes  # noqa: E402
+from autobatch.reference import plain_accumulation_backward  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
 from bench.forum_batchnorm import forum_model, forum_step  # noqa: E402
-from autobatch.reference import plain_accumulation_backward  # noqa: E402
 
 GIVEN_FORMAT = "autobatch two_pass, phase 1 in the inputs' format"
 PLAIN_CHANNELS_LAST = "plain accumulation, model and inputs in channels_last"

@@ -17,7 +17,6 @@ import pathlib
 import sys
 
 import torch
-import torchvision
 from torchvision.models.detection import _utils as detection_utils
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 

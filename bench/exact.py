@@ -29,10 +29,10 @@ from autobatch.microstep import MicroStep  # noqa: E402
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state  # noqa: E402
 from autobatch.planning.memory import format_bytes  # noqa: E402
 from autobatch.planning.whole_batch import timed, whole_batch_step  # noqa: E402
+from autobatch.reference import plain_accumulation_backward  # noqa: E402
 from autobatch.snapshot import preserved  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
 from bench.cost import prepared, step_arguments  # noqa: E402
-from autobatch.reference import plain_accumulation_backward  # noqa: E402
 
 
 def optimizer_for(model):

@@ -32,9 +32,16 @@ import autobatch  # noqa: E402
 from autobatch.checkpointing import candidates  # noqa: E402
 from autobatch.demo import UNet, shapes  # noqa: E402
 from autobatch.demo.train import evaluate  # noqa: E402
+from autobatch.reference import (  # noqa: E402
+    cosine,
+    flat_grad,
+    frozen_statistics_backward,
+    frozen_statistics_grad,
+    full_batch_grad,
+    plain_accumulation_backward,
+    plain_accumulation_grad,
+)
 from autobatch.split import balanced_splits  # noqa: E402
-from autobatch.reference import (cosine, flat_grad, frozen_statistics_backward, frozen_statistics_grad,  # noqa: E402
-                                 full_batch_grad, plain_accumulation_backward, plain_accumulation_grad)
 
 ARMS = ("plain accumulation", "frozen statistics (forum)", "autobatch two_pass", "autobatch micro", "autobatch exact")
 TARGET = 16

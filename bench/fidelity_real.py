@@ -42,8 +42,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
 import autobatch.batchnorm.full_batch as full_batch  # noqa: E402
-from autobatch.split import balanced_splits  # noqa: E402
 from autobatch.reference import cosine, flat_grad, full_batch_grad, plain_accumulation_backward  # noqa: E402
+from autobatch.split import balanced_splits  # noqa: E402
 
 TARGET = 16
 ARMS = ("plain accumulation", "autobatch micro", "two_pass, uncentred", "two_pass, centred (b)", "two_pass")

@@ -20,10 +20,9 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
-from autobatch.split import balanced_splits  # noqa: E402
 from autobatch.demo.models import ResidualNet  # noqa: E402
-from autobatch.reference import (cosine, flat_grad, frozen_statistics_grad, full_batch_grad,  # noqa: E402
-                                 plain_accumulation_grad)
+from autobatch.reference import cosine, flat_grad, frozen_statistics_grad, full_batch_grad, plain_accumulation_grad  # noqa: E402
+from autobatch.split import balanced_splits  # noqa: E402
 
 ARMS = ("frozen statistics (forum)", "plain accumulation", "autobatch bn='micro'", "autobatch bn='two_pass'")
 

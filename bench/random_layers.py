@@ -7,11 +7,21 @@ before a BatchNorm1d head), float64, logical batch 16, 12x12 inputs, 3 seeds. Pe
 first step's gradient norm divided by the full batch's with the same masks, with autobatch's
 replay of random draws and its check against phase 1 switched off, i.e. as autobatch behaved before.
 """
-import sys, pathlib
+import pathlib
+import sys
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import torch, copy, contextlib, logging, torch.nn as nn, itertools
+import contextlib
+import copy
+import itertools
+import logging
+
+import torch
+import torch.nn as nn
+
 import autobatch
-from autobatch.demo.models import StochasticBlock, StochasticNet
+from autobatch.demo.models import StochasticNet
+
 logging.getLogger("autobatch").setLevel(logging.ERROR)
 ce = nn.CrossEntropyLoss()
 torch.set_num_threads(1)

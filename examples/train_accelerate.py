@@ -12,9 +12,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 import autobatch.integrations.accelerate
-from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 import autobatch
-from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 
 def main() -> None:

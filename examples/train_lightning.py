@@ -13,10 +13,10 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 import autobatch.integrations.lightning
 from autobatch.integrations.lightning import AutoBatchDDPStrategy
-from train_classifier import make_data, make_model  # the sibling example: same data and model
 
 TARGET_BATCH = 32
 

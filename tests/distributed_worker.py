@@ -13,11 +13,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
+from autobatch.batchnorm import layout
 from autobatch.checkpointing import Checkpointing
 from autobatch.plan import Phase1
-from autobatch.batchnorm import layout
-from tests.common import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
 from tests import common
+from tests.common import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
 
 ce = nn.CrossEntropyLoss()
 

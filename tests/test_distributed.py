@@ -217,8 +217,8 @@ def test_stochastic_depth_trains_on_two_ranks(good_runs):
 @pytest.mark.parametrize("scenario, rows", [("counted", slice(0, 8)), ("counted_uneven", [0, 1, 2, 3, 7])])
 def test_count_weighted_losses_over_ranks_with_different_counts_equal_the_whole_batch(good_runs, scenario, rows):
     # Rank 0's short sequences hold far fewer tokens than rank 1's: each token weighs the same on both.
-    from tests.distributed_worker import COUNTED_LENGTHS
     from tests.common import TinyLanguageModel, padded_sequences, token_loss_mean
+    from tests.distributed_worker import COUNTED_LENGTHS
     torch.manual_seed(0)
     model = TinyLanguageModel().double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)

@@ -8,9 +8,16 @@ from torch import nn
 
 import autobatch
 from autobatch.loss import Losses, check_counts, read_loss
-from tests.common import ResidualNet, TinyLanguageModel, padded_sequences, token_loss_mean, token_loss_sum
 from autobatch.reference import cosine, flat_grad, relative_error
-from tests.common import assert_same_state, model_state
+from tests.common import (
+    ResidualNet,
+    TinyLanguageModel,
+    assert_same_state,
+    model_state,
+    padded_sequences,
+    token_loss_mean,
+    token_loss_sum,
+)
 
 #: Length-grouped, as a length-grouped sampler gives them: the short sequences' tokens in one micro-batch.
 GROUPED = [2, 3, 2, 3, 12, 11, 12, 10]

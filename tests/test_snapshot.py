@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from autobatch.transaction import trial_transaction as preserved, update_transaction as undone_on_error
+from autobatch.transaction import trial_transaction as preserved
+from autobatch.transaction import update_transaction as undone_on_error
 from tests.common import assert_same_state, model_state
 
 

@@ -3,8 +3,16 @@ import collections
 import pytest
 import torch
 
-from autobatch.split import (CustomFormat, balanced_splits, batch_format, batch_size, non_finite_samples, split_batch,
-                             take, to_device)
+from autobatch.split import (
+    CustomFormat,
+    balanced_splits,
+    batch_format,
+    batch_size,
+    non_finite_samples,
+    split_batch,
+    take,
+    to_device,
+)
 
 
 def test_balanced_splits_example():

@@ -7,10 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
+from autobatch.reference import (
+    cosine,
+    flat_grad,
+    frozen_statistics_grad,
+    full_batch_grad,
+    plain_accumulation_grad,
+    relative_error,
+)
 from autobatch.split import balanced_splits
-from tests.common import Flat, ResidualNet, compiled, mlp, variants
-from autobatch.reference import cosine, flat_grad, frozen_statistics_grad, full_batch_grad, plain_accumulation_grad, relative_error
-from tests.common import assert_same_state, model_state
+from tests.common import Flat, ResidualNet, assert_same_state, compiled, mlp, model_state, variants
 
 ce = nn.CrossEntropyLoss()
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
-from tests.common import ResidualNet
-from tests.common import assert_same_state, model_state
+from autobatch import transaction
+from tests.common import ResidualNet, assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 
@@ -287,3 +287,132 @@ def test_where_the_updates_copies_live(monkeypatch, copies):
 def test_update_copies_is_checked():
     with pytest.raises(ValueError, match="update_copies must be one of"):
         adam_setup(4, update_copies="disk")
+
+
+# -- the transaction's own gaps, each closed ---------------------------------------------------------
+
+def test_the_gradients_the_caller_held_survive_an_error_while_the_step_saves_its_state(monkeypatch):
+    """Gap a: the BatchNorm buffers are copied before the caller's gradients are cleared."""
+    model, optimizer, _, ab = setup("phase 1", "interrupt", micro_batch=4)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = snapshot(model, optimizer)
+    original = transaction.BatchNormState.__init__
+
+    def interrupted(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transaction.BatchNormState, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ab.step(*batches()[0])
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_an_interrupt_while_the_planner_puts_the_model_back_leaves_it_whole(monkeypatch):
+    """Gap b: putting back is taken again from the start when it is interrupted half-way."""
+    model, optimizer, _, ab = setup("phase 1", "interrupt", memory_budget=125_000)
+    first, second = batches()
+    ab.step(*first)
+    before = snapshot(model, optimizer)
+    original, interrupts = transaction.Values.restore, [KeyboardInterrupt()]
+
+    def half_then_interrupted(self):
+        if interrupts and len(self._saved) > 2:
+            with torch.no_grad():
+                for tensor, value in self._saved[:2]:
+                    tensor.copy_(value)
+            raise interrupts.pop()
+        original(self)
+
+    monkeypatch.setattr(transaction.Values, "restore", half_then_interrupted)
+    ab.plan = None  # plan again: trials change the weights, statistics and counters, then put them back
+    with pytest.raises(KeyboardInterrupt):
+        ab.tune(*second)
+    assert not interrupts
+    assert_same(before, snapshot(model, optimizer))
+
+
+#: Phase 1 in the inputs' own format: the measured one could differ between two models, and with it
+#: the rounding of phase 1's statistics.
+AS_GIVEN = autobatch.TwoPass(phase1_memory_format=torch.preserve_format)
+
+
+def dropout_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 5)).double()
+
+
+def test_a_step_taken_again_draws_the_same_random_masks():
+    """Gap c: the RNG is put back with everything else, so a step retried after an interrupt (or redone
+    after running out of memory) equals a clean step, dropout masks included."""
+    first, second = batches()
+    runs = []
+    for interrupted in (False, True):
+        model = dropout_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ab = autobatch.wrap(model, optimizer, 8, ce, micro_batch=4, bn=AS_GIVEN)
+        ab.step(*first)
+        if interrupted:
+            calls = []
+
+            def fail_in_the_second_backward(module, grad_input, grad_output):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+
+            handle = model[0].register_full_backward_hook(fail_in_the_second_backward)
+            with pytest.raises(KeyboardInterrupt):
+                ab.step(*second)
+            handle.remove()
+        runs.append((ab.step(*second), model_state(model)))
+    assert runs[0][0] == runs[1][0]
+    assert_same_state(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("point", ["forward 1", "backward 1"])
+def test_a_step_redone_after_out_of_memory_draws_the_same_random_masks(point):
+    """Gap c, with micro_batch="auto": the redone step equals a clean step under the plan it recovered to."""
+    first, second = batches()
+    model = dropout_net()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, memory_budget=150_000,
+                        bn=AS_GIVEN)
+    ab.step(*first)
+    assert ab.plan.micro_batch < 8
+    layer, calls = model[1], []
+
+    def fault(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = (layer.register_forward_pre_hook(fault) if point.startswith("forward")
+              else layer.register_full_backward_hook(fault))
+    loss = ab.step(*second)
+    handle.remove()
+    assert ab.plan.reason.startswith("out of memory")
+    reference_model = dropout_net()
+    reference = autobatch.wrap(reference_model, torch.optim.SGD(reference_model.parameters(), lr=0.1), 8, ce,
+                               memory_budget=150_000, bn=AS_GIVEN)
+    reference.step(*first)
+    reference.plan = ab.plan
+    assert loss == reference.step(*second)
+    assert_same_state(model_state(reference_model), model_state(model))
+
+
+def test_put_back_runs_every_restore_again_after_an_interrupt():
+    done, interrupts = [], [KeyboardInterrupt()]
+
+    def first():
+        done.append("first")
+
+    def second():
+        if interrupts:
+            raise interrupts.pop()
+        done.append("second")
+
+    with pytest.raises(KeyboardInterrupt):
+        transaction.put_back([first, second])
+    assert done == ["first", "first", "second"]

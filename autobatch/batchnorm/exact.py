@@ -16,14 +16,13 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.transaction import BatchNormState
-from autobatch.batchnorm.statistics import (full_batch_statistics, local_statistics, name_of,
-                                            normalize)
+from autobatch.batchnorm.statistics import full_batch_statistics, local_statistics, name_of, normalize
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
 from autobatch.plan import Plan
+from autobatch.transaction import BatchNormState
 
 __all__ = ["ExactStrategy", "running_statistics_kept"]
 

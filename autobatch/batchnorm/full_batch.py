@@ -20,8 +20,16 @@ from torch import Tensor
 
 from autobatch.batchnorm.intercept import BatchNormCall
 from autobatch.batchnorm.recompute import RecomputedCalls
-from autobatch.batchnorm.statistics import (LayerStatistics, channel_means, check_values_per_channel,
-                                            full_batch_statistics, local_statistics, name_of, normalize, variance)
+from autobatch.batchnorm.statistics import (
+    LayerStatistics,
+    channel_means,
+    check_values_per_channel,
+    full_batch_statistics,
+    local_statistics,
+    name_of,
+    normalize,
+    variance,
+)
 from autobatch.distributed import Ranks
 
 __all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "check_same_channels", "different_calls"]

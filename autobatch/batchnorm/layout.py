@@ -21,16 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, ContextManager, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
+from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.batchnorm.statistics import with_own_statistics
 from autobatch.distributed import Ranks
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.split import leaves, map_tensors
+from autobatch.transaction import RandomState
 
 __all__ = ["Phase1Layout", "to_channels_last"]
 
@@ -82,7 +84,25 @@ class _Run(NamedTuple):
     peak_bytes: Optional[int]
 
 
-def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> _Run:
+class _SameDraws:
+    """Every trial forward gets the first one's random draws (autobatch.batchnorm.randomness), element by
+    element whatever the memory format (a mask drawn in channels_last order would put its values
+    elsewhere), and starts from the same RNG state: the formats' statistics then differ by rounding alone."""
+
+    def __init__(self) -> None:
+        self._draws = RandomDraws()
+        self._random = RandomState()
+        self._recorded = False
+
+    def __call__(self) -> ContextManager[None]:
+        self._random.restore()
+        if self._recorded:
+            return self._draws.replay(0, 0)  # rows 0: every draw replayed whole, by its shape
+        self._recorded = True
+        return self._draws.record(0, 0)
+
+
+def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.device, draws: _SameDraws) -> _Run:
     statistics: list[Tensor] = []
 
     def own_statistics(call: BatchNormCall) -> Tensor:
@@ -94,7 +114,7 @@ def _timed_forward(forward: Callable[[Any], Any], batch: Any, device: torch.devi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with intercept_batch_norm(own_statistics):
+    with intercept_batch_norm(own_statistics), draws():
         forward(batch)
     _synchronize(device)
     seconds = time.perf_counter() - start
@@ -165,8 +185,9 @@ def _trial(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> t
         return _NOTHING_TO_TRY, 0.0, ""
     reference: Optional[_Run] = None
     oom = False
+    draws = _SameDraws()
     try:
-        reference = _timed_forward(forward, batch, device)
+        reference = _timed_forward(forward, batch, device, draws)
     except Exception as error:  # noqa: BLE001 - phase 1 itself meets it again, and handles it
         oom = is_out_of_memory(error)
     if oom:
@@ -177,7 +198,7 @@ def _trial(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> t
     if reference is None:
         return _UNDECIDED, 0.0, ""
     try:
-        return _against_channels_last(forward, batch, reference, device)
+        return _against_channels_last(forward, batch, reference, device, draws)
     except Exception as error:  # noqa: BLE001 - channels_last is an optimization: any failure drops it
         oom = is_out_of_memory(error)
         message = first_line(error)
@@ -186,11 +207,11 @@ def _trial(forward: Callable[[Any], Any], batch: Any, device: torch.device) -> t
     return _FAILED, 0.0, f"channels_last failed ({message})"
 
 
-def _against_channels_last(forward: Callable[[Any], Any], batch: Any, reference: _Run,
-                           device: torch.device) -> tuple[int, float, str]:
+def _against_channels_last(forward: Callable[[Any], Any], batch: Any, reference: _Run, device: torch.device,
+                           draws: _SameDraws) -> tuple[int, float, str]:
     """``_trial``'s verdict once the inputs' format has run (``reference``)."""
     converted = to_channels_last(batch)
-    trial = _timed_forward(forward, converted, device)
+    trial = _timed_forward(forward, converted, device, draws)
     difference = _difference(trial.statistics, reference.statistics)
     if difference > AGREEMENT:
         log.warning("autobatch: phase 1 in channels_last gave BatchNorm statistics %.2g (relative) away from "
@@ -203,7 +224,7 @@ def _against_channels_last(forward: Callable[[Any], Any], batch: Any, reference:
     for round_ in range(ROUNDS):
         order = ((False, batch), (True, converted))
         for channels_last, inputs in (reversed(order) if round_ % 2 else order):
-            times[channels_last].append(_timed_forward(forward, inputs, device).seconds)
+            times[channels_last].append(_timed_forward(forward, inputs, device, draws).seconds)
     saving = 1 - min(times[True]) / min(times[False])
     if saving >= MARGIN:
         return _FASTER, saving, ""

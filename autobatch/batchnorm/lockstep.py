@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from autobatch.batchnorm.full_batch import FullBatchStatistics, StopForward, check_same_channels, different_calls
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.batchnorm.statistics import LayerStatistics, chan_merge, channel_means, local_statistics, name_of, normalize
+from autobatch.batchnorm.statistics import (
+    LayerStatistics,
+    chan_merge,
+    channel_means,
+    local_statistics,
+    name_of,
+    normalize,
+)
 
 __all__ = ["Lockstep", "batch_norm_counters", "thread_context"]
 

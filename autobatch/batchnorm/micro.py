@@ -19,12 +19,19 @@ import torch
 from torch import Tensor
 
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
-from autobatch.transaction import BatchNormState
-from autobatch.batchnorm.statistics import (LayerStatistics, chan_merge, check_values_per_channel,
-                                            full_batch_statistics, name_of, variance, with_own_statistics)
+from autobatch.batchnorm.statistics import (
+    LayerStatistics,
+    chan_merge,
+    check_values_per_channel,
+    full_batch_statistics,
+    name_of,
+    variance,
+    with_own_statistics,
+)
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
 from autobatch.plan import Phase1
+from autobatch.transaction import BatchNormState
 
 __all__ = ["MicroStrategy", "PooledBatchNorm"]
 

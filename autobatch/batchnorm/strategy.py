@@ -22,11 +22,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.recompute import recompute_with_own_statistics
-from autobatch.transaction import BatchNormState
 from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.distributed import Ranks
 from autobatch.modes import Mode
 from autobatch.plan import Phase1, Plan
+from autobatch.transaction import BatchNormState
 
 __all__ = ["BatchNormStrategy", "Plain"]
 

@@ -22,7 +22,6 @@ from autobatch.batchnorm.lockstep import Lockstep, batch_norm_counters, thread_c
 from autobatch.batchnorm.micro import PooledBatchNorm
 from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.batchnorm.recompute import quiet_checkpoint
-from autobatch.transaction import BatchNormState
 from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
@@ -30,6 +29,7 @@ from autobatch.microstep import MicroStep
 from autobatch.phases import Phase, entered
 from autobatch.plan import Phase1
 from autobatch.split import balanced_splits
+from autobatch.transaction import BatchNormState
 
 __all__ = ["TwoPassStrategy"]
 

@@ -19,7 +19,7 @@ import autobatch
 from autobatch.demo.data import shapes
 from autobatch.demo.png import write_png
 from autobatch.demo.unet import UNet
-from autobatch.planning.planner import Plan
+from autobatch.plan import Plan
 
 __all__ = ["DemoResult", "foreground_iou", "run"]
 

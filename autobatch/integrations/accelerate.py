@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.step import AutoBatch, wrap as autobatch_wrap
+from autobatch.step import AutoBatch
+from autobatch.step import wrap as autobatch_wrap
 
 __all__ = ["wrap"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-from autobatch.checkpointing import Checkpointing, candidates as checkpointing_candidates
+from autobatch.checkpointing import Checkpointing
+from autobatch.checkpointing import candidates as checkpointing_candidates
 from autobatch.distributed import Ranks
 from autobatch.modes import Mode
 from autobatch.oom import first_line

@@ -11,9 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 import autobatch
 from autobatch.checkpointing import Checkpointing, candidates
-from tests.common import ResidualNet, StochasticNet
-from tests.common import model_state
 from tests import common
+from tests.common import ResidualNet, StochasticNet, model_state
 
 ce = nn.CrossEntropyLoss()
 

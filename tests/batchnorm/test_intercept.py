@@ -10,8 +10,7 @@ from torch import nn
 
 import autobatch
 from autobatch.batchnorm.intercept import intercept_batch_norm
-from tests.common import ResidualNet
-from tests.common import assert_same_state, model_state
+from tests.common import ResidualNet, assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

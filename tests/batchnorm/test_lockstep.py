@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
-from tests.common import Flat, ResidualNet, mlp, variants
-from tests.common import assert_same_state, model_state
+from tests.common import Flat, ResidualNet, assert_same_state, mlp, model_state, variants
 
 ce = nn.CrossEntropyLoss()
 

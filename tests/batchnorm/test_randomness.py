@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import autobatch
-from autobatch.plan import Phase1
 from autobatch.batchnorm.randomness import RandomDraws
-from tests.common import StochasticNet, compiled
+from autobatch.plan import Phase1
 from autobatch.reference import flat_grad, relative_error
-from tests.test_step import bn_outputs
 from tests import common
+from tests.common import StochasticNet, compiled
+from tests.test_step import bn_outputs
 
 ce = nn.CrossEntropyLoss()
 

@@ -15,9 +15,8 @@ from torch.utils.checkpoint import checkpoint
 import autobatch
 from autobatch.batchnorm.intercept import BatchNormCall
 from autobatch.batchnorm.recompute import RecomputedCalls
-from tests.common import Block
-from tests.common import assert_same_state, model_state
 from tests import common
+from tests.common import Block, assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from autobatch.transaction import BatchNormState
 from autobatch.batchnorm.statistics import batch_norm_modules, uses_batch_statistics
+from autobatch.transaction import BatchNormState
 
 
 def test_state_restores_every_buffer():

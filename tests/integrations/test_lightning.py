@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from tests.integrations.launch import ROOT, WORKERS, launched
 from tests.distributed_worker import resnet
+from tests.integrations.launch import ROOT, WORKERS, launched
 from tests.test_distributed import assert_same, single_process
 
 pytestmark = pytest.mark.slow

@@ -1,12 +1,15 @@
 import json
 import logging
 import multiprocessing
+import os
+import stat
 
 import pytest
 import torch
 from torch import nn
 
 from autobatch.planning.cache import PlanCache, plan_key
+from autobatch.planning.memory import Budget
 
 RECORD = {"micro_batch": 12, "fixed_bytes": 100.0, "per_sample_bytes": 10.0, "points": [[2, 120], [4, 140]]}
 
@@ -103,3 +106,60 @@ def test_key_sees_module_configuration_and_optimizer_settings():
     assert conv_key(1) == conv_key(1)
     assert conv_key(2) != conv_key(1)  # the same parameter shapes, other activations
     assert conv_key(1, amsgrad=True) != conv_key(1)  # one more state tensor per parameter
+
+
+@pytest.mark.parametrize("content", [b"[" * 200_000 + b"]" * 200_000, b'{"a": "' + b"x" * (2 << 20) + b'"}'],
+                         ids=["nested too deep", "too large"])
+def test_a_file_no_plan_record_could_be_is_ignored_without_reading_it_whole(tmp_path, caplog, content):
+    cache = PlanCache(tmp_path)
+    cache.store("k", RECORD)
+    cache.path("k").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        assert cache.load("k") is None  # no RecursionError, no megabytes parsed
+    assert "ignoring the unreadable plan cache file" in caplog.text
+
+
+@pytest.mark.parametrize("change, problem", [({"phase1_chunks": 1000}, "phase1_chunks 1000 is more than"),
+                                             ({"micro_batch": 40}, "larger than this run's batch"),
+                                             ({"points": [[64, 100]]}, "more samples than"),
+                                             ({"bn": "auto"}, "not a mode a plan runs")])
+def test_a_record_out_of_range_for_this_run_is_ignored(tmp_path, caplog, change, problem):
+    cache = PlanCache(tmp_path)
+    cache.store("k", {**RECORD, **change})
+    assert cache.load("k") is not None or "bn" in change  # a record of some run: only this run's ranges refuse it
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        assert cache.load("k", share=16) is None
+    assert problem in caplog.text
+
+
+def test_cache_files_are_as_readable_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        PlanCache(tmp_path).store("k", RECORD)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(PlanCache(tmp_path).path("k")).st_mode) == 0o644
+
+
+def test_a_cached_whole_batch_plan_over_todays_budget_is_measured_afresh(caplog):
+    import autobatch
+    from tests.common import ResidualNet, data
+
+    def wrapped(budget):
+        torch.manual_seed(0)
+        model = ResidualNet(blocks=1).double()
+        return autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
+                              bn="exact", memory_budget=budget)
+
+    x, y = data(8)
+    plan = wrapped(10**9).tune(x, y)
+    assert plan.source == "measured" and plan.bn == "exact"
+    again = wrapped(10**9)
+    assert again.tune(x, y).source == "cache"
+    # Today the same key (the same budget setting) finds less memory free: a device shared with another job.
+    with caplog.at_level(logging.WARNING, logger="autobatch"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("autobatch.planning.planner.budget", lambda memory, cap: Budget(
+            int(plan.predicted_peak_bytes * 0.9), memory.capacity_bytes, None, 0.1))
+        with pytest.raises(MemoryError, match="bn='exact' does not fit"):
+            wrapped(10**9).tune(x, y)
+    assert "over today's budget" in caplog.text

@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 
-from autobatch.planning import memory
 from autobatch.oom import is_out_of_memory
 from autobatch.options import check_memory_budget
+from autobatch.planning import memory
 from autobatch.planning.memory import DeviceMemory, budget, probe
 from autobatch.sizes import parse_bytes
 

@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.planning.measure import peak_bytes, warm_optimizer_state
 from autobatch.batchnorm.randomness import RandomDraws
+from autobatch.planning.measure import peak_bytes, warm_optimizer_state
 from autobatch.transaction import trial_transaction as preserved
-from tests.common import mlp
-from tests.common import assert_same_state, model_state
 from tests import common
+from tests.common import assert_same_state, mlp, model_state
 
 ce = nn.CrossEntropyLoss()
 

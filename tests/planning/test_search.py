@@ -1,7 +1,5 @@
 import pytest
 
-from autobatch.options import check_micro_batch, check_target_batch
-from autobatch.plan import fixed_plan
 from autobatch.planning.search import Fit, search, shrink
 
 
@@ -72,26 +70,3 @@ def test_shrink():
     assert shrink(10) == 8 and shrink(2) == 1
     with pytest.raises(MemoryError):
         shrink(1)
-
-
-def test_user_micro_batch():
-    plan = fixed_plan(16, 7)
-    assert (plan.micro_batch, plan.splits, plan.source) == (7, [6, 5, 5], "user")
-    assert fixed_plan(16, 64).splits == [16]
-
-
-def test_plan_prints_as_a_table():
-    text = str(fixed_plan(16, 7))
-    assert "splits        [6, 5, 5]" in text and "source        user" in text
-
-
-@pytest.mark.parametrize("value", [0, -3, 1.5, "8", True, None])
-def test_bad_target_batch(value):
-    with pytest.raises(ValueError, match="target_batch must be a positive int"):
-        check_target_batch(value)
-
-
-@pytest.mark.parametrize("value", [0, -1, 2.0, "max", False])
-def test_bad_micro_batch(value):
-    with pytest.raises(ValueError, match="micro_batch must be 'auto' or a positive int"):
-        check_micro_batch(value)
