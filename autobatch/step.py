@@ -292,11 +292,12 @@ class AutoBatch:
             return losses.settle(numerator, denominator)
         table, raised = self._ranks.outcome(error, numerator, denominator, error is not None and
                                             phase_of(error) is Phase.LOCKSTEP)
+        numerators, denominators, in_lockstep = table[:, 2], table[:, 3], table[:, 4]  # after (failed, oom)
         if raised is not None:
-            if raised is not error and table[:, 4].any():
+            if raised is not error and in_lockstep.any():
                 tag(raised, Phase.LOCKSTEP)  # another rank ran out of memory there: every rank drops the lockstep
             raise raised
-        return losses.settle(float(table[:, 2].sum()), float(table[:, 3].sum()))
+        return losses.settle(float(numerators.sum()), float(denominators.sum()))
 
     def _non_finite(self, values: list[float], splits: list[int], batch: Any,
                     norm: BatchNormStrategy) -> Optional[FloatingPointError]:

@@ -20,6 +20,8 @@ from tests import common
 from tests.common import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
 
 ce = nn.CrossEntropyLoss()
+LOCKSTEP = autobatch.TwoPass(lockstep=True)
+CHANNELS_LAST = autobatch.TwoPass(phase1_memory_format=torch.channels_last)
 
 
 def data(n=16, image=False):
@@ -89,7 +91,7 @@ def chunked_phase_one(rank):
 
 
 def lockstep(rank):
-    return train(resnet(), halves(rank), micro_batch=4, image=True, lockstep=True)
+    return train(resnet(), halves(rank), micro_batch=4, image=True, bn=LOCKSTEP)
 
 
 def one_sample_on_rank_one(rank, **options):
@@ -98,7 +100,7 @@ def one_sample_on_rank_one(rank, **options):
 
 
 def one_sample_lockstep(rank):
-    return one_sample_on_rank_one(rank, lockstep=True)
+    return one_sample_on_rank_one(rank, bn=LOCKSTEP)
 
 
 class CheckpointedBlocks(nn.Sequential):
@@ -117,7 +119,7 @@ def checkpointed(rank):
 
 
 def phase_one_in_channels_last(rank):
-    return train(resnet(), halves(rank), micro_batch=4, image=True, phase1_memory_format=torch.channels_last)
+    return train(resnet(), halves(rank), micro_batch=4, image=True, bn=CHANNELS_LAST)
 
 
 def channels_last_fails_on_rank_one(rank, margin=-1.0):
@@ -207,7 +209,7 @@ def lockstep_out_of_memory(rank):
     # Rank 1 runs out of memory in its first micro-batch's loss, inside the lockstep; rank 0 goes on.
     loss_fn = OutOfMemoryOnRankOne(rank)
     loss_fn.armed = True
-    return train(resnet(), halves(rank), micro_batch=4, image=True, lockstep=True, loss_fn=loss_fn)
+    return train(resnet(), halves(rank), micro_batch=4, image=True, bn=LOCKSTEP, loss_fn=loss_fn)
 
 
 def too_large_on_rank_one(rank):

@@ -48,8 +48,7 @@ def optimizer_for(name, model):
 def budget_between_two_and_four(name, model):
     """A memory budget between autobatch's measured peaks of 2 and of 4 images: the whole batch does not fit."""
     model = copy.deepcopy(model)
-    ab = autobatch.wrap(model, optimizer_for(name, model), 4, compute_loss=detection_loss, memory_budget=10**12,
-                        cache=False)
+    ab = autobatch.wrap(model, optimizer_for(name, model), 4, compute_loss=detection_loss, memory_budget=10**12)
     points = dict(ab.tune(batches(name, 1)[0]).points)
     return int((points[2] + points[4]) / 2 / 0.9)  # the planner keeps a 10% margin under the budget
 
@@ -62,7 +61,7 @@ def test_detection_models_train_in_micro_batches(name, micro_batch):
     before = copy.deepcopy(model.state_dict())
     options = {"memory_budget": budget_between_two_and_four(name, model)} if micro_batch == "auto" else {}
     ab = autobatch.wrap(model, optimizer_for(name, model), 4, compute_loss=detection_loss, micro_batch=micro_batch,
-                        cache=False, **options)
+                        **options)
     losses = [ab.step(batch) for batch in batches(name)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert len(ab.plan.splits) > 1, ab.plan
@@ -101,7 +100,7 @@ def test_a_split_detection_step_equals_the_unsplit_one(monkeypatch):
     expected = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None])
     grads = []
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 4, compute_loss=detection_loss,
-                        micro_batch=2, cache=False, before_step=lambda ab: grads.append(
+                        micro_batch=2, before_step=lambda ab: grads.append(
                             torch.cat([p.grad.flatten() for p in ab.model.parameters() if p.grad is not None])))
     ab.step(batch)
     assert ((grads[0] - expected).norm() / expected.norm()).item() < 1e-10
@@ -113,11 +112,11 @@ def test_two_pass_refuses_micro_batches_padded_otherwise_than_the_batch():
     model.transform.min_size, model.transform.max_size = (96,), 160
     before = copy.deepcopy(model.state_dict())
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), 4, compute_loss=detection_loss,
-                        micro_batch=2, cache=False)
+                        micro_batch=2)
     with pytest.raises(RuntimeError, match="pads each batch to its largest sample"):
         ab.step(detection_shapes([(96, 96)] * 2 + [(96, 160)] * 2))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # bn="micro" trains it: each micro-batch normalizes with its own statistics, as plain accumulation does.
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), 4, compute_loss=detection_loss,
-                        micro_batch=2, bn="micro", cache=False)
+                        micro_batch=2, bn="micro")
     assert torch.isfinite(torch.tensor(ab.step(detection_shapes([(96, 96)] * 2 + [(96, 160)] * 2))))

@@ -12,7 +12,8 @@ import autobatch
 from autobatch.plan import Phase1
 from tests.distributed_worker import ce, data, mlp, resnet
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -42,7 +42,7 @@ def test_one_declaration_says_what_the_ranks_agree_on_and_what_keys_the_cache():
 
 
 @pytest.mark.parametrize("loss_fn, message", [
-    (nn.CrossEntropyLoss, r"the class CrossEntropyLoss, not a function; pass an instance: loss_fn=CrossEntropyLoss\(\)"),
+    (nn.CrossEntropyLoss, r"class CrossEntropyLoss, not a function; pass an instance: loss_fn=CrossEntropyLoss\(\)"),
     ("mse", "loss_fn must be callable"),
     (lambda outputs: outputs.sum(), "called as loss_fn\\(outputs, targets\\) with two arguments, but <lambda> takes 1"),
     (lambda a, b, c: a.sum(), "takes 3"),
@@ -61,7 +61,8 @@ def test_losses_that_can_be_called_so_are_accepted():
 
 def test_the_moved_keywords_still_work_and_say_where_they_went():
     model = ResidualNet(blocks=1)
-    with pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(lockstep=...\)"):
+    with pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(lockstep=...\)"), \
+            pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(phase1_memory_format=...\)"):
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
                             micro_batch=4, lockstep=True, phase1_memory_format=torch.preserve_format)
     assert ab.options.bn == TwoPass(lockstep=True, phase1_memory_format=torch.preserve_format)

@@ -296,7 +296,7 @@ def test_phase_one_stops_after_the_last_batch_norm():
     model.fc.register_forward_hook(lambda *args: heads.append(torch.is_grad_enabled()))
     # The memory-format trial's forwards are tests/test_layout.py's.
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4,
-                        phase1_memory_format=torch.preserve_format)
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
     ab.step(x, y)
     assert heads == [False, True, True]  # first step: phase 1 runs to the end to count the calls
@@ -348,9 +348,10 @@ def test_bfloat16_autocast_on_cpu():
 # -- torch.compile ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, in_place", [({"bn": "two_pass"}, False), ({"bn": "micro"}, False),
-                                               ({"bn": "two_pass", "lockstep": True}, False),
+                                               ({"bn": autobatch.TwoPass(lockstep=True)}, False),
                                                ({"bn": "two_pass"}, True)],
                          ids=["two_pass", "micro", "lockstep", "model.compile()"])
+@pytest.mark.slow
 def test_a_compiled_model_trains_as_the_model_itself(options, in_place):
     torch.manual_seed(0)
     model = ResidualNet(blocks=2).double()
@@ -370,6 +371,7 @@ def test_a_compiled_model_trains_as_the_model_itself(options, in_place):
         torch.testing.assert_close(other.state_dict()[key], value, rtol=1e-12, atol=1e-14, msg=key)
 
 
+@pytest.mark.slow
 def test_a_compiled_two_pass_step_compiles_in_the_first_step_only():
     # Phase 1 runs to the end of the forward under torch.compile: stopping it with an exception after
     # the last BatchNorm made dynamo give up on the traced forward and compile the BatchNorm calls

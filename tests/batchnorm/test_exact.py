@@ -41,7 +41,7 @@ def full_batch_step(model, x, y, seed=5):
 def exact_step(model, x, y, policy, seed=5, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     grads = []
-    ab = autobatch.wrap(model, optimizer, len(x), ce, bn="exact", cache=False, memory_budget=10**10,
+    ab = autobatch.wrap(model, optimizer, len(x), ce, bn="exact", memory_budget=10**10,
                         before_step=lambda ab: grads.extend(p.grad.clone() for p in model.parameters()), **options)
     ab.tune(x, y)
     ab.plan = ab.plan.replace(checkpointing=policy)
@@ -122,24 +122,24 @@ def test_the_planner_checkpoints_only_where_the_whole_batch_does_not_fit():
     torch.manual_seed(0)
     model = ResidualNet(blocks=2).double()
     x, y = data()
-    roomy = wrapped(model, "exact", ce, cache=False, memory_budget=10**10).tune(x, y)
+    roomy = wrapped(model, "exact", ce, memory_budget=10**10).tune(x, y)
     assert roomy.checkpointed == () and [c.label for c in roomy.candidates] == ["none"]
     peak = roomy.candidates[0].peak_bytes
-    tight = wrapped(model, "exact", ce, cache=False, memory_budget=int(0.95 * peak / 0.9)).tune(x, y)
+    tight = wrapped(model, "exact", ce, memory_budget=int(0.95 * peak / 0.9)).tune(x, y)
     assert tight.checkpointed and tight.predicted_peak_bytes <= tight.budget_bytes
     assert "checkpointed" in str(tight) and "step time" in str(tight)
     with pytest.raises(MemoryError, match=r"bn='exact' does not fit: .* peaked at .* budget of .* bn='two_pass'"):
-        wrapped(model, "exact", ce, cache=False, memory_budget=int(0.3 * peak)).tune(x, y)
+        wrapped(model, "exact", ce, memory_budget=int(0.3 * peak)).tune(x, y)
 
 
 def test_auto_runs_the_whole_batch_where_it_fits_and_two_pass_where_nothing_does():
     torch.manual_seed(0)
     model = ResidualNet(blocks=2).double()
     x, y = data()
-    roomy = wrapped(model, "auto", ce, cache=False, memory_budget=10**10)
+    roomy = wrapped(model, "auto", ce, memory_budget=10**10)
     assert roomy.tune(x, y).bn == "exact" and roomy.plan.splits == [16]
     peak = roomy.plan.candidates[0].peak_bytes
-    tight = wrapped(model, "auto", ce, cache=False, memory_budget=int(0.5 * peak))
+    tight = wrapped(model, "auto", ce, memory_budget=int(0.5 * peak))
     plan = tight.tune(x, y)
     assert plan.bn == "two_pass" and plan.micro_batch < 16 and plan.candidates[-1].exact is False
     assert tight.step(x, y) > 0
@@ -163,12 +163,12 @@ def test_out_of_memory_in_an_exact_step_is_a_clear_error_and_auto_falls_back_to_
             raise failures.pop()
         return ce(outputs, targets)
 
-    exact = wrapped(model, "exact", loss_fn, cache=False, memory_budget=10**10)
+    exact = wrapped(model, "exact", loss_fn, memory_budget=10**10)
     exact.tune(x, y)
     failures.append(torch.OutOfMemoryError("CUDA out of memory (injected)"))
     with pytest.raises(MemoryError, match="bn='exact' ran out of memory with the whole batch"):
         exact.step(x, y)
-    auto = wrapped(model, "auto", loss_fn, cache=False, memory_budget=10**10)
+    auto = wrapped(model, "auto", loss_fn, memory_budget=10**10)
     auto.tune(x, y)
     failures.append(torch.OutOfMemoryError("CUDA out of memory (injected)"))
     auto.step(x, y)
@@ -205,7 +205,7 @@ def test_a_compiled_model_runs_the_whole_batch_without_checkpointing():
     runs = []
     for module, wrapped_model in ((eager, eager), (compiled_model, compiled(compiled_model, graphs))):
         ab = autobatch.wrap(wrapped_model, torch.optim.SGD(module.parameters(), lr=0.1), 16, ce, bn="exact",
-                            cache=False, memory_budget=10**10)
+                            memory_budget=10**10)
         runs.append([ab.step(x, y) for _ in range(2)])
         assert ab.plan.checkpointed == ()
     assert runs[0] == pytest.approx(runs[1], rel=1e-12) and graphs
@@ -225,7 +225,7 @@ def test_autocast_and_grad_scaler_give_the_full_batch_step():
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn="exact", cache=False,
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn="exact",
                         memory_budget=10**10, autocast_dtype=torch.bfloat16,
                         scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     ab.tune(x, y)
@@ -261,9 +261,9 @@ def test_a_policy_that_breaks_on_an_in_place_layer_is_left_out():
     torch.manual_seed(0)
     model = InPlaceHead().double()
     x, y = data(size=24)  # activations, not the update, make the peak
-    ab = wrapped(model, "exact", cache=False, memory_budget=10**10)
+    ab = wrapped(model, "exact", memory_budget=10**10)
     peak = ab.tune(x, y).candidates[0].peak_bytes
-    tight = wrapped(model, "exact", cache=False, memory_budget=int(0.99 * peak / 0.9))
+    tight = wrapped(model, "exact", memory_budget=int(0.99 * peak / 0.9))
     plan = tight.tune(x, y)
     failed = [c.label for c in plan.candidates if "fails" in c.label]
     assert failed and "head" not in plan.checkpointed

@@ -83,8 +83,9 @@ def make(seed, bn="two_pass"):
     torch.manual_seed(seed)
     model = ResidualNet(blocks=1).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return model, optimizer, autobatch.wrap(model, optimizer, 8, ce, micro_batch=3, bn=bn, cache=False,
-                                            phase1_memory_format=torch.preserve_format)
+    if bn == "two_pass":
+        bn = autobatch.TwoPass(phase1_memory_format=torch.preserve_format)
+    return model, optimizer, autobatch.wrap(model, optimizer, 8, ce, micro_batch=3, bn=bn)
 
 
 def batches(seed, count=6):

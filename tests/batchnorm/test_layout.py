@@ -17,6 +17,9 @@ from tests import common
 from tests.common import ResidualNet, assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
+AS_GIVEN = autobatch.TwoPass(phase1_memory_format=torch.preserve_format)
+LOCKSTEP_CHANNELS_LAST = autobatch.TwoPass(lockstep=True, phase1_memory_format=torch.channels_last)
+CHANNELS_LAST = autobatch.TwoPass(phase1_memory_format=torch.channels_last)
 
 
 def data(n=12, seed=0, dtype=torch.float64):
@@ -26,7 +29,7 @@ def data(n=12, seed=0, dtype=torch.float64):
 def one_step(model, x, y, **options):
     """Loss, accumulated gradient and state after one two_pass step in micro-batches of 4."""
     captured = {}
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), len(x), ce, micro_batch=4, cache=False,
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), len(x), ce, micro_batch=4,
                         before_step=lambda ab: captured.setdefault("grad", flat_grad(ab.model)), **options)
     loss = ab.step(x, y)
     return loss, captured["grad"], model_state(model), ab
@@ -96,7 +99,7 @@ def test_bad_phase1_memory_format_is_refused_before_anything_changes():
     before = model_state(model)
     with pytest.raises(ValueError, match="phase1_memory_format must be None .* torch.channels_last"):
         autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce,
-                       phase1_memory_format=torch.contiguous_format)
+                       bn=autobatch.TwoPass(phase1_memory_format=torch.contiguous_format))
     assert_same_state(before, model_state(model))
 
 
@@ -109,13 +112,13 @@ def test_phase_one_in_channels_last_gives_the_full_batch_results():
     full = copy.deepcopy(model)
     full_loss = ce(full(x), y)
     full_loss.backward()
-    loss, grad, state, ab = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.channels_last)
+    loss, grad, state, ab = one_step(copy.deepcopy(model), x, y, bn=CHANNELS_LAST)
     assert ab._strategy.layout.memory_format is torch.channels_last
     assert loss == pytest.approx(full_loss.item(), rel=1e-10)
     for key, value in full.state_dict().items():
         if "running" in key or "num_batches" in key:
             torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
-    _, given_grad, given_state, _ = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
+    _, given_grad, given_state, _ = one_step(copy.deepcopy(model), x, y, bn=AS_GIVEN)
     assert relative_error(grad, given_grad) < 1e-10
     for key, value in given_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
@@ -126,7 +129,7 @@ def test_the_measured_format_trains_like_the_inputs_own():
     model = ResidualNet(blocks=2).double()
     x, y = data()
     measured = one_step(copy.deepcopy(model), x, y)
-    given = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
+    given = one_step(copy.deepcopy(model), x, y, bn=AS_GIVEN)
     assert measured[3]._strategy.layout.measured
     assert measured[0] == pytest.approx(given[0], rel=1e-10)
     assert relative_error(measured[1], given[1]) < 1e-10
@@ -186,7 +189,7 @@ def test_a_model_that_fails_in_channels_last_keeps_the_inputs_format(caplog):
         loss, _, state, ab = one_step(model, x, y)
     assert ab._strategy.layout.memory_format is torch.preserve_format
     assert "channels_last failed" in caplog.text and "view" in caplog.text
-    expected, _, expected_state, _ = one_step(reference, x, y, phase1_memory_format=torch.preserve_format)
+    expected, _, expected_state, _ = one_step(reference, x, y, bn=AS_GIVEN)
     assert loss == expected
     assert_same_state(expected_state, state)
 
@@ -278,7 +281,7 @@ def test_the_trial_on_a_gpu_decides_and_trains_like_the_inputs_format():
     model = ResidualNet(blocks=2, channels=32).cuda()
     x, y = torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 5, (32,), device="cuda")
     measured = one_step(copy.deepcopy(model), x, y)
-    given = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
+    given = one_step(copy.deepcopy(model), x, y, bn=AS_GIVEN)
     assert measured[3]._strategy.layout.measured
     assert measured[0] == pytest.approx(given[0], rel=1e-3)
     assert relative_error(measured[1], given[1]) < 1e-2
@@ -292,10 +295,10 @@ def test_lockstep_runs_the_other_samples_in_the_chosen_format():
     model.stem.register_forward_pre_hook(
         lambda module, args: formats.append((torch.is_grad_enabled(),
                                              args[0].is_contiguous(memory_format=torch.channels_last))))
-    lockstep = one_step(copy.deepcopy(model), x, y, lockstep=True, phase1_memory_format=torch.channels_last)
+    lockstep = one_step(copy.deepcopy(model), x, y, bn=LOCKSTEP_CHANNELS_LAST)
     # The helper's no-grad forward of the other 8 samples in channels_last; the 3 micro-batches as given.
     assert sorted(formats) == [(False, True)] + [(True, False)] * 3
-    given = one_step(copy.deepcopy(model), x, y, phase1_memory_format=torch.preserve_format)
+    given = one_step(copy.deepcopy(model), x, y, bn=AS_GIVEN)
     assert lockstep[0] == pytest.approx(given[0], rel=1e-10)
     assert relative_error(lockstep[1], given[1]) < 1e-10
     for key, value in given[2].items():

@@ -45,13 +45,14 @@ def autobatch_step(model, x, y, micro_batch=5, seed=1, **options):
     """One two_pass step with the generator seeded at ``seed``; its loss and accumulated gradient."""
     grads = []
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(x), ce, micro_batch=micro_batch,
-                        cache=False, phase1_memory_format=torch.preserve_format,
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format),
                         before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
     torch.manual_seed(seed)
     return ab.step(x, y), grads[0], ab
 
 
-@pytest.mark.parametrize("variant", ["plain", "checkpointed", "checkpointed-reentrant", "compiled"])
+@pytest.mark.parametrize("variant", ["plain", "checkpointed", "checkpointed-reentrant",
+                                     pytest.param("compiled", marks=pytest.mark.slow)])
 def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
     """Loss and every BatchNorm output of two_pass equal the full batch's with the same masks."""
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def test_micro_batches_normalize_what_phase_one_measured(options):
     """Lockstep and a chunked phase 1 draw in another order than the full batch, so the check is
     the property itself: what the micro-batches feed each BatchNorm has the statistics they use."""
     torch.manual_seed(0)
-    chunks = options.pop("phase1_chunks", 1)
+    chunks, lockstep = options.get("phase1_chunks", 1), options.get("lockstep", False)
     # A chunked phase 1 pools per-chunk statistics, exact for the first BatchNorm only: one block's
     # first layer after a dropout keeps the check exact there.
     net = StochasticNet(blocks=3).double() if chunks == 1 else nn.Sequential(
@@ -103,8 +104,8 @@ def test_micro_batches_normalize_what_phase_one_measured(options):
     x, y = data()
     net(x)
     inputs = bn_outputs(net, inputs=True)
-    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
-                        phase1_memory_format=torch.preserve_format, **options)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5,
+                        bn=autobatch.TwoPass(lockstep=lockstep, phase1_memory_format=torch.preserve_format))
     if chunks > 1:
         ab.plan = ab.plan.replace(phase1=Phase1.chunked(chunks))
     torch.manual_seed(1)
@@ -132,8 +133,7 @@ def test_deep_stochastic_depth_model_trains_like_the_full_batch():
     _, grad, _ = autobatch_step(copy.deepcopy(net), x, y, micro_batch=2)
     assert 0.5 < grad.norm().item() / full_norm < 2, (grad.norm().item(), full_norm)
     model = copy.deepcopy(net)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 16, ce, micro_batch=2,
-                        cache=False)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 16, ce, micro_batch=2)
     for step in range(10):
         x, y = data(size=12, seed=10 + step)
         loss = ab.step(x, y)
@@ -145,7 +145,7 @@ def test_draws_after_the_last_batch_norm_are_drawn_afresh():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
-    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4)
     for _ in range(3):
         ab.step(x, y)
     assert ab._strategy.draws.recorded == 0  # phase 1 stops at the BatchNorm, before the dropout
@@ -164,7 +164,7 @@ def test_a_draw_that_is_neither_per_sample_nor_whole_is_refused():
 
     net = Odd().double()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
-    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4)
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(RuntimeError, match=r"random draw #0 \(rand\) has shape \(5, 4\).*\(17, 4\)"):
         ab.step(x, y)
@@ -203,7 +203,7 @@ def test_a_random_op_that_is_not_replayed_stops_the_step(lockstep):
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     before = copy.deepcopy(net.state_dict())
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, cache=False, lockstep=lockstep)
+    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, bn=autobatch.TwoPass(lockstep=lockstep))
     with pytest.raises(RuntimeError, match=r"BatchNorm layer '2' got inputs in a micro-batch whose mean lies .* "
                                            r"standard deviations from phase 1's"):
         ab.step(x, y)
@@ -222,6 +222,6 @@ def test_a_channel_with_a_large_mean_and_a_tiny_spread_is_not_refused():
     with torch.no_grad():
         net[0].weight.mul_(1e-3)
         net[0].bias.fill_(1e4)
-    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5, cache=False,
-                        phase1_memory_format=torch.preserve_format)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5,
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     ab.step(x, y)

@@ -48,7 +48,7 @@ class Checkpointed(nn.Module):
 
 def train(model, x, y, steps=2, **options):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(model, opt, len(x), ce, cache=False, **options)
+    ab = autobatch.wrap(model, opt, len(x), ce, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = [ab.step(x, y) for _ in range(steps)]
@@ -60,7 +60,7 @@ def data(n=12, seed=0):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("options", [dict(micro_batch=4), dict(micro_batch=4, lockstep=True),
+@pytest.mark.parametrize("options", [dict(micro_batch=4), dict(micro_batch=4, bn=autobatch.TwoPass(lockstep=True)),
                                      dict(micro_batch=4, bn="micro"), dict(micro_batch=12),
                                      dict(micro_batch=5, bn="micro")],
                          ids=["two_pass", "lockstep", "micro", "one micro-batch", "micro uneven"])
@@ -111,14 +111,14 @@ def test_a_layer_run_twice_in_a_checkpointed_segment_is_refused_with_the_model_u
     torch.manual_seed(0)
     model = SharedInCheckpoint().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4, cache=False)
+    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4)
     before = model_state(model)
     with pytest.raises(RuntimeError, match=r"'bn' runs 2 times per forward.*checkpoint.*bn='micro'"):
         ab.step(x, y)
     assert_same_state(before, model_state(model))
     assert all(p.grad is None for p in model.parameters())
     # bn="micro" needs no matching: each recomputation normalizes with its own micro-batch's statistics.
-    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4, bn="micro", cache=False)
+    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4, bn="micro")
     ab.step(x, y)
     assert int(model.bn.num_batches_tracked) == 2  # two calls per forward, one logical batch
 
@@ -151,7 +151,7 @@ def test_checkpointed_two_pass_has_the_full_batch_loss_and_running_statistics(lo
     checkpointed = copy.deepcopy(full)
     checkpointed.reentrant = False
     full_loss = ce(full(x), y).item()  # one full-batch forward in training mode: its running statistics
-    state, losses, _ = train(checkpointed, x, y, steps=1, micro_batch=4, lockstep=lockstep)
+    state, losses, _ = train(checkpointed, x, y, steps=1, micro_batch=4, bn=autobatch.TwoPass(lockstep=lockstep))
     assert losses[0] == pytest.approx(full_loss, rel=1e-12)
     for name, value in full.state_dict().items():
         if "running" in name or "num_batches" in name:

@@ -86,6 +86,7 @@ def _store_many(directory, worker):
         cache.store(f"{worker}-{index}", RECORD)
 
 
+@pytest.mark.slow
 def test_concurrent_launches_keep_every_record(tmp_path):
     processes = [multiprocessing.get_context("spawn").Process(target=_store_many, args=(tmp_path, worker))
                  for worker in range(4)]

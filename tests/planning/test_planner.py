@@ -16,6 +16,7 @@ from tests import common
 from tests.common import assert_same_state, mlp, model_state
 
 ce = nn.CrossEntropyLoss()
+LOCKSTEP = autobatch.TwoPass(lockstep=True)
 
 
 def convnet():
@@ -51,7 +52,7 @@ def step_peak(model, optimizer, x, y, n):
 def test_chosen_micro_batch_is_the_largest_that_fits_the_budget():
     model, (x, y) = convnet(), data()
     optimizer = torch.optim.Adam(model.parameters())
-    ab = autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", bn="micro", cache=False)
+    ab = autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", bn="micro")
     plan = ab.tune(x, y)
     assert plan.source == "measured" and 1 < plan.micro_batch < 32
     assert plan.budget_bytes == int(6 * 2**20 * 0.9)
@@ -66,7 +67,7 @@ def test_trials_leave_no_trace():
     model[2].eval()  # a mode to keep
     optimizer = torch.optim.Adam(model.parameters())
     before, rng = model_state(model), torch.get_rng_state()
-    autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", cache=False).tune(x, y)
+    autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB").tune(x, y)
     assert_same_state(before, model_state(model))
     assert not optimizer.state
     assert torch.equal(torch.get_rng_state(), rng)
@@ -89,7 +90,7 @@ def test_second_launch_uses_the_cache_without_any_trial(private_plan_cache):
     assert (second.source, second.trials, calls) == ("cache", 0, [])
     assert second.micro_batch == first.micro_batch
     forced = autobatch.wrap(again, torch.optim.Adam(again.parameters()), 32, ce, memory_budget="6MiB",
-                            retune=True).tune(x, y)
+                            cache="refresh").tune(x, y)
     assert forced.source == "measured" and calls
 
 
@@ -112,7 +113,7 @@ def test_a_corrupt_cache_is_survived(private_plan_cache, caplog, content):
 def test_phase_one_that_does_not_fit_is_chunked():
     model, (x, y) = convnet(), data(64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="6MiB", cache=False)
+    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="6MiB")
     plan = ab.tune(x, y)
     assert plan.phase1.chunks > 1 and "approximate" in str(plan)
     ab.step(x, y)
@@ -139,13 +140,13 @@ class OutOfMemoryAt:
 def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **options):
     """An AutoBatch whose measured plan lands on ``micro_batch``: the budget lies halfway between the
     measured peaks of ``micro_batch`` and one more sample."""
-    first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, cache=False, **options)
+    first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, **options)
     with preserved(model, optimizer):
         warm_optimizer_state(optimizer)
         low, high = (first._planner.trials.micro_step_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
     assert low < high
     ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
-                        cache=False, **options)
+                        **options)
     assert ab.tune(x, y).micro_batch == micro_batch
     return ab
 
@@ -217,7 +218,7 @@ def test_out_of_memory_in_phase_one_chunks_it():
 def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
     # At the edge of the budget, phase 1's peak does not fit on top of the micro-batch's activations.
     model, (x, y) = convnet(), data(16)
-    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6, lockstep=True)
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6, bn=LOCKSTEP)
     assert not ab.plan.phase1.lockstep and "alongside the first it would pass the budget" in ab.plan.reason
     threads = []
     model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
@@ -275,7 +276,7 @@ def test_plan_on_a_real_gpu_fits_its_budget():
     model = convnet().cuda()
     x, y = data(64, size=64)
     optimizer = torch.optim.Adam(model.parameters())
-    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="256MiB", cache=False)
+    ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="256MiB")
     plan = ab.tune(x, y)
     assert plan.source == "measured" and "nvml" in plan.device
     torch.cuda.reset_peak_memory_stats()
@@ -290,8 +291,7 @@ def test_a_batch_sliced_from_a_whole_dataset_plans_like_a_batch_of_its_own():
     plans = []
     for inputs, targets in ((x[:16], y[:16]), (x[:16].clone(), y[:16].clone())):
         model = convnet()
-        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="64MiB",
-                            cache=False)
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="64MiB")
         plans.append(ab.tune(inputs, targets))
     assert plans[0].points == plans[1].points and plans[0].micro_batch == plans[1].micro_batch
 
@@ -328,7 +328,7 @@ def test_every_spelling_of_out_of_memory_is_recovered(error):
         return ce(outputs, targets)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget=10**10, cache=False)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget=10**10)
     ab.tune(x, y)
     ab.loss_fn = loss_fn
     before = ab.plan.micro_batch
@@ -339,7 +339,7 @@ def test_every_spelling_of_out_of_memory_is_recovered(error):
 def test_tune_leaves_existing_gradients_as_they_were():
     model, (x, y) = convnet(), data(16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB")
     ab.step(x, y)  # the optimizer now has momentum buffers
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
@@ -359,6 +359,7 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
     fits = {}
     for counted in (True, False):
         model = dropout_net()
+        # cache=False: measured both times (the second would find the first's plan).
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce, memory_budget="24MiB",
                             cache=False)
         with monkeypatch.context() as patch:
@@ -381,7 +382,7 @@ def test_out_of_memory_before_the_update_itself_is_recovered():
             raise failures.pop()
 
     optimizer = torch.optim.Adam(model.parameters())
-    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", cache=False, before_step=before_step)
+    ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", before_step=before_step)
     fitted = ab.tune(x, y).micro_batch
     ab.step(x, y)
     assert not failures and ab.plan.micro_batch == fitted
