@@ -100,6 +100,10 @@ class Plan:
     checkpointing: Checkpointing = Checkpointing()
     #: bn="exact" or "auto": every policy measured, with the whole batch's peak and step time.
     candidates: tuple[Candidate, ...] = ()
+    #: Elements per sample of the batch this plan is for (autobatch.planning.model); 0 before any batch.
+    sample_size: int = 0
+    #: The memory model the micro-batch comes from, in words.
+    memory_model: str = ""
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +142,10 @@ class Plan:
             rows.append(("trials", self.trials))
         if self.phase1 != Phase1.whole():
             rows.append(("phase 1", str(self.phase1)))
+        if self.sample_size:
+            rows.append(("sample size", f"{self.sample_size} elements per sample (the last batch's)"))
+        if self.memory_model:
+            rows.append(("memory model", self.memory_model))
         width = max(len(name) for name, _ in rows)
         text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
         return text + ("\n" + candidate_table(self.candidates) if self.candidates else "")

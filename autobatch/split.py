@@ -249,9 +249,15 @@ class BatchFormat:
         """The samples with a NaN or infinite value in a floating-point tensor, where it can tell."""
         return []
 
+    def sample_size(self, batch: Any) -> int:
+        """Elements per sample, the size a step's activations follow (autobatch.planning.model)."""
+        size = self.size(batch)
+        return max(1, sum(t.numel() for t in self.tensors(batch)) // size)
+
     def describe(self, batch: Any) -> list[str]:
-        """What of the batch changes a step's memory, for the plan cache's key."""
-        return [f"{path}:{tuple(leaf.shape[1:])}:{leaf.dtype}" if isinstance(leaf, Tensor)
+        """What of the batch's kind changes a step's memory, for the plan cache's key: structure, dtypes
+        and numbers of dimensions, not the sizes a batch's samples may vary in (the memory model's)."""
+        return [f"{path}:{leaf.dim()}:{leaf.dtype}" if isinstance(leaf, Tensor)
                 else f"{path}:{type(leaf).__name__}" for path, leaf in leaves(batch)]
 
 
@@ -293,6 +299,24 @@ class NestedFormat(BatchFormat):
                 bad.update(rows.nonzero().flatten().tolist())
         return sorted(bad)
 
+    def sample_size(self, batch: Any) -> int:
+        """Elements per sample: a batched tensor's per row, a list of samples' padded to its largest in
+        each dimension (as torchvision pads a batch of images), summed over the batch's parts."""
+        reading = read_batch(batch)
+        total = 0
+        for part, is_list in _samples_of(batch, reading.samples):
+            if not is_list:
+                total += part.numel() // max(part.shape[0], 1)
+                continue
+            largest: dict[str, list[int]] = {}
+            for item in part:
+                for path, leaf in leaves(item, "sample"):
+                    if isinstance(leaf, Tensor):
+                        shape = largest.setdefault(f"{path}:{leaf.dim()}", list(leaf.shape))
+                        largest[f"{path}:{leaf.dim()}"] = [max(a, b) for a, b in zip(shape, leaf.shape)]
+            total += sum(math.prod(shape) for shape in largest.values())
+        return max(1, total)
+
     def describe(self, batch: Any) -> list[str]:
         reading = read_batch(batch)
         described = []
@@ -303,7 +327,7 @@ class NestedFormat(BatchFormat):
                     f"{inner}:{leaf.dtype}:{leaf.dim()}" if isinstance(leaf, Tensor) else f"{inner}:{type(leaf).__name__}"
                     for inner, leaf in leaves(part[0], "sample")))
             elif isinstance(part, Tensor):
-                described.append(f"{_text(path)}:{tuple(part.shape[1:])}:{part.dtype}")
+                described.append(f"{_text(path)}:{part.dim()}:{part.dtype}")
             else:
                 described.append(f"{_text(path)}:{type(part).__name__}")
         return described

@@ -32,6 +32,7 @@ from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import MicroBatch, Options, UpdateCopies
 from autobatch.phases import Phase, phase_of, tag
 from autobatch.plan import Phase1, Plan, fixed_plan
+from autobatch.planning.measure import StepMeter
 from autobatch.planning.planner import Planner
 from autobatch.split import balanced_parts
 from autobatch.transaction import Attributes, BatchNormState, Transaction, step_transaction
@@ -39,6 +40,16 @@ from autobatch.transaction import Attributes, BatchNormState, Transaction, step_
 __all__ = ["AutoBatch", "wrap"]
 
 log = logging.getLogger(__name__)
+
+
+class StepPlan(NamedTuple):
+    """One logical batch's plan as every rank runs it."""
+
+    plan: Plan
+    #: Micro-batches on every rank (a rank with fewer samples repeats one at weight 0).
+    count: int
+    #: Whether to measure the step: a sample size the memory model has not seen (on CUDA: every step).
+    measure: bool
 
 
 class InputsTargets(NamedTuple):
@@ -102,18 +113,20 @@ class AutoBatch:
         plan are left as they were. With micro_batch="auto", running out of memory shrinks the
         micro-batch and redoes the same batch.
         """
-        batch, sizes = self._agree_on_batch(inputs, targets)
         recovery = self._planner.recovery
         with Transaction(kept=lambda: Attributes([(self, "plan"), (recovery, "clean_steps"),
                                                   (recovery, "lockstep_fits")])):
+            batch, sizes, agreed = self._agree_on_batch(inputs, targets)
             if self.plan is None:
                 self.plan = self._planner.plan_for(batch)
-            return self._until_it_fits(batch, sizes)
+            return self._until_it_fits(batch, sizes, agreed)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
-        batch, _ = self._agree_on_batch(inputs, targets)
+        batch, sizes, _ = self._agree_on_batch(inputs, targets)
         self.plan = self._planner.plan_for(batch)
+        if self.options.auto:
+            self.plan = self._agreed(self._planner.for_batch(self.plan, batch), sizes).plan
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -132,12 +145,15 @@ class AutoBatch:
         return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
                 f"micro_batch={micro}, bn={self.bn!r})")
 
-    def _until_it_fits(self, batch: Any, sizes: list[int]) -> float:
+    def _until_it_fits(self, batch: Any, sizes: list[int], agreed: Optional[StepPlan]) -> float:
         """The logical batch, taken again under a smaller plan while it runs out of memory."""
         recovered = False
         while True:
+            if agreed is None:
+                agreed = self._agreed(self._local_plan(batch), sizes)
+            self.plan = agreed.plan
             try:
-                loss = self._attempt(batch, sizes)
+                loss = self._attempt(batch, sizes, agreed)
                 break
             except BaseException as error:
                 phase = phase_of(error)
@@ -146,7 +162,7 @@ class AutoBatch:
                 message = first_line(error)
             release_memory(self.device)
             self.plan = self._planner.after_out_of_memory(self.plan, phase, message)
-            recovered = True
+            agreed, recovered = None, True
         if not recovered:
             self.plan = self._planner.after_clean_step(self.plan)
         return loss
@@ -175,22 +191,49 @@ class AutoBatch:
                 "larger target_batch")
         return batch, size
 
-    def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int]]:
+    def _local_plan(self, batch: Any) -> tuple[Plan, bool]:
+        """This rank's plan for ``batch`` (its sample size's micro-batch), and whether to measure its step."""
+        if not self.options.auto:
+            return self.plan, False
+        return self._planner.for_batch(self.plan, batch)
+
+    def _agreed(self, local: tuple[Plan, bool], sizes: list[int], table: Optional[Tensor] = None) -> StepPlan:
+        """The step every rank runs: as many micro-batches as the rank that needs most, phase 1 in as many
+        chunks as the rank that needs most. ``table``: the ranks' rows, gathered already."""
+        plan, measure = local
+        row = self._plan_row(plan, sizes[self._ranks.rank])
+        if not self._ranks.active:
+            return StepPlan(plan, row[0], measure)
+        if table is None:
+            table = self._ranks.gather(row)[:, -3:]
+        count, chunks, lockstep = int(table[:, 0].max()), int(table[:, 1].max()), bool(table[:, 2].min())
+        phase1 = Phase1.alongside() if lockstep else Phase1.chunked(chunks)
+        return StepPlan(plan if phase1 == plan.phase1 else plan.replace(phase1=phase1), count, measure)
+
+    def _plan_row(self, plan: Plan, size: int) -> list[float]:
+        """What the ranks compare of a batch's plan: micro-batches needed, phase-1 chunks, lockstep."""
+        return [math.ceil(size / plan.micro_batch), plan.phase1.chunks, plan.phase1.lockstep]
+
+    def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int], Optional[StepPlan]]:
         """Check the batch on every rank at once: a bad batch anywhere raises everywhere, never hangs.
-        Returns the batch and every rank's number of samples."""
+        Returns the batch, every rank's number of samples, and (once a plan exists) the step agreed: the
+        one all-gather carries each rank's plan for its batch too."""
+        local: Optional[tuple[Plan, bool]] = None
         try:
             batch, size = self._checked_batch(inputs, targets)
             error: Optional[BaseException] = None
+            if self.plan is not None:
+                local = self._local_plan(batch)
         except (ValueError, TypeError, RuntimeError) as caught:
             batch, size, error = None, 0, caught
         if not self._ranks.active:
             if error is not None:
                 raise error
-            return batch, [size]
-        # Every rank must wrap the same way: what the options declare agreed, and the plan in use.
-        settings = dict(self.options.agreed(), **{"BatchNorm layers": len(self._strategy.layers),
-                                                  "plan": 0 if self.plan is None else self.plan.micro_batch})
-        table = self._ranks.gather([error is not None, size] + list(settings.values()))
+            return batch, [size], None if local is None else self._agreed(local, [size])
+        # Every rank must wrap the same way: what the options declare agreed.
+        settings = dict(self.options.agreed(), **{"BatchNorm layers": len(self._strategy.layers)})
+        planned = self._plan_row(local[0], size) if local is not None else [0, 0, 0]
+        table = self._ranks.gather([error is not None, size] + list(settings.values()) + planned)
         failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
         if failed:
             messages = self._ranks.gather_messages("" if error is None else str(error))
@@ -202,38 +245,44 @@ class AutoBatch:
             if len(set(values)) > 1:
                 raise RankFailure(f"the ranks disagree on {name} ({values}); every rank must wrap the same "
                                   "model with the same settings")
-        return batch, [int(n) for n in table[:, 1].tolist()]
+        sizes = [int(n) for n in table[:, 1].tolist()]
+        return batch, sizes, None if local is None else self._agreed(local, sizes, table[:, -3:])
 
     # -- one logical batch, all or nothing --------------------------------------------------------
 
-    def _attempt(self, batch: Any, sizes: list[int]) -> float:
+    def _attempt(self, batch: Any, sizes: list[int], agreed: StepPlan) -> float:
         """One logical batch as one transaction: on any exception every gradient, buffer, the RNG and
-        the update are put back. ``sizes``: every rank's samples; all ranks run as many micro-batches
-        as the largest needs."""
+        the update are put back. ``sizes``: every rank's samples; ``agreed.count`` micro-batches on every
+        rank. A step to be measured teaches the memory model its sample size."""
         self._strategy.adopt(self.plan)
-        count = max(math.ceil(n / self.plan.micro_batch) for n in sizes)
-        splits = balanced_parts(sizes[self._ranks.rank], count)
+        splits = balanced_parts(sizes[self._ranks.rank], agreed.count)
         params = self._micro.parameters()
         synced = plain_sync_batch_norm(self._strategy.layers) if dist.is_available() and dist.is_initialized() \
             else contextlib.nullcontext()
         losses = Losses(self._ranks.world_size, sum(sizes), self._items)
-        with step_transaction(params, self._strategy.layers) as saved:
+        meter = StepMeter(self.device, self._micro.model, self._micro.optimizer, self._micro.batches.tensors(batch),
+                          host=agreed.measure)
+        with step_transaction(params, self._strategy.layers) as saved, meter:
             with ddp_state(self._micro.ddp), synced:
-                loss = self._accumulate(batch, splits, saved["buffers"], losses)
+                loss = self._accumulate(batch, splits, saved["buffers"], losses, meter)
             losses.rescale(params)
             self._micro.update(params)
         for p in params:
             p.grad = None
+        if agreed.measure:
+            self._planner.observe(self.plan, max(splits), meter.peak, meter.phase1_peak)
         if losses.total is not None:
             self._items = losses.total
         return loss
 
-    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, losses: Losses) -> float:
+    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, losses: Losses,
+                    meter: StepMeter) -> float:
         """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         norm = self._strategy.for_step(splits)
         watch = RunningStatisticsWatch(self._micro.module) if len(splits) > 1 and not self._watched else None
         batches = self._micro.batches
         batch = norm.prepare(batch, splits, state, self.plan.phase1, losses.samples)
+        meter.phase1_done(norm.needs_statistics_pass() and not self.plan.phase1.lockstep)
         parts = batches.split(batch, [n for n in splits if n])
         with norm.intercept():
             for index, size in enumerate(splits):

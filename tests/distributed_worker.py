@@ -196,7 +196,9 @@ def out_of_memory_before_the_last(rank):
     ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
     x, y = data(image=True)
     ab.tune(x[halves(rank)], y[halves(rank)])
-    ab.plan = ab.plan.replace(micro_batch=5)  # splits [4, 4]; shrunk to 4 after the failure: the same splits
+    # At most 5 at this sample size, as if it had run out of memory before: splits [4, 4]; shrunk to 4 after
+    # the failure: the same splits.
+    ab._planner.recovery.ceilings[ab.plan.sample_size] = (5, "at most 5")
     loss_fn.armed = True
     loss = ab.step(x[halves(rank)], y[halves(rank)])
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""The plan cache: a fitted memory line kept across launches, keyed by what changes memory.
+"""The plan cache: the memory model kept across launches, keyed by what changes memory.
 
     >>> cache = PlanCache(directory)              # wrap's cache: $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch
     >>> key = plan_key(model=model, batch=batch, ...)
@@ -29,7 +29,7 @@ __all__ = ["PlanCache", "plan_key"]
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what a record means changes; older records are ignored as stale.
-FORMAT = 3
+FORMAT = 4
 #: A record is a few hundred bytes; anything far larger is not one of ours.
 MAX_BYTES = 1 << 20
 
@@ -70,6 +70,17 @@ def _size(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def _points(points: Any, name: str, share: Optional[int]) -> Optional[str]:
+    """What is wrong with a record's measured points, [samples, elements per sample, peak bytes] each."""
+    if not isinstance(points, list) or not all(
+            isinstance(p, list) and len(p) == 3 and _positive_int(p[0]) and _positive_int(p[1]) and _size(p[2])
+            for p in points):
+        return f"{name} are not [samples, elements per sample, peak bytes] triples"
+    if share is not None and any(p[0] > share for p in points):
+        return f"{name} measure more samples than this run's batch of {share}"
+    return None
+
+
 def _problem(record: Any, share: Optional[int]) -> Optional[str]:
     """What makes a record unusable for a run whose rank holds ``share`` samples, or None: every field is
     checked, its range too, before a plan is built from it."""
@@ -81,16 +92,15 @@ def _problem(record: Any, share: Optional[int]) -> Optional[str]:
         return f"micro_batch {record.get('micro_batch')!r} is not a positive integer"
     if share is not None and record["micro_batch"] > share:
         return f"micro_batch {record['micro_batch']} is larger than this run's batch of {share}"
-    for name in ("fixed_bytes", "per_sample_bytes"):
-        if not _size(record.get(name)):
+    for name in ("resident_per_element", "phase1_base"):
+        if not _size(record.get(name, 0.0)):
             return f"{name} {record.get(name)!r} is not a size in bytes"
-    points = record.get("points")
-    if not isinstance(points, list) or not all(
-            isinstance(p, list) and len(p) == 2 and _positive_int(p[0]) and (p[1] is None or _size(p[1]))
-            for p in points):
-        return "points are not [micro_batch, peak bytes] pairs"
-    if share is not None and any(p[0] > share for p in points):
-        return f"points measure more samples than this run's batch of {share}"
+    problem = _points(record.get("points"), "points", share) or _points(record.get("phase1_points", []),
+                                                                       "phase1_points", share)
+    if problem is not None:
+        return problem
+    if not record["points"]:
+        return "no point measured"
     if not _positive_int(record.get("phase1_chunks", 1)):
         return f"phase1_chunks {record.get('phase1_chunks')!r} is not a positive integer"
     if share is not None and record.get("phase1_chunks", 1) > share:

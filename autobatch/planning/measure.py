@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from autobatch.split import leaves
 
-__all__ = ["peak_bytes", "tensor_bytes", "warm_optimizer_state"]
+__all__ = ["StepMeter", "peak_bytes", "tensor_bytes", "warm_optimizer_state"]
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -118,3 +118,57 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
     with _eagerly(), tracker:
         work()
     return tracker.peak
+
+
+class StepMeter:
+    """The peak memory of a real training step, phase by phase: phase 1's, then that of the micro-batches
+    and the update (with phase 1's draws resident). On CUDA from the allocator's statistics, at no cost
+    (their peak is reset at each step); on the host with the tracker above, only where asked (``host``:
+    a sample size the memory model has not measured), since following every tensor slows the step.
+
+        with StepMeter(device, model, optimizer, batch_tensors, host=True) as meter:
+            phase_one()
+            meter.phase1_done(ran=True)
+            micro_batches_and_update()
+        meter.phase1_peak, meter.peak
+    """
+
+    def __init__(self, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 outside: Sequence[torch.Tensor] = (), host: bool = False):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.active = self.cuda or host
+        self._model, self._optimizer, self._outside = model, optimizer, outside
+        self._tracker: Optional[_LiveBytes] = None
+        self._stack = contextlib.ExitStack()
+        self.peak: Optional[int] = None
+        self.phase1_peak: Optional[int] = None
+
+    def __enter__(self) -> "StepMeter":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.active:
+            self._tracker = _LiveBytes(_resident(self._model, self._optimizer), self._outside)
+            self._stack.enter_context(_eagerly())
+            self._stack.enter_context(self._tracker)
+        return self
+
+    def _peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else self._tracker.peak
+
+    def phase1_done(self, ran: bool) -> None:
+        """Phase 1 ended (``ran``: it ran at all): its peak is kept, and the micro-batches' measured apart."""
+        if not self.active:
+            return
+        if ran:
+            self.phase1_peak = self._peak()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._tracker.peak = self._tracker.live
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if self.active:
+            self.peak = self._peak()
+        self._stack.close()
+        self._tracker = None

@@ -1,9 +1,9 @@
-"""A plan's life after the start: smaller after running out of memory, back to the fitted size later.
+"""A plan's life after the start: smaller after running out of memory, back to the model's size later.
 
     recovery = Recovery(share=16, split_mode=Mode.TWO_PASS, whole_batch_only=False, grow_after=50)
-    recovery.fitted(plan)                             # the plan the start measured
     plan = recovery.after_out_of_memory(plan, Phase.MICRO_BATCHES, "CUDA out of memory")
-    plan = recovery.after_clean_step(plan)            # after 50 clean steps: the fitted size again
+    plan = recovery.capped(plan)                      # every later batch of that sample size: no larger
+    recovery.after_clean_step()                       # after 50 clean steps: True, the ceilings lifted
 """
 from __future__ import annotations
 
@@ -22,22 +22,34 @@ log = logging.getLogger(__name__)
 
 
 class Recovery:
-    """How a plan changes while training. ``split_mode``: the mode that runs in micro-batches;
-    ``whole_batch_only``: bn="exact", which has nothing smaller to run."""
+    """How running out of memory changes the plans of a sample size. ``split_mode``: the mode that runs in
+    micro-batches; ``whole_batch_only``: bn="exact", which has nothing smaller to run."""
 
     def __init__(self, share: int, split_mode: Mode, whole_batch_only: bool, grow_after: Optional[int] = None):
         self.share = share
         self.split_mode = split_mode
         self.whole_batch_only = whole_batch_only
         self.grow_after = grow_after
-        self.fitted_micro_batch = 0
         self.clean_steps = 0
         #: Whether phase 1 alongside the first micro-batch fits; cleared when it ran out of memory there.
         self.lockstep_fits = True
+        #: Per sample size, the micro-batch and the phase-1 chunks that ran out of memory's aftermath allows.
+        self.ceilings: dict[int, tuple[int, str]] = {}
+        self.chunks: dict[int, int] = {}
 
     def fitted(self, plan: Plan) -> None:
-        self.fitted_micro_batch = plan.micro_batch
         self.clean_steps = 0
+
+    def capped(self, plan: Plan) -> Plan:
+        """``plan`` within what running out of memory left for its sample size."""
+        s = plan.sample_size
+        if s in self.ceilings and plan.micro_batch > self.ceilings[s][0]:
+            plan = plan.replace(micro_batch=self.ceilings[s][0], reason=self.ceilings[s][1])
+        if s in self.chunks and not plan.phase1.lockstep and plan.phase1.chunks < self.chunks[s]:
+            plan = plan.replace(phase1=Phase1.chunked(self.chunks[s]))
+        if not self.lockstep_fits and plan.phase1.lockstep:
+            plan = plan.replace(phase1=Phase1.whole())
+        return plan
 
     def after_out_of_memory(self, plan: Plan, phase: Phase, message: str) -> Plan:
         """For the same batch: phase 1 before the micro-batches if it failed alongside the first one,
@@ -45,6 +57,7 @@ class Recovery:
         self.clean_steps = 0
         if plan.bn is Mode.EXACT:
             plan = self._split_after_whole_batch(plan, message)
+            self.ceilings[plan.sample_size] = (plan.micro_batch, plan.reason)
         elif phase is Phase.LOCKSTEP:
             self.lockstep_fits = False
             plan = plan.replace(phase1=Phase1.whole(), reason="out of memory with phase 1 alongside the first "
@@ -53,11 +66,13 @@ class Recovery:
             chunks = min(self.share, plan.phase1.chunks * 2)
             if chunks == plan.phase1.chunks:
                 raise MemoryError(f"out of memory in phase 1 one sample at a time ({message})")
+            self.chunks[plan.sample_size] = chunks
             plan = plan.replace(phase1=Phase1.chunked(chunks), reason=f"out of memory in phase 1: now {chunks} chunks")
         else:
             smaller = shrink(plan.micro_batch)
             plan = plan.replace(micro_batch=smaller,
                                 reason=f"out of memory at micro_batch={plan.micro_batch}: shrunk to {smaller}")
+            self.ceilings[plan.sample_size] = (smaller, plan.reason)
         # Not stored: the cache keeps the fitted plan, and a transient shortage must not shrink the next launch.
         log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, plan.reason)
         return plan
@@ -73,15 +88,14 @@ class Recovery:
                             reason=f"out of memory with the whole batch in one piece: {self.split_mode} "
                                    f"in micro-batches of {smaller}")
 
-    def after_clean_step(self, plan: Plan) -> Plan:
-        """After ``grow_after`` clean steps at a shrunken size, the fitted micro-batch again."""
-        if self.grow_after is None or plan.micro_batch >= self.fitted_micro_batch:
-            return plan
+    def after_clean_step(self) -> bool:
+        """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
+        lifted, and the memory model's sizes apply again."""
+        if self.grow_after is None or not self.ceilings:
+            return False
         self.clean_steps += 1
         if self.clean_steps < self.grow_after:
-            return plan
+            return False
         self.clean_steps = 0
-        plan = plan.replace(micro_batch=self.fitted_micro_batch, reason=(
-            f"grown back to the fitted micro_batch={self.fitted_micro_batch} after {self.grow_after} clean steps"))
-        log.info("autobatch: %s", plan.reason)
-        return plan
+        self.ceilings.clear()
+        return True

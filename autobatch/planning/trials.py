@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 Work = Callable[[], None]
 
 
-def timed(work: Work, device: torch.device) -> float:
-    """Seconds ``work`` takes, the device synchronized before and after."""
+def timed(work: Work, device: torch.device, trials: Optional["Trials"] = None) -> float:
+    """Seconds ``work`` takes, the device synchronized before and after (counted as a trial of ``trials``)."""
+    if trials is not None:
+        trials.steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -48,10 +50,13 @@ class Trials:
         self.micro = micro
         self.strategy = strategy
         self.share = share
+        #: Trial steps run so far, measured or timed.
+        self.steps = 0
 
     def peak(self, work: Work, what: str, batch: Any) -> Optional[int]:
         """The measured peak bytes of ``work``; None if it ran out of memory (logged either way)."""
         micro = self.micro
+        self.steps += 1
         try:
             peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch))
         except BaseException as error:

@@ -57,7 +57,7 @@ def whole_batch_candidates(trials: Trials, ranks: Ranks, batch: Any,
             candidates.append(Candidate(f"{policy.label} (fails: {first_line(error)[:60]})", None, None, True))
             continue
         # Timed apart: the host's memory tracking slows every operation.
-        seconds = timed(work, trials.micro.device) if peak is not None and peak <= budget_bytes else None
+        seconds = timed(work, trials.micro.device, trials) if peak is not None and peak <= budget_bytes else None
         candidates.append(Candidate(policy.label, peak, seconds, True))
         if seconds is not None and not policy and not ranks.active:
             break
@@ -78,7 +78,7 @@ def whole_batch_plan(trials: Trials, ranks: Ranks, batch: Any, limit: Budget, de
     share = trials.share
     if prefers_split and (best is None or best[1]):
         plan = split()
-        seconds = timed(trials.micro_step(batch, plan.micro_batch), trials.micro.device) * len(plan.splits)
+        seconds = timed(trials.micro_step(batch, plan.micro_batch), trials.micro.device, trials) * len(plan.splits)
         seconds = slowest(ranks, [seconds])[0]
         candidates.append(Candidate(f"{plan.bn}, micro_batch {plan.micro_batch}", plan.predicted_peak_bytes,
                                     seconds, False))

@@ -11,7 +11,7 @@ from torch import nn
 from autobatch.planning.cache import PlanCache, plan_key
 from autobatch.planning.memory import Budget
 
-RECORD = {"micro_batch": 12, "fixed_bytes": 100.0, "per_sample_bytes": 10.0, "points": [[2, 120], [4, 140]]}
+RECORD = {"micro_batch": 12, "resident_per_element": 0.5, "points": [[2, 108, 120], [4, 108, 140]]}
 
 
 def key(model=None, batch=None, optimizer_type=torch.optim.SGD, **settings):
@@ -25,6 +25,9 @@ def test_key_changes_with_what_changes_memory():
     base = key()
     assert key() == base
     assert key(batch=(torch.randn(9, 3), torch.zeros(9, dtype=torch.long))) == base  # batch size is not part
+    # Nor are the sizes a sample may vary in: the memory model follows them.
+    assert key(model=nn.Conv2d(3, 2, 3), batch=torch.randn(4, 3, 8, 8)) == key(model=nn.Conv2d(3, 2, 3),
+                                                                              batch=torch.randn(4, 3, 16, 24))
     assert key(model=nn.Linear(4, 2), batch=(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))) != base
     assert key(batch=(torch.randn(4, 3).double(), torch.zeros(4, dtype=torch.long))) != base
     assert key(optimizer_type=torch.optim.Adam) != base
@@ -37,7 +40,7 @@ def test_store_and_load(tmp_path):
     assert cache.load("k") is None
     cache.store("k", RECORD)
     assert cache.load("k")["micro_batch"] == 12
-    assert PlanCache(tmp_path).load("k")["points"] == [[2, 120], [4, 140]]
+    assert PlanCache(tmp_path).load("k")["points"] == [[2, 108, 120], [4, 108, 140]]
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
@@ -53,8 +56,9 @@ def test_corrupt_file_is_ignored_with_a_warning(tmp_path, caplog, content):
 
 
 @pytest.mark.parametrize("change", [{"format": 0}, {"micro_batch": "4"}, {"micro_batch": 2.5}, {"micro_batch": 0},
-                                    {"micro_batch": True}, {"phase1_chunks": 0}, {"fixed_bytes": -1.0},
-                                    {"per_sample_bytes": "10"}, {"points": [[0, 120]]}, {"points": "x"},
+                                    {"micro_batch": True}, {"phase1_chunks": 0}, {"resident_per_element": -1.0},
+                                    {"phase1_base": "10"}, {"points": [[0, 108, 120]]}, {"points": [[2, 120]]},
+                                    {"points": "x"}, {"points": []}, {"phase1_points": [[2, 0, 5]]},
                                     {"lockstep_fits": "yes"}])
 def test_an_invalid_record_is_ignored_with_a_warning(tmp_path, caplog, change):
     cache = PlanCache(tmp_path)
@@ -122,7 +126,7 @@ def test_a_file_no_plan_record_could_be_is_ignored_without_reading_it_whole(tmp_
 
 @pytest.mark.parametrize("change, problem", [({"phase1_chunks": 1000}, "phase1_chunks 1000 is more than"),
                                              ({"micro_batch": 40}, "larger than this run's batch"),
-                                             ({"points": [[64, 100]]}, "more samples than"),
+                                             ({"points": [[64, 108, 100]]}, "more samples than"),
                                              ({"bn": "auto"}, "not a mode a plan runs")])
 def test_a_record_out_of_range_for_this_run_is_ignored(tmp_path, caplog, change, problem):
     cache = PlanCache(tmp_path)

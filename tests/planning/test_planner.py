@@ -291,7 +291,9 @@ def test_a_batch_sliced_from_a_whole_dataset_plans_like_a_batch_of_its_own():
     plans = []
     for inputs, targets in ((x[:16], y[:16]), (x[:16].clone(), y[:16].clone())):
         model = convnet()
-        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="64MiB")
+        # cache=False: both measured (the second would find the first's plan).
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="64MiB",
+                            cache=False)
         plans.append(ab.tune(inputs, targets))
     assert plans[0].points == plans[1].points and plans[0].micro_batch == plans[1].micro_batch
 
@@ -356,7 +358,7 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
 
     x, y = data(32)
-    fits = {}
+    models, plans = {}, {}
     for counted in (True, False):
         model = dropout_net()
         # cache=False: measured both times (the second would find the first's plan).
@@ -365,11 +367,12 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
         with monkeypatch.context() as patch:
             if not counted:
                 patch.setattr(RandomDraws, "nbytes", property(lambda self: 0))
-            ab.tune(x, y)
-        fits[counted] = ab._planner.fit
+            plans[counted] = ab.tune(x, y)
+        models[counted] = ab._planner.model
     masks = 32 * 64 * 32 * 32  # one byte per element of the whole batch's mask
-    assert fits[True].fixed_bytes - fits[False].fixed_bytes == pytest.approx(masks, rel=1e-6)
-    assert fits[True].micro_batch < fits[False].micro_batch < 32
+    size = plans[True].sample_size
+    assert models[True].fixed(size) - models[False].fixed(size) == pytest.approx(masks, rel=1e-6)
+    assert plans[True].micro_batch < plans[False].micro_batch < 32
 
 
 def test_out_of_memory_before_the_update_itself_is_recovered():
