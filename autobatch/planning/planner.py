@@ -113,7 +113,7 @@ class Planner:
             return None
         base = Plan(self.share, self.options.target_batch, "cache", f"memory model from {path}", self.device,
                     self.limit.budget_bytes, world_size=self.ranks.world_size, bn=bn, checkpointing=policy)
-        return self._for_size(base, s)
+        return self._for_size(base, s, batch)
 
     def _agreed(self, plan: Plan) -> Plan:
         """Every rank runs the same plan: the smallest micro-batch, the most phase-1 chunks, and phase 1
@@ -139,7 +139,7 @@ class Planner:
                     return plan
                 s = self.micro.batches.sample_size(batch)
                 self.model, self.phase1 = MemoryModel(0.0, [(self.share, s, fit.fixed_bytes)]), None
-                return self._for_size(plan, s)
+                return self._for_size(plan, s, batch)
             return self._measure_split(batch)
 
     def _measure_split(self, batch: Any) -> Plan:
@@ -165,9 +165,9 @@ class Planner:
         self.phase1 = MemoryModel(self.model.resident_per_element, phase1_points, self.model.base) \
             if phase1_points else None
         base = Plan(fit.micro_batch, self.options.target_batch, "measured", "", self.device, limit.budget_bytes,
-                    points=fit.points, trials=fit.trials + len(phase1_points), world_size=self.ranks.world_size,
+                    points=fit.points, trials=self.trials.steps, world_size=self.ranks.world_size,
                     bn=self.strategy.split_mode)
-        return self._for_size(base, s)
+        return self._for_size(base, s, batch)
 
     def _resident_per_element(self, batch: Any, s: int, draws: int) -> float:
         """Bytes per sample element of what a step keeps whatever its micro-batch: phase 1's random draws,
@@ -203,17 +203,19 @@ class Planner:
             return self._whole_for(plan, batch, s), False
         measure = self.micro.device.type == "cuda" or not self.model.covers(s) or (
             self.phase1 is not None and plan.micro_batch < self.share and not self.phase1.covers(s))
-        return self.recovery.capped(self._for_size(plan, s)), measure
+        return self.recovery.capped(self._for_size(plan, s, batch)), measure
 
-    def _for_size(self, plan: Plan, s: int) -> Plan:
+    def _for_size(self, plan: Plan, s: int, batch: Any = None) -> Plan:
         """``plan`` for batches of ``s`` elements per sample: the model's largest micro-batch, and phase 1
-        in as few chunks as the model says fit."""
+        in as few chunks as the model says fit (``batch``: to measure phase 1 where the model cannot tell)."""
         limit, model = self.limit.budget_bytes, self.model
         if plan.bn is Mode.EXACT:
             return plan.replace(sample_size=s, memory_model=model.describe(),
                                 predicted_peak_bytes=model.predict(self.share, s))
         micro_batch = model.largest_under(limit, s, self.share)
         chunks, lockstep = 1, False
+        if micro_batch < self.share and self.strategy.needs_statistics_pass():
+            self._learn_statistics_pass(batch, s)
         if micro_batch < self.share and self.strategy.needs_statistics_pass() and self.phase1 is not None:
             chunks = self._chunks(s)
             lockstep = self.lockstep and self.recovery.lockstep_fits and chunks == 1 and (
@@ -226,6 +228,23 @@ class Planner:
         return plan.replace(micro_batch=micro_batch, reason=reason, predicted_peak_bytes=model.predict(micro_batch, s),
                             phase1=Phase1.alongside() if lockstep else Phase1.chunked(chunks), sample_size=s,
                             memory_model=model.describe())
+
+    def _learn_statistics_pass(self, batch: Any, s: int) -> None:
+        """Phase 1 measured by a trial at the first sample size that splits the batch; at later sizes the
+        real steps measure it (beyond the measured sizes a bound decides its chunks until then)."""
+        if self.phase1 is not None or batch is None:
+            return
+        with trial_transaction(self.micro.model, self.micro.optimizer):
+            warm_optimizer_state(self.micro.optimizer)
+            points = self._fit_statistics_pass(batch, s)
+            draws = self.strategy.take_draw_bytes()
+        if draws and not self.model.resident_per_element:
+            # Phase 1's draws stay resident through the micro-batches: the model's fixed part grows with s.
+            self.model.resident_per_element = draws / s
+        if self.phase1 is None:
+            self.phase1 = MemoryModel(self.model.resident_per_element, [], self.model.base)
+        for point in points:
+            self.phase1.add(*point)
 
     def _chunks(self, s: int) -> int:
         """The fewest chunks (1, 2, 4...) whose phase 1 the model predicts under the budget."""

@@ -1,0 +1,151 @@
+"""The memory model: micro-batches that follow the samples' size, never over the budget, from few trials."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import autobatch
+from autobatch.planning.measure import peak_bytes
+from autobatch.plan import Phase1
+from autobatch.planning.model import MemoryModel
+from autobatch.split import balanced_parts
+from tests.common import data
+
+
+def two_conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+class Encoder(nn.Module):
+    """A Transformer encoder over padded token sequences, attention in plain matrix products (memory
+    quadratic in the length), a BatchNorm over features, and a per-token loss."""
+
+    def __init__(self, vocabulary=50, width=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.norm = nn.BatchNorm1d(width)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])
+        x = x + torch.softmax(scores, -1) @ self.value(x)
+        return self.head(self.norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+def sequences(n, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {"tokens": torch.randint(1, 50, (n, length), generator=generator),
+            "labels": torch.randint(0, 50, (n, length), generator=generator)}
+
+
+def token_loss(model, batch):
+    logits = model(batch["tokens"])
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+    return loss, batch["labels"].numel()
+
+
+def run(ab, batches):
+    """Every step's measured peak (host, every tensor followed), and its plan."""
+    peaks, plans = [], []
+    for batch in batches:
+        peaks.append(peak_bytes(lambda: ab.step(batch), torch.device("cpu"), ab.model, ab.optimizer,
+                                ab._micro.batches.tensors(batch)))
+        plans.append(ab.plan)
+    return peaks, plans
+
+
+def largest_that_fits(make_model, compute_loss, batch, budget, target, phase1=Phase1.whole()):
+    """The largest micro-batch that runs (the largest of a step's balanced splits) whose real step peaks
+    within ``budget``, measured for every number of micro-batches from one up, phase 1 run as ``phase1``."""
+    for count in range(1, target + 1):
+        largest = max(balanced_parts(target, count))
+        model = make_model()
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), target,
+                            compute_loss=compute_loss, micro_batch=largest,
+                            bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+        ab.plan = ab.plan.replace(phase1=phase1)
+        ab.step(batch)  # the momentum buffers, resident in every later step
+        peak = peak_bytes(lambda: ab.step(batch), torch.device("cpu"), model, ab.optimizer,
+                          ab._micro.batches.tensors(batch))
+        if peak <= budget:
+            return largest
+    return 0
+
+
+def image_loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.slow
+def test_images_of_changing_size_stay_within_the_budget_with_few_trials():
+    budget = 40 * 2**20
+    sizes = [32, 64, 16, 96, 32, 16, 64, 96, 96, 32, 64, 16, 32, 96, 64, 16, 32, 64, 96, 32]
+    batches = [data(32, (3, size, size), seed=i, dtype=torch.float32) for i, size in enumerate(sizes)]
+    model = two_conv_net()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), 32,
+                        compute_loss=image_loss, memory_budget=budget,
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    peaks, plans = run(ab, batches)
+    assert max(peaks) <= budget, [f"{p / budget:.2f}" for p in peaks]
+    assert ab._planner.trials.steps <= 6
+    assert max(chosen_splits := [max(plan.splits) for plan in plans]) == 32 and min(chosen_splits) < 32
+    # Each size's last plan, the model's, against the largest that fits the planner's budget (its 10% margin kept).
+    chosen = {plan.sample_size: plan for plan in plans}
+    for size in (64, 96):
+        plan = chosen[3 * size * size + 1]
+        batch = next(b for b, s in zip(batches, sizes) if s == size)
+        best = largest_that_fits(two_conv_net, image_loss, batch, ab.plan.budget_bytes, 32, plan.phase1)
+        assert abs(max(plan.splits) - best) <= 1, (size, plan, best)
+
+
+@pytest.mark.slow
+def test_padded_sequences_of_changing_length_stay_within_the_budget_with_few_trials():
+    budget = 8 * 2**20
+    lengths = [64, 128, 16, 256, 32, 64, 200, 16, 128, 256, 48, 96, 160, 16, 256, 64, 128, 32, 224, 80]
+    batches = [sequences(32, length, seed) for seed, length in enumerate(lengths)]
+    torch.manual_seed(0)
+    model = Encoder()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), 32,
+                        compute_loss=token_loss, memory_budget=budget)
+    peaks, plans = run(ab, batches)
+    assert max(peaks) <= budget, [f"{p / budget:.2f}" for p in peaks]
+    assert ab._planner.trials.steps <= 6
+    assert "quadratic" in ab.plan.memory_model  # attention in plain matrix products: chosen from the measurements
+    chosen = {plan.sample_size: plan for plan in plans}
+    assert max(chosen[2 * 256].splits) < 32  # the budget splits the longest batches
+    for length in (128, 256):
+        plan = chosen[2 * length]
+        batch = next(b for b, n in zip(batches, lengths) if n == length)
+        best = largest_that_fits(lambda: (torch.manual_seed(0), Encoder())[1], token_loss, batch,
+                                 ab.plan.budget_bytes, 32, plan.phase1)
+        assert abs(max(plan.splits) - best) <= 1, (length, plan, best)
+
+
+def test_the_model_bounds_what_it_has_not_measured():
+    model = MemoryModel(points=[(2, 100, 1200), (4, 100, 1400)])  # fixed 1000, 100 bytes per sample
+    assert model.predict(10, 100) == 2000
+    assert model.per_sample(50) == 100  # smaller samples: at most the smallest measured's
+    assert model.per_sample(200) == 400  # larger: at most quadratic growth, until measured
+    model.add(3, 200, 1000 + 3 * 200)  # measured: linear
+    assert model.form()[0] == "linear" and model.per_sample(150) == pytest.approx(150)
+    assert model.largest_under(2000, 150, 64) == 6
+
+
+def test_the_model_chooses_quadratic_growth_where_the_measurements_ask_for_it():
+    model = MemoryModel()
+    for s in (10, 20, 40, 80):
+        model.add(1, s, 1000 + s * s)
+        model.add(2, s, 1000 + 2 * s * s)
+    form, (a, b, c) = model.form()
+    assert form == "quadratic" and c == pytest.approx(1.0, rel=1e-6)
+    linear = MemoryModel()
+    for s in (10, 20, 40):
+        linear.add(1, s, 500 + 3 * s)
+        linear.add(2, s, 500 + 6 * s)
+    assert linear.form()[0] == "linear"
