@@ -95,7 +95,7 @@ def plan(args: argparse.Namespace) -> int:
         model = factory(**_keywords(args.model_kwargs)).to(device)
     except TypeError as error:
         raise UsageError(f"--model {args.model}: {error}; pass its arguments with --model-kwargs") from None
-    inputs = torch.randn(args.target_batch, *_shape(args.input_shape))
+    shapes = [_shape(text) for text in args.input_shape]
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)}[args.optimizer](
         model.parameters())
@@ -110,13 +110,28 @@ def plan(args: argparse.Namespace) -> int:
     ab = autobatch.wrap(model, optimizer, target_batch=args.target_batch, compute_loss=compute_loss,
                         bn=args.bn, memory_budget=_budget(args.budget), autocast_dtype=autocast,
                         cache="refresh" if args.retune else True, device=device)
-    result = ab.tune(inputs)
-    print(result)
+    plans = [ab.tune(torch.randn(args.target_batch, *shape, device=device)) for shape in shapes]
+    print(plans[0])
+    if len(plans) > 1:
+        print(_per_shape(shapes, plans))
     if args.plot:
         from autobatch.plot import plot_plan
 
-        print(f"picture of the plan: {plot_plan(result, args.plot)}")
+        print(f"picture of the plan: {plot_plan(plans, args.plot)}")
     return 0
+
+
+def _per_shape(shapes: list[tuple[int, ...]], plans: list) -> str:
+    """The micro-batch the memory model gives each sample shape, as a table."""
+    from autobatch.sizes import format_bytes
+
+    rows = [("input shape", "elements", "micro_batch", "splits", "phase 1", "predicted peak")] + [
+        ("x".join(map(str, shape)), str(plan.sample_size), str(max(plan.splits)), str(plan.splits),
+         "whole" if plan.phase1.chunks == 1 else f"{plan.phase1.chunks} chunks",
+         format_bytes(plan.predicted_peak_bytes) if plan.predicted_peak_bytes is not None else "-")
+        for shape, plan in zip(shapes, plans)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="package.module:factory returning the nn.Module")
     p.add_argument("--model-kwargs", default=None,
                    help="keyword arguments for the factory, e.g. num_classes=10,dropout=0.2")
-    p.add_argument("--input-shape", required=True, help="one sample's shape, e.g. 3x224x224")
+    p.add_argument("--input-shape", required=True, action="append",
+                   help="one sample's shape, e.g. 3x224x224; give it again for every size the samples take "
+                        "(the micro-batch of each, from the memory model)")
     p.add_argument("--target-batch", type=int, required=True, help="the logical batch size of the recipe")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 4GiB, or 0.5 for half the device")
     p.add_argument("--bn", choices=BN_MODES, default="two_pass", help="BatchNorm mode to plan for")

@@ -102,8 +102,12 @@ class Plan:
     candidates: tuple[Candidate, ...] = ()
     #: Elements per sample of the batch this plan is for (autobatch.planning.model); 0 before any batch.
     sample_size: int = 0
-    #: The memory model the micro-batch comes from, in words.
+    #: The memory model the micro-batch comes from, in words, and at ``sample_size``: its fixed part,
+    #: its bytes per sample, and every step it was fitted to, (samples, elements per sample, peak bytes).
     memory_model: str = ""
+    fixed_bytes: Optional[float] = None
+    per_sample_bytes: Optional[float] = None
+    measured: tuple[tuple[int, int, int], ...] = ()
     splits: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

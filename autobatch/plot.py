@@ -1,12 +1,14 @@
-"""A picture of a plan: each measured trial's peak against the micro-batch, the fitted line, the
-budget and the size chosen (matplotlib, an optional extra: ``pip install "torch-autobatch[plot]"``).
+"""A picture of a plan: the measured peaks against the micro-batch, the memory model's line for each
+sample size, the budget and the micro-batch chosen (matplotlib, an optional extra: ``pip install
+"torch-autobatch[plot]"``).
 
     plot_plan(ab.plan, "plan.png")
+    plot_plan([ab.tune(small), ab.tune(large)], "sizes.png")     # one line per sample size
 """
 from __future__ import annotations
 
 import pathlib
-from typing import Union
+from typing import Sequence, Union
 
 from autobatch.modes import Mode
 from autobatch.plan import Plan
@@ -28,19 +30,22 @@ def _pyplot():
     return plt
 
 
-def plot_plan(plan: Plan, path: Union[str, pathlib.Path]) -> pathlib.Path:
-    """Draw ``plan`` into the PNG file ``path``; returns the path."""
+def plot_plan(plans: Union[Plan, Sequence[Plan]], path: Union[str, pathlib.Path]) -> pathlib.Path:
+    """Draw a plan (or the plans of several sample sizes, one line each) into the PNG file ``path``."""
+    plans = [plans] if isinstance(plans, Plan) else list(plans)
+    plan = plans[0]
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    if plan.candidates:
+    if plan.candidates and len(plans) == 1:
         _candidates(axes, plan)
     else:
-        _trials(axes, plan)
+        _sizes(axes, plans)
     if plan.budget_bytes is not None:
         axes.axhline(plan.budget_bytes / MIB, color="tab:red", linestyle="--",
                      label="budget (after the safety margin)")
-    axes.set_ylabel("measured peak (MiB)")
-    axes.set_title(f"target_batch {plan.target_batch}, bn={plan.bn}: micro-batches {plan.splits}")
+    axes.set_ylabel("peak (MiB)")
+    title = f"target_batch {plan.target_batch}, bn={plan.bn}"
+    axes.set_title(title + (f": micro-batches {plan.splits}" if len(plans) == 1 else f", {len(plans)} sample sizes"))
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
     path = pathlib.Path(path)
@@ -49,21 +54,29 @@ def plot_plan(plan: Plan, path: Union[str, pathlib.Path]) -> pathlib.Path:
     return path
 
 
-def _trials(axes, plan: Plan) -> None:
-    measured = {n: peak for n, peak in plan.points if peak is not None}
-    failed = [n for n, peak in plan.points if peak is None]
-    axes.scatter(list(measured), [peak / MIB for peak in measured.values()], color="tab:blue", zorder=3,
-                 label="trial steps")
-    if failed:
-        axes.scatter(failed, [plan.budget_bytes / MIB] * len(failed), marker="x", color="tab:red", zorder=3,
-                     label="trial out of memory")
-    if len(measured) > 1:
-        fixed, per_sample = fitted_line(measured)
-        largest = max(list(measured) + [plan.micro_batch, max(plan.splits)])
-        axes.plot([0, largest], [fixed / MIB, (fixed + per_sample * largest) / MIB], color="tab:blue", alpha=0.6,
-                  label=f"fitted: {fixed / MIB:.1f} MiB + {per_sample / MIB:.2f} MiB per sample")
-    axes.axvline(plan.micro_batch, color="tab:green", label=f"capacity: {plan.micro_batch}")
-    axes.axvline(max(plan.splits), color="tab:green", linestyle=":", label=f"runs: {max(plan.splits)}")
+def _sizes(axes, plans: list[Plan]) -> None:
+    """Per sample size: the steps measured there, the model's line out to the whole batch, and the choice."""
+    target = plans[0].target_batch // plans[0].world_size
+    colours = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    for index, plan in enumerate(plans):
+        colour = colours[index % len(colours)]
+        label = f"{plan.sample_size} elements per sample" if plan.sample_size else "measured"
+        points = [(n, peak) for n, s, peak in plan.measured if s == plan.sample_size] or \
+            [(n, peak) for n, peak in plan.points if peak is not None]
+        if points:
+            axes.scatter([n for n, _ in points], [peak / MIB for _, peak in points], color=colour, zorder=3)
+        if plan.fixed_bytes is not None and plan.per_sample_bytes is not None:
+            fixed, per_sample = plan.fixed_bytes, plan.per_sample_bytes
+        elif len(points) > 1:
+            fixed, per_sample = fitted_line(dict(points))
+        else:
+            continue
+        axes.plot([0, target], [fixed / MIB, (fixed + per_sample * target) / MIB], color=colour, alpha=0.7,
+                  label=f"{label}: {per_sample / MIB:.2f} MiB per sample")
+        axes.axvline(max(plan.splits), color=colour, linestyle=":", alpha=0.8)
+        axes.scatter([max(plan.splits)], [(fixed + per_sample * max(plan.splits)) / MIB], marker="*", s=120,
+                     color=colour, zorder=4, label=f"runs {max(plan.splits)} (capacity {plan.micro_batch})")
+    axes.set_xlim(0, target * 1.03)
     axes.set_xlabel("micro-batch (samples)")
 
 

@@ -122,9 +122,13 @@ class AutoBatch:
             return self._until_it_fits(batch, sizes, agreed)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
-        """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it)."""
+        """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it); later, a
+        batch of another sample size is measured by trials, as its first step would measure itself."""
         batch, sizes, _ = self._agree_on_batch(inputs, targets)
-        self.plan = self._planner.plan_for(batch)
+        if self.plan is None or not self.options.auto:
+            self.plan = self._planner.plan_for(batch)
+        else:
+            self._planner.learn(self.plan, batch)
         if self.options.auto:
             self.plan = self._agreed(self._planner.for_batch(self.plan, batch), sizes).plan
         return self.plan

@@ -23,15 +23,16 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
-from autobatch.batchnorm.statistics import batch_norm_modules  # noqa: E402
+from autobatch.batchnorm import strategy_for  # noqa: E402
 from autobatch.checkpointing import candidates  # noqa: E402
 from autobatch.microstep import MicroStep  # noqa: E402
+from autobatch.options import Options  # noqa: E402
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state  # noqa: E402
 from autobatch.planning.memory import format_bytes  # noqa: E402
-from autobatch.planning.whole_batch import timed, whole_batch_step  # noqa: E402
+from autobatch.planning.trials import Trials, timed  # noqa: E402
 from autobatch.reference import plain_accumulation_backward  # noqa: E402
-from autobatch.snapshot import preserved  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
+from autobatch.transaction import trial_transaction  # noqa: E402
 from bench.cost import prepared, step_arguments  # noqa: E402
 
 
@@ -42,12 +43,14 @@ def optimizer_for(model):
 def peaks(model, x, y, loss_fn, batch, device):
     """The whole-batch step's measured peak under every checkpointing policy."""
     optimizer = optimizer_for(model)
-    micro = MicroStep(model, optimizer, loss_fn, device=device)
+    options = Options.build(model, optimizer, batch, loss_fn=loss_fn, bn="exact", device=device)
+    micro = MicroStep(model, optimizer, options)
+    trials = Trials(micro, strategy_for(options.bn, micro), batch)
     found = {}
-    with preserved(model, optimizer):
+    with trial_transaction(model, optimizer):
         warm_optimizer_state(optimizer)
         for policy in candidates(model):
-            work = whole_batch_step(micro, batch_norm_modules(model), (x, y), batch, policy)
+            work = trials.whole_batch_step((x, y), policy)
             found[policy] = peak_bytes(work, device, model, optimizer, (x, y))
             found[policy, "seconds"] = timed(work, device)
     return found

@@ -25,9 +25,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import autobatch  # noqa: E402
 from autobatch.demo import UNet, shapes  # noqa: E402
 from autobatch.demo.models import ResidualNet  # noqa: E402
+from autobatch.oom import is_out_of_memory  # noqa: E402
 from autobatch.planning.measure import warm_optimizer_state  # noqa: E402
-from autobatch.planning.memory import format_bytes, is_out_of_memory  # noqa: E402
-from autobatch.snapshot import preserved  # noqa: E402
+from autobatch.sizes import format_bytes  # noqa: E402
+from autobatch.transaction import trial_transaction as preserved  # noqa: E402
 
 ce = nn.CrossEntropyLoss()
 

@@ -51,7 +51,7 @@ def ratio(blocks, mb, seed, survival, drop2d, replay=False):
     ab._strategy.check = lambda: None
     torch.manual_seed(1)
     try: ab.step(x,y)
-    except Exception as e: return float("nan")
+    except Exception: return float("nan")
     return g[0]/fn
 for blocks, survival, drop2d, mb in itertools.product((2, 4, 8, 16), (1.0, 0.7), (False, True), (2, 4)):
     if survival == 1.0 and not drop2d: continue

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
-from autobatch import microstep, snapshot  # noqa: E402
+from autobatch import microstep, transaction  # noqa: E402
 from autobatch.planning.measure import peak_bytes  # noqa: E402
 from bench.cost import prepared, step_arguments, sync  # noqa: E402
 
@@ -39,13 +39,13 @@ def main() -> None:
                                    cache=False)
 
     def run(arm: str) -> float:
-        undo = snapshot.undone_on_error if arm == "with copies" else (lambda *a, **k: contextlib.nullcontext())
-        microstep.undone_on_error = undo
+        undo = transaction.update_transaction if arm == "with copies" else (lambda *a, **k: contextlib.nullcontext())
+        microstep.update_transaction = undo
         sync(device)
         start = time.perf_counter()
         arms[arm].step(x, y)
         sync(device)
-        microstep.undone_on_error = snapshot.undone_on_error
+        microstep.update_transaction = transaction.update_transaction
         return time.perf_counter() - start
 
     times = {arm: [] for arm in arms}

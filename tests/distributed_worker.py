@@ -383,6 +383,27 @@ def counted_uneven(rank):
     return counted(rank, slice(0, 4) if rank == 0 else slice(7, 8))
 
 
+def variable_sizes(rank):
+    """Rank 0 holds images of 16 pixels, rank 1 of 32: each plans its own micro-batch from its memory model,
+    and both run as many micro-batches as rank 1 needs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).double()
+    ddp = DistributedDataParallel(model)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, memory_budget=3 * 2**20, cache=False)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    x, y = variable_data(rank)
+    loss = ab.step(x, y)
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss],
+            "micro_batch": ab.plan.micro_batch, "forwards": len(forwards)}
+
+
+def variable_data(rank):
+    size = 16 if rank == 0 else 32
+    return common.data(8, (3, size, size), seed=rank)
+
+
 def main() -> None:
     rank, scenarios, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,

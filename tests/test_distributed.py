@@ -44,7 +44,7 @@ def good_runs(tmp_path_factory):
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
                  "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas",
                  "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update", "exact",
-                 "exact_uneven", "counted", "counted_uneven"]
+                 "exact_uneven", "counted", "counted_uneven", "variable_sizes"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -236,3 +236,23 @@ def test_count_weighted_losses_over_ranks_with_different_counts_equal_the_whole_
         for key, value in model.state_dict().items():
             torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
         assert result["loss"] == pytest.approx(losses, rel=1e-10)
+
+
+def test_ranks_with_samples_of_different_sizes_agree_on_the_number_of_micro_batches(good_runs):
+    from tests.distributed_worker import variable_data
+    results = [good_runs[("variable_sizes", rank)]["ok"] for rank in range(2)]
+    assert results[0]["micro_batch"] > results[1]["micro_batch"]  # each rank's own memory model and size
+    assert results[0]["forwards"] == results[1]["forwards"] > 1  # as many micro-batches as the larger needs
+    # The gradient of the mean loss over both ranks' samples: one process computing each rank's part.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 5)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = [ce(model(x), y) for x, y in (variable_data(0), variable_data(1))]
+    (sum(losses) / 2).backward()
+    optimizer.step()
+    for result in results:
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+        assert result["loss"][0] == pytest.approx(sum(loss.item() for loss in losses) / 2, rel=1e-10)

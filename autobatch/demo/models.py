@@ -1,16 +1,20 @@
 """Small BatchNorm models to try autobatch on, shared by the tests and the benchmarks: a residual CNN,
-and one with stochastic depth and dropout whose every random draw comes before its last BatchNorm.
+one with stochastic depth and dropout whose every random draw comes before its last BatchNorm, a
+two-convolution net for images of any size, and an attention encoder over token sequences.
 
     >>> model = ResidualNet(blocks=4, channels=8, classes=5)      # (N, 3, H, W) -> (N, 5)
     >>> model = StochasticNet()                                   # the same, with random layers
+    >>> model = AttentionEncoder()                                # (N, L) tokens -> (N, L, vocabulary)
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Block", "ResidualNet", "StochasticBlock", "StochasticNet"]
+__all__ = ["AttentionEncoder", "Block", "ResidualNet", "StochasticBlock", "StochasticNet", "two_conv_net"]
 
 
 class Block(nn.Module):
@@ -83,3 +87,28 @@ class StochasticNet(nn.Module):
         x = self.blocks(F.silu(self.bn(self.stem(x))))
         x = F.dropout(self.fc1(x.mean((2, 3))), 0.3, self.training)
         return self.fc2(F.silu(self.head_bn(x)))
+
+
+def two_conv_net(channels: int = 16, classes: int = 5) -> nn.Module:
+    """Two convolutions with BatchNorm and a pooled head: activations proportional to the image's pixels."""
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+
+
+class AttentionEncoder(nn.Module):
+    """One attention layer over token sequences, in plain matrix products (memory quadratic in the
+    length, as attention without fused kernels), a BatchNorm over features, and per-token logits."""
+
+    def __init__(self, vocabulary: int = 50, width: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.norm = nn.BatchNorm1d(width)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])
+        x = x + torch.softmax(scores, -1) @ self.value(x)
+        return self.head(self.norm(x.transpose(1, 2)).transpose(1, 2))

@@ -5,6 +5,7 @@ and a micro-batch for every logical batch from a memory model of what was measur
     plan = planner.plan_for(batch)             # the start: the cache, or trial steps (no trace left)
     plan, measure = planner.for_batch(plan, batch)    # each batch: its sample size's micro-batch
     planner.observe(plan, n, micro_peak, phase1_peak) # a real step measured: the model learns its size
+    planner.learn(plan, other_batch)           # or trials, now (ab.tune)
     plan = planner.after_out_of_memory(plan, phase, message, batch)     # autobatch.planning.recovery
 
 Trials (autobatch.planning.trials) run the code that trains; the search (autobatch.planning.search)
@@ -64,6 +65,8 @@ class Planner:
         #: two_pass's phase 1: n is the samples of one chunk.
         self.phase1: Optional[MemoryModel] = None
         self.limit: Optional[Budget] = None
+        #: Bytes of phase 1's recorded draws per sample element: resident in a real step, not in a trial.
+        self.draws_per_element = 0.0
         self.device = ""
         self.key = ""
 
@@ -160,6 +163,7 @@ class Planner:
             phase1_points = self._fit_statistics_pass(batch, s)
             # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
             draws = self.strategy.take_draw_bytes()
+        self.draws_per_element = draws / s
         self.model = MemoryModel(self._resident_per_element(batch, s, draws),
                                  [(n, s, peak + draws) for n, peak in fit.points if peak is not None])
         self.phase1 = MemoryModel(self.model.resident_per_element, phase1_points, self.model.base) \
@@ -209,9 +213,10 @@ class Planner:
         """``plan`` for batches of ``s`` elements per sample: the model's largest micro-batch, and phase 1
         in as few chunks as the model says fit (``batch``: to measure phase 1 where the model cannot tell)."""
         limit, model = self.limit.budget_bytes, self.model
+        described = dict(sample_size=s, memory_model=model.describe(), fixed_bytes=model.fixed(s),
+                         per_sample_bytes=model.per_sample(s), measured=tuple(model.points))
         if plan.bn is Mode.EXACT:
-            return plan.replace(sample_size=s, memory_model=model.describe(),
-                                predicted_peak_bytes=model.predict(self.share, s))
+            return plan.replace(predicted_peak_bytes=model.predict(self.share, s), **described)
         micro_batch = model.largest_under(limit, s, self.share)
         chunks, lockstep = 1, False
         if micro_batch < self.share and self.strategy.needs_statistics_pass():
@@ -226,8 +231,7 @@ class Planner:
         if self.lockstep and not lockstep and chunks == 1:
             reason += "; phase 1 runs before the micro-batches (alongside the first it would pass the budget)"
         return plan.replace(micro_batch=micro_batch, reason=reason, predicted_peak_bytes=model.predict(micro_batch, s),
-                            phase1=Phase1.alongside() if lockstep else Phase1.chunked(chunks), sample_size=s,
-                            memory_model=model.describe())
+                            phase1=Phase1.alongside() if lockstep else Phase1.chunked(chunks), **described)
 
     def _learn_statistics_pass(self, batch: Any, s: int) -> None:
         """Phase 1 measured by a trial at the first sample size that splits the batch; at later sizes the
@@ -238,9 +242,10 @@ class Planner:
             warm_optimizer_state(self.micro.optimizer)
             points = self._fit_statistics_pass(batch, s)
             draws = self.strategy.take_draw_bytes()
-        if draws and not self.model.resident_per_element:
+        if draws and not self.draws_per_element:
             # Phase 1's draws stay resident through the micro-batches: the model's fixed part grows with s.
-            self.model.resident_per_element = draws / s
+            self.draws_per_element = draws / s
+            self.model.resident_per_element += draws / s
         if self.phase1 is None:
             self.phase1 = MemoryModel(self.model.resident_per_element, [], self.model.base)
         for point in points:
@@ -269,6 +274,31 @@ class Planner:
         log.info("autobatch: the whole batch at %d elements per sample passes the budget under %s; planning afresh",
                  s, plan.checkpointing.label)
         return self._measure(batch)
+
+    def learn(self, plan: Plan, batch: Any) -> None:
+        """``batch``'s sample size measured now, by trials, where the model has not measured it: the
+        micro-batch the model predicts is verified (and the fit corrected, up to three times), and phase 1
+        measured. ``ab.tune`` does this; a training step measures itself instead."""
+        s = self.micro.batches.sample_size(batch)
+        if self.model is None or self.strategy.whole_batch_only or self.model.covers(s):
+            return
+        with trial_transaction(self.micro.model, self.micro.optimizer):
+            warm_optimizer_state(self.micro.optimizer)
+            tried = set()
+            for _ in range(3):
+                n = self.model.largest_under(self.limit.budget_bytes, s, self.share)
+                if n in tried:
+                    break
+                tried.add(n)
+                peak = self.trials.micro_step_peak(batch, n)
+                self.model.add(n, s, (peak if peak is not None else 2 * self.limit.budget_bytes)
+                               + self.draws_per_element * s)
+        if self.phase1 is not None and not self.phase1.covers(s) and \
+                self.model.largest_under(self.limit.budget_bytes, s, self.share) < self.share:
+            with trial_transaction(self.micro.model, self.micro.optimizer):
+                for point in self._fit_statistics_pass(batch, s):
+                    self.phase1.add(*point)
+        self._store(plan)
 
     def observe(self, plan: Plan, n: int, micro_peak: Optional[int], phase1_peak: Optional[int]) -> None:
         """A real step of micro-batches of at most ``n`` samples at ``plan.sample_size`` measured: its

@@ -1,13 +1,12 @@
 """The memory model: micro-batches that follow the samples' size, never over the budget, from few trials."""
-import math
-
 import pytest
 import torch
 from torch import nn
 
 import autobatch
-from autobatch.planning.measure import peak_bytes
+from autobatch.demo import models
 from autobatch.plan import Phase1
+from autobatch.planning.measure import peak_bytes
 from autobatch.planning.model import MemoryModel
 from autobatch.split import balanced_parts
 from tests.common import data
@@ -15,27 +14,11 @@ from tests.common import data
 
 def two_conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return models.two_conv_net()
 
 
-class Encoder(nn.Module):
-    """A Transformer encoder over padded token sequences, attention in plain matrix products (memory
-    quadratic in the length), a BatchNorm over features, and a per-token loss."""
-
-    def __init__(self, vocabulary=50, width=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocabulary, width)
-        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
-        self.norm = nn.BatchNorm1d(width)
-        self.head = nn.Linear(width, vocabulary)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        scores = self.query(x) @ self.key(x).transpose(1, 2) / math.sqrt(x.shape[-1])
-        x = x + torch.softmax(scores, -1) @ self.value(x)
-        return self.head(self.norm(x.transpose(1, 2)).transpose(1, 2))
+def Encoder():  # noqa: N802 - reads as the class it makes
+    return models.AttentionEncoder()
 
 
 def sequences(n, length, seed):
