@@ -139,9 +139,9 @@ def main() -> None:
         if args.compile and lockstep:
             continue
         model = copy.deepcopy(base)
+        mode = autobatch.TwoPass(lockstep=lockstep, phase1_memory_format=memory_format) if bn == "two_pass" else bn
         wrapped[arm] = autobatch.wrap(fast(model), optimizer_for(model), args.target_batch, loss_fn,
-                                      micro_batch=args.micro_batch, bn=bn, cache=False, lockstep=lockstep,
-                                      phase1_memory_format=memory_format)
+                                      micro_batch=args.micro_batch, bn=mode, cache=False)
     two_pass = wrapped["two_pass"]
     statistics_pass = two_pass._strategy._statistics_pass
 

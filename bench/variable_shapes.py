@@ -2,7 +2,8 @@
 every batch) against the memory model (a micro-batch per batch), on the host with an emulated
 allocator that runs out of memory at the cap, as a GPU would.
 
-    python bench/variable_shapes.py          # writes bench/results/variable_shapes.md
+    python bench/variable_shapes.py                  # writes bench/results/variable_shapes.md
+    python bench/variable_shapes.py --device cuda    # a real allocator capped (set_per_process_memory_fraction)
 
 Two runs of 20 logical batches each, the sizes in a fixed random order: a two-convolution BatchNorm
 net on images of 16 to 96 pixels, and an attention encoder on padded sequences of 16 to 256 tokens.
@@ -13,6 +14,7 @@ memory), patched in here, never in autobatch.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import pathlib
 import sys
@@ -87,39 +89,64 @@ def sequence_run():
     return "attention encoder, sequences of 16 to 256 tokens", model, loss, batches, 32, 8 * 2**20
 
 
-def train(make_model, loss, batches, target, cap, plan_once):
+def cuda_step(ab, batch, device):
+    """One step on the GPU, the allocator capped: its peak (the allocator's), real out-of-memory recovered."""
+    torch.cuda.reset_peak_memory_stats(device)
+    ab.step(batch)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def train(make_model, loss, batches, target, cap, plan_once, device=torch.device("cpu")):
     original = Planner.for_batch
     if plan_once:
         Planner.for_batch = lambda self, plan, batch: (plan, False)
     counter = Counter()
     logging.getLogger("autobatch").addHandler(counter)
     try:
-        model = make_model()
+        model = make_model().to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         ab = autobatch.wrap(model, optimizer, target, compute_loss=loss, memory_budget=cap, cache=False,
                             bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+        if device.type == "cuda":
+            batches = [ab._micro.batches.to(batch, device) for batch in batches]
+            torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory,
+                                                       device)
         peaks, start = [], time.perf_counter()
         for batch in batches:
+            if device.type == "cuda":
+                peaks.append(cuda_step(ab, batch, device))
+                continue
             # Each step under the emulated allocator, which also measures its peak.
             tracker = Capped(measure._resident(model, optimizer) + ab._micro.batches.tensors(batch), cap)
             with measure._eagerly(), tracker:
                 ab.step(batch)
             peaks.append(tracker.peak - sum(t.untyped_storage().nbytes() for t in ab._micro.batches.tensors(batch)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     finally:
         Planner.for_batch = original
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
         logging.getLogger("autobatch").removeHandler(counter)
     return {"events": counter.events, "trials": ab._planner.trials.steps, "seconds": seconds,
             "samples": sum(ab._micro.batches.size(b) for b in batches), "peaks": [p / cap for p in peaks]}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("autobatch").setLevel(logging.WARNING)  # the out-of-memory warnings, counted
     rows = ["| run | arm | out-of-memory events (batches redone) | trial steps | samples/s | largest peak / cap (a failed attempt passes 1) | "
             "mean peak / cap |", "|---|---|---|---|---|---|---|"]
     for name, make_model, loss, batches, target, cap in (image_run(), sequence_run()):
-        results = {arm: train(make_model, loss, batches, target, cap, arm == "plan once")
+        if device.type == "cuda":
+            cap = max(cap, 64 * 2**20)  # the CUDA context and cuDNN workspaces hold a few tens of MiB
+        results = {arm: train(make_model, loss, batches, target, cap, arm == "plan once", device)
                    for arm in ("plan once", "memory model")}
         speed = {arm: r["samples"] / r["seconds"] for arm, r in results.items()}
         for arm, r in results.items():
@@ -128,10 +155,12 @@ def main() -> None:
                         f"{sum(r['peaks']) / len(r['peaks']):.2f} |")
             print(rows[-1], flush=True)
         print("peaks / cap per step:", {arm: [round(p, 2) for p in r["peaks"]] for arm, r in results.items()})
-    RESULTS.write_text(
+    where = (f"on {torch.cuda.get_device_name(device)}, the allocator capped with set_per_process_memory_fraction"
+             if device.type == "cuda" else "2-core CPU, host memory, an emulated allocator that raises out-of-memory "
+                                           "when the live tensor bytes pass the cap")
+    pathlib.Path(args.out).write_text(
         "# Batches whose samples change size: plan once against the memory model\n\n"
-        "`python bench/variable_shapes.py` (2-core CPU, host memory, an emulated allocator that raises "
-        "out-of-memory when the live tensor bytes pass the cap; the cap is also `memory_budget`). 20 logical "
+        f"`python bench/variable_shapes.py --device {args.device}` ({where}; the cap is also `memory_budget`). 20 logical "
         "batches of 32 samples per run, sizes in a fixed random order. Samples per second include planning, "
         "trials and redone batches, side by side in one run; the ratio is to plan once.\n\n" + "\n".join(rows) + "\n")
 
