@@ -1,6 +1,6 @@
 """torch.distributed for autobatch: ranks that agree, and BatchNorm statistics over all of them.
 
-    ranks = Ranks.of(model)                  # world_size 1 unless model is (a compiled) DistributedDataParallel
+    ranks = Ranks.of(model)                  # world_size 1 unless model is DDP or fully_shard (FSDP2)
     table = ranks.gather([size, flag])       # (world_size, 2): every rank's values, on every rank
     table, failure = ranks.outcome(error, loss)   # failure: what to raise here if any rank failed
     count, mean, m2 = ranks.merge(count, mean, m2)   # per-channel statistics of all ranks together
@@ -17,7 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.oom import first_line, is_out_of_memory
 
-__all__ = ["RankFailure", "Ranks", "ddp_of", "ddp_state", "plain_sync_batch_norm"]
+__all__ = ["RankFailure", "Ranks", "check_not_legacy_fsdp", "ddp_of", "ddp_state", "fsdp_of", "fsdp_state",
+           "gradient_sync", "plain_sync_batch_norm"]
 
 
 class RankFailure(RuntimeError):
@@ -33,8 +34,35 @@ def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
     return model
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+
+
+def fsdp_of(model: nn.Module) -> Optional[nn.Module]:
+    """``model`` (inside torch.compile's wrapper) if ``fully_shard`` (FSDP2) sharded it, else None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has it under _composable; autobatch then sees plain modules
+        return None
+    model = _unwrapped(model)
+    return model if isinstance(model, FSDPModule) else None
+
+
+def check_not_legacy_fsdp(model: nn.Module) -> None:
+    """The older FullyShardedDataParallel class is refused: its module is flattened and its gradient
+    accumulation (no_sync) keeps unsharded gradients of every parameter."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return
+    if any(isinstance(module, FullyShardedDataParallel) for module in _unwrapped(model).modules()):
+        raise TypeError("autobatch supports FSDP through fully_shard (FSDP2), not the FullyShardedDataParallel "
+                        "class: shard the model with torch.distributed.fsdp.fully_shard(module) for each block "
+                        "and the root, then wrap it")
+
+
 class Ranks:
-    """The processes a DistributedDataParallel model trains on (a single one otherwise)."""
+    """The processes a DistributedDataParallel or fully_shard (FSDP2) model trains on (one otherwise)."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, active: bool = False):
         self.group = group
@@ -48,7 +76,11 @@ class Ranks:
     @classmethod
     def of(cls, model: nn.Module) -> "Ranks":
         ddp = ddp_of(model)
-        return cls() if ddp is None else cls(ddp.process_group, active=True)
+        if ddp is not None:
+            return cls(ddp.process_group, active=True)
+        if fsdp_of(model) is not None and dist.is_available() and dist.is_initialized():
+            return cls(None, active=True)  # FSDP2 shards over the default group's ranks (a 1-D mesh)
+        return cls()
 
     def _all_gather(self, local: Tensor, what: str) -> Tensor:
         """Every rank's ``local`` (same shape on all ranks), stacked; backend errors become RankFailure."""
@@ -149,3 +181,47 @@ def ddp_state(model: Optional[nn.parallel.DistributedDataParallel]) -> Iterator[
             reset()
             model._has_rebuilt_buckets = False
         raise
+
+
+@contextlib.contextmanager
+def fsdp_state(model: Optional[nn.Module]) -> Iterator[None]:
+    """Puts a fully_shard (FSDP2) model back after a failed attempt: the unsharded gradients that the
+    micro-batches before the failure accumulated without reducing them are dropped (the attempt's
+    gradient is taken again from the start), and every module's parameters resharded."""
+    if model is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            state = getattr(module, "_get_fsdp_state", lambda: None)()
+            group = getattr(state, "_fsdp_param_group", None)
+            for param in getattr(group, "fsdp_params", ()):  # private: FSDP2 has no API to drop them
+                param.unsharded_accumulated_grad = None
+                if hasattr(param, "_unsharded_param"):
+                    param._unsharded_param.grad = None
+            if hasattr(module, "reshard"):
+                module.reshard()
+        raise
+
+
+@contextlib.contextmanager
+def gradient_sync(ddp: Optional[nn.parallel.DistributedDataParallel], fsdp: Optional[nn.Module],
+                  last: bool) -> Iterator[None]:
+    """Gradients reduced over ranks once per logical batch, in the last micro-batch's backward: DDP's
+    ``no_sync`` before it; FSDP2's ``set_requires_gradient_sync(False)`` and ``set_is_last_backward(False)``
+    before it (the unsharded gradients accumulate, then are reduce-scattered once)."""
+    if last or (ddp is None and fsdp is None):
+        yield
+    elif ddp is not None:
+        with ddp.no_sync():
+            yield
+    else:
+        fsdp.set_requires_gradient_sync(False)
+        fsdp.set_is_last_backward(False)
+        try:
+            yield
+        finally:
+            fsdp.set_requires_gradient_sync(True)
+            fsdp.set_is_last_backward(True)

@@ -160,4 +160,5 @@ class Losses:
         factor = self.world_size / (self.shared_weight * self.total)
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
+            local = [getattr(g, "_local_tensor", g) for g in grads]  # a sharded (DTensor) gradient's own shard
+            torch._foreach_mul_(local, factor)

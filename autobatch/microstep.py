@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from autobatch.distributed import Ranks, ddp_of
+from autobatch.distributed import Ranks, ddp_of, fsdp_of
 from autobatch.loss import LossValue, read_loss
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import Options, UpdateCopies
@@ -45,8 +45,10 @@ class MicroStep:
         self.model = model
         ddp = ddp_of(model)
         #: The module itself: trials and phase 1 bypass DistributedDataParallel (no gradient to sync).
+        #: A fully_shard (FSDP2) model is its own module: its forward gathers the shards from every rank.
         self.module = model if ddp is None else ddp.module
         self.ddp = ddp
+        self.fsdp = fsdp_of(model)
         self.ranks = Ranks.of(model)
         self.optimizer = optimizer
         self.options = options
@@ -178,13 +180,16 @@ class MicroStep:
 
     def _check_finite_gradient(self, params: list[nn.Parameter]) -> None:
         """A gradient that is not finite never reaches the optimizer (a GradScaler skips such steps itself)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        # A sharded (DTensor) gradient's own shard: FSDP2's ranks each hold another, so they agree below.
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params if p.grad is not None]
         if self.scaler is not None or not grads:
             return
         # Half-precision norms in float32: a large finite fp16 gradient must not read as overflow.
         norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None)
                  .to(grads[0].device, torch.float64) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms))
+        if self.fsdp is not None and self.ranks.active:
+            norm = self.ranks.gather([norm.item()])[:, 0].square().sum().sqrt()
         if not math.isfinite(norm.item()):
             raise FloatingPointError(
                 f"the accumulated gradient of the logical batch has norm {norm.item()} although every loss is "

@@ -24,7 +24,15 @@ from torch import nn
 
 from autobatch.batchnorm import BatchNormStrategy, strategy_for
 from autobatch.batchnorm.bypass import RunningStatisticsWatch
-from autobatch.distributed import RankFailure, Ranks, ddp_state, plain_sync_batch_norm
+from autobatch.distributed import (
+    RankFailure,
+    Ranks,
+    check_not_legacy_fsdp,
+    ddp_state,
+    fsdp_state,
+    gradient_sync,
+    plain_sync_batch_norm,
+)
 from autobatch.loss import Losses, check_counts
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.modes import BatchNormMode, TwoPass
@@ -267,7 +275,7 @@ class AutoBatch:
         meter = StepMeter(self.device, self._micro.model, self._micro.optimizer, self._micro.batches.tensors(batch),
                           host=agreed.measure)
         with step_transaction(params, self._strategy.layers) as saved, meter:
-            with ddp_state(self._micro.ddp), synced:
+            with ddp_state(self._micro.ddp), fsdp_state(self._micro.fsdp), synced:
                 loss = self._accumulate(batch, splits, saved["buffers"], losses, meter)
             losses.rescale(params)
             self._micro.update(params)
@@ -314,6 +322,13 @@ class AutoBatch:
                 if last:
                     settled = True
                     mean_loss = self._settle(losses, splits, None, batch, norm)
+                elif self._micro.fsdp is not None and self._ranks.active:
+                    # FSDP2's backward gathers shards from every rank: a rank whose forward or loss failed
+                    # must be heard of before it, where every rank still meets (the same row as settling).
+                    _, raised = self._ranks.outcome(None, 0.0, 0.0, False)
+                    if raised is not None:
+                        settled = True  # every rank heard of it here
+                        raise raised
                 with norm.backward(first_row, size):
                     self._micro.backward(loss)
             return mean_loss
@@ -325,10 +340,8 @@ class AutoBatch:
             raise
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
-        """DistributedDataParallel all-reduces once per logical batch: after the last micro-batch."""
-        if last or self._micro.ddp is None:
-            return contextlib.nullcontext()
-        return self._micro.ddp.no_sync()
+        """Gradients reduced over ranks once per logical batch: in the last micro-batch's backward."""
+        return gradient_sync(self._micro.ddp, self._micro.fsdp, last)
 
     def _settle(self, losses: Losses, splits: list[int], failure: Optional[BaseException],
                 batch: Any, norm: BatchNormStrategy) -> float:
@@ -428,6 +441,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
     """
     moved = {name: value for name, value in (("lockstep", lockstep), ("phase1_memory_format", phase1_memory_format),
                                              ("retune", retune)) if value is not None}
+    check_not_legacy_fsdp(model)
     options = Options.build(
         model, optimizer, target_batch, Ranks.of(model).world_size, loss_fn=loss_fn, compute_loss=compute_loss,
         micro_batch=micro_batch, bn=bn, scaler=scaler, autocast_dtype=autocast_dtype, max_grad_norm=max_grad_norm,

@@ -404,6 +404,75 @@ def variable_data(rank):
     return common.data(8, (3, size, size), seed=rank)
 
 
+def sharded(model):
+    """``model`` with fully_shard (FSDP2) on each of its children that hold parameters, and the root."""
+    from torch.distributed.fsdp import fully_shard
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def full_state(model):
+    """The state_dict with every sharded (DTensor) value gathered: the plain model's keys and values."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
+
+
+def fsdp(rank, model, rows=None, bn="two_pass", micro_batch=4, loss_fn=ce, image=True, **options):
+    """Two SGD momentum steps of a fully_shard model on this rank's rows."""
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 16, loss_fn,
+                        bn=bn, micro_batch=micro_batch, cache=False, **options)
+    x, y = data(image=image)
+    rows = rows or halves(rank)
+    if micro_batch == "auto":
+        ab.tune(x[halves(rank)], y[halves(rank)])
+    losses = [ab.step(x[rows], y[rows]) for _ in range(2)]
+    return {"state": full_state(model), "loss": losses, "plan": str(ab.plan)}
+
+
+def fsdp_two_pass(rank):
+    """Also counts FSDP2's reduce-scatters: once per sharded module and logical batch, not per micro-batch."""
+    calls, original = [], dist.reduce_scatter_single
+    dist.reduce_scatter_single = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        model = sharded(resnet())
+        result = fsdp(rank, model)
+    finally:
+        dist.reduce_scatter_single = original
+    # Sharded modules with parameters of their own (the root's are all in its sharded children).
+    units = sum(1 for module in model.modules() if hasattr(module, "set_requires_gradient_sync")
+                and module._get_fsdp_state()._fsdp_param_group is not None)
+    return dict(result, reduce_scatters=len(calls), per_step=units)
+
+
+def fsdp_micro(rank):
+    return fsdp(rank, sharded(resnet()), bn="micro")
+
+
+def fsdp_exact(rank):
+    return fsdp(rank, sharded(resnet()), bn="exact", micro_batch="auto", memory_budget=10**10)
+
+
+def fsdp_uneven(rank):
+    return fsdp(rank, sharded(resnet()), slice(0, 8) if rank == 0 else slice(8, 13), bn="exact",
+                micro_batch="auto", memory_budget=10**10)
+
+
+def fsdp_out_of_memory(rank):
+    """Rank 1 runs out of memory in its first micro-batch's loss (after the forward's gathers): both ranks
+    hear of it before the backward, put the step back and redo it in smaller micro-batches."""
+    loss_fn = OutOfMemoryOnRankOne(rank)
+    model = sharded(mlp())
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 16, loss_fn, cache=False)
+    x, y = data()
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    ab._planner.recovery.ceilings[ab.plan.sample_size] = (4, "at most 4")  # two micro-batches on each rank
+    loss_fn.armed = True
+    losses = [ab.step(x[halves(rank)], y[halves(rank)]) for _ in range(2)]
+    return {"state": full_state(model), "loss": losses, "plan": str(ab.plan)}
+
+
 def main() -> None:
     rank, scenarios, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,

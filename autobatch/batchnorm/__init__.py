@@ -8,6 +8,8 @@ Every training-mode ``F.batch_norm`` call goes to the strategy's handlers while 
 """
 from __future__ import annotations
 
+import torch
+
 from autobatch.batchnorm.auto import AutoStrategy
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.micro import MicroStrategy
@@ -23,12 +25,28 @@ __all__ = ["BatchNormStrategy", "strategy_for"]
 def strategy_for(mode: BatchNormMode, micro: MicroStep) -> BatchNormStrategy:
     """The strategy of ``mode`` (autobatch.modes) for ``micro``'s model: decided here and nowhere else."""
     layers, names = batch_norm_modules(micro.module), batch_norm_names(micro.module)
-    if isinstance(mode, TwoPass):
-        return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
     if isinstance(mode, Micro):
         return MicroStrategy(layers, names, micro.ranks)
+    if isinstance(mode, TwoPass):
+        return _two_pass(mode, micro, layers, names)
     exact = ExactStrategy(layers, names, micro.ranks, micro)
     if isinstance(mode, Exact):
         return exact
     assert isinstance(mode, Auto), mode
-    return AutoStrategy(exact, TwoPassStrategy(layers, names, micro.ranks, micro, mode.two_pass.phase1_memory_format))
+    return AutoStrategy(exact, _two_pass(mode.two_pass, micro, layers, names))
+
+
+def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> TwoPassStrategy:
+    """two_pass for ``micro``'s model. A fully_shard (FSDP2) model gathers its shards in every forward:
+    phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in the
+    inputs' own memory format (the format trial's forwards could end apart on the ranks), and never
+    alongside the first micro-batch in a helper thread (two threads' gathers would interleave)."""
+    if micro.fsdp is None:
+        return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
+    if mode.lockstep:
+        raise ValueError("lockstep runs phase 1 in a helper thread beside the first micro-batch, and a fully_shard "
+                         "(FSDP2) model's forwards gather shards from every rank, which two threads would interleave; "
+                         "use bn=autobatch.TwoPass() without lockstep")
+    strategy = TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format or torch.preserve_format)
+    strategy.handler.stop_early = False
+    return strategy

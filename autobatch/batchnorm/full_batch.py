@@ -129,6 +129,7 @@ class FullBatchStatistics:
         self.layers: list[LayerStatistics] = []
         #: Number of calls seen in the last complete phase 1; phase 1 stops after that many.
         self.calls_per_forward: Optional[int] = None
+        self.stop_early = True
         self._cursor = 0
         self._recomputed = RecomputedCalls()
         #: Per layer, phase 1's channel means of the running micro-batch's samples (None: unchecked),
@@ -162,8 +163,9 @@ class FullBatchStatistics:
 
     def stop_after_last_call(self) -> None:
         """Ends phase 1's forward with :class:`StopForward` once it has made every BatchNorm call.
-        Not under torch.compile: dynamo would give up on the traced forward, and compile each call apart."""
-        if not _is_compiling() and len(self.layers) == self.calls_per_forward:
+        Not under torch.compile: dynamo would give up on the traced forward, and compile each call apart;
+        nor where ``stop_early`` is off (a fully_shard model's forward must end to reshard its parameters)."""
+        if self.stop_early and not _is_compiling() and len(self.layers) == self.calls_per_forward:
             raise StopForward
 
     def _record_across_ranks(self, call: BatchNormCall, name: str) -> tuple[Tensor, LayerStatistics]:

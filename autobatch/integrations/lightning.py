@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from autobatch.distributed import Ranks
@@ -81,6 +81,10 @@ def wrap(module: LightningModule, target_batch: int, loss_fn: Any = None, **opti
     ab = module.__dict__.get("_autobatch")
     if ab is None:
         strategy = module.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            raise TypeError("Lightning's FSDPStrategy shards with the FullyShardedDataParallel class, which autobatch "
+                            "does not support: use AutoBatchDDPStrategy, or shard the module yourself with "
+                            "torch.distributed.fsdp.fully_shard (FSDP2) and train it with autobatch.wrap")
         if getattr(strategy.precision_plugin, "scaler", None) is not None:
             raise ValueError("autobatch under Lightning's precision='16-mixed' is not supported yet: Lightning's "
                              "GradScaler steps the optimizer itself. Use precision='bf16-mixed'")

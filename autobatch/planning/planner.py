@@ -65,6 +65,8 @@ class Planner:
         #: two_pass's phase 1: n is the samples of one chunk.
         self.phase1: Optional[MemoryModel] = None
         self.limit: Optional[Budget] = None
+        #: A fully_shard model's trials are collectives: after the start, only steps every rank takes measure.
+        self.collective = micro.fsdp is not None and self.ranks.active
         #: Bytes of phase 1's recorded draws per sample element: resident in a real step, not in a trial.
         self.draws_per_element = 0.0
         self.device = ""
@@ -223,6 +225,10 @@ class Planner:
             self._learn_statistics_pass(batch, s)
         if micro_batch < self.share and self.strategy.needs_statistics_pass() and self.phase1 is not None:
             chunks = self._chunks(s)
+        elif micro_batch < self.share and self.strategy.needs_statistics_pass():
+            # Phase 1 not measured yet (FSDP2, after the start): chunks no larger than a training micro-batch,
+            # whose memory bounds a no-grad forward's, until the step measures it.
+            chunks = math.ceil(self.share / micro_batch)
             lockstep = self.lockstep and self.recovery.lockstep_fits and chunks == 1 and (
                 self.phase1.predict(self.share, s) + model.per_sample(s) * micro_batch <= limit)
         bounded = "" if model.covers(s) else " (beyond the measured sizes: a bound until this size is measured)"
@@ -236,7 +242,7 @@ class Planner:
     def _learn_statistics_pass(self, batch: Any, s: int) -> None:
         """Phase 1 measured by a trial at the first sample size that splits the batch; at later sizes the
         real steps measure it (beyond the measured sizes a bound decides its chunks until then)."""
-        if self.phase1 is not None or batch is None:
+        if self.phase1 is not None or batch is None or self.collective:
             return
         with trial_transaction(self.micro.model, self.micro.optimizer):
             warm_optimizer_state(self.micro.optimizer)
@@ -263,6 +269,12 @@ class Planner:
         checkpointing; planned afresh there if it would not fit."""
         if s == plan.sample_size:
             return plan
+        if not self.model.covers(s) and self.collective:
+            if self.model.predict(self.share, s) <= self.limit.budget_bytes:
+                return self._for_size(plan, s)  # the bound fits; the step measures
+            raise MemoryError(f"bn='exact' with a fully_shard model: the whole batch at {s} elements per sample may "
+                              "not fit under its checkpointing, and FSDP2's trials must run on every rank at once; "
+                              "tune on the largest batch first (ab.tune on every rank), or use bn='two_pass'")
         if not self.model.covers(s):
             with trial_transaction(self.micro.model, self.micro.optimizer):
                 warm_optimizer_state(self.micro.optimizer)
@@ -280,7 +292,7 @@ class Planner:
         micro-batch the model predicts is verified (and the fit corrected, up to three times), and phase 1
         measured. ``ab.tune`` does this; a training step measures itself instead."""
         s = self.micro.batches.sample_size(batch)
-        if self.model is None or self.strategy.whole_batch_only or self.model.covers(s):
+        if self.model is None or self.strategy.whole_batch_only or self.model.covers(s) or self.collective:
             return
         with trial_transaction(self.micro.model, self.micro.optimizer):
             warm_optimizer_state(self.micro.optimizer)
@@ -311,6 +323,8 @@ class Planner:
         if micro_peak is not None and (not self.model.covers(s) or micro_peak > plan.predicted_peak_bytes + margin):
             self.model.add(n, s, micro_peak)
             learned = True
+        if phase1_peak is not None and self.phase1 is None:
+            self.phase1 = MemoryModel(self.model.resident_per_element, [], self.model.base)
         if phase1_peak is not None and self.phase1 is not None and not plan.phase1.lockstep and (
                 not self.phase1.covers(s) or phase1_peak > self.phase1.predict(math.ceil(self.share / plan.phase1.chunks), s)):
             self.phase1.add(math.ceil(self.share / plan.phase1.chunks), s, phase1_peak)

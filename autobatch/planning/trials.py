@@ -65,6 +65,11 @@ class Trials:
             peak = None
         if peak is None:
             release_memory(micro.device)
+        if micro.fsdp is not None and micro.ranks.active:
+            # A fully_shard model's trials gather shards from every rank: every rank decides alike, from the
+            # largest peak (None if any ran out of memory), so that their trials stay in step.
+            peaks = micro.ranks.gather([-1.0 if peak is None else peak])[:, 0]
+            peak = None if (peaks < 0).any() else int(peaks.max())
         log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
         return peak
 

@@ -32,3 +32,22 @@ def test_lightning_trains_as_autobatchs_own_path(tmp_path, devices, bn, micro_ba
         assert result["logged"] == pytest.approx(result["loss"][0], rel=1e-6)  # self.log is float32
         assert_same(result, reference)
         assert not any("autobatch" in key or "module." in key for key in result["keys"])
+
+
+def test_lightnings_fsdp_strategy_is_refused_with_what_works():
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    import autobatch.integrations.lightning
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 2)
+
+    module = Module()
+    # Lightning's FSDPStrategy needs an accelerator to run: the refusal reads only its type.
+    trainer = type("Trainer", (), {"strategy": FSDPStrategy.__new__(FSDPStrategy)})()
+    module.__dict__["_trainer"] = trainer
+    with pytest.raises(TypeError, match="fully_shard .* autobatch.wrap"):
+        autobatch.integrations.lightning.wrap(module, target_batch=8, loss_fn=torch.nn.MSELoss())

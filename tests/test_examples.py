@@ -1,0 +1,44 @@
+"""The examples run as a user runs them (the detection example needs torchvision, and skips without it)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.integrations.launch import launched
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.slow
+
+
+def run(*command, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, *command], cwd=EXAMPLES, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_classifier_example_learns():
+    output = run("train_classifier.py")
+    assert "test accuracy" in output and float(output.rsplit("test accuracy", 1)[1]) > 0.9
+
+
+def test_the_language_model_example_learns_with_a_token_loss():
+    output = run("train_language_model.py")
+    losses = [float(line.split("token loss ")[1].split()[0]) for line in output.splitlines() if "mean token loss" in line]
+    assert losses[-1] < 0.5 * losses[0] and "splits" in output
+
+
+def test_the_fsdp_example_runs_on_two_processes():
+    result = launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port={port}",
+                       str(EXAMPLES / "train_fsdp.py")], dict(os.environ, OMP_NUM_THREADS="1"), cwd=EXAMPLES)
+    assert "rank 0 holds a shard" in result.stdout and "splits" in result.stdout
+
+
+def test_the_detection_example_learns():
+    pytest.importorskip("torchvision")
+    output = run("train_detection.py", timeout=300)
+    losses = [float(line.split("loss ")[1].split()[0]) for line in output.splitlines() if line.startswith("step ")]
+    assert losses[-1] < losses[0] and "splits" in output
