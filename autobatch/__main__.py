@@ -12,6 +12,7 @@ import argparse
 import ast
 import importlib
 import logging
+import pathlib
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,14 +29,42 @@ class UsageError(ValueError):
 
 
 def _budget(text: Optional[str]):
-    """'6GiB' stays a string, '0.5' becomes a fraction of the device, 'none' means no cap."""
+    """As ``memory_budget`` takes it: '6GiB' a size, '0.5' a fraction of the device (a number with a point,
+    in (0, 1]), '4000000000' bytes; 'none' means no cap."""
     if text is None or text.lower() == "none":
         return None
+    if text.strip().isdigit():
+        return int(text)
     try:
         value = float(text)
     except ValueError:
         return text
-    return value if value <= 1 else int(value)
+    if not 0 < value <= 1:
+        raise UsageError(f"--budget {text}: a number with a point is a fraction of the device's memory and must lie "
+                         "in (0, 1]; give bytes as a whole number or with a unit, such as 6GiB")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(f"--device {text}: {error}; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: this machine has no CUDA device (torch {torch.__version__}); use --device "
+                         "cpu, or a machine with a GPU and a CUDA build of torch")
+    return device
+
+
+def _plot_path(text: Optional[str]) -> Optional[pathlib.Path]:
+    """The picture's path, checked before anything is measured: its folder must exist."""
+    if text is None:
+        return None
+    path = pathlib.Path(text)
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {text}: the folder {path.parent} does not exist; create it first, or give another "
+                         "path")
+    return path
 
 
 def _factory(spec: str) -> Callable[..., nn.Module]:
@@ -75,7 +104,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def demo(args: argparse.Namespace) -> int:
     from autobatch.demo import run
 
-    result = run(epochs=args.epochs, memory_budget=_budget(args.budget), bn=args.bn, device=args.device,
+    result = run(epochs=args.epochs, memory_budget=_budget(args.budget), bn=args.bn, device=_device(args.device),
                  out_dir=args.out, micro_batch=int(args.micro_batch) if args.micro_batch != "auto" else "auto",
                  train_size=args.train_size)
     checkpointed = f", {len(result.plan.checkpointed)} modules checkpointed" if result.plan.checkpointed else ""
@@ -89,12 +118,21 @@ def demo(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     import autobatch
 
-    device = torch.device(args.device)
+    device = _device(args.device)
+    picture = _plot_path(args.plot)
+    if picture is not None:
+        from autobatch.plot import _pyplot
+
+        _pyplot()  # matplotlib present, before anything is measured
     factory = _factory(args.model)
     try:
-        model = factory(**_keywords(args.model_kwargs)).to(device)
+        model = factory(**_keywords(args.model_kwargs))
     except TypeError as error:
         raise UsageError(f"--model {args.model}: {error}; pass its arguments with --model-kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {args.model} returned a {type(model).__name__}, not a torch.nn.Module; give a "
+                         "factory (a class or function) that returns the model")
+    model = model.to(device)
     shapes = [_shape(text) for text in args.input_shape]
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)}[args.optimizer](
@@ -114,10 +152,10 @@ def plan(args: argparse.Namespace) -> int:
     print(plans[0])
     if len(plans) > 1:
         print(_per_shape(shapes, plans))
-    if args.plot:
+    if picture is not None:
         from autobatch.plot import plot_plan
 
-        print(f"picture of the plan: {plot_plan(plans, args.plot)}")
+        print(f"picture of the plan: {plot_plan(plans, picture)}")
     return 0
 
 
@@ -160,7 +198,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="one sample's shape, e.g. 3x224x224; give it again for every size the samples take "
                         "(the micro-batch of each, from the memory model)")
     p.add_argument("--target-batch", type=int, required=True, help="the logical batch size of the recipe")
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 4GiB, or 0.5 for half the device")
+    p.add_argument("--budget", default=None,
+                   help="memory budget: a size such as 4GiB, bytes, or a fraction of the device such as 0.5")
     p.add_argument("--bn", choices=BN_MODES, default="two_pass", help="BatchNorm mode to plan for")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
                    help="optimizer whose state the plan holds (default adamw)")

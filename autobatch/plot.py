@@ -83,9 +83,14 @@ def _sizes(axes, plans: list[Plan]) -> None:
 def _candidates(axes, plan: Plan) -> None:
     labels = [c.label.split(" (fails")[0] for c in plan.candidates]
     peaks = [0.0 if c.peak_bytes is None else c.peak_bytes / MIB for c in plan.candidates]
-    chosen = [plan.checkpointing.label if plan.bn is Mode.EXACT else None]
-    colours = ["tab:green" if c.exact and c.label == chosen[0] else "tab:blue" if c.exact else "tab:orange"
-               for c in plan.candidates]
+    colours = ["tab:green" if _chosen(plan, c) else "tab:blue" if c.exact else "tab:orange" for c in plan.candidates]
     axes.bar(range(len(peaks)), peaks, color=colours)
     axes.set_xticks(range(len(peaks)), labels, rotation=30, ha="right", fontsize="small")
-    axes.set_xlabel("candidate (green: chosen; orange: micro-batches, not exact)")
+    axes.set_xlabel("candidate (green: chosen; blue: the whole batch, exact; orange: micro-batches)")
+
+
+def _chosen(plan: Plan, candidate) -> bool:
+    """Whether ``candidate`` is what the plan runs: its checkpointing policy, or two_pass's micro-batches."""
+    if plan.bn is Mode.EXACT:
+        return candidate.exact and candidate.label == plan.checkpointing.label
+    return not candidate.exact

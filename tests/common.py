@@ -57,8 +57,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return F.relu(x)
 
 
-def mlp(features: int = 6, classes: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes))
+def mlp(features: int = 6, classes: int = 3, batch_norm: bool = False) -> nn.Module:
+    norm = [nn.BatchNorm1d(16)] if batch_norm else []
+    return nn.Sequential(nn.Linear(features, 16), *norm, nn.Tanh(), nn.Linear(16, classes))
 
 
 class Flat(nn.Module):

@@ -2,6 +2,7 @@ import logging
 import sys
 
 import pytest
+import torch
 
 from autobatch.__main__ import UsageError, _budget, _keywords, _parser, _shape, main
 
@@ -43,6 +44,37 @@ def test_a_failure_is_one_message_and_exit_status_2(capsys):
               "--target-batch", "16", "--budget", "20KiB", "--optimizer", "sgd"])
 
 
+def not_a_module():
+    return "a string"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--model", "tests.test_main:not_a_module"], "returned a str, not a torch.nn.Module"),
+    (["--plot", "no/such/folder/plan.png"], "the folder no/such/folder does not exist"),
+    (["--budget", "1.5"], "a fraction of the device's memory and must lie in (0, 1]"),
+])
+def test_bad_command_lines_are_one_message_and_exit_status_2_before_any_measurement(arguments, message, capsys,
+                                                                                    caplog):
+    if "--device" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base = {"--model": "tests.common:ResidualNet", "--input-shape": "3x8x8", "--target-batch": "4",
+            "--optimizer": "sgd"}
+    base.update(dict(zip(arguments[::2], arguments[1::2])))
+    assert main(["plan", *[part for pair in base.items() for part in pair]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "autobatch trial" not in caplog.text  # refused before anything was measured
+
+
+def test_a_budget_too_small_for_batch_norm_of_one_sample_gets_the_planners_message(capsys):
+    # A BatchNorm1d without positions cannot be trained on one sample; the trial measures it anyway.
+    assert main(["plan", "--model", "tests.common:mlp", "--model-kwargs", "batch_norm=True", "--input-shape", "6",
+                 "--target-batch", "8",
+                 "--budget", "3KiB", "--optimizer", "sgd"]) == 2
+    assert "not even a micro-batch of one sample fits" in capsys.readouterr().err
+
+
 def test_every_option_has_help():
     parser = _parser()
     commands = next(action for action in parser._actions if action.dest == "command")
@@ -75,7 +107,7 @@ def test_demo_command(capsys, tmp_path):
 
 def test_arguments():
     assert _budget("6GiB") == "6GiB" and _budget("0.5") == 0.5 and _budget("none") is None
-    assert _budget("4000000") == 4000000
+    assert _budget("4000000") == 4000000 and _budget("1.0") == 1.0
     assert _shape("3x224x224") == (3, 224, 224)
     with pytest.raises(UsageError):
         _shape("3 by 4")

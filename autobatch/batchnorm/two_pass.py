@@ -57,6 +57,7 @@ class TwoPassStrategy(BatchNormStrategy):
         self._splits: list[int] = []
         self._total = 0
         self._warned_thin = False
+        self._warned_chunks = False
         #: Whether the running micro-batch replays phase 1's draws (and so its backward recomputes them).
         self._replaying = False
 
@@ -88,6 +89,7 @@ class TwoPassStrategy(BatchNormStrategy):
         else:
             self._statistics_pass(batch, self.handler, state, phase1.chunks)
             self._warn_thin_layers()
+            self._warn_chunks(phase1.chunks)
         return batch
 
     def intercept(self) -> ContextManager[None]:
@@ -192,6 +194,16 @@ class TwoPassStrategy(BatchNormStrategy):
                         batch_norm_counters(self.layers))
 
     # -- phase 2 ---------------------------------------------------------------------------------
+
+    def _warn_chunks(self, chunks: int) -> None:
+        """Once per wrap: phase 1 in chunks gives statistics that are not the whole batch's."""
+        if chunks == 1 or self._warned_chunks:
+            return
+        self._warned_chunks = True
+        log.warning("two_pass's phase 1 does not fit the memory budget in one piece and runs in %d chunks, each "
+                    "normalized with its own statistics: the BatchNorm statistics are then only roughly the whole "
+                    "batch's. Raise memory_budget so that phase 1 fits, or use bn='exact' for the whole batch's step",
+                    chunks)
 
     def _warn_thin_layers(self) -> None:
         """Once per wrap, one line each: micro-batches under SMALL_MICRO_BATCH samples, and layers with

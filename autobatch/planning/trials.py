@@ -58,7 +58,7 @@ class Trials:
         micro = self.micro
         self.steps += 1
         try:
-            peak = peak_bytes(work, micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch))
+            peak = self._measured(work, batch)
         except BaseException as error:
             if not is_out_of_memory(error):
                 raise
@@ -72,6 +72,26 @@ class Trials:
             peak = None if (peaks < 0).any() else int(peaks.max())
         log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
         return peak
+
+    def _measured(self, work: Work, batch: Any) -> int:
+        micro = self.micro
+        measure = lambda: peak_bytes(work, micro.device, micro.model, micro.optimizer,  # noqa: E731
+                                     micro.batches.tensors(batch))
+        try:
+            return measure()
+        except ValueError as error:
+            if "more than 1 value per channel" not in str(error):
+                raise
+        # One sample through a BatchNorm1d without positions: PyTorch refuses batch statistics of one value,
+        # though two_pass's micro-batches use the whole batch's. The trial measures it with running statistics.
+        layers = [layer for layer in self.strategy.layers if layer.training]
+        for layer in layers:
+            layer.eval()
+        try:
+            return measure()
+        finally:
+            for layer in layers:
+                layer.train()
 
     def micro_step_peak(self, batch: Any, n: int) -> Optional[int]:
         """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
