@@ -28,7 +28,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ab = autobatch.integrations.accelerate.wrap(accelerator, model, optimizer, target_batch=target_batch,
-                                                loss_fn=nn.CrossEntropyLoss(), micro_batch=4)
+                                                loss_fn=nn.CrossEntropyLoss(), memory_budget="2MiB")
     for epoch in range(2):
         losses = [ab.step(x, y) for x, y in loader]
         accelerator.print(f"epoch {epoch}: mean training loss {sum(losses) / len(losses):.4f}")

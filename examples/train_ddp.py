@@ -33,7 +33,7 @@ def main() -> None:
     model = DistributedDataParallel(make_model().to(device), device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ab = autobatch.wrap(model, optimizer, target_batch=target_batch, loss_fn=nn.CrossEntropyLoss(),
-                        micro_batch=4)
+                        memory_budget="1MiB")  # stands in for a small GPU: the planner splits the batch
     for epoch in range(2):
         sampler.set_epoch(epoch)
         losses = [ab.step(x, y) for x, y in loader]  # the same mean loss on every rank

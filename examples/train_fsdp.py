@@ -40,7 +40,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # The budget stands in for a small GPU: the planner splits each rank's 16 samples.
     ab = autobatch.wrap(model, optimizer, target_batch=target_batch, loss_fn=nn.CrossEntropyLoss(),
-                        memory_budget="600KiB", cache=False)
+                        memory_budget="1MiB", cache=False)
     for epoch in range(2):
         sampler.set_epoch(epoch)
         losses = [ab.step(x.to(device), y.to(device)) for x, y in loader]  # the same mean loss on every rank

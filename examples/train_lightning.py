@@ -32,7 +32,7 @@ class Classifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        ab = autobatch.integrations.lightning.wrap(self, TARGET_BATCH, self.criterion, micro_batch=4)
+        ab = autobatch.integrations.lightning.wrap(self, TARGET_BATCH, self.criterion, memory_budget="2MiB")
         self.log("train_loss", ab.step(*batch), prog_bar=True)
 
     def configure_optimizers(self):
