@@ -12,4 +12,4 @@ from autobatch.plan import Plan
 from autobatch.step import AutoBatch, wrap
 
 __all__ = ["Auto", "AutoBatch", "Exact", "Micro", "Plan", "RankFailure", "TwoPass", "wrap"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -428,10 +428,16 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         update_copies: where the copies that undo a failed optimizer update live: "device" (default),
             "host" (no device memory; a device-to-host copy per step), or "none" (an error inside the
             update may leave it half applied, and is then not taken again).
-        num_samples, split_batch: for a batch type of your own: ``num_samples(batch)`` counts its
-            samples and ``split_batch(batch, sizes)`` cuts it into ``len(sizes)`` batches of those sizes.
-        lockstep, phase1_memory_format, retune: deprecated; use ``bn=autobatch.TwoPass(lockstep=...,
-            phase1_memory_format=...)`` and ``cache="refresh"``.
+        num_samples: for a batch type of your own, ``num_samples(batch)`` counts its samples (with
+            ``split_batch``).
+        split_batch: for a batch type of your own, ``split_batch(batch, sizes)`` cuts it into
+            ``len(sizes)`` batches of those sizes, in order (with ``num_samples``).
+        lockstep: deprecated; use ``bn=autobatch.TwoPass(lockstep=...)``.
+        phase1_memory_format: deprecated; use ``bn=autobatch.TwoPass(phase1_memory_format=...)``.
+        retune: deprecated; use ``cache="refresh"``.
+
+    Returns:
+        The ``AutoBatch`` to train with: ``ab.step(inputs, targets)`` per logical batch.
 
     Example::
 
