@@ -6,6 +6,8 @@ Each rank's loader yields its 16 of the 32 samples; autobatch splits them into m
 all-reduces gradients once per logical batch, and two_pass BatchNorm normalizes with the
 statistics of all 32 samples, the way SyncBatchNorm would with one micro-batch per device.
 """
+from __future__ import annotations
+
 import os
 
 import torch
@@ -18,7 +20,9 @@ from train_classifier import make_data, make_model  # the sibling example: same 
 import autobatch
 
 
-def main() -> None:
+def start(target_batch: int) -> tuple[int, int, torch.device, DistributedSampler, DataLoader]:
+    """The process group (NCCL on GPUs, gloo on the CPU), this rank's device, and a loader of its share
+    of every logical batch: (rank, world_size, device, sampler, loader)."""
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -26,10 +30,16 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same initial weights on every rank
-    images, labels = make_data(512, torch.Generator().manual_seed(0))
+    dataset = TensorDataset(*make_data(512, torch.Generator().manual_seed(0)))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    return rank, world_size, device, sampler, DataLoader(dataset, batch_size=target_batch // world_size,
+                                                         sampler=sampler)
+
+
+def main() -> None:
     target_batch = 32
-    sampler = DistributedSampler(TensorDataset(images, labels), shuffle=True, seed=0)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=target_batch // world_size, sampler=sampler)
+    rank, world_size, device, sampler, loader = start(target_batch)
+    cuda = device.type == "cuda"
     model = DistributedDataParallel(make_model().to(device), device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ab = autobatch.wrap(model, optimizer, target_batch=target_batch, loss_fn=nn.CrossEntropyLoss(),

@@ -8,30 +8,20 @@ samples; autobatch plans its micro-batches under a memory budget (its trials run
 once, since a sharded forward gathers parameters from every rank), reduce-scatters gradients once per
 logical batch, and two_pass BatchNorm normalizes with the statistics of all 32 samples.
 """
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from train_classifier import make_data, make_model  # the sibling example: same data and model
+from train_classifier import make_model  # the sibling examples: same data, model and process group
+from train_ddp import start
 
 import autobatch
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.manual_seed(0)  # the same initial weights on every rank, then sharded
-    images, labels = make_data(512, torch.Generator().manual_seed(0))
     target_batch = 32
-    sampler = DistributedSampler(TensorDataset(images, labels), shuffle=True, seed=0)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=target_batch // world_size, sampler=sampler)
+    rank, world_size, device, sampler, loader = start(target_batch)  # then each rank's copy is sharded
     model = make_model().to(device)
     for block in model:
         if any(True for _ in block.parameters()):

@@ -31,10 +31,19 @@ def test_the_language_model_example_learns_with_a_token_loss():
     assert losses[-1] < 0.5 * losses[0] and "splits" in output
 
 
+def torchrun(script):
+    return launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port={port}",
+                     str(EXAMPLES / script)], dict(os.environ, OMP_NUM_THREADS="1"), cwd=EXAMPLES).stdout
+
+
+def test_the_ddp_example_keeps_the_ranks_alike():
+    output = torchrun("train_ddp.py")
+    assert "running statistics identical on every rank: True" in output and "splits" in output
+
+
 def test_the_fsdp_example_runs_on_two_processes():
-    result = launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port={port}",
-                       str(EXAMPLES / "train_fsdp.py")], dict(os.environ, OMP_NUM_THREADS="1"), cwd=EXAMPLES)
-    assert "rank 0 holds a shard" in result.stdout and "splits" in result.stdout
+    output = torchrun("train_fsdp.py")
+    assert "rank 0 holds a shard" in output and "splits" in output
 
 
 def test_the_detection_example_learns():
