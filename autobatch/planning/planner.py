@@ -223,14 +223,15 @@ class Planner:
         chunks, lockstep = 1, False
         if micro_batch < self.share and self.strategy.needs_statistics_pass():
             self._learn_statistics_pass(batch, s)
-        if micro_batch < self.share and self.strategy.needs_statistics_pass() and self.phase1 is not None:
-            chunks = self._chunks(s)
-        elif micro_batch < self.share and self.strategy.needs_statistics_pass():
-            # Phase 1 not measured yet (FSDP2, after the start): chunks no larger than a training micro-batch,
-            # whose memory bounds a no-grad forward's, until the step measures it.
-            chunks = math.ceil(self.share / micro_batch)
-            lockstep = self.lockstep and self.recovery.lockstep_fits and chunks == 1 and (
-                self.phase1.predict(self.share, s) + model.per_sample(s) * micro_batch <= limit)
+            if self.phase1 is not None:
+                chunks = self._chunks(s)
+                # Alongside the first micro-batch, phase 1's peak adds to that micro-batch's activations.
+                lockstep = self.lockstep and self.recovery.lockstep_fits and chunks == 1 and (
+                    self.phase1.predict(self.share, s) + model.per_sample(s) * micro_batch <= limit)
+            else:
+                # Phase 1 not measured yet (FSDP2, after the start): chunks no larger than a training
+                # micro-batch, whose memory bounds a no-grad forward's, until the step measures it.
+                chunks = math.ceil(self.share / micro_batch)
         bounded = "" if model.covers(s) else " (beyond the measured sizes: a bound until this size is measured)"
         reason = (f"largest micro-batch the memory model predicts under {self.limit.describe()} for samples of {s} "
                   f"elements: {format_bytes(model.per_sample(s))} per sample{bounded}")

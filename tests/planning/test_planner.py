@@ -226,6 +226,26 @@ def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
     assert set(threads) == {threading.current_thread().name}
 
 
+def test_lockstep_is_planned_where_it_fits_beside_the_micro_batch():
+    # A deep, narrow net: a micro-batch holds every layer's activations, phase 1 only a few at a time,
+    # so phase 1 of all 16 samples fits beside the first micro-batch's activations.
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(32):
+        layers += [nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 3, 24, 24), torch.randint(0, 3, (16,))
+    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ce, x, y, 4,
+                               bn=LOCKSTEP, cache=False)
+    planner, s = ab._planner, ab.plan.sample_size
+    assert planner.phase1.predict(16, s) + planner.model.per_sample(s) * 4 <= ab.plan.budget_bytes
+    assert ab.plan.phase1.lockstep and "alongside the first micro-batch" in str(ab.plan)
+    threads = []
+    model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
+    ab.step(x, y)
+    assert ab.plan.phase1.lockstep and len(set(threads)) == 2  # phase 1 in the helper, micro-batches here
+
+
 def test_grow_back_after_clean_steps():
     torch.manual_seed(0)
     model = no_bn_convnet()
