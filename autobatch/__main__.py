@@ -161,6 +161,7 @@ def plan(args: argparse.Namespace) -> int:
 
 def _per_shape(shapes: list[tuple[int, ...]], plans: list) -> str:
     """The micro-batch the memory model gives each sample shape, as a table."""
+    from autobatch.plan import format_table
     from autobatch.sizes import format_bytes
 
     rows = [("input shape", "elements", "micro_batch", "splits", "phase 1", "predicted peak")] + [
@@ -168,8 +169,7 @@ def _per_shape(shapes: list[tuple[int, ...]], plans: list) -> str:
          "whole" if plan.phase1.chunks == 1 else f"{plan.phase1.chunks} chunks",
          format_bytes(plan.predicted_peak_bytes) if plan.predicted_peak_bytes is not None else "-")
         for shape, plan in zip(shapes, plans)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return format_table(rows)
 
 
 def _parser() -> argparse.ArgumentParser:

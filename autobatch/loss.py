@@ -16,7 +16,7 @@ The counts of the later micro-batches are not known when the first backward runs
 losses are back-propagated at one weight shared by every micro-batch and rank (``world_size`` over
 the previous step's count: gradients the size of a mean's, as a GradScaler expects), and the
 accumulated gradient is multiplied once by the ratio of that weight to the true one, before
-unscaling, clipping and the update: linear, so exact (NOTE [count-weighted losses] in the README).
+unscaling, clipping and the update: linear, so exact (docs/guide/batches.md).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["LossValue", "Losses", "read_loss"]
+__all__ = ["LossValue", "Losses", "check_counts", "read_loss"]
 
 
 @dataclass(frozen=True)

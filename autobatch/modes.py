@@ -83,9 +83,9 @@ class Auto(BatchNormMode):
     two_pass: TwoPass = field(default_factory=TwoPass)
 
 
+_BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}
 #: The ``bn`` names ``wrap`` accepts, in the order the ranks compare them by.
-BN_MODES: tuple[str, ...] = ("two_pass", "micro", "exact", "auto")
-_BY_NAME = {"two_pass": TwoPass, "micro": Micro, "exact": Exact, "auto": Auto}
+BN_MODES: tuple[str, ...] = tuple(_BY_NAME)
 
 
 def bn_mode(bn: Union[str, BatchNormMode, Any]) -> BatchNormMode:

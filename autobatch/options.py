@@ -112,7 +112,7 @@ def _check_loss(name: str, function: Any, call: str) -> None:
     if not callable(function):
         raise TypeError(f"{name} must be callable as {call}, got {type(function).__name__}")
     count = _parameters(function)
-    if count is not None and (count < 0 or count < 2):
+    if count is not None and count < 2:
         raise TypeError(f"{name} is called as {call} with two arguments, but {getattr(function, '__name__', name)} "
                         f"takes {abs(count)}; give it the signature {call}")
 
@@ -142,10 +142,6 @@ def _bn_code(mode: BatchNormMode) -> float:
     return BN_MODES.index(mode.name) * 100 + 10 * two_pass.lockstep + formats[0]
 
 
-def _agreed(encode: Callable[[Any], float]) -> dict:
-    return {"agreed": encode}
-
-
 @dataclass(frozen=True)
 class Options:
     """Everything ``wrap`` was told, checked. Build it with :meth:`build`."""
@@ -153,7 +149,7 @@ class Options:
     target_batch: int = field(metadata={"agreed": int, "keyed": str})
     loss_fn: Optional[Callable] = None
     compute_loss: Optional[Callable] = field(default=None, metadata={"keyed": lambda f: str(f is not None)})
-    micro_batch: MicroBatch = field(default="auto", metadata=_agreed(lambda m: 0 if m == "auto" else m))
+    micro_batch: MicroBatch = field(default="auto", metadata={"agreed": lambda m: 0 if m == "auto" else m})
     bn: BatchNormMode = field(default_factory=TwoPass, metadata={"agreed": _bn_code, "keyed": lambda m: m.name})
     scaler: Optional[Any] = None
     autocast_dtype: Optional[torch.dtype] = field(default=None, metadata={"keyed": str})

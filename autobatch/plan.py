@@ -16,7 +16,7 @@ from autobatch.modes import Mode
 from autobatch.sizes import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Candidate", "Phase1", "Plan", "candidate_table", "fixed_plan"]
+__all__ = ["Candidate", "Phase1", "Plan", "candidate_table", "fixed_plan", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,12 @@ def candidate_table(candidates: tuple[Candidate, ...]) -> str:
     rows = [("candidate", "peak", "step time", "exact")] + [
         (c.label, format_bytes(c.peak_bytes) if c.peak_bytes is not None else "out of memory",
          f"{c.seconds:.3f} s" if c.seconds is not None else "-", "yes" if c.exact else "no") for c in candidates]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of text (the first one the header) as aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 

@@ -200,18 +200,23 @@ def _cut(tree: Any, samples: frozenset[Path], path: Path, tensor: Callable[[Tens
     return tree
 
 
-def _samples_of(tree: Any, samples: frozenset[Path], path: Path = ()) -> Iterator[tuple[Any, bool]]:
-    """Each batched tensor (False) and each list of samples (True) of ``tree``."""
-    if path in samples:
-        yield tree, True
-    elif isinstance(tree, Tensor):
-        yield tree, False
+def _paths_of(tree: Any, samples: frozenset[Path], path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """Every leaf of ``tree`` with its path, a list of samples counting as one leaf."""
+    if path in samples or not isinstance(tree, (Mapping, tuple, list)):
+        yield path, tree
     elif isinstance(tree, Mapping):
         for key, value in tree.items():
-            yield from _samples_of(value, samples, path + (key,))
-    elif isinstance(tree, (tuple, list)):
+            yield from _paths_of(value, samples, path + (key,))
+    else:
         for index, value in enumerate(tree):
-            yield from _samples_of(value, samples, path + (index,))
+            yield from _paths_of(value, samples, path + (index,))
+
+
+def _samples_of(tree: Any, samples: frozenset[Path]) -> Iterator[tuple[Any, bool]]:
+    """Each batched tensor (False) and each list of samples (True) of ``tree``."""
+    for path, part in _paths_of(tree, samples):
+        if path in samples or isinstance(part, Tensor):
+            yield part, path in samples
 
 
 def _non_finite(tree: Any) -> bool:
@@ -312,8 +317,8 @@ class NestedFormat(BatchFormat):
             for item in part:
                 for path, leaf in leaves(item, "sample"):
                     if isinstance(leaf, Tensor):
-                        shape = largest.setdefault(f"{path}:{leaf.dim()}", list(leaf.shape))
-                        largest[f"{path}:{leaf.dim()}"] = [max(a, b) for a, b in zip(shape, leaf.shape)]
+                        key = f"{path}:{leaf.dim()}"
+                        largest[key] = [max(a, b) for a, b in zip(largest.get(key, leaf.shape), leaf.shape)]
             total += sum(math.prod(shape) for shape in largest.values())
         return max(1, total)
 
@@ -331,18 +336,6 @@ class NestedFormat(BatchFormat):
             else:
                 described.append(f"{_text(path)}:{type(part).__name__}")
         return described
-
-
-def _paths_of(tree: Any, samples: frozenset[Path], path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """Every leaf of ``tree`` with its path, a list of samples counting as one leaf."""
-    if path in samples or not isinstance(tree, (Mapping, tuple, list)):
-        yield path, tree
-    elif isinstance(tree, Mapping):
-        for key, value in tree.items():
-            yield from _paths_of(value, samples, path + (key,))
-    else:
-        for index, value in enumerate(tree):
-            yield from _paths_of(value, samples, path + (index,))
 
 
 class CustomFormat(BatchFormat):

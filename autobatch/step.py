@@ -20,7 +20,7 @@ from typing import Any, Callable, ContextManager, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from autobatch.batchnorm import BatchNormStrategy, strategy_for
 from autobatch.batchnorm.bypass import RunningStatisticsWatch

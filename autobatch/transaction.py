@@ -3,9 +3,10 @@
 One mechanism serves every use: a :class:`Transaction` saves its parts when it is entered, before the
 body changes anything, and puts every part back when the body raises (or always, for a trial)::
 
-    with step_transaction(params, layers, keep=[(ab, "plan")]) as saved:
-        ...          # micro-batches from cleared gradients; any exception: all as on entry, the
-                     # gradients the caller held, BatchNorm buffers, the RNG and the plan
+    with Transaction(kept=lambda: Attributes([(ab, "plan")])):   # a whole step, its retries included
+        with step_transaction(params, layers) as saved:           # one attempt at the logical batch
+            ...      # micro-batches from cleared gradients; any exception: all as on entry, the
+                     # gradients the caller held, BatchNorm buffers and the RNG
     with update_transaction(params, optimizer, scaler, copies="device", gradients=True):
         optimizer.step()                         # parameters, optimizer state, scaler (and gradients) undone on error
     with trial_transaction(model, optimizer):
@@ -25,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.options import UpdateCopies
 
-__all__ = ["BatchNormState", "Transaction", "put_back", "step_transaction", "trial_transaction",
+__all__ = ["Attributes", "BatchNormState", "Transaction", "put_back", "step_transaction", "trial_transaction",
            "update_transaction"]
 
 #: Passes at putting state back when the restore itself is interrupted.
@@ -231,13 +232,12 @@ def _clear(params: Iterable[torch.Tensor]) -> Callable[[], None]:
     return clear
 
 
-def step_transaction(params: Sequence[nn.Parameter], layers: list[_BatchNorm],
-                     keep: Sequence[tuple[Any, str]] = ()) -> Transaction:
+def step_transaction(params: Sequence[nn.Parameter], layers: list[_BatchNorm]) -> Transaction:
     """One attempt at a logical batch: the gradients the caller held (then cleared: the micro-batches
     accumulate from none), BatchNorm buffers (``["buffers"]``, which also count ``num_batches_tracked``
-    once), the RNG and ``keep``'s attributes, put back on any exception."""
+    once) and the RNG, put back on any exception."""
     return Transaction(then=_clear(params), gradients=lambda: Gradients(params),
-                       buffers=lambda: BatchNormState(layers), random=RandomState, kept=lambda: Attributes(keep))
+                       buffers=lambda: BatchNormState(layers), random=RandomState)
 
 
 def update_transaction(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,

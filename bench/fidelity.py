@@ -171,7 +171,7 @@ def write(rows, curves, split_counts, args, seconds, device):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     demo = args.width == 16 and args.size == 48 and device.type == "cpu"
-    # The demo's settings keep the README's file names; others get their own.
+    # The demo's settings keep the file names the documentation shows; others get their own.
     stem = "fidelity" if demo else f"fidelity-{device.type}-width{args.width}-size{args.size}"
     options = "" if demo else f" --device {args.device} --width {args.width} --size {args.size}"
     if args.arms != list(ARMS):

@@ -1,4 +1,4 @@
-"""Everything the README lists as not yet measured on a GPU, in one command, one report.
+"""Everything the documentation lists as not yet measured on a GPU, in one command, one report.
 
     python bench/gpu_check.py            # about 8 minutes on one GPU; writes bench/results/gpu_check.md
 

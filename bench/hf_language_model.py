@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autobatch  # noqa: E402
+from autobatch.reference import cosine, flat_grad, relative_error  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "hf_language_model.md"
 VOCAB, PAD = 96, 0
@@ -54,25 +55,19 @@ def counted_loss(model, batch):
     return model(**batch).loss * count, count
 
 
-def gradient(model) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-
 def compare(lengths: list[int], micro_batch: int, compute_loss, seed: int) -> tuple[float, float]:
     """(cosine, relative error) of autobatch's gradient against the whole batch's."""
     base, batch = tiny_gpt2(seed), padded_batch(lengths, seed)
     reference = copy.deepcopy(base)
     reference(**batch).loss.backward()
-    expected = gradient(reference)
+    expected = flat_grad(reference)
     captured = {}
     model = copy.deepcopy(base)
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(lengths),
                         compute_loss=compute_loss, micro_batch=micro_batch, cache=False,
-                        before_step=lambda ab: captured.setdefault("grad", gradient(ab.model).clone()))
+                        before_step=lambda ab: captured.setdefault("grad", flat_grad(ab.model).clone()))
     ab.step(batch)
-    got = captured["grad"]
-    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
-    return cosine, ((got - expected).norm() / expected.norm()).item()
+    return cosine(captured["grad"], expected), relative_error(captured["grad"], expected)
 
 
 def main() -> None:
@@ -83,9 +78,8 @@ def main() -> None:
     for name, lengths, micro_batch in cases:
         for label, loss in (("`model(**batch).loss` (mean)", mean_loss), ("`(loss * count, count)`", counted_loss)):
             results = [compare(lengths, micro_batch, loss, seed) for seed in range(3)]
-            cosine = min(c for c, _ in results)
-            error = max(e for _, e in results)
-            rows.append(f"| {name} | {micro_batch} | {label} | {cosine:.4f} | {error:.2e} |")
+            lowest, highest = min(c for c, _ in results), max(e for _, e in results)
+            rows.append(f"| {name} | {micro_batch} | {label} | {lowest:.4f} | {highest:.2e} |")
             print(rows[-1], flush=True)
     RESULTS.write_text(
         "# Hugging Face GPT-2: token-mean loss through micro-batches\n\n"

@@ -9,7 +9,7 @@ torchvision's detection models take a list of images of any sizes and a list of 
 BatchNorm layers train here (weights=None), and torchvision pads each batch to its largest image:
 batches of one image size, as torchvision's references group them by aspect ratio, give every
 micro-batch the whole batch's padding, so that two_pass can normalize it with the whole batch's
-statistics (README, Detection). With pretrained, frozen BatchNorm any sizes may be mixed.
+statistics (docs/guide/detection.md). With pretrained, frozen BatchNorm any sizes may be mixed.
 """
 import time
 

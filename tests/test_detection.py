@@ -1,7 +1,7 @@
 """torchvision's detection models through ``ab.step((images, targets))``: lists of samples, no option.
 
-Skipped without torchvision: its CPU build for CI's torch is not on the package index (the README's
-development section says how to run these in a venv with torch 2.14.1 and torchvision 0.29.1).
+Skipped without torchvision: its CPU build for CI's torch is not on the package index (docs/development.md
+says how to run these in a venv with torch 2.14.1 and torchvision 0.29.1).
 """
 import copy
 

@@ -55,8 +55,9 @@ def test_a_loss_that_cannot_be_called_so_is_refused_at_wrap(loss_fn, message):
 def test_losses_that_can_be_called_so_are_accepted():
     for loss_fn in (nn.CrossEntropyLoss(), torch.nn.functional.mse_loss, lambda outputs, targets, weight=None: 0,
                     lambda *args: 0):
-        build(loss_fn=loss_fn)
-    build(loss_fn=None, compute_loss=lambda model, batch: model(batch).sum())
+        assert build(loss_fn=loss_fn).loss_fn is loss_fn
+    compute_loss = lambda model, batch: model(batch).sum()  # noqa: E731
+    assert build(loss_fn=None, compute_loss=compute_loss).compute_loss is compute_loss
 
 
 def test_the_moved_keywords_still_work_and_say_where_they_went():

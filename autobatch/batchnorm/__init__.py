@@ -47,6 +47,5 @@ def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> Two
         raise ValueError("lockstep runs phase 1 in a helper thread beside the first micro-batch, and a fully_shard "
                          "(FSDP2) model's forwards gather shards from every rank, which two threads would interleave; "
                          "use bn=autobatch.TwoPass() without lockstep")
-    strategy = TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format or torch.preserve_format)
-    strategy.handler.stop_early = False
-    return strategy
+    return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format or torch.preserve_format,
+                           stop_early=False)

@@ -37,7 +37,7 @@ __all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "chec
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
 #: A micro-batch layer with fewer values per channel than this gets a warning:
-#: the projected backward takes its subtracted means from one micro-batch (see the README's limits).
+#: the projected backward takes its subtracted means from one micro-batch (see docs/limits.md).
 FEW_VALUES_PER_CHANNEL = 32
 
 
@@ -84,7 +84,7 @@ class _ProjectedBatchNorm(torch.autograd.Function):
 
 #: How far (in the full batch's standard deviations) a micro-batch's BatchNorm input mean may lie
 #: from phase 1's mean of the same samples before the step is refused: rounding, another memory
-#: format or bf16 autocast moved it by 1e-6 and less on the CPU (README); GPUs are not measured yet.
+#: format or bf16 autocast moved it by 1e-6 and less on the CPU (docs/guide/batchnorm.md); GPUs are not measured yet.
 #: The rounding of the mean itself (a channel with a large mean and a tiny spread) is allowed on top.
 REPLAY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 0.02}
 #: Half-precision inputs (autocast) round activations to 3 significant digits.
@@ -123,13 +123,14 @@ class FullBatchStatistics:
     phase 2's: the same outputs as the full batch, the projected backward, running statistics untouched.
     """
 
-    def __init__(self, names: dict[int, str], ranks: Optional[Ranks] = None):
+    def __init__(self, names: dict[int, str], ranks: Optional[Ranks] = None, stop_early: bool = True):
         self.names = names
         self.ranks = ranks or Ranks()
         self.layers: list[LayerStatistics] = []
         #: Number of calls seen in the last complete phase 1; phase 1 stops after that many.
         self.calls_per_forward: Optional[int] = None
-        self.stop_early = True
+        #: Whether phase 1 ends after its last BatchNorm call (not for a fully_shard model: to reshard).
+        self.stop_early = stop_early
         self._cursor = 0
         self._recomputed = RecomputedCalls()
         #: Per layer, phase 1's channel means of the running micro-batch's samples (None: unchecked),

@@ -46,10 +46,10 @@ class TwoPassStrategy(BatchNormStrategy):
     name = "two_pass"
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
-                 phase1_memory_format: Optional[torch.memory_format] = None):
+                 phase1_memory_format: Optional[torch.memory_format] = None, stop_early: bool = True):
         super().__init__(layers, names, ranks)
         self.micro = micro
-        self.handler = FullBatchStatistics(names, ranks)
+        self.handler = FullBatchStatistics(names, ranks, stop_early)
         #: Phase 1's dropout and stochastic-depth masks, replayed to the micro-batches.
         self.draws = RandomDraws()
         self.layout = Phase1Layout(phase1_memory_format)
@@ -214,7 +214,7 @@ class TwoPassStrategy(BatchNormStrategy):
         smallest = min([n for n in self._splits if n] or self._splits)
         if smallest < SMALL_MICRO_BATCH:
             log.warning("two_pass with micro-batches of %d samples: at 2 samples a convolutional network trained to "
-                        "2.3x plain accumulation's loss on real data (README, Results); prefer %d or more per "
+                        "2.3x plain accumulation's loss on real data (docs/benchmarks.md); prefer %d or more per "
                         "micro-batch", smallest, SMALL_MICRO_BATCH)
         thin = sorted(self.handler.thin_layers(smallest, self._total), key=lambda layer: layer[1])
         if thin:

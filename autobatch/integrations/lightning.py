@@ -73,9 +73,10 @@ class LightningAutoBatch(AutoBatch):
 
 
 def wrap(module: LightningModule, target_batch: int, loss_fn: Any = None, **options: Any) -> AutoBatch:
-    """The module's AutoBatch (``options``: ``autobatch.wrap``'s keywords), made at its first call and kept on the module (not in its state_dict):
-    over the strategy's DistributedDataParallel under :class:`AutoBatchDDPStrategy`, else the module
-    itself, with the optimizer of ``configure_optimizers``. ``target_batch``: over all processes.
+    """The module's AutoBatch (``options``: ``autobatch.wrap``'s keywords), made at its first call and kept on
+    the module (not in its state_dict): over the strategy's DistributedDataParallel under
+    :class:`AutoBatchDDPStrategy`, else the module itself, with the optimizer of ``configure_optimizers``.
+    ``target_batch``: over all processes.
     Lightning's precision plugin runs ``training_step`` under its autocast (bf16-mixed);
     16-mixed's GradScaler is the plugin's, and not supported here yet."""
     ab = module.__dict__.get("_autobatch")

@@ -107,17 +107,15 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
     """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included.
     ``data``: the batch the work reads (tensors, or containers of them); on the host, where it
     already lies, it and its views are not counted."""
-    if device.type == "cuda":
+    outside = [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)]
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    with StepMeter(device, model, optimizer, outside, host=True) as meter:
         work()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    tracker = _LiveBytes(_resident(model, optimizer),
-                         [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)])
-    with _eagerly(), tracker:
-        work()
-    return tracker.peak
+        if cuda:
+            torch.cuda.synchronize(device)
+    return meter.peak
 
 
 class StepMeter:

@@ -19,11 +19,10 @@ after one measured step it gets the largest micro-batch the fit allows.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from autobatch.planning.search import fitted_line
+from autobatch.planning.search import fitted_line, largest_under
 from autobatch.sizes import format_bytes
 
 __all__ = ["MemoryModel"]
@@ -151,10 +150,7 @@ class MemoryModel:
     def largest_under(self, budget_bytes: int, s: int, limit: int) -> int:
         """The largest ``n`` in [1, limit] whose predicted peak at ``s`` is at most ``budget_bytes`` (1
         when even one sample is predicted over it: the step then measures, or runs out of memory)."""
-        per_sample = self.per_sample(s)
-        if per_sample <= 0:
-            return limit
-        return max(1, min(limit, math.floor((budget_bytes - self.fixed(s)) / per_sample)))
+        return largest_under(self.fixed(s), self.per_sample(s), budget_bytes, limit)
 
     def describe(self) -> str:
         sizes = self.sizes

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from autobatch.sizes import format_bytes
 
-__all__ = ["Fit", "fitted_line", "search", "shrink"]
+__all__ = ["Fit", "fitted_line", "largest_under", "search", "shrink"]
 
 Measure = Callable[[int], Optional[int]]
 
@@ -39,9 +39,15 @@ class Fit:
 
     def largest_under(self, budget_bytes: int, limit: int) -> int:
         """The largest n in [1, limit] whose predicted peak is at most ``budget_bytes``."""
-        if self.per_sample_bytes <= 0:
-            return limit
-        return max(1, min(limit, math.floor((budget_bytes - self.fixed_bytes) / self.per_sample_bytes)))
+        return largest_under(self.fixed_bytes, self.per_sample_bytes, budget_bytes, limit)
+
+
+def largest_under(fixed_bytes: float, per_sample_bytes: float, budget_bytes: int, limit: int) -> int:
+    """The largest n in [1, limit] with ``fixed_bytes + n * per_sample_bytes`` at most ``budget_bytes`` (1 when
+    even one sample is over it; ``limit`` when a sample costs nothing)."""
+    if per_sample_bytes <= 0:
+        return limit
+    return max(1, min(limit, math.floor((budget_bytes - fixed_bytes) / per_sample_bytes)))
 
 
 def fitted_line(points: dict[int, int]) -> tuple[float, float]:
