@@ -47,15 +47,26 @@ class TwoPass(BatchNormMode):
     micro-batch's training forward (the same result; measured slower on a 2-core CPU). Falls back to
     phase 1 first where it would not fit. ``phase1_memory_format``: phase 1's 4-D (5-D) inputs in
     ``torch.channels_last``, or as given with ``torch.preserve_format``; None (default) times both at
-    the first phase 1 and keeps the faster where the statistics agree."""
+    the first phase 1 and keeps the faster where the statistics agree.
+
+    ``precise``: the full batch's exact gradient instead of the projected backward. Phase 1 keeps the
+    tensors at every BatchNorm's boundary for the whole batch (the model traced with torch.fx), and
+    the backward goes down one segment at a time, each micro-batch's segment recomputed from them
+    (autobatch.batchnorm.segments): about the compute of the projected two_pass, more memory. A model
+    that cannot be traced or cut trains with the projected backward, said once in a warning."""
 
     name: ClassVar[str] = "two_pass"
     lockstep: bool = False
     phase1_memory_format: Optional[torch.memory_format] = None
+    precise: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lockstep, bool):
-            raise TypeError(f"lockstep must be True or False, got {self.lockstep!r}")
+        for name in ("lockstep", "precise"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.lockstep and self.precise:
+            raise ValueError("precise keeps phase 1's boundary tensors for the backward, and lockstep runs phase 1 "
+                             "beside the first micro-batch's forward; choose one of them")
         if not any(self.phase1_memory_format is allowed for allowed in PHASE1_FORMATS):
             raise ValueError(f"phase1_memory_format must be None (measure), torch.channels_last or "
                              f"torch.preserve_format (the inputs' own), got {self.phase1_memory_format!r}")

@@ -139,7 +139,13 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
 def _bn_code(mode: BatchNormMode) -> float:
     two_pass = mode if isinstance(mode, TwoPass) else mode.two_pass if isinstance(mode, Auto) else TwoPass()
     formats = [i for i, allowed in enumerate(PHASE1_FORMATS) if two_pass.phase1_memory_format is allowed]
-    return BN_MODES.index(mode.name) * 100 + 10 * two_pass.lockstep + formats[0]
+    return BN_MODES.index(mode.name) * 100 + 20 * two_pass.precise + 10 * two_pass.lockstep + formats[0]
+
+
+def _bn_key(mode: BatchNormMode) -> str:
+    """The mode in the cache's key: a precise two_pass keeps other tensors, so it plans apart."""
+    two_pass = mode if isinstance(mode, TwoPass) else mode.two_pass if isinstance(mode, Auto) else None
+    return mode.name + (" precise" if two_pass is not None and two_pass.precise else "")
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class Options:
     loss_fn: Optional[Callable] = None
     compute_loss: Optional[Callable] = field(default=None, metadata={"keyed": lambda f: str(f is not None)})
     micro_batch: MicroBatch = field(default="auto", metadata={"agreed": lambda m: 0 if m == "auto" else m})
-    bn: BatchNormMode = field(default_factory=TwoPass, metadata={"agreed": _bn_code, "keyed": lambda m: m.name})
+    bn: BatchNormMode = field(default_factory=TwoPass, metadata={"agreed": _bn_code, "keyed": _bn_key})
     scaler: Optional[Any] = None
     autocast_dtype: Optional[torch.dtype] = field(default=None, metadata={"keyed": str})
     max_grad_norm: Optional[float] = None
@@ -249,7 +255,8 @@ def _deprecated(bn: Any, deprecated: dict[str, Any]) -> Any:
             raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={mode.name!r} "
                              "has no phase 1 of its own to run alongside: drop lockstep=True")
         if isinstance(mode, TwoPass):
-            bn = TwoPass(**{"lockstep": mode.lockstep, "phase1_memory_format": mode.phase1_memory_format, **two_pass})
+            bn = TwoPass(**{"lockstep": mode.lockstep, "phase1_memory_format": mode.phase1_memory_format,
+                            "precise": mode.precise, **two_pass})
         elif isinstance(mode, Auto):
             bn = Auto(TwoPass(**two_pass))
     return bn

@@ -13,6 +13,7 @@ import torch
 from autobatch.batchnorm.auto import AutoStrategy
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.micro import MicroStrategy
+from autobatch.batchnorm.precise import PreciseTwoPassStrategy
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
@@ -41,6 +42,8 @@ def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> Two
     phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in the
     inputs' own memory format (the format trial's forwards could end apart on the ranks), and never
     alongside the first micro-batch in a helper thread (two threads' gathers would interleave)."""
+    if mode.precise:
+        return PreciseTwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
     if micro.fsdp is None:
         return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
     if mode.lockstep:

@@ -76,7 +76,10 @@ class PooledBatchNorm:
         index = self._cursor
         self._cursor += 1
         name = name_of(call, self.names, index)
-        check_values_per_channel(call.values_per_channel, name)
+        # bn="micro" normalizes each micro-batch with its own statistics: the micro-batch is what counts.
+        check_values_per_channel(call.values_per_channel, name, "the micro-batch",
+                                 " (bn='micro' normalizes each micro-batch with its own statistics): give it a larger "
+                                 "micro_batch, or use bn='two_pass', which normalizes with the logical batch's")
         output, mean, invstd = with_own_statistics(call)
         with torch.no_grad():
             mean, var, count = mean.detach(), variance(invstd.detach(), call.eps), call.values_per_channel

@@ -209,9 +209,10 @@ class RandomDraws:
     # -- phase 2 --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def replay(self, first_row: int, rows: int) -> Iterator[None]:
-        """A micro-batch's forward over ``rows`` samples from ``first_row``: phase 1's draws, in order."""
-        self._cursor, self._given = 0, []
+    def replay(self, first_row: int, rows: int, start: int = 0) -> Iterator[None]:
+        """A micro-batch's forward over ``rows`` samples from ``first_row``: phase 1's draws, in order
+        (``start``: from draw number ``start`` on, for a forward that begins part-way through the model)."""
+        self._cursor, self._given = start, []
         self._prepared = self._prepare(first_row, first_row + rows)
         with _Intercept(self._replay):
             yield

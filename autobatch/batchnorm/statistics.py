@@ -74,11 +74,11 @@ class LayerStatistics:
     first_row: int = 0
 
 
-def check_values_per_channel(count: float, name: str) -> None:
+def check_values_per_channel(count: float, name: str, batch: str = "the whole logical batch", hint: str = "") -> None:
     # The same check F.batch_norm makes, so a bad full batch fails as it would without autobatch.
     if count <= 1:
-        raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for the whole logical batch; "
-                         "training BatchNorm needs more than one")
+        raise ValueError(f"BatchNorm layer {name!r} gets 1 value per channel for {batch}; "
+                         f"training BatchNorm needs more than one{hint}")
 
 
 def chan_merge(count_a: float, mean_a: Tensor, m2_a: Tensor, count_b: float, mean_b: Tensor,

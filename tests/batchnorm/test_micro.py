@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+import autobatch
+
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.micro import PooledBatchNorm, _Pool
 from autobatch.transaction import BatchNormState
@@ -57,3 +59,12 @@ def test_pooled_commits_full_batch_running_statistics_once(momentum):
     pooled.commit()
     for name, value in full.state_dict().items():
         torch.testing.assert_close(micro.state_dict()[name], value, rtol=1e-12, atol=1e-14)
+
+
+def test_one_value_per_channel_in_a_micro_batch_names_the_micro_batch():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), micro_batch=1,
+                        bn="micro", cache=False)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="1 value per channel for the micro-batch;.*larger micro_batch"):
+        ab.step(x, y)

@@ -1,0 +1,198 @@
+"""bn=TwoPass(precise=True): two_pass with the full batch's exact backward, segment by segment.
+
+Phase 1 runs the whole batch through the model's traced graph (autobatch.batchnorm.segments),
+records every BatchNorm's statistics as two_pass does, and keeps the tensors at the cuts. Each
+micro-batch's loss is taken on its rows of phase 1's output, which is the full batch's; the last
+micro-batch's backward then goes down the graph one segment at a time::
+
+    precise = PreciseTwoPassStrategy(layers, names, ranks, micro)
+    batch = precise.prepare(batch, splits, state, Phase1.whole(), total)     # phase 1, boundaries kept
+    ...                                          # then as every strategy (autobatch.batchnorm.strategy)
+
+Where the graph cannot be had (torch.fx cannot trace the model, the loss calls it twice, phase 1
+runs in chunks, several processes), the step runs as plain two_pass, said once in a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, ContextManager, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from autobatch.batchnorm.full_batch import FullBatchStatistics
+from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
+from autobatch.batchnorm.recompute import quiet_checkpoint
+from autobatch.batchnorm.segments import SegmentedGraph, StepGraph, Unsupported
+from autobatch.batchnorm.strategy import BatchNormStrategy
+from autobatch.batchnorm.two_pass import TwoPassStrategy
+from autobatch.distributed import Ranks
+from autobatch.microstep import MicroStep
+from autobatch.phases import Phase, entered
+from autobatch.plan import Phase1
+from autobatch.transaction import BatchNormState, RandomState
+
+__all__ = ["PreciseTwoPassStrategy", "forward_replaced"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` calls ``forward`` inside the block (an instance attribute, removed after)."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+class PreciseTwoPassStrategy(TwoPassStrategy):
+    """bn=TwoPass(precise=True): phase 1 through the traced graph, the exact backward segment by segment."""
+
+    def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
+                 phase1_memory_format: Optional[torch.memory_format] = None):
+        if micro.ddp is not None or micro.fsdp is not None or ranks.active:
+            raise ValueError("TwoPass(precise=True) runs in one process for now: its segment backward does not yet "
+                             "reduce the BatchNorm sums over ranks; use bn='two_pass' or bn='exact' with several")
+        super().__init__(layers, names, ranks, micro, phase1_memory_format, stop_early=False)
+        self._graph: Optional[SegmentedGraph] = None
+        #: Why the model runs as plain two_pass (None: not known to be unsupported).
+        self._unsupported: Optional[str] = None
+        self._warned_unsupported = False
+        #: The running step's graph; None while the step runs as plain two_pass.
+        self._run: Optional[StepGraph] = None
+        self._kept_bytes = 0
+
+    # -- the planner's questions ----------------------------------------------------------------
+
+    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+        if chunks > 1 or self._traced() is None:
+            return super().trial_statistics_pass(batch, chunks)
+        self.draws.clear()
+        try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
+            run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False))
+        except Unsupported as error:
+            self._unsupported = str(error)
+            return super().trial_statistics_pass(batch, chunks)
+        self._kept_bytes = run.kept_bytes
+
+    def take_draw_bytes(self) -> int:
+        """Phase 1's random draws and, in a precise step, the boundary tensors it keeps for the backward."""
+        size, self._kept_bytes = super().take_draw_bytes() + self._kept_bytes, 0
+        return size
+
+    # -- one logical batch -----------------------------------------------------------------------
+
+    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+        self._run = None
+        if phase1.chunks > 1:
+            self._warn_unsupported(f"phase 1 runs in {phase1.chunks} chunks to fit the memory budget")
+        elif self._traced() is not None:
+            BatchNormStrategy.prepare(self, batch, splits, state, phase1, total)
+            batch = self.micro.batches.to(batch, self.micro.device)
+            self._splits, self._total = splits, total
+            restore = (BatchNormState(self.layers), RandomState())
+            try:
+                self._run = self._statistics_pass_through_graph(batch)
+            except Unsupported as error:
+                for part in restore:
+                    part.restore()
+                self._unsupported = str(error)
+            else:
+                state.mark_counted()
+                return batch
+        self._warn_unsupported(self._unsupported)
+        return super().prepare(batch, splits, state, phase1, total)
+
+    def micro_batch(self, index: int, first_row: int, size: int) -> ContextManager[None]:
+        if self._run is None:
+            return super().micro_batch(index, first_row, size)
+        run = self._run
+
+        def output_rows(*args: Any, **kwargs: Any) -> Any:
+            return run.output_rows(first_row, size)
+
+        return forward_replaced(self.micro.module, output_rows)
+
+    def backward(self, first_row: int, size: int) -> ContextManager[None]:
+        if self._run is None:
+            return super().backward(first_row, size)
+        return self._backward(self._run, first_row, size)
+
+    @contextlib.contextmanager
+    def _backward(self, run: StepGraph, first_row: int, size: int) -> Iterator[None]:
+        yield
+        run.take_output_grads(first_row, size)
+        if first_row + size == run.rows:
+            with entered(Phase.MICRO_BATCHES), self.micro.autocast(), quiet_checkpoint():
+                run.backward(self._splits, self.handler.layers, self._intercept, self._replay)
+            self._run = None
+
+    def _intercept(self, handler: Callable[[BatchNormCall], Tensor]) -> ContextManager[None]:
+        return intercept_batch_norm(handler, self.layers)
+
+    def _replay(self, first_row: int, rows: int, draw: int) -> ContextManager[None]:
+        if not self.draws.recorded:
+            return contextlib.nullcontext()
+        return self.draws.replay(first_row, rows, start=draw)
+
+    # -- phase 1 through the graph ----------------------------------------------------------------
+
+    def _traced(self) -> Optional[SegmentedGraph]:
+        """The model's graph, traced once; None where it cannot be (the reason kept for the warning)."""
+        if self._graph is None and self._unsupported is None:
+            try:
+                self._graph = SegmentedGraph.trace(self.micro.module)
+            except Unsupported as error:
+                self._unsupported = str(error)
+        return self._graph if self._unsupported is None else None
+
+    def _statistics_pass_through_graph(self, batch: Any) -> StepGraph:
+        self.draws.clear()
+        with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
+            self._measure_layout(batch, self.handler.ranks)
+        return self._graph_pass(self.layout.convert(batch), self.handler)
+
+    def _graph_pass(self, batch: Any, handler: FullBatchStatistics) -> StepGraph:
+        """Phase 1 of ``batch`` through the graph under ``handler``; the graph's run, boundaries kept."""
+        rows = self.micro.batches.size(batch)
+        cuts = [layer for layer in self.layers if layer.training or layer.running_mean is None]
+        seen: list[Tensor] = []
+        runs: list[StepGraph] = []
+
+        def record(call: BatchNormCall) -> Tensor:
+            seen.append(call.input)
+            return handler.record(call)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if runs:
+                raise Unsupported("the loss calls the model more than once")
+            runs.append(self._graph.start(args, kwargs, rows, cuts))
+            return runs[0].forward(seen, lambda: self.draws.recorded)
+
+        handler.start_statistics_pass()
+        with entered(Phase.STATISTICS_PASS), torch.no_grad(), self.micro.autocast(), quiet_checkpoint(), \
+                intercept_batch_norm(record, self.layers), self.draws.record(0, rows), \
+                forward_replaced(self.micro.module, forward):
+            self.micro.forward(batch)
+        if not runs:
+            raise Unsupported("the loss does not call the model itself")
+        handler.finish_statistics_pass(True)
+        if len(handler.layers) != len(seen):
+            raise Unsupported("BatchNorm layers ran outside the model's forward")
+        return runs[0]
+
+    def _warn_unsupported(self, reason: Optional[str]) -> None:
+        if reason is None or self._warned_unsupported:
+            return
+        self._warned_unsupported = True
+        log.warning("TwoPass(precise=True) cannot cut this model at its BatchNorm layers (%s); it trains with "
+                    "two_pass's projected backward, whose gradient is only close to the full batch's", reason)
+

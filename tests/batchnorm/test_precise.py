@@ -1,0 +1,236 @@
+"""precise.py: TwoPass(precise=True) gives the full batch's step exactly (float64, against the unsplit step).
+
+Where the model draws random numbers, the reference is the full batch with the same masks: the
+generator seeded alike before its forward and before the step, whose phase 1 draws them in the same order."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autobatch
+from autobatch.demo.unet import UNet
+from autobatch.reference import flat_grad, relative_error
+from tests.common import BatchNormAct2d, ResidualNet, StochasticNet, assert_same_state, data, model_state
+
+PRECISE = autobatch.TwoPass(precise=True, phase1_memory_format=torch.preserve_format)
+ce = nn.CrossEntropyLoss()
+
+
+def step_grad(model, batch, micro_batch, bn=PRECISE, seed=1, **options):
+    """The accumulated gradient one autobatch step hands the optimizer, with the generator seeded at ``seed``."""
+    grads = []
+    if "compute_loss" not in options:
+        options["loss_fn"] = ce
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(batch[0]), micro_batch=micro_batch,
+                        bn=bn, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
+    torch.manual_seed(seed)
+    ab.step(*batch) if "loss_fn" in options else ab.step(batch)
+    return grads[0], ab
+
+
+def full_grad(model, batch, loss=None, seed=1):
+    torch.manual_seed(seed)
+    (loss or (lambda m, b: ce(m(b[0]), b[1])))(model, batch).backward()
+    return flat_grad(model)
+
+
+class SharedOutput(nn.Module):
+    """A BatchNorm output read by the next segment and by one three cuts later; in-place activations."""
+
+    def __init__(self, channels=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(channels)
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(3))
+        self.bns = nn.ModuleList(BatchNormAct2d(channels) for _ in range(3))
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        early = self.bn0(self.stem(x))
+        y = self.act(early.clone())
+        for conv, bn in zip(self.convs, self.bns):
+            y = bn(conv(y))
+        y = y + early * 0.5  # read three cuts later
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("micro_batch", [2, 4, 5, 8])
+def test_a_residual_network_with_a_batchnorm1d_head_gets_the_full_batch_gradient(micro_batch):
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=3, channels=6, head_norm=True).double()
+    batch = data(16, (3, 6, 6))
+    expected = full_grad(copy.deepcopy(net), batch)
+    got, ab = step_grad(copy.deepcopy(net), batch, micro_batch)
+    assert len(ab.plan.splits) > 1
+    assert relative_error(got, expected) < 1e-10
+
+
+def test_running_statistics_and_three_momentum_steps_equal_the_full_batch():
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, channels=6, head_norm=True).double()
+    reference, model = copy.deepcopy(net), copy.deepcopy(net)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 16, ce, micro_batch=4,
+                        bn=PRECISE, cache=False)
+    for seed in range(3):
+        x, y = data(16, (3, 6, 6), seed=seed)
+        opt_ref.zero_grad()
+        ce(reference(x), y).backward()
+        opt_ref.step()
+        ab.step(x, y)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), name
+    assert model.bn.num_batches_tracked.item() == 3
+    assert "forward" not in model.__dict__ and model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_dropout_and_stochastic_depth_are_replayed_in_every_segment():
+    torch.manual_seed(0)
+    net = StochasticNet(blocks=3).double()
+    batch = data(16, (3, 6, 6))
+    expected = full_grad(copy.deepcopy(net), batch, seed=7)
+    got, _ = step_grad(copy.deepcopy(net), batch, 4, seed=7)
+    assert relative_error(got, expected) < 1e-10
+
+
+def test_skip_connections_of_a_u_net():
+    torch.manual_seed(0)
+    net = UNet(width=4).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 2, (8, 16, 16))
+    expected = full_grad(copy.deepcopy(net), (x, y))
+    got, _ = step_grad(copy.deepcopy(net), (x, y), 2)
+    assert relative_error(got, expected) < 1e-10
+
+
+def test_a_batchnorm_output_read_several_cuts_later_and_layers_that_call_batch_norm_themselves():
+    torch.manual_seed(0)
+    net = SharedOutput().double()
+    batch = data(12, (3, 5, 5))
+    expected = full_grad(copy.deepcopy(net), batch)
+    got, _ = step_grad(copy.deepcopy(net), batch, 3)
+    assert relative_error(got, expected) < 1e-10
+
+
+def test_frozen_batchnorm_layers_are_not_cut_and_stay_frozen():
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, channels=6).double()
+    net.blocks[0].bn1.eval()
+    batch = data(16, (3, 6, 6))
+    reference = copy.deepcopy(net)
+    expected = full_grad(reference, batch)
+    model = copy.deepcopy(net)
+    got, _ = step_grad(model, batch, 4)
+    assert relative_error(got, expected) < 1e-10
+    assert torch.equal(model.blocks[0].bn1.running_mean, net.blocks[0].bn1.running_mean)
+    assert torch.allclose(model.bn.running_var, reference.bn.running_var, rtol=1e-12)
+
+
+def test_compute_loss_with_a_dict_output_and_a_count_weighted_loss():
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+            self.out, self.aux = nn.Conv2d(6, 3, 1), nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            features = self.body(x)
+            return {"out": self.out(features), "aux": self.aux(features)}
+
+    def pixel_loss(model, batch):
+        x, y = batch
+        out = model(x)
+        total = F.cross_entropy(out["out"], y, ignore_index=-1, reduction="sum") + \
+            0.5 * F.cross_entropy(out["aux"], y, ignore_index=-1, reduction="sum")
+        return total, (y != -1).sum()
+
+    torch.manual_seed(0)
+    net = Segmenter().double()
+    x = torch.randn(12, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(-1, 3, (12, 6, 6))
+    reference = copy.deepcopy(net)
+    total, count = pixel_loss(reference, (x, y))
+    (total / count).backward()
+    got, _ = step_grad(copy.deepcopy(net), (x, y), 5, compute_loss=pixel_loss)
+    assert relative_error(got, flat_grad(reference)) < 1e-10
+
+
+def test_a_model_torch_fx_cannot_trace_trains_as_two_pass_and_says_so_once(caplog):
+    class Branchy(ResidualNet):
+        def forward(self, x):
+            if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return super().forward(x)
+            return super().forward(-x)
+
+    torch.manual_seed(0)
+    net = Branchy(blocks=2, channels=6).double()
+    batch = data(16, (3, 6, 6))
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        got, ab = step_grad(copy.deepcopy(net), batch, 4)
+        ab.step(*batch)
+    said = [r.getMessage() for r in caplog.records if "precise=True" in r.getMessage()]
+    assert len(said) == 1 and "torch.fx cannot trace" in said[0] and "projected backward" in said[0]
+    plain, _ = step_grad(copy.deepcopy(net), batch, 4, bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    assert torch.equal(got, plain)
+
+
+def test_a_loss_that_calls_the_model_twice_trains_as_two_pass(caplog):
+    def twice(model, batch):
+        return ce(model(batch[0]), batch[1]) + 0.1 * model(batch[0]).square().mean()
+
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=1, channels=6).double()
+    batch = data(16, (3, 6, 6))
+    model = copy.deepcopy(net)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        got, _ = step_grad(model, batch, 4, compute_loss=twice)
+    assert any("calls the model more than once" in r.getMessage() for r in caplog.records)
+    # the graph's phase 1 was undone before two_pass's own: the same step, running statistics included
+    plain = copy.deepcopy(net)
+    expected, _ = step_grad(plain, batch, 4, compute_loss=twice,
+                            bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    assert torch.equal(got, expected)
+    assert_same_state(model_state(plain), model_state(model))
+
+
+def test_an_operation_that_mixes_samples_between_cuts_is_refused_and_the_model_is_unchanged():
+    class Mixing(ResidualNet):
+        def forward(self, x):
+            x = F.relu(self.bn(self.stem(x)))
+            x = x - x.mean(0, keepdim=True).expand_as(x)  # each sample depends on the others
+            return self.fc(self.blocks(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Mixing(blocks=1, channels=6).double()
+    before = model_state(net)
+    x, y = data(16, (3, 6, 6))
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, bn=PRECISE, cache=False)
+    with pytest.raises(RuntimeError, match="phase 1's for the same samples"):
+        ab.step(x, y)
+    assert_same_state(before, model_state(net))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="choose one of them"):
+        autobatch.TwoPass(precise=True, lockstep=True)
+    with pytest.raises(TypeError, match="precise must be True or False"):
+        autobatch.TwoPass(precise="yes")
+
+
+def test_planned_micro_batches_under_a_memory_budget_are_exact():
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, channels=8, head_norm=True).double()
+    batch = data(32, (3, 12, 12))
+    expected = full_grad(copy.deepcopy(net), batch)
+    grads = []
+    model = copy.deepcopy(net)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=PRECISE, cache=False,
+                        memory_budget="3MiB", before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    ab.step(*batch)
+    assert len(ab.plan.splits) > 1
+    assert relative_error(grads[0], expected) < 1e-10
