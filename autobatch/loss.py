@@ -20,14 +20,16 @@ unscaling, clipping and the update: linear, so exact (docs/guide/batches.md).
 """
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["LossValue", "Losses", "check_counts", "read_loss"]
+__all__ = ["LossValue", "Losses", "check_counts", "ignored_labels_warning", "read_loss"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,26 @@ def read_loss(result: Any, index: int) -> LossValue:
         raise ValueError(f"the loss for micro-batch {index} is {_shape(result)}, not a scalar tensor; return the "
                          "mean loss over the micro-batch (reduction='mean'), or (loss_sum, count)")
     return LossValue(result.reshape(()))
+
+
+#: The label that Hugging Face models and ``F.cross_entropy`` leave out of their mean by default.
+IGNORE_INDEX = -100
+
+
+def ignored_labels_warning(batch: Any, targets: Any = None) -> Optional[str]:
+    """What to say when a micro-batch's loss is a plain mean although its labels hold ignored entries:
+    the ``labels`` of a mapping batch (Hugging Face's convention), or integer targets, with -100 in them.
+    Each micro-batch's mean is then over its own valid labels, and weighting it by samples is not the
+    logical batch's mean over its valid labels. None when there is nothing to say."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else targets
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or not bool((labels == IGNORE_INDEX).any()):
+        return None
+    return ("the loss is a plain mean, but the batch's labels hold -100 entries, which a Hugging Face model's loss and "
+            "F.cross_entropy leave out of their mean: each micro-batch's mean then runs over its own valid labels, "
+            "and the accumulated gradient is not the logical batch's. Return (loss_sum, count): with a Hugging Face "
+            "model `count = (batch['labels'] != -100).sum()` (a causal language model shifts its labels: "
+            "`batch['labels'][..., 1:]`) and `return model(**batch).loss * count, count`; with F.cross_entropy, "
+            "reduction='sum' and the count of valid labels (docs/guide/batches.md)")
 
 
 def _shape(value: Any) -> str:

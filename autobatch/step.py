@@ -33,7 +33,7 @@ from autobatch.distributed import (
     gradient_sync,
     plain_sync_batch_norm,
 )
-from autobatch.loss import Losses, check_counts
+from autobatch.loss import Losses, check_counts, ignored_labels_warning
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.modes import BatchNormMode, TwoPass
 from autobatch.oom import first_line, is_out_of_memory, release_memory
@@ -93,6 +93,7 @@ class AutoBatch:
         self._open = True
         #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
         self._items: Optional[float] = None
+        self._warned_labels = False
         if self.plan is not None:
             log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
 
@@ -317,7 +318,10 @@ class AutoBatch:
         try:
             with self._gradient_sync(last):
                 with norm.micro_batch(index, first_row, size):
-                    loss = losses.add(self._micro.loss(self._micro.batches.to(part, self.device), index), size)
+                    value = self._micro.loss(self._micro.batches.to(part, self.device), index)
+                    loss = losses.add(value, size)
+                if index == 0 and len(splits) > 1 and not value.counted:
+                    self._warn_ignored_labels(part)
                 mean_loss = None
                 if last:
                     settled = True
@@ -338,6 +342,15 @@ class AutoBatch:
             # The other ranks learn of it where they settle the step; then every rank raises.
             self._settle(losses, splits, error, batch, norm)
             raise
+
+    def _warn_ignored_labels(self, part: Any) -> None:
+        """Once per wrap: a plain mean over labels with ignored entries is not the logical batch's mean."""
+        if self._warned_labels:
+            return
+        self._warned_labels = True
+        message = ignored_labels_warning(*(part if isinstance(part, InputsTargets) else (part,)))
+        if message is not None:
+            log.warning(message)
 
     def _gradient_sync(self, last: bool) -> ContextManager[Any]:
         """Gradients reduced over ranks once per logical batch: in the last micro-batch's backward."""

@@ -215,3 +215,28 @@ def test_losses_weigh_samples_or_share_one_weight():
     assert counted.add(read_loss((torch.tensor(1.0), 7), 0), 3).item() == pytest.approx(2 / 40)
     assert counted.add(read_loss((torch.tensor(1.0), 7), 1), 0).item() == 0.0  # padding
     assert counted.settle(10.0, 20.0) == 0.5 and counted.total == 20.0
+
+
+def test_a_plain_mean_over_labels_with_ignored_entries_is_said_once_with_the_pair_to_return(caplog):
+    model, batch = language_model(), padded_sequences(GROUPED)
+    with caplog.at_level("WARNING", logger="autobatch"):
+        autobatch_steps(model, [batch, batch], 4, compute_loss=token_loss_mean)
+    said = [r.getMessage() for r in caplog.records if "-100" in r.getMessage()]
+    assert len(said) == 1 and "(loss_sum, count)" in said[0] and "batch['labels'][..., 1:]" in said[0]
+
+
+def test_targets_with_ignored_entries_under_loss_fn_are_said_too(caplog):
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, -100, 2, 1, -100, -100, 0])
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), micro_batch=4)
+    with caplog.at_level("WARNING", logger="autobatch"):
+        ab.step(x, y)
+    assert any("-100" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("compute_loss, micro_batch", [(token_loss_sum, 4), (token_loss_mean, 8)])
+def test_nothing_is_said_for_the_pair_or_an_unsplit_batch(caplog, compute_loss, micro_batch):
+    model, batch = language_model(), padded_sequences(GROUPED)
+    with caplog.at_level("WARNING", logger="autobatch"):
+        autobatch_steps(model, [batch], micro_batch, compute_loss=compute_loss)
+    assert not [r for r in caplog.records if "-100" in r.getMessage()]
