@@ -1,8 +1,9 @@
 """Gradient fidelity of every bn mode on stock architectures (timm, torchvision), against the unsplit step.
 
     python -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm -e .
-    /tmp/tv/bin/python bench/fidelity_models.py         # ~25 min on 2 CPU cores; writes bench/results/fidelity_models.md
-    /tmp/tv/bin/python bench/fidelity_models.py --models resnet18 --micro 4      # one row
+    /tmp/tv/bin/python bench/fidelity_models.py                  # ~15 min on 2 CPU cores: bench/results/fidelity_models.md
+    /tmp/tv/bin/python bench/fidelity_models.py --table cost     # ~10 min: bench/results/fidelity_models_cost.md
+    /tmp/tv/bin/python bench/fidelity_models.py --models "timm resnet18" --micro 4      # a few rows, printed
 
 Needs torchvision and timm, which need the full torch build they were made for, so it stays out of
 CI. Models with random weights (weights=None), small random images; float64, so that rounding does not
@@ -144,7 +145,7 @@ def cost_rows(name, micro_batch):
     for mode in ("unsplit", *MODES):
         model = copy.deepcopy(base)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        options = {"memory_budget": budget / 0.9} if mode == "exact" else {}
+        options = {"memory_budget": int(budget / 0.9)} if mode == "exact" else {}
         ab = wrapped(model, optimizer, n, loss, "two_pass" if mode == "unsplit" else mode,
                      n if mode == "unsplit" else micro_batch, update_copies="none", **options)
         try:
@@ -176,33 +177,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
     parser.add_argument("--micro", nargs="*", type=int, default=[2, 4, 8], help="micro-batch sizes")
+    parser.add_argument("--table", choices=("fidelity", "cost"), default="fidelity")
     args = parser.parse_args()
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     started = time.perf_counter()
-    fidelity = [row for name in args.models for row in fidelity_rows(name, args.micro)]
-    cost = [row for name in args.models for row in cost_rows(name, 4)]
+    if args.table == "fidelity":
+        rows = [row for name in args.models for row in fidelity_rows(name, args.micro)]
+    else:
+        rows = [row for name in args.models for row in cost_rows(name, 4)]
     minutes = (time.perf_counter() - started) / 60
-    lines = [
-        "# Gradient fidelity on stock architectures", "",
-        f"`python bench/fidelity_models.py` (CPU, 2 cores, torch {torch.__version__.split('+')[0]}, timm "
-        f"{timm.__version__}, torchvision {torchvision.__version__.split('+')[0]}; {minutes:.0f} min). Random "
-        "weights; classifiers: batches of 16 images of 64x64, 10 classes; segmentation: batches of 8 images of "
-        "64x64, 5 classes, the `out` head's per-pixel loss. float64; the generator seeded alike before the "
-        "unsplit step and before autobatch's (the same dropout masks).", "",
-        "Cosine and relative error: the first step's accumulated gradient against the unsplit step's. Distance "
-        "after 3 steps: |w - w_unsplit| / |w_unsplit - w_0| after 3 SGD steps (lr 0.01, momentum 0.9).", "",
-        "| model | bn | micro-batch | gradient cosine | relative error | distance after 3 steps |",
-        "| --- | --- | --- | --- | --- | --- |", *fidelity, "",
-        "## Memory and time of one step (float32, micro-batches of 4)", "",
-        "Classifiers: batches of 32 images of 128x128; segmentation: 8 of 128x128. Peak: live tensors during a "
-        "step (parameters, gradients and inputs included), as autobatch's host tracker counts them; time: the "
-        "fastest of 3 steps, as a ratio to plain accumulation (bn=\"micro\") in the same run. exact: the whole "
-        "batch, planned under a memory budget of 3/4 of the unsplit step's peak (its checkpointed modules "
-        "named).", "",
-        "| model | bn | micro-batch | peak | time |", "| --- | --- | --- | --- | --- |", *cost, ""]
+    run = (f"`python bench/fidelity_models.py{' --table cost' if args.table == 'cost' else ''}` (CPU, 2 cores, "
+           f"torch {torch.__version__.split('+')[0]}, timm {timm.__version__}, torchvision "
+           f"{torchvision.__version__.split('+')[0]}; {minutes:.0f} min). Random weights.")
+    if args.table == "fidelity":
+        lines = [
+            "# Gradient fidelity on stock architectures", "", run,
+            "Classifiers: batches of 16 images of 64x64, 10 classes; segmentation: batches of 8 images of 64x64, "
+            "5 classes, the `out` head's per-pixel loss. float64; the generator seeded alike before the unsplit step "
+            "and before autobatch's (the same dropout masks).", "",
+            "Cosine and relative error: the first step's accumulated gradient against the unsplit step's. Distance "
+            "after 3 steps: |w - w_unsplit| / |w_unsplit - w_0| after 3 SGD steps (lr 0.01, momentum 0.9).", "",
+            "| model | bn | micro-batch | gradient cosine | relative error | distance after 3 steps |",
+            "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+        path = RESULTS
+    else:
+        lines = [
+            "# Memory and time of one step on stock architectures (float32, micro-batches of 4)", "", run,
+            "Classifiers: batches of 32 images of 128x128; segmentation: 8 of 128x128. Peak: live tensors during a "
+            "step (parameters, gradients and inputs included), as autobatch's host tracker counts them; time: the "
+            "fastest of 3 steps, as a ratio to plain accumulation (bn=\"micro\") in the same run. exact: the whole "
+            "batch, planned under a memory budget of 3/4 of the unsplit step's peak (its checkpointed modules "
+            "named).", "",
+            "| model | bn | micro-batch | peak | time |", "| --- | --- | --- | --- | --- |", *rows, ""]
+        path = RESULTS.with_name("fidelity_models_cost.md")
     if args.models == list(MODELS) and args.micro == [2, 4, 8]:
-        RESULTS.write_text("\n".join(lines))
+        path.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

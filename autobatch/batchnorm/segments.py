@@ -200,6 +200,8 @@ class StepGraph:
         self._inner: list[list[fx.Node]] = []
         self._output: dict[fx.Node, Any] = {}
         self._grads: dict[fx.Node, Tensor] = {}
+        #: BatchNorm backwards whose input gradient is still to be taken, by the node of their input.
+        self._pending: dict[fx.Node, list[_LayerBackward]] = {}
         self._leaves: list[tuple[fx.Node, Tensor]] = []
         self._interpreter = fx.Interpreter(graph.graph_module)
 
@@ -386,14 +388,15 @@ class StepGraph:
                 if segment.cut is not None:
                     module = self.graph.batch_norm_module(segment.cut)
                     cut = _LayerBackward(self._kept[segment.cut.args[0]], layers[segment.index - 1], module.weight)
-                if cut is not None or any(node in self._grads for node in segment.outputs):
+                if cut is not None or any(node in self._grads or node in self._pending for node in segment.outputs):
                     for start, stop in rows:
                         with replay(start, stop - start, segment.draws):
                             deviations += self._segment_rows(segment, start, stop, cut, intercept)
                     if cut is not None:
-                        self._cut_backward(segment, cut, rows)
+                        self._cut_backward(segment, cut)
                 for node in segment.nodes:
                     self._grads.pop(node, None)
+                    self._pending.pop(node, None)
                     self._kept.pop(node, None)
         self._check(deviations)
 
@@ -472,8 +475,9 @@ class StepGraph:
                         env[node] = self._run(node, env)
                 else:
                     env[node] = self._run(node, env)
-            pairs = [(env[node], self._grads[node][start:stop]) for node in segment.outputs
-                     if node in self._grads and isinstance(env[node], Tensor) and env[node].requires_grad]
+            pairs = [(env[node], self._grad_rows(node, start, stop)) for node in segment.outputs
+                     if (node in self._grads or node in self._pending) and isinstance(env[node], Tensor)
+                     and env[node].requires_grad]
             if pairs:
                 torch.autograd.backward([value for value, _ in pairs], [grad for _, grad in pairs])
         for node, leaf in leaves:
@@ -484,17 +488,26 @@ class StepGraph:
         return [self._deviation(node, env[node], start, stop) for node in segment.outputs
                 if isinstance(env[node], Tensor) and env[node].is_floating_point()]
 
-    def _cut_backward(self, segment: _Segment, cut: _LayerBackward, rows: list[tuple[int, int]]) -> None:
-        """The cut's BatchNorm backward over the whole batch: its input's gradient, its weight's and bias's."""
+    def _cut_backward(self, segment: _Segment, cut: _LayerBackward) -> None:
+        """The cut's BatchNorm backward over the whole batch: its weight's and bias's gradients now; its
+        input's, rows at a time, when the segment that made the input asks for them (:meth:`_grad_rows`),
+        so that the whole batch's input gradient is never held beside ``g``."""
         module = self.graph.batch_norm_module(segment.cut)
-        sums = (cut.sum_dy, cut.sum_dy_xmu)
         source = segment.cut.args[0]
-        for start, stop in rows:
-            grad = cut.input_grad(start, stop, sums)
-            if source in self._batched:
-                self._accumulate(source, start, stop, grad)
+        if source in self._batched and source.op != "placeholder":
+            self._pending.setdefault(source, []).append(cut)
         _add_grad(module.weight, cut.sum_dy_xmu * cut.layer.invstd)
         _add_grad(module.bias, cut.sum_dy)
+
+    def _grad_rows(self, node: fx.Node, start: int, stop: int) -> Tensor:
+        """The gradient at ``node``'s rows ``start:stop``: what later segments added, and the input
+        gradients of the BatchNorm layers that read it."""
+        grads = [self._grads[node][start:stop]] if node in self._grads else []
+        grads += [cut.input_grad(start, stop, (cut.sum_dy, cut.sum_dy_xmu)) for cut in self._pending.get(node, ())]
+        total = grads[0]
+        for grad in grads[1:]:
+            total = total + grad
+        return total
 
     def _deviation(self, node: fx.Node, value: Tensor, start: int, stop: int) -> tuple[fx.Node, Tensor, float]:
         kept = self._kept[node][start:stop]
