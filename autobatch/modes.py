@@ -53,17 +53,19 @@ class TwoPass(BatchNormMode):
     tensors at every BatchNorm's boundary for the whole batch (the model traced with torch.fx), and
     the backward goes down one segment at a time, each micro-batch's segment recomputed from them
     (autobatch.batchnorm.segments): about the compute of the projected two_pass, more memory. A model
-    that cannot be traced or cut trains with the projected backward, said once in a warning."""
+    that cannot be traced or cut trains with the projected backward, said once in a warning. ``None``:
+    precise where it can run (one process, no lockstep), else the projected backward; ``Auto``'s default."""
 
     name: ClassVar[str] = "two_pass"
     lockstep: bool = False
     phase1_memory_format: Optional[torch.memory_format] = None
-    precise: bool = False
+    precise: Optional[bool] = False
 
     def __post_init__(self) -> None:
-        for name in ("lockstep", "precise"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.lockstep, bool):
+            raise TypeError(f"lockstep must be True or False, got {self.lockstep!r}")
+        if self.precise is not None and not isinstance(self.precise, bool):
+            raise TypeError(f"precise must be True, False or None (where it can run), got {self.precise!r}")
         if self.lockstep and self.precise:
             raise ValueError("precise keeps phase 1's boundary tensors for the backward, and lockstep runs phase 1 "
                              "beside the first micro-batch's forward; choose one of them")
@@ -88,10 +90,11 @@ class Exact(BatchNormMode):
 
 @dataclass(frozen=True)
 class Auto(BatchNormMode):
-    """``Exact`` where the whole batch fits and pays, else ``two_pass`` (with these settings)."""
+    """``Exact`` where the whole batch fits and pays, else ``two_pass`` with these settings: by default
+    its exact backward where it can run (``TwoPass(precise=None)``), else the projected one."""
 
     name: ClassVar[str] = "auto"
-    two_pass: TwoPass = field(default_factory=TwoPass)
+    two_pass: TwoPass = field(default_factory=lambda: TwoPass(precise=None))
 
 
 _BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}

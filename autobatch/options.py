@@ -139,13 +139,14 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
 def _bn_code(mode: BatchNormMode) -> float:
     two_pass = mode if isinstance(mode, TwoPass) else mode.two_pass if isinstance(mode, Auto) else TwoPass()
     formats = [i for i, allowed in enumerate(PHASE1_FORMATS) if two_pass.phase1_memory_format is allowed]
-    return BN_MODES.index(mode.name) * 100 + 20 * two_pass.precise + 10 * two_pass.lockstep + formats[0]
+    precise = {False: 0, True: 1, None: 2}[two_pass.precise]
+    return BN_MODES.index(mode.name) * 100 + 20 * precise + 10 * two_pass.lockstep + formats[0]
 
 
 def _bn_key(mode: BatchNormMode) -> str:
     """The mode in the cache's key: a precise two_pass keeps other tensors, so it plans apart."""
     two_pass = mode if isinstance(mode, TwoPass) else mode.two_pass if isinstance(mode, Auto) else None
-    return mode.name + (" precise" if two_pass is not None and two_pass.precise else "")
+    return mode.name + ("" if two_pass is None or two_pass.precise is False else f" precise={two_pass.precise}")
 
 
 @dataclass(frozen=True)
@@ -258,5 +259,5 @@ def _deprecated(bn: Any, deprecated: dict[str, Any]) -> Any:
             bn = TwoPass(**{"lockstep": mode.lockstep, "phase1_memory_format": mode.phase1_memory_format,
                             "precise": mode.precise, **two_pass})
         elif isinstance(mode, Auto):
-            bn = Auto(TwoPass(**two_pass))
+            bn = Auto(TwoPass(**{"precise": None, **two_pass}))
     return bn

@@ -42,7 +42,8 @@ def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> Two
     phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in the
     inputs' own memory format (the format trial's forwards could end apart on the ranks), and never
     alongside the first micro-batch in a helper thread (two threads' gathers would interleave)."""
-    if mode.precise:
+    one_process = micro.ddp is None and micro.fsdp is None and not micro.ranks.active
+    if mode.precise or (mode.precise is None and one_process and not mode.lockstep):
         return PreciseTwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
     if micro.fsdp is None:
         return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)

@@ -193,6 +193,6 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         if reason is None or self._warned_unsupported:
             return
         self._warned_unsupported = True
-        log.warning("TwoPass(precise=True) cannot cut this model at its BatchNorm layers (%s); it trains with "
-                    "two_pass's projected backward, whose gradient is only close to the full batch's", reason)
+        log.warning("two_pass's exact backward (precise=True) does not run here: %s. It trains with the projected "
+                    "backward, whose gradient is only close to the full batch's", reason)
 

@@ -218,7 +218,7 @@ def test_an_operation_that_mixes_samples_between_cuts_is_refused_and_the_model_i
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="choose one of them"):
         autobatch.TwoPass(precise=True, lockstep=True)
-    with pytest.raises(TypeError, match="precise must be True or False"):
+    with pytest.raises(TypeError, match="precise must be True, False or None"):
         autobatch.TwoPass(precise="yes")
 
 
@@ -234,3 +234,31 @@ def test_planned_micro_batches_under_a_memory_budget_are_exact():
     ab.step(*batch)
     assert len(ab.plan.splits) > 1
     assert relative_error(grads[0], expected) < 1e-10
+
+
+def test_auto_splits_with_the_exact_backward_where_the_whole_batch_does_not_fit(monkeypatch):
+    # Checkpointing is then never fast enough for auto's choice: the choice does not hang on timings.
+    monkeypatch.setattr("autobatch.planning.whole.AUTO_SLOWDOWN", 0.0)
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, channels=8, head_norm=True).double()
+    batch = data(32, (3, 12, 12))
+    expected = full_grad(copy.deepcopy(net), batch)
+    grads = []
+    model = copy.deepcopy(net)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn="auto", cache=False,
+                        memory_budget="3MiB", before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    ab.step(*batch)
+    assert ab.plan.bn == "two_pass" and len(ab.plan.splits) > 1
+    assert relative_error(grads[0], expected) < 1e-10
+
+
+def test_precise_where_it_can_run_steps_back_under_lockstep():
+    from autobatch.batchnorm import strategy_for
+    from autobatch.batchnorm.precise import PreciseTwoPassStrategy
+
+    net = ResidualNet(blocks=1).double()
+    for mode, precise in ((autobatch.TwoPass(precise=None), True), (autobatch.TwoPass(precise=None, lockstep=True), False),
+                          (autobatch.TwoPass(), False)):
+        ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, bn=mode, cache=False)
+        assert isinstance(ab._strategy, PreciseTwoPassStrategy) is precise
+        assert isinstance(strategy_for(mode, ab._micro), PreciseTwoPassStrategy) is precise
