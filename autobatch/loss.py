@@ -57,6 +57,10 @@ def read_loss(result: Any, index: int) -> LossValue:
             raise ValueError(f"the loss of micro-batch {index} is a pair whose first item is {_shape(loss)}, not a "
                              "scalar tensor; return (loss_sum, count): the loss summed over count items")
         if isinstance(count, Tensor):
+            if count.dtype == torch.bool:
+                raise TypeError(f"the count of micro-batch {index} is a bool tensor ({count.tolist()}), which reads as "
+                                "0 or 1 item; return the number of items its loss sums over, such as mask.sum() "
+                                "rather than mask.any()")
             if count.numel() != 1:
                 raise ValueError(f"the count of micro-batch {index} has shape {tuple(count.shape)}; return the "
                                  "number of items its loss sums over as an int or a one-element tensor")

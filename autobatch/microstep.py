@@ -102,6 +102,10 @@ class MicroStep:
             self.module(batch[0])
 
     def backward(self, loss: Tensor) -> None:
+        if not loss.requires_grad:
+            raise RuntimeError("the loss does not require grad: it depends on no parameter that requires grad (was it "
+                               "computed under torch.no_grad(), detached, or converted with .item()?); return the loss "
+                               "tensor as the model computed it. No optimizer step was taken and the model is unchanged")
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def update(self, params: list[nn.Parameter]) -> None:
@@ -177,6 +181,23 @@ class MicroStep:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self._check_finite_update(params)
+
+    @staticmethod
+    def _check_finite_update(params: list[nn.Parameter]) -> None:
+        """An update that made a parameter NaN or infinite is put back (the caller's transaction) and reported,
+        as a non-finite gradient is: one norm over the updated parameters, one device sync."""
+        updated = [getattr(p, "_local_tensor", p).detach() for p in params if p.grad is not None]
+        if not updated:
+            return
+        norms = torch._foreach_norm(updated)
+        finite = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).isfinite()
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise FloatingPointError(
+                f"the optimizer's update made {bad} parameter tensor(s) NaN or infinite although the gradient was "
+                "finite; the update was put back, no step was taken and the model is unchanged. Lower the learning "
+                "rate, or check the optimizer's settings (eps, weight decay)")
 
     def _check_finite_gradient(self, params: list[nn.Parameter]) -> None:
         """A gradient that is not finite never reaches the optimizer (a GradScaler skips such steps itself)."""

@@ -125,7 +125,10 @@ def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     missing = [name for name, p in trainable if id(p) not in stepped]
-    if trainable and len(missing) == len(trainable):
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no parameter that requires grad, so a step has nothing to train; "
+                         "unfreeze the parameters to train (p.requires_grad_(True)) before wrapping it")
+    if len(missing) == len(trainable):
         raise ValueError("the optimizer holds none of the model's parameters, so training would change nothing "
                          "but BatchNorm's running statistics; build it from this model: "
                          "optimizer = torch.optim.SGD(model.parameters(), ...)")

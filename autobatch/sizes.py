@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["format_bytes", "parse_bytes"]
@@ -28,4 +29,7 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a memory size; write it like '6GiB', '500MB' or 4000000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite memory size; write it like '6GiB', '500MB' or 4000000000")
+    return int(value)

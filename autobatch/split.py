@@ -117,8 +117,14 @@ def _counts(tree: Any, path: Path, found: list[_Count]) -> None:
             _counts(value, path + (key,), found)
     elif isinstance(tree, (tuple, list)) and not _is_namedtuple(tree):
         items = list(tree)
-        if items and all(isinstance(item, Mapping) for item in items):
+        mappings = sum(isinstance(item, Mapping) for item in items)
+        if items and mappings == len(items):
             found.append(_Count("samples", path, len(items)))
+        elif mappings:
+            kinds = sorted({type(item).__name__ for item in items if not isinstance(item, Mapping)})
+            raise ValueError(f"{_text(path)} mixes {mappings} dicts with {len(items) - mappings} other items "
+                             f"({', '.join(kinds)}): a list of samples holds samples of one kind. Give every sample "
+                             "as a dict, or put the other parts beside the list (a tuple or dict of parts)")
         elif _alike_tensors(items):
             first_dims = {item.shape[0] for item in items}
             kind = "either" if len(first_dims) == 1 else "samples"

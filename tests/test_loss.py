@@ -200,6 +200,10 @@ def test_read_loss_forms():
         read_loss((torch.ones(3), 2), 0)
     with pytest.raises(ValueError, match="count of micro-batch 1 has shape"):
         read_loss((torch.tensor(1.0), torch.ones(2)), 1)
+    with pytest.raises(TypeError, match=r"bool tensor .*mask.sum\(\)"):
+        read_loss((torch.tensor(3.0), torch.tensor([True, False]).any()), 0)
+    with pytest.raises(TypeError, match="count of micro-batch 0 is bool"):
+        read_loss((torch.tensor(3.0), True), 0)
 
 
 def test_check_counts_ignores_padding_micro_batches():

@@ -103,3 +103,15 @@ def test_a_bad_option_changes_nothing():
         with pytest.raises((ValueError, TypeError)):
             autobatch.wrap(model, optimizer, 8, nn.CrossEntropyLoss(), **bad)
     assert_same_state(before, model_state(model))
+
+
+def test_a_model_with_nothing_to_train_is_refused_at_wrap():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, nn.MSELoss())
+
+
+def test_budgets_that_cannot_be_read_name_the_problem():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="not a finite memory size"):
+        autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, nn.MSELoss(), memory_budget="1e400")

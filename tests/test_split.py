@@ -2,7 +2,9 @@ import collections
 
 import pytest
 import torch
+from torch import nn
 
+import autobatch
 from autobatch.split import (
     CustomFormat,
     balanced_splits,
@@ -235,3 +237,14 @@ def test_to_device_keeps_tensors_in_place_on_their_device():
     moved = to_device(batch, torch.device("cpu"))
     assert moved["pair"].image is batch["pair"].image
     assert moved["name"] == "batch"
+
+
+def test_a_list_mixing_dicts_and_tensors_is_refused_with_what_to_do():
+    batch = [{"image": torch.randn(3, 4, 4)} for _ in range(7)] + [torch.randn(3, 4, 4)]
+    with pytest.raises(ValueError, match=r"batch mixes 7 dicts with 1 other items \(Tensor\)"):
+        batch_size(batch)
+    model = nn.Linear(4, 2)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, cache=False,
+                        compute_loss=lambda model, batch: model(torch.stack([b["image"] for b in batch])).sum())
+    with pytest.raises(ValueError, match="a list of samples holds samples of one kind"):
+        ab.step(batch)

@@ -16,7 +16,7 @@ from autobatch.reference import (
     relative_error,
 )
 from autobatch.split import balanced_splits
-from tests.common import Flat, ResidualNet, assert_same_state, compiled, mlp, model_state, variants
+from tests.common import Flat, ResidualNet, assert_same_state, compiled, data, mlp, model_state, variants
 
 ce = nn.CrossEntropyLoss()
 
@@ -539,6 +539,28 @@ def test_a_non_finite_gradient_never_reaches_the_optimizer(bn):
     assert not opt.state
 
 
+class NaNWriting(torch.optim.SGD):
+    """An optimizer whose step writes a NaN into the first parameter after updating (an overflow in its maths)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("bn", ["two_pass", "micro"])
+def test_an_update_that_writes_nan_is_put_back_and_reported(bn):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1)
+    before = model_state(model)
+    opt = NaNWriting(model.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, opt, 8, ce, micro_batch=3, bn=bn, cache=False)
+    with pytest.raises(FloatingPointError, match="update made 1 parameter tensor.* NaN or infinite .* put back"):
+        ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
+    assert_same_state(before, model_state(model))
+    assert not opt.state
+
+
 def test_an_optimizer_over_other_parameters_is_refused():
     model, other = mlp(), mlp()
     with pytest.raises(ValueError, match="the optimizer holds none of the model's parameters"):
@@ -582,4 +604,15 @@ def test_a_sample_whose_activations_overflow_in_phase_one_is_named():
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=3)
     with pytest.raises(FloatingPointError, match=r"input of BatchNorm layer 'bn' is NaN or infinite for samples \[6\]"):
         ab.step(x, y)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_loss_without_grad_names_the_problem_and_changes_nothing():
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    before = model_state(model)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, cache=False, micro_batch=8,
+                        loss_fn=lambda outputs, targets: nn.functional.cross_entropy(outputs.detach(), targets))
+    with pytest.raises(RuntimeError, match="the loss does not require grad.*detached"):
+        ab.step(*data(16))
     assert_same_state(before, model_state(model))

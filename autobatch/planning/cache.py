@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pathlib
+import stat
 import uuid
 from typing import Any, Optional, Union
 
@@ -66,14 +67,21 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+#: No real measurement comes near this many bytes (an exbibyte); a larger one is not ours, and arithmetic on it
+#: would overflow to infinity and NaN.
+MAX_SIZE = 2**60
+
+
 def _size(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        0 <= value <= MAX_SIZE
 
 
 def _points(points: Any, name: str, share: Optional[int]) -> Optional[str]:
     """What is wrong with a record's measured points, [samples, elements per sample, peak bytes] each."""
     if not isinstance(points, list) or not all(
-            isinstance(p, list) and len(p) == 3 and _positive_int(p[0]) and _positive_int(p[1]) and _size(p[2])
+            isinstance(p, list) and len(p) == 3 and _positive_int(p[0]) and _positive_int(p[1]) and p[1] <= MAX_SIZE
+            and _size(p[2])
             for p in points):
         return f"{name} are not [samples, elements per sample, peak bytes] triples"
     if share is not None and any(p[0] > share for p in points):
@@ -114,7 +122,27 @@ def _problem(record: Any, share: Optional[int]) -> Optional[str]:
         return "checkpointed is not a list of module names"
     if not isinstance(record.get("selective", False), bool):
         return f"selective {record.get('selective')!r} is not true or false"
+    failed = record.get("failed", [])
+    if not isinstance(failed, list) or not all(isinstance(f, list) and len(f) == 2 and _positive_int(f[0])
+                                               and _positive_int(f[1]) for f in failed):
+        return "failed is not a list of [elements per sample, micro-batch] pairs"
     return None
+
+
+def _read_regular(path: pathlib.Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most MAX_BYTES: a FIFO would block the step (opened
+    without waiting here), a link to a device such as /dev/zero would read without end."""
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(handle, "rb", closefd=False) as f:
+            data = f.read(MAX_BYTES + 1)
+    finally:
+        os.close(handle)
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"more than {MAX_BYTES} bytes, more than a plan record holds")
+    return data
 
 
 class PlanCache:
@@ -133,9 +161,7 @@ class PlanCache:
         there is none or it is unusable (with a warning naming the file)."""
         path = self.path(key)
         try:
-            if path.stat().st_size > MAX_BYTES:
-                raise ValueError(f"{path.stat().st_size} bytes, more than a plan record holds")
-            record = json.loads(path.read_bytes().decode("utf-8"))
+            record = json.loads(_read_regular(path).decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep to be ours

@@ -66,6 +66,9 @@ def budget(memory: DeviceMemory, memory_budget: Union[int, float, str, None] = N
         cap = parse_bytes(memory_budget)
     else:
         cap = memory_budget
+    if cap is not None and cap > memory.capacity_bytes:
+        log.warning("memory_budget %s is more than %s has free (%s): the budget is capped there", format_bytes(cap),
+                    memory.device, format_bytes(memory.capacity_bytes))
     usable = memory.capacity_bytes if cap is None else min(cap, memory.capacity_bytes)
     return Budget(int(usable * (1 - margin)), memory.capacity_bytes, cap, margin)
 

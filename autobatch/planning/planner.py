@@ -67,6 +67,8 @@ class Planner:
         self.limit: Optional[Budget] = None
         #: A fully_shard model's trials are collectives: after the start, only steps every rank takes measure.
         self.collective = micro.fsdp is not None and self.ranks.active
+        #: Per sample size, the smallest micro-batch whose trial ran out of memory or passed the budget.
+        self.failed: dict[int, int] = {}
         #: Bytes of phase 1's recorded draws per sample element: resident in a real step, not in a trial.
         self.draws_per_element = 0.0
         self.device = ""
@@ -110,6 +112,7 @@ class Planner:
         self.phase1 = MemoryModel(self.model.resident_per_element, [tuple(p) for p in phase1],
                                   record.get("phase1_base", 0.0)) if phase1 else None
         self.recovery.lockstep_fits = record.get("lockstep_fits", False)
+        self.failed = {size: n for size, n in record.get("failed", [])}
         s = self.micro.batches.sample_size(batch)
         if bn is Mode.EXACT and self.model.predict(self.share, s) > self.limit.budget_bytes:
             log.warning("autobatch: the cached whole-batch plan %s peaked at %s, over today's budget of %s; measuring "
@@ -166,6 +169,9 @@ class Planner:
             # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
             draws = self.strategy.take_draw_bytes()
         self.draws_per_element = draws / s
+        over = [n for n, peak in fit.points if peak is None or peak > limit.budget_bytes]
+        if over:  # a trial that ran out of memory or passed the budget bounds this size from above
+            self.failed[s] = min(over)
         self.model = MemoryModel(self._resident_per_element(batch, s, draws),
                                  [(n, s, peak + draws) for n, peak in fit.points if peak is not None])
         self.phase1 = MemoryModel(self.model.resident_per_element, phase1_points, self.model.base) \
@@ -220,6 +226,8 @@ class Planner:
         if plan.bn is Mode.EXACT:
             return plan.replace(predicted_peak_bytes=model.predict(self.share, s), **described)
         micro_batch = model.largest_under(limit, s, self.share)
+        if s in self.failed and micro_batch >= self.failed[s]:
+            micro_batch = max(1, self.failed[s] - 1)  # never what a trial at this size saw fail
         chunks, lockstep = 1, False
         if micro_batch < self.share and self.strategy.needs_statistics_pass():
             self._learn_statistics_pass(batch, s)
@@ -345,7 +353,8 @@ class Planner:
             "phase1_base": self.phase1.base_hint if self.phase1 is not None else 0.0,
             "budget_bytes": plan.budget_bytes, "phase1_chunks": plan.phase1.chunks,
             "lockstep_fits": self.recovery.lockstep_fits, "bn": str(plan.bn), "checkpointed": list(plan.checkpointed),
-            "selective": plan.checkpointing.selective, "label": plan.checkpointing.label})
+            "selective": plan.checkpointing.selective, "label": plan.checkpointing.label,
+            "failed": [[size, n] for size, n in sorted(self.failed.items())]})
 
     # -- while training --------------------------------------------------------------------------
 

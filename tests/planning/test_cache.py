@@ -59,7 +59,8 @@ def test_corrupt_file_is_ignored_with_a_warning(tmp_path, caplog, content):
                                     {"micro_batch": True}, {"phase1_chunks": 0}, {"resident_per_element": -1.0},
                                     {"phase1_base": "10"}, {"points": [[0, 108, 120]]}, {"points": [[2, 120]]},
                                     {"points": "x"}, {"points": []}, {"phase1_points": [[2, 0, 5]]},
-                                    {"lockstep_fits": "yes"}])
+                                    {"lockstep_fits": "yes"}, {"resident_per_element": 1e308},
+                                    {"points": [[2, 108, 1e308]]}, {"points": [[2, 10**30, 120]]}])
 def test_an_invalid_record_is_ignored_with_a_warning(tmp_path, caplog, change):
     cache = PlanCache(tmp_path)
     cache.store("k", RECORD)
@@ -168,3 +169,18 @@ def test_a_cached_whole_batch_plan_over_todays_budget_is_measured_afresh(caplog)
         with pytest.raises(MemoryError, match="bn='exact' does not fit"):
             wrapped(10**9).tune(x, y)
     assert "over today's budget" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo"])
+def test_a_cache_path_that_is_no_regular_file_is_ignored_without_reading_or_waiting(tmp_path, caplog, kind):
+    cache = PlanCache(tmp_path)
+    cache.store("k", RECORD)
+    path = cache.path("k")
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        assert cache.load("k") is None
+    assert "not a regular file" in caplog.text

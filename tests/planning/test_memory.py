@@ -131,3 +131,11 @@ def test_real_cuda_probe():
     result = probe(torch.device("cuda"))
     assert result.source == "nvml"
     assert 0 < result.free_bytes <= result.total_bytes
+
+
+def test_a_budget_above_what_the_device_has_is_capped_and_said(caplog):
+    memory = DeviceMemory("cpu", "host", 16 * 2**30, 8 * 2**30, 0, "psutil")
+    with caplog.at_level("WARNING", logger="autobatch"):
+        limit = budget(memory, "1.5TiB")
+    assert limit.budget_bytes <= memory.capacity_bytes
+    assert any("is more than" in r.getMessage() and "capped" in r.getMessage() for r in caplog.records)

@@ -410,3 +410,22 @@ def test_out_of_memory_before_the_update_itself_is_recovered():
     ab.step(x, y)
     assert not failures and ab.plan.micro_batch == fitted
     assert {state["step"].item() for state in optimizer.state.values()} == {1.0}
+
+
+def test_a_micro_batch_whose_trial_ran_out_of_memory_is_never_planned(monkeypatch, private_plan_cache):
+    """Trials from 7 samples on run out of memory while the line through those that fit allows more: the
+    plan stays below 7, at the first launch and from the cache."""
+    def micro_step_peak(self, batch, n):
+        self.steps += 1
+        return None if n >= 7 else 1000 * n
+
+    monkeypatch.setattr("autobatch.planning.trials.Trials.micro_step_peak", micro_step_peak)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    plans = []
+    for _ in range(2):
+        model = mlp()
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget=20_000,
+                            bn="micro")
+        plans.append(ab.tune(x, y))
+    assert plans[0].source == "measured" and plans[1].source == "cache"
+    assert [plan.micro_batch for plan in plans] == [6, 6]
