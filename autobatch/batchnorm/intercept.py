@@ -13,12 +13,14 @@ BatchNorm of its own, never reach each other's handlers.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+import weakref
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from autobatch.interrupts import held_interrupts
 
 __all__ = ["BatchNormCall", "intercept_batch_norm"]
 
@@ -75,29 +77,74 @@ def _owned(layers: Sequence[nn.Module]) -> list[int]:
             for tensor in (layer.weight, layer.running_mean, layer.bias, layer.running_var) if tensor is not None]
 
 
-@contextlib.contextmanager
-def intercept_batch_norm(handler: Handler, layers: Sequence[nn.Module] = ()) -> Iterator[None]:
+class _Entry(NamedTuple):
+    """One active intercept: its handler, the tensors it owns, its thread, and its context manager."""
+
+    handler: Handler
+    owned: list[int]
+    thread: threading.Thread
+    #: The intercept while anyone holds it: dead once its ``with`` is over, cleaned up or not.
+    manager: "weakref.ref[_Intercept]"
+
+
+#: Every active intercept, of every thread, oldest first.
+_entries: list[_Entry] = []
+
+
+class _Intercept:
+    """The context manager :func:`intercept_batch_norm` returns."""
+
+    def __init__(self, handler: Handler, layers: Sequence[nn.Module]):
+        self._entry = _Entry(handler, _owned(layers), threading.current_thread(), weakref.ref(self))
+        self._installed = False
+
+    def __enter__(self) -> None:
+        global _active, _original
+        entry = self._entry
+        # Installed and taken down whole: a Ctrl-C half-way would leave a router with stale owners. One that
+        # lands before the clean-up can start leaves the entry behind, and the next entry takes it down.
+        with held_interrupts(), _lock:
+            _repair()
+            if _active == 0 and F.batch_norm is not _route:
+                _original, F.batch_norm = F.batch_norm, _route
+            _active += 1
+            for key in entry.owned:
+                _owners.setdefault(key, []).append(entry.handler)
+            _local.__dict__.setdefault("handlers", []).append(entry.handler)
+            _entries.append(entry)
+            self._installed = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        with held_interrupts(), _lock:
+            if self._installed:
+                self._installed = False
+                _remove(self._entry)
+
+
+def intercept_batch_norm(handler: Handler, layers: Sequence[nn.Module] = ()) -> ContextManager[None]:
     """Route this thread's training-mode ``F.batch_norm`` calls to ``handler``, and those of
     ``layers`` (BatchNorm modules) in threads that have no handler of their own."""
-    global _active, _original
-    owned = _owned(layers)
-    with _lock:
-        if _active == 0 and F.batch_norm is not _route:
-            _original, F.batch_norm = F.batch_norm, _route
-        _active += 1
-        for key in owned:
-            _owners.setdefault(key, []).append(handler)
-    handlers = _local.__dict__.setdefault("handlers", [])
-    handlers.append(handler)
-    try:
-        yield
-    finally:
-        handlers.pop()
-        with _lock:
-            for key in owned:
-                _owners[key].remove(handler)
-                if not _owners[key]:
-                    del _owners[key]
-            _active -= 1
-            if _active == 0 and F.batch_norm is _route:
-                F.batch_norm = _original
+    return _Intercept(handler, layers)
+
+
+def _remove(entry: _Entry) -> None:
+    """Take one intercept down (under the lock); PyTorch's function back when it was the last."""
+    global _active
+    _entries.remove(entry)
+    handlers = _local.__dict__.get("handlers", []) if entry.thread is threading.current_thread() else []
+    if entry.handler in handlers:
+        del handlers[len(handlers) - 1 - handlers[::-1].index(entry.handler)]
+    for key in entry.owned:
+        _owners[key].remove(entry.handler)
+        if not _owners[key]:
+            del _owners[key]
+    _active -= 1
+    if _active == 0 and F.batch_norm is _route:
+        F.batch_norm = _original
+
+
+def _repair() -> None:
+    """Take down the intercepts whose ``with`` is over but whose clean-up a Ctrl-C kept from starting (their
+    context manager is gone), and those of threads that ended."""
+    for entry in [e for e in _entries if e.manager() is None or not e.thread.is_alive()]:
+        _remove(entry)

@@ -1,0 +1,37 @@
+"""Ctrl-C held back while autobatch puts shared state together or back, and raised right after.
+
+    with held_interrupts():          # a SIGINT arriving in the block is raised when the block ends
+        F.batch_norm = _route        # ...so that two lines that belong together never come apart
+
+Python delivers SIGINT as a KeyboardInterrupt between any two bytecodes of the main thread; a
+user who catches it (to save a checkpoint, as Lightning does) would then save a half-restored
+model, and a patch of ``F.batch_norm`` half taken down would route every later call. Only the main
+thread receives signals, and only where Python's own handler is installed is the signal held: a
+handler of the user's own runs as it would.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+__all__ = ["held_interrupts"]
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) until the block ends, then raise KeyboardInterrupt; nested blocks hold it to
+    the outermost's end."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
