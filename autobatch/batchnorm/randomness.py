@@ -24,6 +24,8 @@ ends, and the planner adds them to every micro-batch's predicted peak (autobatch
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -99,9 +101,78 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__qualname__", None)
+        if name == _ATTENTION and _attention_dropout(args, kwargs) > 0:
+            return _explicit_attention(self._draw, *args, **kwargs)
+        if name == _MULTI_HEAD:
+            return self._multi_head(func, args, kwargs)
         if _kind(func) is None:
             return func(*args, **kwargs)
         return self._draw(func, args, kwargs)
+
+
+    def _multi_head(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``F.multi_head_attention_forward``, whose attention dropout is a call inside it that a mode does not
+        see from its own handler: while it runs, this thread's calls of the module's ``dropout`` and
+        ``scaled_dot_product_attention`` (looked up there at each call) come here."""
+        thread = threading.get_ident()
+        query, heads = args[0], (args[4] if len(args) > 4 else kwargs["num_heads"])
+        # Its attention weights hold (samples x heads) rows, sequence first: (L, N, E) queries.
+        samples = query.shape[1] if query.dim() == 3 else None
+
+        def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+            if threading.get_ident() != thread:
+                return _DROPOUT(input, p, training, inplace)
+            options = {"training": training, "inplace": inplace}
+            if samples is None or input.dim() != 3 or input.shape[0] != samples * heads:
+                return self._draw(_DROPOUT, (input, p), options)
+            per_sample = input.view(samples, heads, *input.shape[1:])  # a mask per sample, as replay slices it
+            return self._draw(_DROPOUT, (per_sample, p), options).view(input.shape)
+
+        def attention(*args: Any, **kwargs: Any) -> Tensor:
+            if threading.get_ident() != thread or _attention_dropout(args, kwargs) == 0:
+                return _SDPA(*args, **kwargs)
+            return _explicit_attention(self._draw, *args, **kwargs)
+
+        F.dropout, F.scaled_dot_product_attention = dropout, attention
+        try:
+            return func(*args, **kwargs)
+        finally:
+            F.dropout, F.scaled_dot_product_attention = _DROPOUT, _SDPA
+
+
+#: PyTorch's own functions, whatever replaces them in torch.nn.functional for a while.
+_DROPOUT, _SDPA = F.dropout, F.scaled_dot_product_attention
+_ATTENTION = F.scaled_dot_product_attention.__qualname__
+_MULTI_HEAD = F.multi_head_attention_forward.__qualname__
+_ATTENTION_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _attention_dropout(args: tuple, kwargs: dict) -> float:
+    return float(dict(zip(_ATTENTION_ARGUMENTS, args), **kwargs).get("dropout_p", 0.0))
+
+
+def _explicit_attention(draw: Callable[[Callable, tuple, dict], Any], query: Tensor, key: Tensor, value: Tensor,
+                        attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                        scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` with dropout, as its documentation spells it out: the attention
+    weights' dropout is then an ``F.dropout`` call, recorded in phase 1 and replayed per sample, where the
+    fused kernel's mask could be neither. A two_pass step's forwards only; the same maths, unfused."""
+    length, source = query.size(-2), key.size(-2)
+    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    bias = torch.zeros(length, source, dtype=query.dtype, device=query.device)
+    if is_causal:
+        bias.masked_fill_(torch.ones(length, source, dtype=torch.bool, device=query.device).tril().logical_not(),
+                          float("-inf"))
+    if attn_mask is not None:
+        bias = bias.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool \
+            else bias + attn_mask
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    weights = torch.softmax(query @ key.transpose(-2, -1) * scale + bias, dim=-1)
+    weights = draw(_DROPOUT, (weights, dropout_p), {"training": True})
+    return weights @ value
 
 
 def _dropout_arguments(func: Callable, args: tuple, kwargs: dict) -> tuple[Tensor, float, bool, bool]:

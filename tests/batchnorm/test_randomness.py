@@ -226,3 +226,52 @@ def test_a_channel_with_a_large_mean_and_a_tiny_spread_is_not_refused():
     ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5,
                         bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     assert math.isfinite(ab.step(x, y)) and ab.plan.splits == [4, 4, 4, 4]
+
+
+class AttentionThenBatchNorm(nn.Module):
+    """A Transformer encoder layer (attention dropout 0.5) and a BatchNorm over its features."""
+
+    def __init__(self, need_weights=False):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        self.attention = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+        self.need_weights = need_weights
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.layer(self.embed(x))
+        h = h + self.attention(h, h, h, need_weights=self.need_weights)[0]
+        return self.head(self.norm(h.transpose(1, 2)).mean(2))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_dropout_is_replayed_in_every_micro_batch(need_weights):
+    """Without the replay the masks differ (0.5 apart at p=0.5) and the check refuses the step."""
+    torch.manual_seed(0)
+    net = AttentionThenBatchNorm(need_weights).double()
+    x, y = torch.randn(16, 5, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False,
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    for _ in range(2):
+        assert math.isfinite(ab.step(x, y))
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "scale", "grouped heads"])
+def test_explicit_attention_is_the_fused_one_without_dropout(case):
+    from autobatch.batchnorm.randomness import _explicit_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(2, 2 if case == "grouped heads" else 4, 6, 8, dtype=torch.float64, generator=generator)
+            for _ in range(2))
+    options = {"causal": {"is_causal": True}, "bool mask": {"attn_mask": torch.rand(5, 6, generator=generator) > 0.3},
+               "float mask": {"attn_mask": torch.randn(5, 6, dtype=torch.float64, generator=generator)},
+               "scale": {"scale": 0.3}, "grouped heads": {"enable_gqa": True}}.get(case, {})
+    if case == "causal":
+        k, v = k[..., :5, :], v[..., :5, :]
+    expected = F.scaled_dot_product_attention(q, k, v, **options)
+    got = _explicit_attention(lambda func, args, kwargs: func(*args, **{**kwargs, "training": False}), q, k, v,
+                              dropout_p=0.5, **options)
+    assert torch.allclose(got, expected, atol=1e-12)
