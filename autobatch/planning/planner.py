@@ -326,10 +326,9 @@ class Planner:
         peaks teach the model that size (a measured peak above the prediction corrects it)."""
         s = plan.sample_size
         learned = False
-        slack = self.limit.capacity_bytes if self.limit.cap_bytes is None else min(self.limit.cap_bytes,
-                                                                                     self.limit.capacity_bytes)
-        margin = slack - self.limit.budget_bytes  # the safety margin: a step past it could have run out of memory
-        if micro_peak is not None and (not self.model.covers(s) or micro_peak > plan.predicted_peak_bytes + margin):
+        # Any step measured above its prediction corrects the model (past a hair, so that allocator noise
+        # does not rewrite the cache every step): a prediction too low is a step closer to the budget.
+        if micro_peak is not None and (not self.model.covers(s) or micro_peak > plan.predicted_peak_bytes * 1.01):
             self.model.add(n, s, micro_peak)
             learned = True
         if phase1_peak is not None and self.phase1 is None:

@@ -429,3 +429,15 @@ def test_a_micro_batch_whose_trial_ran_out_of_memory_is_never_planned(monkeypatc
         plans.append(ab.tune(x, y))
     assert plans[0].source == "measured" and plans[1].source == "cache"
     assert [plan.micro_batch for plan in plans] == [6, 6]
+
+
+def test_every_step_measured_above_its_prediction_corrects_the_model():
+    model, (x, y) = convnet(), data()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce, memory_budget="6MiB",
+                        bn="micro", cache=False)
+    plan = ab.tune(x, y)
+    planner, n, s = ab._planner, plan.micro_batch, plan.sample_size
+    above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
+    planner.observe(plan, n, above, None)
+    assert planner.model.predict(n, s) >= above
+    assert planner._for_size(plan, s).micro_batch <= n
