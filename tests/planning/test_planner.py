@@ -437,7 +437,8 @@ def test_every_step_measured_above_its_prediction_corrects_the_model():
                         bn="micro", cache=False)
     plan = ab.tune(x, y)
     planner, n, s = ab._planner, plan.micro_batch, plan.sample_size
+    before = planner.model.predict(n, s)
     above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
     planner.observe(plan, n, above, None)
-    assert planner.model.predict(n, s) >= above
+    assert (n, s, above) in planner.model.points and planner.model.predict(n, s) > before
     assert planner._for_size(plan, s).micro_batch <= n
