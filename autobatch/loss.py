@@ -20,7 +20,6 @@ unscaling, clipping and the update: linear, so exact (docs/guide/batches.md).
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass

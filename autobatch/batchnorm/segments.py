@@ -237,7 +237,7 @@ class StepGraph:
                                 and node in self._batched and node in self._tensors])
         boundary = kept.union(*self._inner)
         for segment in self._segments:
-            segment.inputs, segment.recomputed = self._wire(segment.nodes, boundary, per_segment=True)
+            segment.inputs, segment.recomputed = self._wire(segment.nodes, boundary)
             segment.outputs = [node for node in segment.nodes if node in boundary and node in self._batched
                                and node.op != "placeholder"]
         return fx.node.map_arg(self.graph.output.args[0], self._output.__getitem__)
@@ -305,8 +305,7 @@ class StepGraph:
             elif node.op == "placeholder":
                 self._kept[node] = value
 
-    def _wire(self, nodes: list[fx.Node], boundary: set[fx.Node],
-              per_segment: bool) -> tuple[list[fx.Node], list[fx.Node]]:
+    def _wire(self, nodes: list[fx.Node], boundary: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
         """What ``nodes`` read from before them: boundary tensors (sliced per micro-batch), and nodes
         evaluated again (sizes of batched tensors, functions of parameters alone)."""
         own = set(nodes)
@@ -408,7 +407,7 @@ class StepGraph:
         statistics and random draws); what phase 1 kept of the group is checked against it."""
         group = self._groups[index]
         nodes = [node for segment in group for node in segment.nodes if node.op != "placeholder"]
-        inputs, recomputed = self._wire(nodes, set(self._kept), per_segment=False)
+        inputs, recomputed = self._wire(nodes, set(self._kept))
         statistics = {segment.cut: layers[segment.index - 1] for segment in group if segment.cut is not None}
         inner, filled = self._inner[index], {}
         deviations = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["count_weighted_loss", "label_count"]

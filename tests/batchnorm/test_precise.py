@@ -222,22 +222,10 @@ def test_settings_are_checked():
         autobatch.TwoPass(precise="yes")
 
 
-def test_planned_micro_batches_under_a_memory_budget_are_exact():
-    torch.manual_seed(0)
-    net = ResidualNet(blocks=2, channels=8, head_norm=True).double()
-    batch = data(32, (3, 12, 12))
-    expected = full_grad(copy.deepcopy(net), batch)
-    grads = []
-    model = copy.deepcopy(net)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=PRECISE, cache=False,
-                        memory_budget="3MiB", before_step=lambda ab: grads.append(flat_grad(ab.model)))
-    ab.step(*batch)
-    assert len(ab.plan.splits) > 1
-    assert relative_error(grads[0], expected) < 1e-10
-
-
-def test_auto_splits_with_the_exact_backward_where_the_whole_batch_does_not_fit(monkeypatch):
-    # Checkpointing is then never fast enough for auto's choice: the choice does not hang on timings.
+@pytest.mark.parametrize("bn", [PRECISE, "auto"])
+def test_planned_micro_batches_under_a_memory_budget_are_exact(bn, monkeypatch):
+    """Planned by the memory model; bn="auto" splits with the exact backward where the whole batch does not
+    fit (checkpointing made never fast enough for it, so that its choice does not hang on timings)."""
     monkeypatch.setattr("autobatch.planning.whole.AUTO_SLOWDOWN", 0.0)
     torch.manual_seed(0)
     net = ResidualNet(blocks=2, channels=8, head_norm=True).double()
@@ -245,7 +233,7 @@ def test_auto_splits_with_the_exact_backward_where_the_whole_batch_does_not_fit(
     expected = full_grad(copy.deepcopy(net), batch)
     grads = []
     model = copy.deepcopy(net)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn="auto", cache=False,
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=bn, cache=False,
                         memory_budget="3MiB", before_step=lambda ab: grads.append(flat_grad(ab.model)))
     ab.step(*batch)
     assert ab.plan.bn == "two_pass" and len(ab.plan.splits) > 1
