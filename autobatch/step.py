@@ -33,6 +33,7 @@ from autobatch.distributed import (
     gradient_sync,
     plain_sync_batch_norm,
 )
+from autobatch.interrupts import held_interrupts
 from autobatch.loss import Losses, check_counts, ignored_labels_warning
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.modes import BatchNormMode, TwoPass
@@ -279,9 +280,13 @@ class AutoBatch:
             with ddp_state(self._micro.ddp), fsdp_state(self._micro.fsdp), synced:
                 loss = self._accumulate(batch, splits, saved["buffers"], losses, meter)
             losses.rescale(params)
-            self._micro.update(params)
-        for p in params:
-            p.grad = None
+            # The update and the step's commit as one: a Ctrl-C between them would put back the step's
+            # gradients, buffers and RNG beside an update that stays, and a retried batch would update twice.
+            with held_interrupts():
+                self._micro.update(params)
+                saved.commit()
+                for p in params:
+                    p.grad = None
         if agreed.measure:
             self._planner.observe(self.plan, max(splits), meter.peak, meter.phase1_peak)
         if losses.total is not None:

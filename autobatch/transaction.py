@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autobatch.interrupts import held_interrupts
 from autobatch.options import UpdateCopies
 
 __all__ = ["Attributes", "BatchNormState", "Transaction", "put_back", "step_transaction", "trial_transaction",
@@ -204,22 +205,31 @@ class Transaction:
         self._makers = parts
         self._always = always
         self._then = then
+        self._committed = False
         self.parts: dict[str, Any] = {}
 
     def __enter__(self) -> "Transaction":
-        # Every part is saved before anything changes: an error while saving leaves all whole.
-        self.parts = {name: make() for name, make in self._makers.items()}
-        if self._then is not None:
-            try:
-                self._then()
-            except BaseException:
-                put_back([part.restore for part in self.parts.values()])
-                raise
-        return self
+        # Every part is saved before anything changes: an error while saving leaves all whole. A Ctrl-C is
+        # held to the end of the block, so that one arriving after ``then`` puts everything back here: the
+        # body's ``with`` never starts, and its __exit__ would not.
+        try:
+            with held_interrupts():
+                self.parts = {name: make() for name, make in self._makers.items()}
+                if self._then is not None:
+                    self._then()
+            return self  # inside the try: an interrupt on this very line is put back too
+        except BaseException:
+            put_back([part.restore for part in self.parts.values()])
+            raise
+
+    def commit(self) -> None:
+        """What the body changed stays, whatever is raised after (call it where the change is complete)."""
+        self._committed = True
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        if kind is not None or self._always:
-            put_back([part.restore for part in self.parts.values()])
+        if (kind is not None and not self._committed) or self._always:
+            with held_interrupts():
+                put_back([part.restore for part in self.parts.values()])
 
     def __getitem__(self, name: str) -> Any:
         return self.parts[name]
