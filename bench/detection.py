@@ -96,7 +96,7 @@ DETECTORS = {
     "Mask R-CNN (ResNet-50 FPN)": lambda: detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=3, min_size=224, max_size=1000),
     "Keypoint R-CNN (ResNet-50 FPN)": lambda: detection.keypointrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=2, num_keypoints=2, min_size=224, max_size=1000),
+        weights=None, weights_backbone=None, num_classes=3, num_keypoints=2, min_size=224, max_size=1000),
 }
 
 
