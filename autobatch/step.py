@@ -426,12 +426,13 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         micro_batch: samples per micro-batch (an int), or "auto" (default): the largest that fits,
             measured with real steps at the first step.
         bn: how BatchNorm layers see the logical batch. "two_pass" (default, or
-            ``autobatch.TwoPass(lockstep=..., phase1_memory_format=...)``): a no-grad forward of the
-            whole batch records its statistics, every micro-batch normalizes with them. "micro"
+            ``autobatch.TwoPass(lockstep=..., phase1_memory_format=..., precise=...)``): a no-grad forward
+            of the whole batch records its statistics, every micro-batch normalizes with them; with
+            ``precise=True`` the backward is the full batch's exactly, computed segment by segment. "micro"
             (``autobatch.Micro()``): each micro-batch its own statistics, running statistics committed
             once. "exact" (``autobatch.Exact()``): the whole batch in one piece under activation
             checkpointing, exactly the full batch's step. "auto" (``autobatch.Auto()``): exact where
-            the whole batch fits and pays, else two_pass.
+            the whole batch fits and pays, else two_pass with the precise backward where it can run.
         memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device's
             memory such as 0.8 (default None: all the device has free). A 10% margin is kept below it.
         cache: keep the measured plan across launches: True (default; ``$AUTOBATCH_CACHE_DIR`` or
