@@ -1,6 +1,6 @@
 """What the all-or-nothing optimizer step costs: autobatch's step with and without the copies of the
-parameters and optimizer state taken before the update, side by side in one run, and the copies'
-size against the step's measured peak.
+parameters and optimizer state taken before the update, and with and without the check that the update
+left every parameter finite, side by side in one run, and the copies' size against the step's measured peak.
 
     python bench/update_undo.py                                   # CPU: the demo U-Net at 64x64, Adam
     python bench/update_undo.py --model resnet50 --size 224 --device cuda
@@ -32,20 +32,26 @@ def main() -> None:
     args = step_arguments(__doc__).parse_args()
     device, base, x, y, loss_fn = prepared(args)
     arms = {}
-    for arm in ("with copies", "without copies"):
+    for arm in ("with copies", "with copies, no finite check", "without copies"):
         model = copy.deepcopy(base)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         arms[arm] = autobatch.wrap(model, optimizer, args.target_batch, loss_fn, micro_batch=args.micro_batch,
                                    cache=False)
 
+    check = microstep.MicroStep.__dict__["_check_finite_update"]  # the staticmethod itself
+
     def run(arm: str) -> float:
-        undo = transaction.update_transaction if arm == "with copies" else (lambda *a, **k: contextlib.nullcontext())
+        undo = transaction.update_transaction if arm.startswith("with copies") else (
+            lambda *a, **k: contextlib.nullcontext())
         microstep.update_transaction = undo
+        if arm == "with copies, no finite check":
+            microstep.MicroStep._check_finite_update = staticmethod(lambda params: None)
         sync(device)
         start = time.perf_counter()
         arms[arm].step(x, y)
         sync(device)
         microstep.update_transaction = transaction.update_transaction
+        microstep.MicroStep._check_finite_update = check
         return time.perf_counter() - start
 
     times = {arm: [] for arm in arms}
