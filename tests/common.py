@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from autobatch.demo.models import Block, ResidualNet, StochasticBlock, StochasticNet
 
 __all__ = ["BatchNormAct2d", "Block", "Flat", "ResidualNet", "StochasticBlock", "StochasticNet", "TinyLanguageModel",
-           "assert_same_state", "compiled", "data", "mlp", "model_state", "padded_sequences", "token_loss_mean",
-           "token_loss_sum", "variants"]
+           "assert_same_state", "compiled", "data", "interrupt_at", "mlp", "model_state", "padded_sequences",
+           "token_loss_mean", "token_loss_sum", "variants"]
 
 
 def data(n: int = 16, shape: tuple[int, ...] = (3, 6, 6), classes: int = 5, seed: int = 0,
@@ -140,3 +140,25 @@ def token_loss_mean(model: nn.Module, batch) -> torch.Tensor:
     """The mean next-token loss over the batch's valid tokens: the full batch's reference."""
     logits = model(batch["tokens"])
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+def interrupt_at(target: int, where):
+    """A trace function for ``sys.settrace`` that sends SIGINT (Ctrl-C as Python delivers it) at the
+    ``target``-th line run in code for which ``where(code)`` is true; returns it and a counter of those lines."""
+    import signal
+
+    seen = [0]
+
+    def trace(frame, event, arg):
+        if not where(frame.f_code):
+            return None
+
+        def local(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == target:
+                    signal.raise_signal(signal.SIGINT)
+            return local
+        return local
+
+    return trace, seen

@@ -427,11 +427,10 @@ def test_put_back_runs_every_restore_again_after_an_interrupt():
 def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_undone():
     """SIGINT (Ctrl-C as Python delivers it) at every line run in transaction.py and in the update: afterwards
     the model, the caller's gradients and the optimizer are as before the step or as after it, never between."""
-    import signal
     import sys
 
     from autobatch import microstep, transaction
-    from tests.common import ResidualNet, data
+    from tests.common import ResidualNet, data, interrupt_at
 
     def fresh():
         torch.manual_seed(0)
@@ -454,20 +453,7 @@ def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_
     files = {transaction.__file__, microstep.__file__}
     target, interrupted = 1, 0
     while True:
-        seen = [0]
-
-        def trace(frame, event, arg):
-            if frame.f_code.co_filename not in files:
-                return None
-
-            def local(frame, event, arg):
-                if event == "line":
-                    seen[0] += 1
-                    if seen[0] == target:
-                        signal.raise_signal(signal.SIGINT)
-                return local
-            return local
-
+        trace, seen = interrupt_at(target, lambda code: code.co_filename in files)
         model, optimizer, ab = fresh()
         sys.settrace(trace)
         try:

@@ -10,7 +10,7 @@ from torch import nn
 
 import autobatch
 from autobatch.batchnorm.intercept import intercept_batch_norm
-from tests.common import ResidualNet, assert_same_state, model_state
+from tests.common import ResidualNet, assert_same_state, interrupt_at, model_state
 
 ce = nn.CrossEntropyLoss()
 
@@ -154,26 +154,6 @@ def test_two_threads_train_exactly_as_alone_and_a_third_threads_batch_norm_is_un
     assert_same_state(model_state(plain_reference), model_state(plain))
 
 
-def _interrupt_at(filename: str, function: tuple, target: int):
-    """A trace function that sends SIGINT (Ctrl-C as Python receives it) at the ``target``-th line run in
-    the ``function`` names of ``filename``; returns it and a counter of the lines seen."""
-    import signal
-    seen = [0]
-
-    def trace(frame, event, arg):
-        if frame.f_code.co_filename == filename and frame.f_code.co_name in function:
-            def local(frame, event, arg):
-                if event == "line":
-                    seen[0] += 1
-                    if seen[0] == target:
-                        signal.raise_signal(signal.SIGINT)
-                return local
-            return local
-        return None
-
-    return trace, seen
-
-
 def test_ctrl_c_anywhere_in_the_interception_leaves_batch_norm_as_pytorch_s():
     """SIGINT at every line the interception runs (install, clean-up): once the next intercept has come and
     gone, the process's F.batch_norm is PyTorch's again and no owner or handler is left."""
@@ -186,7 +166,8 @@ def test_ctrl_c_anywhere_in_the_interception_leaves_batch_norm_as_pytorch_s():
     x = torch.randn(4, 3, 2, 2)
     target, interrupted = 1, 0
     while True:
-        trace, seen = _interrupt_at(intercept.__file__, ("__enter__", "__exit__", "_remove", "_repair", "intercept_batch_norm"), target)
+        trace, seen = interrupt_at(target, lambda code: code.co_filename == intercept.__file__ and code.co_name in (
+            "__enter__", "__exit__", "_remove", "_repair", "intercept_batch_norm"))
         sys.settrace(trace)
         try:
             with intercept.intercept_batch_norm(lambda call: call.input, [layer]):
