@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autobatch.batchnorm.statistics import LayerStatistics
+from autobatch.batchnorm.statistics import LayerStatistics, normalize
 
 __all__ = ["SegmentedGraph", "StepGraph", "Unsupported"]
 
@@ -412,16 +412,11 @@ class StepGraph:
         inner, filled = self._inner[index], {}
         deviations = []
         for start, stop in rows:
-            env = {node: self._kept[node][start:stop].clone() if node in self._batched else self._kept[node]
-                   for node in inputs}
-            for node in recomputed:
-                env[node] = self._inputs[node] if node.op == "placeholder" else self._run(node, env)
+            env = self._rows_env(inputs, recomputed, start, stop)
             running: list[LayerStatistics] = []
 
             def batch_norm(call: Any) -> Tensor:
-                layer = running[-1]
-                return torch.batch_norm(call.input, call.weight, call.bias, layer.mean, layer.var, False, 0.0,
-                                        layer.eps, torch.backends.cudnn.enabled)
+                return normalize(call, running[-1])
 
             with torch.no_grad(), replay(start, stop - start, group[0].draws), intercept(batch_norm):
                 for node in nodes:
@@ -438,30 +433,35 @@ class StepGraph:
         self._kept.update(filled)
         return deviations
 
-    def _segment_rows(self, segment: _Segment, start: int, stop: int, cut: Optional[_LayerBackward],
-                      intercept: Callable[[Callable], ContextManager[None]]) -> list[tuple[fx.Node, Tensor, float]]:
-        """One micro-batch's part of a segment: recomputed from the kept boundary, back-propagated from
-        the gradients of its outputs; the gradients reaching its inputs added to theirs."""
+    def _rows_env(self, inputs: list[fx.Node], recomputed: list[fx.Node], start: int, stop: int,
+                  leaves: Optional[list[tuple[fx.Node, Tensor]]] = None) -> dict[fx.Node, Any]:
+        """The values a recomputation of rows ``start:stop`` starts from: kept tensors sliced, the rest evaluated
+        again. ``leaves``: where floating inputs become leaves whose gradients the backward collects."""
         env: dict[fx.Node, Any] = {}
-        leaves: list[tuple[fx.Node, Tensor]] = []
-        for node in segment.inputs:
+        for node in inputs:
             value = self._kept[node]
             if node in self._batched:
                 value = value[start:stop].detach()
-                if value.is_floating_point() and node.op != "placeholder":  # no gradient for the inputs
+                if leaves is not None and value.is_floating_point() and node.op != "placeholder":  # none for inputs
                     value = value.requires_grad_()
                     leaves.append((node, value))
                 value = value.clone()  # in-place operations of the segment leave the leaf and phase 1's value alone
             env[node] = value
-        for node in segment.recomputed:
+        for node in recomputed:
             env[node] = self._inputs[node] if node.op == "placeholder" else self._run(node, env)
+        return env
+
+    def _segment_rows(self, segment: _Segment, start: int, stop: int, cut: Optional[_LayerBackward],
+                      intercept: Callable[[Callable], ContextManager[None]]) -> list[tuple[fx.Node, Tensor, float]]:
+        """One micro-batch's part of a segment: recomputed from the kept boundary, back-propagated from
+        the gradients of its outputs; the gradients reaching its inputs added to theirs."""
+        leaves: list[tuple[fx.Node, Tensor]] = []
+        env = self._rows_env(segment.inputs, segment.recomputed, start, stop, leaves)
         normalized: list[Tensor] = []
 
         def batch_norm(call: Any) -> Tensor:
-            layer = cut.layer
             with torch.no_grad():
-                output = torch.batch_norm(call.input, call.weight, call.bias, layer.mean, layer.var, False, 0.0,
-                                          layer.eps, torch.backends.cudnn.enabled)
+                output = normalize(call, cut.layer)
             normalized.append(output.requires_grad_())
             return output.clone()
 
