@@ -14,10 +14,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["count_weighted_loss", "label_count"]
+from autobatch.loss import IGNORE_INDEX
 
-#: The label Hugging Face models leave out of their loss.
-IGNORE_INDEX = -100
+__all__ = ["count_weighted_loss", "label_count"]
 
 
 def _shifts_labels(model: nn.Module) -> bool:
