@@ -8,8 +8,9 @@ with warnings.catch_warnings():
 
 from autobatch.distributed import RankFailure
 from autobatch.modes import Auto, Exact, Micro, TwoPass
+from autobatch.oom import PlanDoesNotFit
 from autobatch.plan import Plan
 from autobatch.step import AutoBatch, wrap
 
-__all__ = ["Auto", "AutoBatch", "Exact", "Micro", "Plan", "RankFailure", "TwoPass", "wrap"]
+__all__ = ["Auto", "AutoBatch", "Exact", "Micro", "Plan", "PlanDoesNotFit", "RankFailure", "TwoPass", "wrap"]
 __version__ = "0.2.0"

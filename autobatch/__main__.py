@@ -164,9 +164,10 @@ def _per_shape(shapes: list[tuple[int, ...]], plans: list) -> str:
     from autobatch.plan import format_table
     from autobatch.sizes import format_bytes
 
-    rows = [("input shape", "elements", "micro_batch", "splits", "phase 1", "predicted peak")] + [
-        ("x".join(map(str, shape)), str(plan.sample_size), str(max(plan.splits)), str(plan.splits),
-         "whole" if plan.phase1.chunks == 1 else f"{plan.phase1.chunks} chunks",
+    rows = [("input shape", "elements", "micro_batch", "capacity", "splits", "phase 1",
+             "predicted peak (at micro_batch)")] + [
+        ("x".join(map(str, shape)), str(plan.sample_size), str(plan.micro_batch), str(plan.capacity), str(plan.splits),
+         "whole" if plan.phase1_chunks == 1 else f"{plan.phase1_chunks} chunks",
          format_bytes(plan.predicted_peak_bytes) if plan.predicted_peak_bytes is not None else "-")
         for shape, plan in zip(shapes, plans)]
     return format_table(rows)

@@ -39,7 +39,7 @@ class LossValue:
     count: Optional[Tensor] = None
 
     @property
-    def counted(self) -> bool:
+    def count_weighted(self) -> bool:
         return self.count is not None
 
 
@@ -124,7 +124,7 @@ class Losses:
         self.samples = samples
         self.reference = reference
         #: Whether this batch's losses are count-weighted; decided by the first micro-batch's.
-        self.counted: Optional[bool] = None
+        self.count_weighted: Optional[bool] = None
         self.values: list[Tensor] = []
         self.counts: list[Tensor] = []
         self.sizes: list[int] = []
@@ -138,15 +138,15 @@ class Losses:
 
     def add(self, loss: LossValue, size: int) -> Tensor:
         """``loss`` of a micro-batch of ``size`` samples (0: a padding micro-batch), weighted for backward."""
-        if self.counted is None:
-            self.counted = loss.counted
-        elif self.counted != loss.counted:
-            raise TypeError(f"micro-batch {len(self.values)}'s loss is {'a pair' if loss.counted else 'a mean'} but "
-                            f"micro-batch 0's was {'a pair' if self.counted else 'a mean'}; return (loss_sum, count) "
+        if self.count_weighted is None:
+            self.count_weighted = loss.count_weighted
+        elif self.count_weighted != loss.count_weighted:
+            raise TypeError(f"micro-batch {len(self.values)}'s loss is {'a pair' if loss.count_weighted else 'a mean'} but "
+                            f"micro-batch 0's was {'a pair' if self.count_weighted else 'a mean'}; return (loss_sum, count) "
                             "for every micro-batch, or the mean for every one")
         self.values.append(loss.value.detach())
         self.sizes.append(size)
-        if loss.counted:
+        if loss.count_weighted:
             self.counts.append(loss.count)
             weight = self.shared_weight if size else 0.0
         else:
@@ -158,19 +158,19 @@ class Losses:
         stacked = torch.stack([v.to(torch.float64) for v in self.values]
                               + [c.to(self.values[0].device, torch.float64) for c in self.counts]).tolist()
         values = stacked[:len(self.values)]
-        counts = stacked[len(self.values):] if self.counted else [float(n) for n in self.sizes]
+        counts = stacked[len(self.values):] if self.count_weighted else [float(n) for n in self.sizes]
         return values, counts
 
     def sums(self, values: list[float], counts: list[float]) -> tuple[float, float]:
         """This rank's (loss summed over its samples or items, samples or items), padding left out."""
-        if self.counted:
+        if self.count_weighted:
             return (sum(v for v, n in zip(values, self.sizes) if n),
                     sum(c for c, n in zip(counts, self.sizes) if n))
         return sum(v * n for v, n in zip(values, self.sizes)), float(sum(self.sizes))
 
     def settle(self, numerator: float, denominator: float) -> float:
         """The logical batch's mean loss from the sums over every rank; raises for a batch without items."""
-        if self.counted:
+        if self.count_weighted:
             if denominator <= 0:
                 raise ValueError("the logical batch's count is 0: its loss sums over no item (every label ignored?), "
                                  "so it has no mean to follow. No optimizer step was taken and the model is "
@@ -180,7 +180,7 @@ class Losses:
 
     def rescale(self, parameters: Sequence[torch.nn.Parameter]) -> None:
         """Count-weighted: the accumulated gradient was taken at the shared weight; make it the true one's."""
-        if not self.counted or self.total is None:
+        if not self.count_weighted or self.total is None:
             return
         factor = self.world_size / (self.shared_weight * self.total)
         grads = [p.grad for p in parameters if p.grad is not None]

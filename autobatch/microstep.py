@@ -18,7 +18,7 @@ from autobatch.distributed import Ranks, ddp_of, fsdp_of
 from autobatch.loss import LossValue, read_loss
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import Options, UpdateCopies
-from autobatch.phases import Phase, entered, tag
+from autobatch.stages import Stage, entered, tag
 from autobatch.transaction import update_transaction
 
 __all__ = ["ComputeLoss", "LossFn", "MicroStep"]
@@ -50,8 +50,10 @@ class MicroStep:
         self.ddp = ddp
         self.fsdp = fsdp_of(model)
         self.ranks = Ranks.of(model)
+        #: Whether the model's forward and backward are collectives over the ranks (fully_shard gathers
+        #: shards from every rank): then every rank must run them, trials too, at the same time.
+        self.collective = self.fsdp is not None and self.ranks.active
         self.optimizer = optimizer
-        self.options = options
         self.loss_fn = options.loss_fn
         self.compute_loss = options.compute_loss
         self.scaler = options.scaler
@@ -115,7 +117,7 @@ class MicroStep:
         Out of memory there takes the update once more, on every rank, with its copies on the host:
         the gradients are complete, and a smaller micro-batch would not make the update smaller."""
         self._check_finite_gradient(params)
-        with entered(Phase.UPDATE):
+        with entered(Stage.UPDATE):
             message = self._attempt(params, self.update_copies)
             if message is None:
                 return
@@ -126,7 +128,7 @@ class MicroStep:
                     f"out of memory inside the optimizer update ({message}), also with its undo copies in host "
                     "memory; the step was put back. The update needs the memory the micro-batches' activations "
                     "leave free: give it more headroom (a smaller memory_budget), or a smaller optimizer state"),
-                    Phase.UPDATE)
+                    Stage.UPDATE)
 
     def _attempt(self, params: list[nn.Parameter], copies: UpdateCopies) -> Optional[str]:
         """One try of the update; None if it was taken, else why it ran out of memory (put back, to be
@@ -209,7 +211,7 @@ class MicroStep:
         norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.element_size() < 4 else None)
                  .to(grads[0].device, torch.float64) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms))
-        if self.fsdp is not None and self.ranks.active:
+        if self.collective:
             norm = self.ranks.gather([norm.item()])[:, 0].square().sum().sqrt()
         if not math.isfinite(norm.item()):
             raise FloatingPointError(

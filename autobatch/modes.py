@@ -1,32 +1,26 @@
 """The BatchNorm modes, as values: which one a step runs, and its settings. Decided once, at ``wrap``.
 
     autobatch.wrap(..., bn="two_pass")                    # the same as bn=autobatch.TwoPass()
-    autobatch.wrap(..., bn=autobatch.TwoPass(lockstep=True, phase1_memory_format=torch.channels_last))
+    autobatch.wrap(..., bn=autobatch.TwoPass(precise=True, phase1_memory_format=torch.channels_last))
     autobatch.wrap(..., bn=autobatch.Exact())             # or "micro", "exact", "auto"
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass", "bn_mode"]
+__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass", "bn_mode"]
+
+#: The error for the removed ``lockstep`` setting, wherever it is still passed.
+LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it was slower "
+                    "than running phase 1 first and could not run under FSDP2. Drop lockstep=...; phase 1 now always "
+                    "runs before the micro-batches, in chunks where the whole batch does not fit")
 
 #: What ``TwoPass(phase1_memory_format=...)`` accepts; None is "measure".
 PHASE1_FORMATS = (None, torch.channels_last, torch.preserve_format)
-
-
-class Mode(str, enum.Enum):
-    """The mode a plan runs ("auto" chooses one of them); compares equal to its name."""
-
-    TWO_PASS = "two_pass"
-    MICRO = "micro"
-    EXACT = "exact"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -34,6 +28,8 @@ class BatchNormMode:
     """A ``bn`` mode and its settings."""
 
     name: ClassVar[str]
+    #: Whether the mode plans its own micro-batch (the whole batch where it fits): no int micro_batch then.
+    plans_micro_batch: ClassVar[bool] = False
 
     def __str__(self) -> str:
         return self.name
@@ -43,9 +39,7 @@ class BatchNormMode:
 class TwoPass(BatchNormMode):
     """Full-batch statistics from a no-grad forward of the logical batch (phase 1), then micro-batches.
 
-    ``lockstep``: run phase 1 of the other micro-batches in a helper thread, taking turns with the first
-    micro-batch's training forward (the same result; measured slower on a 2-core CPU). Falls back to
-    phase 1 first where it would not fit. ``phase1_memory_format``: phase 1's 4-D (5-D) inputs in
+    ``phase1_memory_format``: phase 1's 4-D (5-D) inputs in
     ``torch.channels_last``, or as given with ``torch.preserve_format``; None (default) times both at
     the first phase 1 and keeps the faster where the statistics agree.
 
@@ -54,21 +48,19 @@ class TwoPass(BatchNormMode):
     the backward goes down one segment at a time, each micro-batch's segment recomputed from them
     (autobatch.batchnorm.segments): about the compute of the projected two_pass, more memory. A model
     that cannot be traced or cut trains with the projected backward, said once in a warning. ``None``:
-    precise where it can run (one process, no lockstep), else the projected backward; ``Auto``'s default."""
+    precise where it can run (one process), else the projected backward; ``Auto``'s default."""
 
     name: ClassVar[str] = "two_pass"
-    lockstep: bool = False
     phase1_memory_format: Optional[torch.memory_format] = None
     precise: Optional[bool] = False
+    #: Removed (phase 1 beside the first micro-batch, in a helper thread): refused with an error that says so.
+    lockstep: InitVar[Optional[bool]] = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.lockstep, bool):
-            raise TypeError(f"lockstep must be True or False, got {self.lockstep!r}")
+    def __post_init__(self, lockstep: Optional[bool]) -> None:
+        if lockstep is not None:
+            raise TypeError(LOCKSTEP_REMOVED)
         if self.precise is not None and not isinstance(self.precise, bool):
             raise TypeError(f"precise must be True, False or None (where it can run), got {self.precise!r}")
-        if self.lockstep and self.precise:
-            raise ValueError("precise keeps phase 1's boundary tensors for the backward, and lockstep runs phase 1 "
-                             "beside the first micro-batch's forward; choose one of them")
         if not any(self.phase1_memory_format is allowed for allowed in PHASE1_FORMATS):
             raise ValueError(f"phase1_memory_format must be None (measure), torch.channels_last or "
                              f"torch.preserve_format (the inputs' own), got {self.phase1_memory_format!r}")
@@ -86,6 +78,7 @@ class Exact(BatchNormMode):
     """The whole logical batch in one forward and backward, made to fit by activation checkpointing."""
 
     name: ClassVar[str] = "exact"
+    plans_micro_batch: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -94,7 +87,19 @@ class Auto(BatchNormMode):
     its exact backward where it can run (``TwoPass(precise=None)``), else the projected one."""
 
     name: ClassVar[str] = "auto"
+    plans_micro_batch: ClassVar[bool] = True
     two_pass: TwoPass = field(default_factory=lambda: TwoPass(precise=None))
+
+
+class Mode(str, enum.Enum):
+    """The mode a plan runs ("auto" chooses one of them); compares equal to its name."""
+
+    TWO_PASS = TwoPass.name
+    MICRO = Micro.name
+    EXACT = Exact.name
+
+    def __str__(self) -> str:
+        return self.value
 
 
 _BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}

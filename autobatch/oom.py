@@ -14,7 +14,7 @@ import gc
 
 import torch
 
-__all__ = ["first_line", "is_out_of_memory", "release_memory"]
+__all__ = ["PlanDoesNotFit", "first_line", "is_out_of_memory", "release_memory"]
 
 #: How allocation failures read when they come as a plain RuntimeError: the host allocator's, CUDA's
 #: own (outside the caching allocator), and cuBLAS/cuDNN failing to allocate their handles or workspaces.
@@ -22,8 +22,18 @@ _OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "CUDA error: out of memory", "C
                         "CUDNN_STATUS_ALLOC_FAILED")
 
 
+class PlanDoesNotFit(MemoryError):
+    """No way of running the logical batch fits the memory budget (nothing smaller is left to try).
+
+    A ``MemoryError``, so that ``except MemoryError`` catches it; never an out-of-memory error that a
+    smaller plan recovers: autobatch raises it after it has tried what there is."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, the host allocator's, cuBLAS's...)."""
+    """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, the host allocator's, cuBLAS's...);
+    :class:`PlanDoesNotFit` does not: it is autobatch's verdict after trying, not a failed allocation."""
+    if isinstance(error, PlanDoesNotFit):
+        return False
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _OUT_OF_MEMORY_TEXTS)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch import nn
 
-from autobatch.modes import BN_MODES, PHASE1_FORMATS, Auto, BatchNormMode, TwoPass, bn_mode
+from autobatch.modes import BN_MODES, LOCKSTEP_REMOVED, PHASE1_FORMATS, Auto, BatchNormMode, TwoPass, bn_mode
 from autobatch.sizes import parse_bytes
 from autobatch.split import BatchFormat, batch_format
 
@@ -143,7 +143,7 @@ def _bn_code(mode: BatchNormMode) -> float:
     two_pass = mode if isinstance(mode, TwoPass) else mode.two_pass if isinstance(mode, Auto) else TwoPass()
     formats = [i for i, allowed in enumerate(PHASE1_FORMATS) if two_pass.phase1_memory_format is allowed]
     precise = {False: 0, True: 1, None: 2}[two_pass.precise]
-    return BN_MODES.index(mode.name) * 100 + 20 * precise + 10 * two_pass.lockstep + formats[0]
+    return BN_MODES.index(mode.name) * 100 + 10 * precise + formats[0]
 
 
 def _bn_key(mode: BatchNormMode) -> str:
@@ -226,7 +226,7 @@ class Options:
         micro_batch = check_micro_batch(micro_batch)
         check_memory_budget(memory_budget)
         mode = bn_mode(bn)
-        if micro_batch != "auto" and mode.name in ("exact", "auto"):
+        if micro_batch != "auto" and mode.plans_micro_batch:
             raise ValueError(f"bn={mode.name!r} plans its own micro-batch (the whole batch where it fits); leave "
                              f"micro_batch='auto', or use bn='two_pass' with micro_batch={micro_batch}")
         if memory_budget is not None and micro_batch != "auto":
@@ -240,27 +240,23 @@ class Options:
 
 
 #: Keywords of earlier versions, now settings of a mode or of the cache.
-_MOVED = {"lockstep": "bn=autobatch.TwoPass(lockstep=...)",
-          "phase1_memory_format": "bn=autobatch.TwoPass(phase1_memory_format=...)",
+_MOVED = {"phase1_memory_format": "bn=autobatch.TwoPass(phase1_memory_format=...)",
           "retune": "cache='refresh'"}
 
 
 def _deprecated(bn: Any, deprecated: dict[str, Any]) -> Any:
     """``bn`` with the moved keywords folded in; each moved keyword warns (DeprecationWarning)."""
     unknown = sorted(set(deprecated) - set(_MOVED))
+    if "lockstep" in unknown:
+        raise TypeError(LOCKSTEP_REMOVED)
     if unknown:
         raise TypeError(f"wrap() got an unexpected keyword argument {unknown[0]!r}")
     for name, value in deprecated.items():
         warnings.warn(f"wrap({name}=...) is deprecated; use {_MOVED[name]}", DeprecationWarning, stacklevel=4)
-    two_pass = {name: deprecated[name] for name in ("lockstep", "phase1_memory_format") if name in deprecated}
-    if two_pass:
-        mode = bn_mode(bn)
-        if two_pass.get("lockstep") and mode.name != "two_pass":
-            raise ValueError(f"lockstep runs phase 1 of bn='two_pass' alongside the first micro-batch; bn={mode.name!r} "
-                             "has no phase 1 of its own to run alongside: drop lockstep=True")
+    if "phase1_memory_format" in deprecated:
+        mode, layout = bn_mode(bn), deprecated["phase1_memory_format"]
         if isinstance(mode, TwoPass):
-            bn = TwoPass(**{"lockstep": mode.lockstep, "phase1_memory_format": mode.phase1_memory_format,
-                            "precise": mode.precise, **two_pass})
+            bn = TwoPass(phase1_memory_format=layout, precise=mode.precise)
         elif isinstance(mode, Auto):
-            bn = Auto(TwoPass(**{"precise": None, **two_pass}))
+            bn = Auto(TwoPass(phase1_memory_format=layout, precise=None))
     return bn

@@ -1,61 +1,22 @@
 """The plan: the micro-batch in use, how phase 1 runs, the BatchNorm mode that runs, and why.
 
     >>> plan = fixed_plan(target_batch=16, micro_batch=7)
-    >>> plan.splits
-    [6, 5, 5]
+    >>> plan.capacity, plan.splits, plan.micro_batch      # what fits, the balanced split, what runs
+    (7, [6, 5, 5], 6)
     >>> print(plan)                 # every choice and the measurements behind it
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 from autobatch.checkpointing import Checkpointing
 from autobatch.modes import Mode
 from autobatch.sizes import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Candidate", "Phase1", "Plan", "candidate_table", "fixed_plan", "format_table"]
-
-
-@dataclass(frozen=True)
-class Phase1:
-    """How two_pass's phase 1 runs: over the whole batch at once, in ``chunks`` pieces (each normalized
-    with its own statistics: approximate), or alongside the first micro-batch (autobatch.batchnorm.lockstep).
-    Made by :meth:`whole`, :meth:`chunked` or :meth:`alongside`."""
-
-    kind: Literal["whole", "chunked", "lockstep"] = "whole"
-    chunks: int = 1
-
-    def __post_init__(self) -> None:
-        if (self.kind == "chunked") != (self.chunks > 1) or self.chunks < 1:
-            raise ValueError(f"phase 1 {self.kind} with {self.chunks} chunks; use Phase1.whole(), "
-                             "Phase1.chunked(n) with n > 1, or Phase1.alongside()")
-
-    @classmethod
-    def whole(cls) -> "Phase1":
-        return cls("whole")
-
-    @classmethod
-    def chunked(cls, chunks: int) -> "Phase1":
-        """``chunks`` pieces; one piece is the whole batch."""
-        return cls("chunked", chunks) if chunks > 1 else cls("whole")
-
-    @classmethod
-    def alongside(cls) -> "Phase1":
-        return cls("lockstep")
-
-    @property
-    def lockstep(self) -> bool:
-        return self.kind == "lockstep"
-
-    def __str__(self) -> str:
-        if self.kind == "lockstep":
-            return "alongside the first micro-batch (lockstep)"
-        if self.kind == "chunked":
-            return f"{self.chunks} chunks: its statistics are approximate (each chunk normalized with its own)"
-        return "the whole batch at once"
+__all__ = ["Candidate", "Plan", "candidate_table", "fixed_plan", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +46,13 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """The micro-batch size in use, the splits of a full logical batch, and how they were chosen."""
+    """The micro-batch that runs, the splits of a full logical batch, and how they were chosen.
 
-    micro_batch: int
+    ``capacity`` is the largest micro-batch that fits (the budget's, or the one given); the logical batch
+    is cut into balanced ``splits`` of at most that many samples, and ``micro_batch`` is the largest
+    split: the micro-batch that runs. 16 samples with a capacity of 7 run as 6, 5 and 5."""
+
+    capacity: int
     target_batch: int
     source: str
     reason: str
@@ -96,8 +61,9 @@ class Plan:
     predicted_peak_bytes: Optional[int] = None
     points: tuple[tuple[int, Optional[int]], ...] = ()
     trials: int = 0
-    #: How two_pass's phase 1 runs.
-    phase1: Phase1 = Phase1()
+    #: two_pass's phase 1 in this many pieces: 1 is the whole batch at once; more, each piece normalized with
+    #: its own statistics (approximate), where the whole batch does not fit.
+    phase1_chunks: int = 1
     world_size: int = 1
     #: The BatchNorm mode that runs (bn="auto" chooses one).
     bn: Mode = Mode.TWO_PASS
@@ -117,9 +83,15 @@ class Plan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bn", Mode(self.bn))
+        if self.phase1_chunks < 1:
+            raise ValueError(f"phase1_chunks must be 1 or more, got {self.phase1_chunks}")
         # The splits of one rank's share of a full logical batch.
-        object.__setattr__(self, "splits", balanced_splits(self.target_batch // self.world_size,
-                                                           self.micro_batch))
+        object.__setattr__(self, "splits", balanced_splits(self.target_batch // self.world_size, self.capacity))
+
+    @property
+    def micro_batch(self) -> int:
+        """The micro-batch that runs: the largest of the balanced splits, at most ``capacity``."""
+        return max(self.splits)
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
@@ -133,9 +105,10 @@ class Plan:
         target = self.target_batch if self.world_size == 1 else (
             f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
         rows = [("target_batch", target), ("bn", str(self.bn)),
-                ("micro_batch", f"{max(self.splits)} (the largest micro-batch that runs)")]
-        if self.budget_bytes is not None:
-            rows.append(("capacity", f"{self.micro_batch} samples (the largest micro-batch the budget allows)"))
+                ("micro_batch", f"{self.micro_batch} (the largest micro-batch that runs)")]
+        if self.capacity != self.micro_batch:
+            fits = "the budget allows" if self.budget_bytes is not None else "given"
+            rows.append(("capacity", f"{self.capacity} (the largest micro-batch {fits})"))
         rows += [("splits", self.splits), ("source", self.source), ("reason", self.reason)]
         if self.bn is Mode.EXACT:
             rows.append(("checkpointed", _listing(self.checkpointing)))
@@ -144,13 +117,15 @@ class Plan:
         if self.budget_bytes is not None:
             rows.append(("budget", format_bytes(self.budget_bytes)))
         if self.predicted_peak_bytes is not None:
-            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
+            rows.append(("predicted peak", f"{format_bytes(self.predicted_peak_bytes)} (at micro_batch "
+                                           f"{self.micro_batch})"))
         if self.points:
             rows.append(("measured", ", ".join(
                 f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
             rows.append(("trials", self.trials))
-        if self.phase1 != Phase1.whole():
-            rows.append(("phase 1", str(self.phase1)))
+        if self.phase1_chunks > 1:
+            rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate (each chunk "
+                                    "normalized with its own)"))
         if self.sample_size:
             rows.append(("sample size", f"{self.sample_size} elements per sample (the last batch's)"))
         if self.memory_model:
@@ -167,9 +142,8 @@ def _listing(policy: Checkpointing) -> str:
     return f"{len(policy.modules)} modules ({policy.label}): {names}"
 
 
-def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, phase1: Phase1 = Phase1(),
-               bn: Mode = Mode.TWO_PASS) -> Plan:
+def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, bn: Mode = Mode.TWO_PASS) -> Plan:
     """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
     share = target_batch // world_size
     reason = f"micro_batch={micro_batch} holds the whole batch" if micro_batch >= share else f"micro_batch={micro_batch} given"
-    return Plan(min(micro_batch, share), target_batch, "user", reason, phase1=phase1, world_size=world_size, bn=bn)
+    return Plan(min(micro_batch, share), target_batch, "user", reason, world_size=world_size, bn=bn)

@@ -73,9 +73,9 @@ def _sizes(axes, plans: list[Plan]) -> None:
             continue
         axes.plot([0, target], [fixed / MIB, (fixed + per_sample * target) / MIB], color=colour, alpha=0.7,
                   label=f"{label}: {per_sample / MIB:.2f} MiB per sample")
-        axes.axvline(max(plan.splits), color=colour, linestyle=":", alpha=0.8)
-        axes.scatter([max(plan.splits)], [(fixed + per_sample * max(plan.splits)) / MIB], marker="*", s=120,
-                     color=colour, zorder=4, label=f"runs {max(plan.splits)} (capacity {plan.micro_batch})")
+        axes.axvline(plan.micro_batch, color=colour, linestyle=":", alpha=0.8)
+        axes.scatter([plan.micro_batch], [(fixed + per_sample * plan.micro_batch) / MIB], marker="*", s=120,
+                     color=colour, zorder=4, label=f"runs {plan.micro_batch} (capacity {plan.capacity})")
     axes.set_xlim(0, target * 1.03)
     axes.set_xlabel("micro-batch (samples)")
 

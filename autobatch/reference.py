@@ -63,7 +63,7 @@ def frozen_statistics_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: 
     state = BatchNormState(batch_norm_modules(model))
     with torch.no_grad(), intercept_batch_norm(two_pass.record):
         model(x)
-    state.mark_counted()
+    state.forwards_done(1)
     cursor = iter(range(10**9))
 
     def frozen(call: BatchNormCall) -> Tensor:
@@ -74,7 +74,7 @@ def frozen_statistics_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: 
 
     with intercept_batch_norm(frozen):
         plain_accumulation_backward(model, x, y, loss_fn, splits)
-    state.keep_counted()
+    state.count_once()
 
 
 def plain_accumulation_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,

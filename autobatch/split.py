@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BatchFormat", "CustomFormat", "NestedFormat", "balanced_parts", "batch_format", "balanced_splits", "batch_size",
-           "leaves", "map_tensors", "non_finite_samples", "split_batch", "take", "to_device"]
+__all__ = ["BatchFormat", "CustomFormat", "NestedFormat", "balanced_parts", "batch_format", "balanced_splits", "leaves",
+           "map_tensors", "split_batch"]
 
 
 def balanced_splits(batch: int, micro_batch: int) -> list[int]:
@@ -417,32 +417,11 @@ def batch_format(num_samples: Optional[Callable[[Any], int]] = None,
     return NestedFormat() if num_samples is None else CustomFormat(num_samples, split_batch)
 
 
-#: The default format, for the module-level helpers below.
+#: The default format, for :func:`split_batch`.
 _NESTED = NestedFormat()
-
-
-def batch_size(tree: Any) -> int:
-    """The number of samples in ``tree`` (module docstring); raises ``ValueError`` naming the first two
-    parts that disagree, or when there is no tensor, a tensor has no batch dimension, or it is empty."""
-    return _NESTED.size(tree)
 
 
 def split_batch(tree: Any, sizes: Sequence[int]) -> list[Any]:
     """``tree`` cut into ``len(sizes)`` parts: tensors as views along dim 0, lists of samples as
     sub-lists; other leaves are shared by every part."""
     return _NESTED.split(tree, sizes)
-
-
-def take(tree: Any, count: int) -> Any:
-    """The first ``count`` samples of ``tree``, repeating its samples when it holds fewer."""
-    return _NESTED.take(tree, count)
-
-
-def non_finite_samples(tree: Any) -> list[int]:
-    """The samples with a NaN or infinite value in any floating-point tensor."""
-    return _NESTED.non_finite_samples(tree)
-
-
-def to_device(tree: Any, device: torch.device) -> Any:
-    """``tree`` with its tensors on ``device`` (no copy for those already there)."""
-    return _NESTED.to(tree, device)

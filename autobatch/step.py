@@ -4,68 +4,53 @@
     >>> for inputs, targets in loader:        # logical batches of up to 16 samples
     ...     loss = ab.step(inputs, targets)   # float: mean loss over the logical batch
 
-A step agrees on the batch with the other ranks, plans (first step only), then runs the logical
-batch as one transaction (autobatch.transaction): the BatchNorm strategy prepares it (two_pass:
-phase 1), every micro-batch's forward and backward run under the strategy, the ranks settle before
-the last backward, and the update is taken once. Any exception puts everything back; out of memory
-redoes the same batch under a smaller plan.
+A step agrees on the batch with the other ranks (autobatch.agreement), plans (first step only), then
+runs the logical batch as one transaction (autobatch.logical_step). Any exception puts everything back;
+out of memory redoes the same batch under a smaller plan.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
-import math
 import os
-from typing import Any, Callable, ContextManager, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
+from autobatch.agreement import StepShape, agree_on_batch
 from autobatch.batchnorm import BatchNormStrategy, strategy_for
-from autobatch.batchnorm.bypass import RunningStatisticsWatch
-from autobatch.distributed import (
-    RankFailure,
-    Ranks,
-    check_not_legacy_fsdp,
-    ddp_state,
-    fsdp_state,
-    gradient_sync,
-    plain_sync_batch_norm,
-)
-from autobatch.interrupts import held_interrupts
-from autobatch.loss import Losses, check_counts, ignored_labels_warning
+from autobatch.distributed import Ranks, check_not_legacy_fsdp
+from autobatch.logical_step import InputsTargets, LogicalStep
 from autobatch.microstep import ComputeLoss, LossFn, MicroStep
-from autobatch.modes import BatchNormMode, TwoPass
+from autobatch.modes import BatchNormMode
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import MicroBatch, Options, UpdateCopies
-from autobatch.phases import Phase, phase_of, tag
-from autobatch.plan import Phase1, Plan, fixed_plan
-from autobatch.planning.measure import StepMeter
+from autobatch.plan import Plan, fixed_plan
 from autobatch.planning.planner import Planner
-from autobatch.split import balanced_parts
-from autobatch.transaction import Attributes, BatchNormState, Transaction, step_transaction
+from autobatch.stages import Stage, stage_of
+from autobatch.transaction import Attributes, Transaction
 
 __all__ = ["AutoBatch", "wrap"]
 
 log = logging.getLogger(__name__)
 
 
-class StepPlan(NamedTuple):
+class Planned(NamedTuple):
     """One logical batch's plan as every rank runs it."""
 
     plan: Plan
     #: Micro-batches on every rank (a rank with fewer samples repeats one at weight 0).
     count: int
-    #: Whether to measure the step: a sample size the memory model has not seen (on CUDA: every step).
+    #: Whether to measure the step: a sample size the memory model has not measured (on CUDA: every step).
     measure: bool
 
-
-class InputsTargets(NamedTuple):
-    """``step(inputs, targets)``'s batch: a structure of two parts, never a list of two samples."""
-
-    inputs: Any
-    targets: Any
+    @classmethod
+    def agreed(cls, plan: Plan, measure: bool, shape: StepShape) -> "Planned":
+        """``plan`` with phase 1 in as many chunks as the rank that needs most."""
+        if shape.phase1_chunks != plan.phase1_chunks:
+            plan = plan.replace(phase1_chunks=shape.phase1_chunks)
+        return cls(plan, shape.count, measure)
 
 
 class AutoBatch:
@@ -84,17 +69,14 @@ class AutoBatch:
         self.target_batch = options.target_batch
         self._share = options.target_batch // self._ranks.world_size
         self._planner = Planner(self._micro, self._strategy, options)
-        lockstep = isinstance(options.bn, TwoPass) and options.bn.lockstep
         #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if options.auto else fixed_plan(
-            options.target_batch, options.micro_batch, self._ranks.world_size,
-            Phase1.alongside() if lockstep else Phase1.whole(), self._strategy.split_mode)
-        #: Whether a step that splits its batch has checked that every BatchNorm went through autobatch.
-        self._watched = False
+            options.target_batch, options.micro_batch, self._ranks.world_size, self._strategy.split_mode)
         self._open = True
         #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
         self._items: Optional[float] = None
-        self._warned_labels = False
+        #: What this wrap checks or warns of once (autobatch.logical_step).
+        self._once: set[str] = set()
         if self.plan is not None:
             log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
 
@@ -112,6 +94,8 @@ class AutoBatch:
 
     @loss_fn.setter
     def loss_fn(self, loss_fn: LossFn) -> None:
+        # ``options`` says what the wrap runs: it follows, so that the two never disagree.
+        self.options = dataclasses.replace(self.options, loss_fn=loss_fn)
         self._micro.loss_fn = loss_fn
 
     def step(self, inputs: Any, targets: Any = None) -> float:
@@ -123,13 +107,11 @@ class AutoBatch:
         plan are left as they were. With micro_batch="auto", running out of memory shrinks the
         micro-batch and redoes the same batch.
         """
-        recovery = self._planner.recovery
-        with Transaction(kept=lambda: Attributes([(self, "plan"), (recovery, "clean_steps"),
-                                                  (recovery, "lockstep_fits")])):
-            batch, sizes, agreed = self._agree_on_batch(inputs, targets)
+        with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")])):
+            batch, sizes, planned = self._agree_on_batch(inputs, targets)
             if self.plan is None:
                 self.plan = self._planner.plan_for(batch)
-            return self._until_it_fits(batch, sizes, agreed)
+            return self._until_it_fits(batch, sizes, planned)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it); later, a
@@ -140,7 +122,7 @@ class AutoBatch:
         else:
             self._planner.learn(self.plan, batch)
         if self.options.auto:
-            self.plan = self._agreed(self._planner.for_batch(self.plan, batch), sizes).plan
+            self.plan = self._planned(batch, sizes).plan
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -159,34 +141,47 @@ class AutoBatch:
         return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
                 f"micro_batch={micro}, bn={self.bn!r})")
 
-    def _until_it_fits(self, batch: Any, sizes: list[int], agreed: Optional[StepPlan]) -> float:
-        """The logical batch, taken again under a smaller plan while it runs out of memory."""
+    # -- one logical batch, again under a smaller plan while it runs out of memory ----------------
+
+    def _until_it_fits(self, batch: Any, sizes: list[int], planned: Optional[Planned]) -> float:
         recovered = False
         while True:
-            if agreed is None:
-                agreed = self._agreed(self._local_plan(batch), sizes)
-            self.plan = agreed.plan
+            if planned is None:
+                planned = self._planned(batch, sizes)
+            self.plan = planned.plan
+            step = LogicalStep(self._micro, self._strategy, self.plan, batch, sizes, planned.count, planned.measure,
+                               self._items, self._once)
             try:
-                loss = self._attempt(batch, sizes, agreed)
+                loss = step.run()
                 break
             except BaseException as error:
-                phase = phase_of(error)
-                if not self._recoverable(error, phase):
+                stage = stage_of(error)
+                if not self._recoverable(error, stage):
                     raise
                 message = first_line(error)
+            del step
             release_memory(self.device)
-            self.plan = self._planner.after_out_of_memory(self.plan, phase, message)
-            agreed, recovered = None, True
+            self.plan = self._planner.after_out_of_memory(self.plan, stage, message)
+            planned, recovered = None, True
+        if planned.measure:
+            self._planner.observe(self.plan, max(step.splits), step.meter.peak, step.meter.phase1_peak)
+        if step.losses.total is not None:
+            self._items = step.losses.total
         if not recovered:
             self.plan = self._planner.after_clean_step(self.plan)
         return loss
 
-    def _recoverable(self, error: BaseException, phase: Phase) -> bool:
-        """Out of memory in the micro-batches or phase 1 with a measured plan (with phase 1 alongside
-        micro-batch 0, running it first recovers a given plan too); not in the update, which was
+    def _recoverable(self, error: BaseException, stage: Stage) -> bool:
+        """Out of memory in the micro-batches or phase 1 with a measured plan; not in the update, which was
         taken again alone already (autobatch.microstep)."""
-        return is_out_of_memory(error) and phase is not Phase.UPDATE and (
-            self.options.auto or phase is Phase.LOCKSTEP)
+        return is_out_of_memory(error) and stage is not Stage.UPDATE and self.options.auto
+
+    def _planned(self, batch: Any, sizes: list[int]) -> Planned:
+        """The plan every rank runs for ``batch``, agreed with the other ranks (one all-gather)."""
+        plan, measure = self._local_plan(batch)
+        size = sizes[self._ranks.rank]
+        _, shape = agree_on_batch(self._ranks, None, size, {}, StepShape.of(plan, size))
+        return Planned.agreed(plan, measure, shape)
 
     # -- the batch, agreed over ranks -----------------------------------------------------------
 
@@ -211,193 +206,24 @@ class AutoBatch:
             return self.plan, False
         return self._planner.for_batch(self.plan, batch)
 
-    def _agreed(self, local: tuple[Plan, bool], sizes: list[int], table: Optional[Tensor] = None) -> StepPlan:
-        """The step every rank runs: as many micro-batches as the rank that needs most, phase 1 in as many
-        chunks as the rank that needs most. ``table``: the ranks' rows, gathered already."""
-        plan, measure = local
-        row = self._plan_row(plan, sizes[self._ranks.rank])
-        if not self._ranks.active:
-            return StepPlan(plan, row[0], measure)
-        if table is None:
-            table = self._ranks.gather(row)[:, -3:]
-        count, chunks, lockstep = int(table[:, 0].max()), int(table[:, 1].max()), bool(table[:, 2].min())
-        phase1 = Phase1.alongside() if lockstep else Phase1.chunked(chunks)
-        return StepPlan(plan if phase1 == plan.phase1 else plan.replace(phase1=phase1), count, measure)
-
-    def _plan_row(self, plan: Plan, size: int) -> list[float]:
-        """What the ranks compare of a batch's plan: micro-batches needed, phase-1 chunks, lockstep."""
-        return [math.ceil(size / plan.micro_batch), plan.phase1.chunks, plan.phase1.lockstep]
-
-    def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int], Optional[StepPlan]]:
+    def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int], Optional[Planned]]:
         """Check the batch on every rank at once: a bad batch anywhere raises everywhere, never hangs.
         Returns the batch, every rank's number of samples, and (once a plan exists) the step agreed: the
         one all-gather carries each rank's plan for its batch too."""
-        local: Optional[tuple[Plan, bool]] = None
+        shape: Optional[StepShape] = None
+        plan, measure = None, False
         try:
             batch, size = self._checked_batch(inputs, targets)
             error: Optional[BaseException] = None
             if self.plan is not None:
-                local = self._local_plan(batch)
+                plan, measure = self._local_plan(batch)
+                shape = StepShape.of(plan, size)
         except (ValueError, TypeError, RuntimeError) as caught:
             batch, size, error = None, 0, caught
-        if not self._ranks.active:
-            if error is not None:
-                raise error
-            return batch, [size], None if local is None else self._agreed(local, [size])
         # Every rank must wrap the same way: what the options declare agreed.
         settings = dict(self.options.agreed(), **{"BatchNorm layers": len(self._strategy.layers)})
-        planned = self._plan_row(local[0], size) if local is not None else [0, 0, 0]
-        table = self._ranks.gather([error is not None, size] + list(settings.values()) + planned)
-        failed = [rank for rank in range(self._ranks.world_size) if table[rank, 0]]
-        if failed:
-            messages = self._ranks.gather_messages("" if error is None else str(error))
-            if error is not None:
-                raise error
-            raise RankFailure(f"rank {failed[0]} rejected its batch: {messages[failed[0]]}")
-        for column, name in enumerate(settings, start=2):
-            values = table[:, column].tolist()
-            if len(set(values)) > 1:
-                raise RankFailure(f"the ranks disagree on {name} ({values}); every rank must wrap the same "
-                                  "model with the same settings")
-        sizes = [int(n) for n in table[:, 1].tolist()]
-        return batch, sizes, None if local is None else self._agreed(local, sizes, table[:, -3:])
-
-    # -- one logical batch, all or nothing --------------------------------------------------------
-
-    def _attempt(self, batch: Any, sizes: list[int], agreed: StepPlan) -> float:
-        """One logical batch as one transaction: on any exception every gradient, buffer, the RNG and
-        the update are put back. ``sizes``: every rank's samples; ``agreed.count`` micro-batches on every
-        rank. A step to be measured teaches the memory model its sample size."""
-        self._strategy.adopt(self.plan)
-        splits = balanced_parts(sizes[self._ranks.rank], agreed.count)
-        params = self._micro.parameters()
-        synced = plain_sync_batch_norm(self._strategy.layers) if dist.is_available() and dist.is_initialized() \
-            else contextlib.nullcontext()
-        losses = Losses(self._ranks.world_size, sum(sizes), self._items)
-        meter = StepMeter(self.device, self._micro.model, self._micro.optimizer, self._micro.batches.tensors(batch),
-                          host=agreed.measure)
-        with step_transaction(params, self._strategy.layers) as saved, meter:
-            with ddp_state(self._micro.ddp), fsdp_state(self._micro.fsdp), synced:
-                loss = self._accumulate(batch, splits, saved["buffers"], losses, meter)
-            losses.rescale(params)
-            # The update and the step's commit as one: a Ctrl-C between them would put back the step's
-            # gradients, buffers and RNG beside an update that stays, and a retried batch would update twice.
-            with held_interrupts():
-                self._micro.update(params)
-                saved.commit()
-                for p in params:
-                    p.grad = None
-        if agreed.measure:
-            self._planner.observe(self.plan, max(splits), meter.peak, meter.phase1_peak)
-        if losses.total is not None:
-            self._items = losses.total
-        return loss
-
-    def _accumulate(self, batch: Any, splits: list[int], state: BatchNormState, losses: Losses,
-                    meter: StepMeter) -> float:
-        """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
-        norm = self._strategy.for_step(splits)
-        watch = RunningStatisticsWatch(self._micro.module) if len(splits) > 1 and not self._watched else None
-        batches = self._micro.batches
-        batch = norm.prepare(batch, splits, state, self.plan.phase1, losses.samples)
-        meter.phase1_done(norm.needs_statistics_pass() and not self.plan.phase1.lockstep)
-        parts = batches.split(batch, [n for n in splits if n])
-        with norm.intercept():
-            for index, size in enumerate(splits):
-                # A rank with fewer samples than micro-batches repeats one sample at weight 0.
-                part = parts[index] if size else batches.take(batch, 1)
-                mean_loss = self._micro_batch(norm, part, index, splits, losses, batch)
-        state.keep_counted()
-        layers = norm.finish()
-        if watch is not None:
-            watch.check({layer.name for layer in layers}, self._strategy.names)
-            self._watched = True
-        return mean_loss
-
-    def _micro_batch(self, norm: BatchNormStrategy, part: Any, index: int, splits: list[int], losses: Losses,
-                     batch: Any) -> Optional[float]:
-        """Forward and backward of micro-batch ``index``; the last one first settles the step with the
-        other ranks and returns the logical batch's mean loss."""
-        last, first_row, size = index == len(splits) - 1, sum(splits[:index]), splits[index]
-        settled = False
-        try:
-            with self._gradient_sync(last):
-                with norm.micro_batch(index, first_row, size):
-                    value = self._micro.loss(self._micro.batches.to(part, self.device), index)
-                    loss = losses.add(value, size)
-                if index == 0 and len(splits) > 1 and not value.counted:
-                    self._warn_ignored_labels(part)
-                mean_loss = None
-                if last:
-                    settled = True
-                    mean_loss = self._settle(losses, splits, None, batch, norm)
-                elif self._micro.fsdp is not None and self._ranks.active:
-                    # FSDP2's backward gathers shards from every rank: a rank whose forward or loss failed
-                    # must be heard of before it, where every rank still meets (the same row as settling).
-                    _, raised = self._ranks.outcome(None, 0.0, 0.0, False)
-                    if raised is not None:
-                        settled = True  # every rank heard of it here
-                        raise raised
-                with norm.backward(first_row, size):
-                    self._micro.backward(loss)
-            return mean_loss
-        except BaseException as error:
-            if not self._ranks.active or settled:
-                raise
-            # The other ranks learn of it where they settle the step; then every rank raises.
-            self._settle(losses, splits, error, batch, norm)
-            raise
-
-    def _warn_ignored_labels(self, part: Any) -> None:
-        """Once per wrap: a plain mean over labels with ignored entries is not the logical batch's mean."""
-        if self._warned_labels:
-            return
-        self._warned_labels = True
-        message = ignored_labels_warning(*(part if isinstance(part, InputsTargets) else (part,)))
-        if message is not None:
-            log.warning(message)
-
-    def _gradient_sync(self, last: bool) -> ContextManager[Any]:
-        """Gradients reduced over ranks once per logical batch: in the last micro-batch's backward."""
-        return gradient_sync(self._micro.ddp, self._micro.fsdp, last)
-
-    def _settle(self, losses: Losses, splits: list[int], failure: Optional[BaseException],
-                batch: Any, norm: BatchNormStrategy) -> float:
-        """Before the last backward: every loss and count valid and every rank well, or all ranks raise.
-        Returns the logical batch's mean loss over all ranks (one device sync per step)."""
-        values, counts = losses.local() if losses.values else ([], [])
-        error = failure or self._non_finite(values, splits, batch, norm) or (
-            check_counts(counts, splits, self._ranks.rank if self._ranks.active else None)
-            if losses.counted else None) or norm.check()
-        numerator, denominator = losses.sums(values, counts) if values else (0.0, 0.0)
-        if not self._ranks.active:
-            if error is not None:
-                raise error
-            return losses.settle(numerator, denominator)
-        table, raised = self._ranks.outcome(error, numerator, denominator, error is not None and
-                                            phase_of(error) is Phase.LOCKSTEP)
-        numerators, denominators, in_lockstep = table[:, 2], table[:, 3], table[:, 4]  # after (failed, oom)
-        if raised is not None:
-            if raised is not error and in_lockstep.any():
-                tag(raised, Phase.LOCKSTEP)  # another rank ran out of memory there: every rank drops the lockstep
-            raise raised
-        return losses.settle(float(numerators.sum()), float(denominators.sum()))
-
-    def _non_finite(self, values: list[float], splits: list[int], batch: Any,
-                    norm: BatchNormStrategy) -> Optional[FloatingPointError]:
-        for index, value in enumerate(values):
-            if not math.isfinite(value):
-                start = sum(splits[:index])
-                where = "" if not self._ranks.active else f" on rank {self._ranks.rank}"
-                # Under two_pass one sample's NaN reaches every micro-batch through phase 1's statistics.
-                samples = self._micro.batches.non_finite_samples(batch)
-                culprit = (f"samples {samples} of the logical batch have NaN or infinite values in their inputs "
-                           "or targets" if samples else norm.non_finite_culprit())
-                return FloatingPointError(
-                    f"the loss of micro-batch {index}{where} (samples {start}:{start + splits[index]} of the "
-                    f"logical batch) is {value}{'; ' + culprit if culprit else ''}; no optimizer step was taken "
-                    "and the model is unchanged. Check the data of those samples and the learning rate")
-        return None
+        sizes, shape = agree_on_batch(self._ranks, error, size, settings if self._ranks.active else {}, shape)
+        return batch, sizes, None if shape is None else Planned.agreed(plan, measure, shape)
 
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, loss_fn: Optional[LossFn] = None,
@@ -408,8 +234,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
          before_step: Optional[Callable[[AutoBatch], None]] = None, device: Union[torch.device, str, None] = None,
          grow_after: Optional[int] = None, update_copies: UpdateCopies = "device",
          num_samples: Optional[Callable[[Any], int]] = None,
-         split_batch: Optional[Callable[[Any, list[int]], Any]] = None, lockstep: Optional[bool] = None,
-         phase1_memory_format: Optional[torch.memory_format] = None, retune: Optional[bool] = None) -> AutoBatch:
+         split_batch: Optional[Callable[[Any, list[int]], Any]] = None, **moved: Any) -> AutoBatch:
     """Train ``model`` with logical batches of ``target_batch`` samples, in micro-batches that fit.
 
     Args:
@@ -418,21 +243,15 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         optimizer: the optimizer over the model's parameters; stepped once per logical batch.
         target_batch: the logical batch size of the training recipe, over all ranks. A shorter batch
             (the last of an epoch) is fine, a larger one is an error.
-        loss_fn: ``loss_fn(model(inputs), targets)``, called per micro-batch; returns the micro-batch's
-            mean loss, or ``(loss_sum, count)``: its loss summed over ``count`` items (valid tokens,
-            labelled pixels), which makes the step's loss the logical batch's sum over its items.
+        loss_fn: ``loss_fn(model(inputs), targets)``, called per micro-batch; returns the micro-batch's mean
+            loss, or ``(loss_sum, count)``: its loss summed over ``count`` items (valid tokens, labelled pixels).
         compute_loss: instead of ``loss_fn``, ``compute_loss(model, micro_batch)`` for losses that need
             more than ``(outputs, targets)``; then call ``step(batch)``. Returns as ``loss_fn`` does.
         micro_batch: samples per micro-batch (an int), or "auto" (default): the largest that fits,
             measured with real steps at the first step.
-        bn: how BatchNorm layers see the logical batch. "two_pass" (default, or
-            ``autobatch.TwoPass(lockstep=..., phase1_memory_format=..., precise=...)``): a no-grad forward
-            of the whole batch records its statistics, every micro-batch normalizes with them; with
-            ``precise=True`` the backward is the full batch's exactly, computed segment by segment. "micro"
-            (``autobatch.Micro()``): each micro-batch its own statistics, running statistics committed
-            once. "exact" (``autobatch.Exact()``): the whole batch in one piece under activation
-            checkpointing, exactly the full batch's step. "auto" (``autobatch.Auto()``): exact where
-            the whole batch fits and pays, else two_pass with the precise backward where it can run.
+        bn: how BatchNorm layers see the logical batch: "two_pass" (default; :class:`TwoPass`), "micro"
+            (:class:`Micro`), "exact" (:class:`Exact`) or "auto" (:class:`Auto`), or one of those with its
+            settings, such as ``autobatch.TwoPass(precise=True)``.
         memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device's
             memory such as 0.8 (default None: all the device has free). A 10% margin is kept below it.
         cache: keep the measured plan across launches: True (default; ``$AUTOBATCH_CACHE_DIR`` or
@@ -445,15 +264,11 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         grow_after: after running out of memory, grow back to the measured micro-batch after this many
             clean steps (default None: stay small).
         update_copies: where the copies that undo a failed optimizer update live: "device" (default),
-            "host" (no device memory; a device-to-host copy per step), or "none" (an error inside the
-            update may leave it half applied, and is then not taken again).
-        num_samples: for a batch type of your own, ``num_samples(batch)`` counts its samples (with
-            ``split_batch``).
-        split_batch: for a batch type of your own, ``split_batch(batch, sizes)`` cuts it into
-            ``len(sizes)`` batches of those sizes, in order (with ``num_samples``).
-        lockstep: deprecated; use ``bn=autobatch.TwoPass(lockstep=...)``.
-        phase1_memory_format: deprecated; use ``bn=autobatch.TwoPass(phase1_memory_format=...)``.
-        retune: deprecated; use ``cache="refresh"``.
+            "host" (a device-to-host copy per step), or "none" (an update that fails may stay half applied).
+        num_samples: with ``split_batch``, for a batch type of your own: ``num_samples(batch)`` counts it,
+        split_batch: and ``split_batch(batch, sizes)`` cuts it into ``len(sizes)`` batches of those sizes.
+        **moved: the keywords of earlier versions: ``phase1_memory_format=`` and ``retune=`` warn and still
+            work; ``lockstep=`` was removed and raises a TypeError that says so.
 
     Returns:
         The ``AutoBatch`` to train with: ``ab.step(inputs, targets)`` per logical batch.
@@ -464,8 +279,6 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         for inputs, targets in loader:
             loss = ab.step(inputs, targets)
     """
-    moved = {name: value for name, value in (("lockstep", lockstep), ("phase1_memory_format", phase1_memory_format),
-                                             ("retune", retune)) if value is not None}
     check_not_legacy_fsdp(model)
     options = Options.build(
         model, optimizer, target_batch, Ranks.of(model).world_size, loss_fn=loss_fn, compute_loss=compute_loss,

@@ -174,18 +174,24 @@ class BatchNormState:
                          for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
                          if buffer is not None]
         self._saved = [buffer.clone() for buffer in self._buffers]
-        self._counters = [module.num_batches_tracked for module in modules
+        self._counters = [(module.num_batches_tracked, module.num_batches_tracked.clone()) for module in modules
                           if module.num_batches_tracked is not None]
-        self._counted: list[torch.Tensor] = []
+        #: Each counter's steps in one forward of the model (a layer called twice per forward counts twice).
+        self._per_forward: Optional[list[torch.Tensor]] = None
 
-    def mark_counted(self) -> None:
-        """Call after the first forward of the logical batch: its counters are the right ones."""
-        self._counted = [counter.clone() for counter in self._counters]
+    def forwards_done(self, forwards: int) -> None:
+        """The logical batch's first ``forwards`` forwards have run (phase 1's chunks, or the first micro-batch):
+        what they counted, per forward, is what the logical batch counts. Later calls change nothing."""
+        if self._per_forward is None and forwards > 0:
+            self._per_forward = [torch.div(counter - before, forwards, rounding_mode="floor")
+                                 for counter, before in self._counters]
 
-    def keep_counted(self) -> None:
-        """Undo the counting done by later forwards of the same logical batch."""
-        for counter, counted in zip(self._counters, self._counted):
-            counter.copy_(counted)
+    def count_once(self) -> None:
+        """After the logical batch's forwards: each counter as one forward of the whole batch leaves it, however
+        many forwards (phase 1's chunks, every micro-batch, recomputations) it ran."""
+        # Integer buffers need no torch.no_grad(), whose __enter__ a Ctrl-C could leave half done (grad mode off).
+        for (counter, before), steps in zip(self._counters, self._per_forward or [0] * len(self._counters)):
+            counter.copy_(before + steps)
 
     def restore(self) -> None:
         """Put every buffer back as it was when the snapshot was taken."""

@@ -35,7 +35,7 @@ from bench.forum_batchnorm import forum_model, forum_step  # noqa: E402
 GIVEN_FORMAT = "autobatch two_pass, phase 1 in the inputs' format"
 PLAIN_CHANNELS_LAST = "plain accumulation, model and inputs in channels_last"
 ARMS = ("full batch", "plain accumulation", PLAIN_CHANNELS_LAST, "autobatch two_pass", GIVEN_FORMAT,
-        "autobatch two_pass, lockstep=True", "autobatch micro", "forum Python BatchNorm")
+        "autobatch micro", "forum Python BatchNorm")
 
 
 def make(model_name: str, size: int, batch: int, device: torch.device):
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="the model and its inputs in channels_last for every arm")
     parser.add_argument("--compile", action="store_true",
-                        help="every arm's model under torch.compile (lockstep=True left out: its hand-offs "
-                             "between threads break the graph at every BatchNorm call)")
+                        help="every arm's model under torch.compile")
     args = parser.parse_args()
     device, base, x, y, loss_fn = prepared(args)
     if args.channels_last:
@@ -133,37 +132,32 @@ def main() -> None:
         plain_cl_opt.zero_grad(set_to_none=True)
 
     wrapped = {}
-    for arm, bn, lockstep, memory_format in (("two_pass", "two_pass", False, None),
-                                             ("given", "two_pass", False, torch.preserve_format),
-                                             ("lockstep", "two_pass", True, None), ("micro", "micro", False, None)):
-        if args.compile and lockstep:
-            continue
+    for arm, bn, memory_format in (("two_pass", "two_pass", None), ("given", "two_pass", torch.preserve_format),
+                                   ("micro", "micro", None)):
         model = copy.deepcopy(base)
-        mode = autobatch.TwoPass(lockstep=lockstep, phase1_memory_format=memory_format) if bn == "two_pass" else bn
+        mode = autobatch.TwoPass(phase1_memory_format=memory_format) if bn == "two_pass" else bn
         wrapped[arm] = autobatch.wrap(fast(model), optimizer_for(model), args.target_batch, loss_fn,
                                       micro_batch=args.micro_batch, bn=mode, cache=False)
     two_pass = wrapped["two_pass"]
-    statistics_pass = two_pass._strategy._statistics_pass
+    phase1 = two_pass._strategy._phase1
 
-    def timed_statistics_pass(*a, **k):
+    def timed_phase1(*a, **k):
         sync(device)
         start = time.perf_counter()
-        statistics_pass(*a, **k)
+        phase1(*a, **k)
         sync(device)
         phase1_seconds.append(time.perf_counter() - start)
 
-    two_pass._strategy._statistics_pass = timed_statistics_pass  # instrumentation of the benchmark's own instance
+    two_pass._strategy._phase1 = timed_phase1  # instrumentation of the benchmark's own instance
     forum = forum_model(base)
     forum_opt = optimizer_for(forum)
     forum_fast = fast(forum)
     steps = {"full batch": full_step, "plain accumulation": plain_step, PLAIN_CHANNELS_LAST: plain_channels_last_step,
              "autobatch two_pass": lambda: two_pass.step(x, y),
              GIVEN_FORMAT: lambda: wrapped["given"].step(x, y),
-             "autobatch two_pass, lockstep=True": lambda: wrapped["lockstep"].step(x, y),
              "autobatch micro": lambda: wrapped["micro"].step(x, y),
              "forum Python BatchNorm": lambda: forum_step(forum_fast, forum_opt, x, y, loss_fn, len(splits))}
-    arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)
-            and not (args.compile and "lockstep" in arm)]
+    arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)]
     times = {arm: [] for arm in arms}
     order = list(arms)
     rng = random.Random(0)

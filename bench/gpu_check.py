@@ -9,7 +9,7 @@ as such, and the others still run):
 2. the planner against a real allocator cap (``torch.cuda.set_per_process_memory_fraction``): its
    micro-batch against the largest that runs without running out of memory (bench/planner.py), and
    batches whose samples change size, plan once against the memory model (bench/variable_shapes.py);
-3. the cost of two_pass, micro and lockstep against plain accumulation on a ResNet-50 at 224x224, in
+3. the cost of two_pass and micro against plain accumulation on a ResNet-50 at 224x224, in
    NCHW and in channels_last (bench/cost.py), and of bn="exact" (bench/exact.py);
 4. bf16 and fp16 autocast (with a GradScaler) through two_pass and exact: finite, and fp16's scaler
    stepping as often as the full batch's.

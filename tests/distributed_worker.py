@@ -15,12 +15,10 @@ from torch.utils.checkpoint import checkpoint
 import autobatch
 from autobatch.batchnorm import layout
 from autobatch.checkpointing import Checkpointing
-from autobatch.plan import Phase1
 from tests import common
 from tests.common import ResidualNet, StochasticNet, TinyLanguageModel, padded_sequences, token_loss_sum
 
 ce = nn.CrossEntropyLoss()
-LOCKSTEP = autobatch.TwoPass(lockstep=True)
 CHANNELS_LAST = autobatch.TwoPass(phase1_memory_format=torch.channels_last)
 
 
@@ -55,7 +53,7 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase
     ab = autobatch.wrap(ddp, optimizer, 16, options.pop("loss_fn", ce), micro_batch=micro_batch,
                         cache=False, **options)
     if phase1_chunks > 1:
-        ab.plan = ab.plan.replace(phase1=Phase1.chunked(phase1_chunks))
+        ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
@@ -90,17 +88,9 @@ def chunked_phase_one(rank):
     return train(resnet(), halves(rank), micro_batch=4, image=True, phase1_chunks=2)
 
 
-def lockstep(rank):
-    return train(resnet(), halves(rank), micro_batch=4, image=True, bn=LOCKSTEP)
-
-
 def one_sample_on_rank_one(rank, **options):
-    # Rank 1's one sample is its first micro-batch: with lockstep it has no other samples for phase 1.
+    # Rank 1's one sample is its only micro-batch; rank 0 runs two: rank 1 repeats its sample at weight 0.
     return train(resnet(), slice(0, 8) if rank == 0 else slice(8, 9), micro_batch=4, image=True, **options)
-
-
-def one_sample_lockstep(rank):
-    return one_sample_on_rank_one(rank, bn=LOCKSTEP)
 
 
 class CheckpointedBlocks(nn.Sequential):
@@ -196,8 +186,8 @@ def out_of_memory_before_the_last(rank):
     ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
     x, y = data(image=True)
     ab.tune(x[halves(rank)], y[halves(rank)])
-    # At most 5 at this sample size, as if it had run out of memory before: splits [4, 4]; shrunk to 4 after
-    # the failure: the same splits.
+    # At most 5 at this sample size, as if it had run out of memory before: splits [4, 4]; after the failure
+    # capacity 3, splits [3, 3, 2].
     ab._planner.recovery.ceilings[ab.plan.sample_size] = (5, "at most 5")
     loss_fn.armed = True
     loss = ab.step(x[halves(rank)], y[halves(rank)])
@@ -205,13 +195,6 @@ def out_of_memory_before_the_last(rank):
     ab.step(x[halves(rank)], y[halves(rank)])  # DDP rebuilds its buckets in this step, on both ranks
     return {"state": state, "loss": [loss], "plan": str(ab.plan),
             "second": {k: v.clone() for k, v in model.state_dict().items()}}
-
-
-def lockstep_out_of_memory(rank):
-    # Rank 1 runs out of memory in its first micro-batch's loss, inside the lockstep; rank 0 goes on.
-    loss_fn = OutOfMemoryOnRankOne(rank)
-    loss_fn.armed = True
-    return train(resnet(), halves(rank), micro_batch=4, image=True, bn=LOCKSTEP, loss_fn=loss_fn)
 
 
 def too_large_on_rank_one(rank):

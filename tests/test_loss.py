@@ -190,9 +190,9 @@ def test_a_bad_count_is_refused_with_the_model_unchanged(count, kind, message):
 
 
 def test_read_loss_forms():
-    assert not read_loss(torch.tensor(2.0), 0).counted
+    assert not read_loss(torch.tensor(2.0), 0).count_weighted
     pair = read_loss((torch.tensor([3.0]), 4), 0)
-    assert pair.counted and pair.value.shape == () and pair.count.item() == 4
+    assert pair.count_weighted and pair.value.shape == () and pair.count.item() == 4
     assert read_loss((torch.tensor(3.0), torch.tensor([7])), 0).count.item() == 7
     with pytest.raises(ValueError, match="not a scalar tensor"):
         read_loss(torch.ones(3), 2)

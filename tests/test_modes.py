@@ -20,12 +20,16 @@ def test_the_forum_scheme_is_refused_with_the_reason():
 
 
 def test_two_pass_settings_are_checked_where_they_are_given():
-    assert TwoPass(lockstep=True, phase1_memory_format=torch.channels_last).lockstep
-    with pytest.raises(TypeError, match="lockstep must be True or False"):
-        TwoPass(lockstep="yes")
+    assert TwoPass(phase1_memory_format=torch.channels_last).phase1_memory_format is torch.channels_last
     with pytest.raises(ValueError, match="phase1_memory_format must be None"):
         TwoPass(phase1_memory_format=torch.contiguous_format)
-    assert Auto(TwoPass(lockstep=True)).two_pass.lockstep
+    assert Auto(TwoPass(precise=True)).two_pass.precise
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_the_removed_lockstep_is_refused_with_what_to_do(lockstep):
+    with pytest.raises(TypeError, match=r"lockstep .* was removed.*Drop lockstep=\.\.\."):
+        TwoPass(lockstep=lockstep)
 
 
 def test_the_running_mode_reads_as_its_name():

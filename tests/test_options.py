@@ -1,5 +1,4 @@
 """wrap's options: checked once, before anything changes, every error naming the problem and the fix."""
-import warnings
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ def test_one_declaration_says_what_the_ranks_agree_on_and_what_keys_the_cache():
                                     "update_copies"}
     assert options.keyed()["autocast_dtype"] == "torch.bfloat16"
     # A setting the ranks must share moves the compared number; one that does not, does not.
-    assert build(bn=TwoPass(lockstep=True)).agreed()["bn"] != build().agreed()["bn"]
+    assert build(bn=TwoPass(precise=True)).agreed()["bn"] != build().agreed()["bn"]
     assert build(max_grad_norm=1.0).agreed() == build().agreed()
 
 
@@ -62,20 +61,17 @@ def test_losses_that_can_be_called_so_are_accepted():
 
 def test_the_moved_keywords_still_work_and_say_where_they_went():
     model = ResidualNet(blocks=1)
-    with pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(lockstep=...\)"), \
-            pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(phase1_memory_format=...\)"):
+    with pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(phase1_memory_format=...\)"):
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
-                            micro_batch=4, lockstep=True, phase1_memory_format=torch.preserve_format)
-    assert ab.options.bn == TwoPass(lockstep=True, phase1_memory_format=torch.preserve_format)
-    assert ab.plan.phase1.lockstep
+                            micro_batch=4, phase1_memory_format=torch.preserve_format)
+    assert ab.options.bn == TwoPass(phase1_memory_format=torch.preserve_format)
     with pytest.warns(DeprecationWarning, match="use cache='refresh'"):
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
                             retune=True)
     assert ab.options.refresh_cache
-    with pytest.raises(ValueError, match="lockstep runs phase 1 of bn='two_pass'"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), bn="micro",
-                       lockstep=True)
+    # The removed lockstep is refused, before anything changes, with what to do instead.
+    with pytest.raises(TypeError, match="lockstep .* was removed"):
+        autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), lockstep=False)
 
 
 def test_cache_refresh_measures_afresh_and_keeps_the_result():
@@ -115,3 +111,20 @@ def test_budgets_that_cannot_be_read_name_the_problem():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="not a finite memory size"):
         autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, nn.MSELoss(), memory_budget="1e400")
+
+
+def test_a_replaced_loss_fn_is_what_the_options_say_and_what_runs():
+    model = ResidualNet(blocks=1).double()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 8, nn.CrossEntropyLoss(), micro_batch=4,
+                        cache=False)
+    x, y = torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    calls = []
+
+    def counting(outputs, targets):
+        calls.append(len(targets))
+        return nn.functional.cross_entropy(outputs, targets)
+
+    ab.loss_fn = counting
+    assert ab.loss_fn is counting and ab.options.loss_fn is counting
+    ab.step(x, y)
+    assert calls == [4, 4]

@@ -1,11 +1,13 @@
 """The plan: a user's micro-batch, its balanced splits, and how it prints."""
+import pytest
+
 from autobatch.modes import Mode
-from autobatch.plan import Phase1, fixed_plan
+from autobatch.plan import fixed_plan
 
 
 def test_user_micro_batch():
     plan = fixed_plan(16, 7)
-    assert (plan.micro_batch, plan.splits, plan.source) == (7, [6, 5, 5], "user")
+    assert (plan.capacity, plan.splits, plan.source) == (7, [6, 5, 5], "user")
     assert fixed_plan(16, 64).splits == [16]
 
 
@@ -21,5 +23,16 @@ def test_the_mode_is_a_value_that_reads_as_its_name():
 
 
 def test_phase_one_says_when_its_statistics_are_approximate():
-    assert "approximate" in str(Phase1.chunked(4)) and Phase1.chunked(1) == Phase1.whole()
-    assert "phase 1" in str(fixed_plan(16, 4, phase1=Phase1.chunked(2)))
+    assert "phase 1" not in str(fixed_plan(16, 4))
+    assert "2 chunks: its statistics are approximate" in str(fixed_plan(16, 4).replace(phase1_chunks=2))
+    with pytest.raises(ValueError, match="phase1_chunks must be 1 or more"):
+        fixed_plan(16, 4).replace(phase1_chunks=0)
+
+
+def test_the_plan_names_what_fits_and_what_runs_apart():
+    """16 samples with room for 7 run as 6, 5 and 5: capacity 7, micro_batch 6, in the attribute and the table."""
+    plan = fixed_plan(16, 7)
+    assert (plan.capacity, plan.splits, plan.micro_batch) == (7, [6, 5, 5], 6)
+    text = str(plan)
+    assert "micro_batch   6 (the largest micro-batch that runs)" in text and "capacity      7" in text
+    assert "capacity" not in str(fixed_plan(16, 4))  # where they are one number, one row

@@ -5,16 +5,12 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.split import (
-    CustomFormat,
-    balanced_splits,
-    batch_format,
-    batch_size,
-    non_finite_samples,
-    split_batch,
-    take,
-    to_device,
-)
+from autobatch.split import CustomFormat, NestedFormat, balanced_splits, batch_format, split_batch
+
+#: The default format: how wrap counts, cuts and moves a batch of tensors, lists and dicts.
+NESTED = NestedFormat()
+batch_size, take, non_finite_samples = NESTED.size, NESTED.take, NESTED.non_finite_samples
+to_device = NESTED.to
 
 
 def test_balanced_splits_example():

@@ -131,8 +131,8 @@ def test_grad_scaler_unscales_before_clipping_and_steps_once():
 # -- two_pass BatchNorm: the full-batch forward and running statistics --------------------------
 
 def bn_outputs(model, inputs=False):
-    """Collects every BatchNorm layer's outputs (or ``inputs``) from grad-enabled forwards (phase 2,
-    and lockstep's first micro-batch; not phase 1)."""
+    """Collects every BatchNorm layer's outputs (or ``inputs``) from grad-enabled forwards (the
+    micro-batches; not phase 1)."""
     seen = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -348,9 +348,8 @@ def test_bfloat16_autocast_on_cpu():
 # -- torch.compile ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, in_place", [({"bn": "two_pass"}, False), ({"bn": "micro"}, False),
-                                               ({"bn": autobatch.TwoPass(lockstep=True)}, False),
                                                ({"bn": "two_pass"}, True)],
-                         ids=["two_pass", "micro", "lockstep", "model.compile()"])
+                         ids=["two_pass", "micro", "model.compile()"])
 @pytest.mark.slow
 def test_a_compiled_model_trains_as_the_model_itself(options, in_place):
     torch.manual_seed(0)

@@ -40,16 +40,11 @@ def strategy_for(mode: BatchNormMode, micro: MicroStep) -> BatchNormStrategy:
 def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> TwoPassStrategy:
     """two_pass for ``micro``'s model. A fully_shard (FSDP2) model gathers its shards in every forward:
     phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in the
-    inputs' own memory format (the format trial's forwards could end apart on the ranks), and never
-    alongside the first micro-batch in a helper thread (two threads' gathers would interleave)."""
+    inputs' own memory format (the format trial's forwards could end apart on the ranks)."""
     one_process = micro.ddp is None and micro.fsdp is None and not micro.ranks.active
-    if mode.precise or (mode.precise is None and one_process and not mode.lockstep):
+    if mode.precise or (mode.precise is None and one_process):
         return PreciseTwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
     if micro.fsdp is None:
         return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
-    if mode.lockstep:
-        raise ValueError("lockstep runs phase 1 in a helper thread beside the first micro-batch, and a fully_shard "
-                         "(FSDP2) model's forwards gather shards from every rank, which two threads would interleave; "
-                         "use bn=autobatch.TwoPass() without lockstep")
     return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format or torch.preserve_format,
                            stop_early=False)

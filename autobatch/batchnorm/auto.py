@@ -12,7 +12,7 @@ from typing import Any
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
-from autobatch.modes import Mode
+from autobatch.modes import Auto, Mode
 from autobatch.plan import Plan
 
 __all__ = ["AutoStrategy"]
@@ -21,8 +21,7 @@ __all__ = ["AutoStrategy"]
 class AutoStrategy(BatchNormStrategy):
     """Runs ``exact`` or ``two_pass``, whichever the plan chose (two_pass's until a plan exists)."""
 
-    name = "auto"
-    prefers_whole_batch = True
+    name = Auto.name
 
     def __init__(self, exact: ExactStrategy, two_pass: TwoPassStrategy):
         super().__init__(two_pass.layers, two_pass.names, two_pass.ranks)
@@ -34,6 +33,9 @@ class AutoStrategy(BatchNormStrategy):
     def split_mode(self) -> Mode:
         return Mode.TWO_PASS
 
+    def sizing(self, kinds: Any) -> Any:
+        return kinds.whole_or_split(self.two_pass.sizing(kinds))
+
     def adopt(self, plan: Plan) -> None:
         self.chosen = self._modes[plan.bn]
         self.chosen.adopt(plan)
@@ -41,11 +43,11 @@ class AutoStrategy(BatchNormStrategy):
     def for_step(self, splits: list[int]) -> BatchNormStrategy:
         return self.chosen.for_step(splits)
 
-    def needs_statistics_pass(self) -> bool:
-        return self.two_pass.needs_statistics_pass()
+    def needs_phase1(self) -> bool:
+        return self.two_pass.needs_phase1()
 
-    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
-        self.two_pass.trial_statistics_pass(batch, chunks)
+    def trial_phase1(self, batch: Any, chunks: int) -> None:
+        self.two_pass.trial_phase1(batch, chunks)
 
     def take_draw_bytes(self) -> int:
         return self.two_pass.take_draw_bytes()

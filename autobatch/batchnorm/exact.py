@@ -9,7 +9,7 @@ SyncBatchNorm does, so the step is the global batch's.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
+from autobatch.modes import Exact
 from autobatch.plan import Plan
 from autobatch.transaction import BatchNormState
 
@@ -59,19 +60,19 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
 
 class GlobalStatistics:
-    """BatchNorm over every rank's samples at once. ``counted`` False: this rank's batch is a padding
+    """BatchNorm over every rank's samples at once. ``contributes`` False: this rank's batch is a padding
     sample at weight 0, left out of the statistics."""
 
     def __init__(self, names: dict[int, str], ranks: Ranks):
         self.names = names
         self.ranks = ranks
-        self.counted = True
+        self.contributes = True
 
     def forward(self, call: BatchNormCall) -> Tensor:
         with torch.no_grad():
             mean, var = local_statistics(call.input.detach(), call.eps)
-            count = call.values_per_channel if self.counted else 0
-            if not self.counted:
+            count = call.values_per_channel if self.contributes else 0
+            if not self.contributes:
                 mean = torch.zeros_like(mean)
             layer = full_batch_statistics(self.ranks, name_of(call, self.names, None), call.eps, call.running_mean,
                                           call.running_var, call.momentum, count, mean, var * count)
@@ -96,8 +97,7 @@ def running_statistics_kept(layers: list[_BatchNorm]) -> Iterator[None]:
 class ExactStrategy(BatchNormStrategy):
     """bn="exact": one forward and one backward of the (per-rank) logical batch, with ``checkpointing``."""
 
-    name = "exact"
-    whole_batch_only = True
+    name = Exact.name
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep):
         super().__init__(layers, names, ranks)
@@ -105,6 +105,9 @@ class ExactStrategy(BatchNormStrategy):
         #: The submodules checkpointed during a step; the planner sets it.
         self.checkpointing = Checkpointing()
         self._global = GlobalStatistics(names, ranks)
+
+    def sizing(self, kinds: Any) -> Any:
+        return kinds.whole_batch()
 
     def adopt(self, plan: Plan) -> None:
         self.checkpointing = plan.checkpointing
@@ -124,9 +127,8 @@ class ExactStrategy(BatchNormStrategy):
 
     @contextlib.contextmanager
     def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
-        self._global.counted = size > 0
+        self._global.contributes = size > 0
         yield
-        self._state.mark_counted()
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         return running_statistics_kept(self.layers)

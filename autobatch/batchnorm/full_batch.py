@@ -32,7 +32,8 @@ from autobatch.batchnorm.statistics import (
 )
 from autobatch.distributed import Ranks
 
-__all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "check_same_channels", "different_calls"]
+__all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "check_same_channels", "different_calls",
+           "not_the_same_calls"]
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
@@ -84,7 +85,7 @@ class _ProjectedBatchNorm(torch.autograd.Function):
 
 #: How far (in the full batch's standard deviations) a micro-batch's BatchNorm input mean may lie
 #: from phase 1's mean of the same samples before the step is refused: rounding, another memory
-#: format or bf16 autocast moved it by 1e-6 and less on the CPU (docs/guide/batchnorm.md); GPUs are not measured yet.
+#: format or bf16 autocast move it far less than this (measured in docs/guide/batchnorm.md).
 #: The rounding of the mean itself (a channel with a large mean and a tiny spread) is allowed on top.
 REPLAY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 0.02}
 #: Half-precision inputs (autocast) round activations to 3 significant digits.
@@ -99,20 +100,22 @@ def _phase1_means(layer: LayerStatistics, rows: tuple[int, int]) -> Optional[Ten
     return layer.sample_means[start:stop].mean(0)
 
 
+def not_the_same_calls(what: str) -> RuntimeError:
+    """The error for a micro-batch whose BatchNorm calls are not phase 1's; ``what`` says how they differ."""
+    return RuntimeError(f"{what}; bn='two_pass' needs the same sequence of training-mode BatchNorm calls in every "
+                        "forward of a batch. Use bn='micro' for models whose BatchNorm calls depend on the data.")
+
+
 def different_calls(more: str, fewer: str, calls: int) -> RuntimeError:
     """The error for a forward that made more BatchNorm calls than the other (``calls``)."""
-    return RuntimeError(
-        f"the {more} forward made more training-mode BatchNorm calls than the {fewer} forward ({calls}); "
-        "bn='two_pass' needs the same sequence of BatchNorm calls for every batch. Use bn='micro' for models "
-        "whose BatchNorm calls depend on the data.")
+    return not_the_same_calls(f"the {more} forward made more training-mode BatchNorm calls than the {fewer} "
+                              f"forward ({calls})")
 
 
 def check_same_channels(micro: int, full: int, index: int, name: str) -> None:
     if micro != full:
-        raise RuntimeError(
-            f"BatchNorm call #{index} has {micro} channels in a micro-batch but {full} in the full batch "
-            f"({name!r}); bn='two_pass' needs the same sequence of BatchNorm calls for every batch. Use "
-            "bn='micro' for such models.")
+        raise not_the_same_calls(f"BatchNorm call #{index} has {micro} channels in a micro-batch but {full} in the "
+                                 f"full batch ({name!r})")
 
 
 class FullBatchStatistics:
@@ -142,7 +145,7 @@ class FullBatchStatistics:
         self._deviations: list[tuple[int, Tensor, float]] = []
         self._checked: list[tuple[int, Tensor, float]] = []
 
-    def start_statistics_pass(self) -> None:
+    def start_phase1(self) -> None:
         self.layers = []
         self._deviations, self._checked = [], []
 
@@ -182,7 +185,7 @@ class FullBatchStatistics:
         return full_batch_statistics(self.ranks, name, call.eps, call.running_mean, call.running_var, momentum,
                                      count, mean, m2)
 
-    def finish_statistics_pass(self, complete: bool) -> None:
+    def finish_phase1(self, complete: bool) -> None:
         """``complete``: the forward ran to its end, so the number of calls is known exactly."""
         if complete:
             self.calls_per_forward = len(self.layers)
@@ -254,18 +257,10 @@ class FullBatchStatistics:
                     "taken and the model is unchanged; use bn='micro' for this model.")
         return None
 
-    def add(self, call: BatchNormCall, layer: LayerStatistics) -> None:
-        """A layer recorded while the first micro-batch runs (see autobatch.batchnorm.lockstep): counted as its call."""
-        self.layers.append(layer)
-        self._cursor = len(self.layers)
-        self._recomputed.forward_call(call)
-
     def finish_micro_batch(self) -> None:
         if self._cursor != len(self.layers):
-            raise RuntimeError(
-                f"the micro-batch forward made {self._cursor} training-mode BatchNorm calls but the "
-                f"full-batch forward made {len(self.layers)}; bn='two_pass' needs the same sequence of "
-                "BatchNorm calls for every batch. Use bn='micro' for such models.")
+            raise not_the_same_calls(f"the micro-batch forward made {self._cursor} training-mode BatchNorm calls but "
+                                     f"the full-batch forward made {len(self.layers)}")
 
     def thin_layers(self, smallest_split: int, batch: int) -> list[tuple[str, int]]:
         """Layers whose micro-batches hold fewer than FEW_VALUES_PER_CHANNEL values per channel."""

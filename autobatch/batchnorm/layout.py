@@ -1,10 +1,9 @@
 """Phase 1's memory format: the inputs' own, or channels_last where it measured faster.
 
 Phase 1 only yields BatchNorm statistics, and a tensor's memory format changes how fast the
-convolutions run, not what they compute (up to rounding). On a 2-core CPU (oneDNN) channels_last
-took two_pass from 1.32x to 1.23x of plain accumulation for the demo U-Net (bench/results/cost.md);
-which format wins depends on the model and the device, so by default the first phase 1 times both
-on its own batch and keeps the faster::
+convolutions run, not what they compute (up to rounding). Which format wins depends on the model
+and the device (bench/results/cost.md), so by default the first phase 1 times both on its own batch
+and keeps the faster::
 
     layout = Phase1Layout(None)                  # None: measure; or torch.channels_last / preserve_format
     with torch.no_grad():

@@ -30,8 +30,7 @@ from autobatch.batchnorm.statistics import (
 )
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
-from autobatch.plan import Phase1
-from autobatch.transaction import BatchNormState
+from autobatch.modes import Micro
 
 __all__ = ["MicroStrategy", "PooledBatchNorm"]
 
@@ -65,12 +64,12 @@ class PooledBatchNorm:
         self.ranks = ranks or Ranks()
         self._pools: list[_Pool] = []
         self._cursor = 0
-        self._counted = True
+        self._contributes = True
 
-    def start_micro_batch(self, counted: bool = True) -> None:
-        """``counted=False``: a padding micro-batch (a rank with fewer samples than splits), left out."""
+    def start_micro_batch(self, contributes: bool = True) -> None:
+        """``contributes=False``: a padding micro-batch (a rank with fewer samples than splits), left out."""
         self._cursor = 0
-        self._counted = counted
+        self._contributes = contributes
 
     def handle(self, call: BatchNormCall) -> Tensor:
         index = self._cursor
@@ -83,11 +82,11 @@ class PooledBatchNorm:
         output, mean, invstd = with_own_statistics(call)
         with torch.no_grad():
             mean, var, count = mean.detach(), variance(invstd.detach(), call.eps), call.values_per_channel
-            if self._counted and index == len(self._pools):
+            if self._contributes and index == len(self._pools):
                 # The first micro-batch's momentum is the full batch's: the layer counted this batch once.
                 self._pools.append(_Pool(name, call.eps, call.running_mean, call.running_var, call.momentum,
                                          count, mean, var * count))
-            elif self._counted:
+            elif self._contributes:
                 self._pools[index].merge(count, mean, var)
         return output
 
@@ -113,24 +112,22 @@ class PooledBatchNorm:
 class MicroStrategy(BatchNormStrategy):
     """bn="micro": plain accumulation's statistics, the running statistics of the whole batch."""
 
-    name = "micro"
+    name = Micro.name
     #: This logical batch's pooled statistics: new at each prepare, so a failed step leaves nothing behind.
     _pooled: PooledBatchNorm
 
-    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
         self._pooled = PooledBatchNorm(self.names, self.ranks)
-        return super().prepare(batch, splits, state, phase1, total)
+        return super().prepare(batch, splits, chunks, total)
 
     def intercept(self) -> ContextManager[None]:
         return intercept_batch_norm(self._pooled.handle, self.layers)
 
     @contextlib.contextmanager
     def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
-        self._pooled.start_micro_batch(counted=size > 0)
+        self._pooled.start_micro_batch(contributes=size > 0)
         yield
         self._pooled.finish_micro_batch()
-        if index == 0:
-            self._state.mark_counted()
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         return intercept_batch_norm(self._pooled.recompute, self.layers)

@@ -6,7 +6,7 @@ micro-batch's loss is taken on its rows of phase 1's output, which is the full b
 micro-batch's backward then goes down the graph one segment at a time::
 
     precise = PreciseTwoPassStrategy(layers, names, ranks, micro)
-    batch = precise.prepare(batch, splits, state, Phase1.whole(), total)     # phase 1, boundaries kept
+    batch = precise.prepare(batch, splits, 1, total)     # phase 1, boundaries kept
     ...                                          # then as every strategy (autobatch.batchnorm.strategy)
 
 Where the graph cannot be had (torch.fx cannot trace the model, the loss calls it twice, phase 1
@@ -30,8 +30,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
-from autobatch.phases import Phase, entered
-from autobatch.plan import Phase1
+from autobatch.stages import Stage, entered
 from autobatch.transaction import BatchNormState, RandomState
 
 __all__ = ["PreciseTwoPassStrategy", "forward_replaced"]
@@ -72,15 +71,15 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
 
     # -- the planner's questions ----------------------------------------------------------------
 
-    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+    def trial_phase1(self, batch: Any, chunks: int) -> None:
         if chunks > 1 or self._traced() is None:
-            return super().trial_statistics_pass(batch, chunks)
+            return super().trial_phase1(batch, chunks)
         self.draws.clear()
         try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
             run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False))
         except Unsupported as error:
             self._unsupported = str(error)
-            return super().trial_statistics_pass(batch, chunks)
+            return super().trial_phase1(batch, chunks)
         self._kept_bytes = run.kept_bytes
 
     def take_draw_bytes(self) -> int:
@@ -90,26 +89,25 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
         self._run = None
-        if phase1.chunks > 1:
-            self._warn_unsupported(f"phase 1 runs in {phase1.chunks} chunks to fit the memory budget")
+        if chunks > 1:
+            self._warn_unsupported(f"phase 1 runs in {chunks} chunks to fit the memory budget")
         elif self._traced() is not None:
-            BatchNormStrategy.prepare(self, batch, splits, state, phase1, total)
+            BatchNormStrategy.prepare(self, batch, splits, chunks, total)
             batch = self.micro.batches.to(batch, self.micro.device)
             self._splits, self._total = splits, total
             restore = (BatchNormState(self.layers), RandomState())
             try:
-                self._run = self._statistics_pass_through_graph(batch)
+                self._run = self._phase1_through_graph(batch)
             except Unsupported as error:
                 for part in restore:
                     part.restore()
                 self._unsupported = str(error)
             else:
-                state.mark_counted()
                 return batch
         self._warn_unsupported(self._unsupported)
-        return super().prepare(batch, splits, state, phase1, total)
+        return super().prepare(batch, splits, chunks, total)
 
     def micro_batch(self, index: int, first_row: int, size: int) -> ContextManager[None]:
         if self._run is None:
@@ -131,7 +129,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         yield
         run.take_output_grads(first_row, size)
         if first_row + size == run.rows:
-            with entered(Phase.MICRO_BATCHES), self.micro.autocast(), quiet_checkpoint():
+            with entered(Stage.MICRO_BATCHES), self.micro.autocast(), quiet_checkpoint():
                 run.backward(self._splits, self.handler.layers, self._intercept, self._replay)
             self._run = None
 
@@ -154,7 +152,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
                 self._unsupported = str(error)
         return self._graph if self._unsupported is None else None
 
-    def _statistics_pass_through_graph(self, batch: Any) -> StepGraph:
+    def _phase1_through_graph(self, batch: Any) -> StepGraph:
         self.draws.clear()
         with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
             self._measure_layout(batch, self.handler.ranks)
@@ -177,14 +175,14 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
             runs.append(self._graph.start(args, kwargs, rows, cuts))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
-        handler.start_statistics_pass()
-        with entered(Phase.STATISTICS_PASS), torch.no_grad(), self.micro.autocast(), quiet_checkpoint(), \
+        handler.start_phase1()
+        with entered(Stage.PHASE1), torch.no_grad(), self.micro.autocast(), quiet_checkpoint(), \
                 intercept_batch_norm(record, self.layers), self.draws.record(0, rows), \
                 forward_replaced(self.micro.module, forward):
             self.micro.forward(batch)
         if not runs:
             raise Unsupported("the loss does not call the model itself")
-        handler.finish_statistics_pass(True)
+        handler.finish_phase1(True)
         if len(handler.layers) != len(seen):
             raise Unsupported("BatchNorm layers ran outside the model's forward")
         return runs[0]

@@ -19,7 +19,7 @@ Draws are intercepted with a :class:`~torch.overrides.TorchFunctionMode`: per th
 the ``with`` block, and traced by ``torch.compile``. Memory: a dropout mask costs one byte per
 element of its input for the whole logical batch, other draws their own size, and only draws
 made before phase 1's last BatchNorm call are kept (phase 1 stops there); they live until the step
-ends, and the planner adds them to every micro-batch's predicted peak (autobatch.planning.tuning).
+ends, and the planner adds them to every micro-batch's predicted peak (autobatch.planning.micro_batches).
 """
 from __future__ import annotations
 
@@ -84,11 +84,11 @@ class _Replayed:
     depends on the micro-batch's rows is left to compute while torch.compile traces the forward."""
 
     qualname: str
-    #: Phase 1's draw (its first forward's, under a chunked phase 1 or lockstep), for a draw not per sample.
+    #: Phase 1's draw (its first forward's, under a chunked phase 1), for a draw not per sample.
     whole: Tensor
     #: The shape a per-sample draw has in this micro-batch; None for a draw that is not per sample.
     micro_shape: Optional[tuple[int, ...]]
-    #: The micro-batch's rows of a per-sample draw; None where phase 1 did not run them (lockstep's first).
+    #: The micro-batch's rows of a per-sample draw; None where phase 1 did not run them.
     rows: Optional[Tensor]
 
 
@@ -335,7 +335,7 @@ class RandomDraws:
 
     def _recorded(self, index: int, func: Callable, shape: torch.Size) -> Optional[Tensor]:
         """Phase 1's draw number ``index`` for this micro-batch's rows; None where phase 1 has none
-        (draws after its last BatchNorm call, or rows it did not run, as lockstep's first micro-batch)."""
+        (draws after its last BatchNorm call, or rows it did not run)."""
         if index >= len(self._prepared):
             return None
         replayed = self._prepared[index]

@@ -3,7 +3,7 @@
 The step drives one strategy object per logical batch, the same way for every mode::
 
     norm = strategy.for_step(splits)                 # plain where one micro-batch holds the batch
-    batch = norm.prepare(batch, splits, state, phase1, total)     # two_pass: phase 1
+    batch = norm.prepare(batch, splits, chunks, total)     # two_pass: phase 1
     with norm.intercept():
         for index, (first_row, size) in enumerate(rows):
             with norm.micro_batch(index, first_row, size):
@@ -25,8 +25,7 @@ from autobatch.batchnorm.recompute import recompute_with_own_statistics
 from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.distributed import Ranks
 from autobatch.modes import Mode
-from autobatch.plan import Phase1, Plan
-from autobatch.transaction import BatchNormState
+from autobatch.plan import Plan
 
 __all__ = ["BatchNormStrategy", "Plain"]
 
@@ -37,16 +36,11 @@ class BatchNormStrategy:
 
     #: The ``bn`` option that selects it.
     name: ClassVar[str]
-    #: For the planner: the logical batch runs in one piece only (bn="exact"), or in one piece where
-    #: that fits and pays, else split (bn="auto").
-    whole_batch_only: ClassVar[bool] = False
-    prefers_whole_batch: ClassVar[bool] = False
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks):
         self.layers = layers
         self.names = names
         self.ranks = ranks
-        self._state: Optional[BatchNormState] = None
 
     def for_step(self, splits: list[int]) -> "BatchNormStrategy":
         """The strategy for a logical batch in ``splits``: this one, or plain where one micro-batch
@@ -66,11 +60,16 @@ class BatchNormStrategy:
 
     # -- the planner's questions ----------------------------------------------------------------
 
-    def needs_statistics_pass(self) -> bool:
+    def sizing(self, kinds: Any) -> Any:
+        """How the planner sizes this mode's steps, chosen from ``kinds`` (autobatch.planning.planner):
+        micro-batches, unless the mode runs the whole batch in one piece."""
+        return kinds.micro_batches(self)
+
+    def needs_phase1(self) -> bool:
         """Whether a step runs phase 1 (a no-grad forward of the whole batch) before its micro-batches."""
         return False
 
-    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+    def trial_phase1(self, batch: Any, chunks: int) -> None:
         """Phase 1 as a planner's trial runs it, leaving the model and running statistics alone."""
         raise NotImplementedError(f"bn={self.name!r} has no phase 1")
 
@@ -80,9 +79,8 @@ class BatchNormStrategy:
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
         """Before the micro-batches (``total``: samples over all ranks); returns the batch to split."""
-        self._state = state
         return batch
 
     def intercept(self) -> ContextManager[None]:
@@ -94,8 +92,6 @@ class BatchNormStrategy:
         """Around the forward of micro-batch ``index``: rows ``first_row:first_row + size`` of the
         logical batch (``size`` 0: a padding micro-batch, at weight 0)."""
         yield
-        if index == 0:
-            self._state.mark_counted()
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         """Around the micro-batch's backward, where activation checkpointing calls BatchNorm again."""

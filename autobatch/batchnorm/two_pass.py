@@ -3,7 +3,7 @@ statistics (phase 1), then each micro-batch normalizes with them and back-propag
 projected backward (autobatch.batchnorm.full_batch), with phase 1's random draws replayed.
 
     two_pass = TwoPassStrategy(layers, names, ranks, micro, phase1_memory_format=None)
-    batch = two_pass.prepare(batch, splits, state, Phase1.whole(), total)     # phase 1
+    batch = two_pass.prepare(batch, splits, 1, total)     # phase 1
     ...                                                 # then as every strategy (autobatch.batchnorm.strategy)
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.batchnorm.full_batch import FEW_VALUES_PER_CHANNEL, FullBatchStatistics, StopForward
 from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.layout import Phase1Layout
-from autobatch.batchnorm.lockstep import Lockstep, batch_norm_counters, thread_context
 from autobatch.batchnorm.micro import PooledBatchNorm
 from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.batchnorm.recompute import quiet_checkpoint
@@ -26,24 +25,23 @@ from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistic
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
-from autobatch.phases import Phase, entered
-from autobatch.plan import Phase1
+from autobatch.modes import TwoPass
 from autobatch.split import balanced_splits
-from autobatch.transaction import BatchNormState
+from autobatch.stages import Stage, entered
 
 __all__ = ["TwoPassStrategy"]
 
 log = logging.getLogger(__name__)
 
-#: Below this many samples per micro-batch, two_pass ended a convolutional network at 2.3x plain
-#: accumulation's training loss on real data (bench/fidelity_real.py; at 4 samples it was ahead).
+#: Below this many samples per micro-batch, two_pass (the projected backward) trained a convolutional network
+#: to a worse loss than plain accumulation on real data; at this many it was ahead (docs/benchmarks.md).
 SMALL_MICRO_BATCH = 4
 
 
 class TwoPassStrategy(BatchNormStrategy):
     """bn="two_pass": full-batch statistics in every micro-batch; running statistics updated once."""
 
-    name = "two_pass"
+    name = TwoPass.name
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
                  phase1_memory_format: Optional[torch.memory_format] = None, stop_early: bool = True):
@@ -53,7 +51,6 @@ class TwoPassStrategy(BatchNormStrategy):
         #: Phase 1's dropout and stochastic-depth masks, replayed to the micro-batches.
         self.draws = RandomDraws()
         self.layout = Phase1Layout(phase1_memory_format)
-        self._lockstep: Optional[Lockstep] = None
         self._splits: list[int] = []
         self._total = 0
         self._warned_thin = False
@@ -63,14 +60,13 @@ class TwoPassStrategy(BatchNormStrategy):
 
     # -- the planner's questions ----------------------------------------------------------------
 
-    def needs_statistics_pass(self) -> bool:
+    def needs_phase1(self) -> bool:
         return uses_batch_statistics(self.layers)
 
-    def trial_statistics_pass(self, batch: Any, chunks: int) -> None:
+    def trial_phase1(self, batch: Any, chunks: int) -> None:
         self.draws.clear()
         # A two_pass of this rank alone: trials must not wait on other ranks' collectives.
-        self._statistics_pass(batch, FullBatchStatistics(self.names), BatchNormState(self.layers), chunks,
-                              measure_layout=False)
+        self._phase1(batch, FullBatchStatistics(self.names), chunks, measure_layout=False)
 
     def take_draw_bytes(self) -> int:
         size = self.draws.nbytes
@@ -79,17 +75,14 @@ class TwoPassStrategy(BatchNormStrategy):
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], state: BatchNormState, phase1: Phase1, total: int) -> Any:
-        super().prepare(batch, splits, state, phase1, total)
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
+        super().prepare(batch, splits, chunks, total)
         batch = self.micro.batches.to(batch, self.micro.device)
         self.draws.clear()
-        self._splits, self._total, self._lockstep = splits, total, None
-        if phase1.lockstep:
-            self._lockstep = self._lockstep_for(batch, splits[0])
-        else:
-            self._statistics_pass(batch, self.handler, state, phase1.chunks)
-            self._warn_thin_layers()
-            self._warn_chunks(phase1.chunks)
+        self._splits, self._total = splits, total
+        self._phase1(batch, self.handler, chunks)
+        self._warn_thin_layers()
+        self._warn_chunks(chunks)
         return batch
 
     def intercept(self) -> ContextManager[None]:
@@ -101,15 +94,8 @@ class TwoPassStrategy(BatchNormStrategy):
         # A padding micro-batch (no samples of its own, weight 0) draws afresh.
         self._replaying = bool(size and self.draws.recorded)
         with self.draws.replay(first_row, size) if self._replaying else contextlib.nullcontext():
-            if index == 0 and self._lockstep is not None:
-                with entered(Phase.LOCKSTEP), quiet_checkpoint(), self._lockstep:
-                    yield
-                self._warn_thin_layers()
-            else:
-                yield
+            yield
         self.handler.finish_micro_batch()
-        if index == 0 and self._lockstep is not None:
-            self._state.mark_counted()
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         stack = contextlib.ExitStack()
@@ -133,65 +119,44 @@ class TwoPassStrategy(BatchNormStrategy):
 
     # -- phase 1 ---------------------------------------------------------------------------------
 
-    def _statistics_pass(self, batch: Any, handler: FullBatchStatistics, state: BatchNormState, chunks: int,
-                         measure_layout: bool = True) -> None:
+    def _phase1(self, batch: Any, handler: FullBatchStatistics, chunks: int, measure_layout: bool = True) -> None:
         """A no-grad forward of the whole batch that records every BatchNorm's statistics and updates
-        running statistics once. In ``chunks`` > 1 pieces, the statistics are pooled. The first one
+        running statistics. In ``chunks`` > 1 pieces, the statistics are pooled. The first one
         (``measure_layout``) times the memory formats it may run in (autobatch.batchnorm.layout)."""
-        with entered(Phase.STATISTICS_PASS), torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
+        with entered(Stage.PHASE1), torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
             size = self.micro.batches.size(batch)
             sizes = balanced_splits(size, -(-size // chunks))
             if measure_layout:
                 self._measure_layout(batch if chunks == 1 else self.micro.batches.split(batch, sizes)[0], handler.ranks)
             batch = self.layout.convert(batch)
             if chunks == 1:
-                self._whole_statistics_pass(batch, handler)
+                self._whole_phase1(batch, handler)
             else:
-                self._chunked_statistics_pass(batch, sizes, handler, state)
-        state.mark_counted()
+                self._chunked_phase1(batch, sizes, handler)
 
-    def _whole_statistics_pass(self, batch: Any, handler: FullBatchStatistics) -> None:
-        handler.start_statistics_pass()
+    def _whole_phase1(self, batch: Any, handler: FullBatchStatistics) -> None:
+        handler.start_phase1()
         complete = True
         with intercept_batch_norm(handler.record, self.layers), self.draws.record(0, self.micro.batches.size(batch)):
             try:
                 self.micro.forward(batch)
             except StopForward:
                 complete = False
-        handler.finish_statistics_pass(complete)
+        handler.finish_phase1(complete)
 
-    def _chunked_statistics_pass(self, batch: Any, sizes: list[int], handler: FullBatchStatistics,
-                                 state: BatchNormState) -> None:
+    def _chunked_phase1(self, batch: Any, sizes: list[int], handler: FullBatchStatistics) -> None:
         pooled = PooledBatchNorm(self.names, handler.ranks)
         with intercept_batch_norm(pooled.handle, self.layers):
             for index, chunk in enumerate(self.micro.batches.split(batch, sizes)):
                 pooled.start_micro_batch()
                 with self.draws.record(sum(sizes[:index]), sizes[index]):
                     self.micro.forward(chunk)
-                if index == 0:
-                    state.mark_counted()
-        state.keep_counted()
         handler.layers = pooled.commit()
 
     def _measure_layout(self, batch: Any, ranks: Ranks) -> None:
         """Phase 1's memory format, timed on ``batch`` the first time (autobatch.batchnorm.layout)."""
         with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
             self.layout.measure(self.micro.module, self.micro.forward, batch, self.micro.device, ranks)
-
-    def _lockstep_for(self, batch: Any, first: int) -> Lockstep:
-        """Phase 1 of the samples after the first micro-batch, to run alongside its training forward."""
-        size = self.micro.batches.size(batch)
-        rest = self.micro.batches.split(batch, [first, size - first])[1] if size > first else None
-        # Every rank takes part, one without other samples too: the ranks decide together.
-        self._measure_layout(rest, self.ranks)
-        rest = self.layout.convert(rest)
-
-        def forward_rest() -> None:
-            with self.micro.autocast(), self.draws.record(first, size - first):
-                self.micro.forward(rest)
-
-        return Lockstep(self.handler, forward_rest if rest is not None else None, thread_context(self.micro.device),
-                        batch_norm_counters(self.layers))
 
     # -- phase 2 ---------------------------------------------------------------------------------
 
@@ -213,9 +178,9 @@ class TwoPassStrategy(BatchNormStrategy):
         self._warned_thin = True
         smallest = min([n for n in self._splits if n] or self._splits)
         if smallest < SMALL_MICRO_BATCH:
-            log.warning("two_pass with micro-batches of %d samples: at 2 samples a convolutional network trained to "
-                        "2.3x plain accumulation's loss on real data (docs/benchmarks.md); prefer %d or more per "
-                        "micro-batch", smallest, SMALL_MICRO_BATCH)
+            log.warning("two_pass with micro-batches of %d samples: with so few, a convolutional network trained to a "
+                        "worse loss than plain accumulation on real data (docs/benchmarks.md); prefer %d or more per "
+                        "micro-batch, or TwoPass(precise=True), whose gradient is the full batch's", smallest, SMALL_MICRO_BATCH)
         thin = sorted(self.handler.thin_layers(smallest, self._total), key=lambda layer: layer[1])
         if thin:
             layers = "1 BatchNorm layer sees" if len(thin) == 1 else f"{len(thin)} BatchNorm layers see"

@@ -2,10 +2,11 @@
 
     >>> cache = PlanCache(directory)              # wrap's cache: $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch
     >>> key = plan_key(model=model, batch=batch, ...)
-    >>> cache.load(key, share=16)                 # None when absent, corrupt or invalid (with a warning)
+    >>> cache.load(key, share=16)                 # a PlanRecord; None when absent, corrupt or invalid (warned)
+    >>> cache.store(key, record)
 
-A record is read with bounds (its size, its nesting) and every field checked against this run before
-a plan is built from it; files are written whole, renamed into place, readable as the umask allows.
+A file is read with bounds (its size, its nesting) and its record checked against this run
+(autobatch.planning.record); files are written whole, renamed into place, readable as the umask allows.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import stat
@@ -23,14 +23,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from autobatch.planning.record import FORMAT, PlanRecord
 from autobatch.split import BatchFormat, NestedFormat
 
 __all__ = ["PlanCache", "plan_key"]
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever what a record means changes; older records are ignored as stale.
-FORMAT = 4
 #: A record is a few hundred bytes; anything far larger is not one of ours.
 MAX_BYTES = 1 << 20
 
@@ -63,72 +62,6 @@ def plan_key(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, dev
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-#: No real measurement comes near this many bytes (an exbibyte); a larger one is not ours, and arithmetic on it
-#: would overflow to infinity and NaN.
-MAX_SIZE = 2**60
-
-
-def _size(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        0 <= value <= MAX_SIZE
-
-
-def _points(points: Any, name: str, share: Optional[int]) -> Optional[str]:
-    """What is wrong with a record's measured points, [samples, elements per sample, peak bytes] each."""
-    if not isinstance(points, list) or not all(
-            isinstance(p, list) and len(p) == 3 and _positive_int(p[0]) and _positive_int(p[1]) and p[1] <= MAX_SIZE
-            and _size(p[2])
-            for p in points):
-        return f"{name} are not [samples, elements per sample, peak bytes] triples"
-    if share is not None and any(p[0] > share for p in points):
-        return f"{name} measure more samples than this run's batch of {share}"
-    return None
-
-
-def _problem(record: Any, share: Optional[int]) -> Optional[str]:
-    """What makes a record unusable for a run whose rank holds ``share`` samples, or None: every field is
-    checked, its range too, before a plan is built from it."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if record.get("format") != FORMAT:
-        return f"format {record.get('format')!r}, not {FORMAT}"
-    if not _positive_int(record.get("micro_batch")):
-        return f"micro_batch {record.get('micro_batch')!r} is not a positive integer"
-    if share is not None and record["micro_batch"] > share:
-        return f"micro_batch {record['micro_batch']} is larger than this run's batch of {share}"
-    for name in ("resident_per_element", "phase1_base"):
-        if not _size(record.get(name, 0.0)):
-            return f"{name} {record.get(name)!r} is not a size in bytes"
-    problem = _points(record.get("points"), "points", share) or _points(record.get("phase1_points", []),
-                                                                       "phase1_points", share)
-    if problem is not None:
-        return problem
-    if not record["points"]:
-        return "no point measured"
-    if not _positive_int(record.get("phase1_chunks", 1)):
-        return f"phase1_chunks {record.get('phase1_chunks')!r} is not a positive integer"
-    if share is not None and record.get("phase1_chunks", 1) > share:
-        return f"phase1_chunks {record['phase1_chunks']} is more than this run's batch of {share} samples"
-    if not isinstance(record.get("lockstep_fits", False), bool):
-        return f"lockstep_fits {record.get('lockstep_fits')!r} is not true or false"
-    if record.get("bn", "two_pass") not in ("two_pass", "micro", "exact") or not isinstance(record.get("label", ""), str):
-        return f"bn {record.get('bn')!r} is not a mode a plan runs, or its label is not a string"
-    checkpointed = record.get("checkpointed", [])
-    if not isinstance(checkpointed, list) or not all(isinstance(name, str) for name in checkpointed):
-        return "checkpointed is not a list of module names"
-    if not isinstance(record.get("selective", False), bool):
-        return f"selective {record.get('selective')!r} is not true or false"
-    failed = record.get("failed", [])
-    if not isinstance(failed, list) or not all(isinstance(f, list) and len(f) == 2 and _positive_int(f[0])
-                                               and _positive_int(f[1]) for f in failed):
-        return "failed is not a list of [elements per sample, micro-batch] pairs"
-    return None
-
-
 def _read_regular(path: pathlib.Path) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most MAX_BYTES: a FIFO would block the step (opened
     without waiting here), a link to a device such as /dev/zero would read without end."""
@@ -156,25 +89,25 @@ class PlanCache:
     def path(self, key: str) -> pathlib.Path:
         return self.directory / f"{key}.json"
 
-    def load(self, key: str, share: Optional[int] = None) -> Optional[dict[str, Any]]:
+    def load(self, key: str, share: Optional[int] = None) -> Optional[PlanRecord]:
         """The record under ``key``, checked against a run whose rank holds ``share`` samples; None if
         there is none or it is unusable (with a warning naming the file)."""
         path = self.path(key)
         try:
-            record = json.loads(_read_regular(path).decode("utf-8"))
+            data = json.loads(_read_regular(path).decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep to be ours
             log.warning("ignoring the unreadable plan cache file %s (%s); measuring afresh", path,
                         type(error).__name__ if isinstance(error, RecursionError) else error)
             return None
-        problem = _problem(record, share)
-        if problem is not None:
+        try:
+            return PlanRecord.from_json(data, share)
+        except ValueError as problem:
             log.warning("ignoring the plan cache file %s (%s); measuring afresh", path, problem)
             return None
-        return record
 
-    def store(self, key: str, record: dict[str, Any]) -> None:
+    def store(self, key: str, record: PlanRecord) -> None:
         path = self.path(key)
         temporary = self.directory / f".{key}.{uuid.uuid4().hex}.tmp"
         try:
@@ -183,7 +116,7 @@ class PlanCache:
             # temporary file would be 0600 whatever the umask.
             handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(handle, "w") as f:
-                json.dump({"format": FORMAT, **record}, f, indent=1)
+                json.dump(record.to_json(), f, indent=1)
             os.replace(temporary, path)
         except OSError as error:
             log.warning("cannot write the plan cache file %s (%s); the plan is not kept", path, error)

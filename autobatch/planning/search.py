@@ -5,7 +5,7 @@ largest ``n`` under the budget and verifies it once; it bisects only when the ve
 
     >>> fit = search(measure=lambda n: measured_peak_of_a_step_with(n), budget_bytes=6 * 2**30,
     ...              target_batch=64)
-    >>> fit.micro_batch, fit.trials
+    >>> fit.capacity, fit.trials
     (23, 4)
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from autobatch.oom import PlanDoesNotFit
 from autobatch.sizes import format_bytes
 
 __all__ = ["Fit", "fitted_line", "largest_under", "search", "shrink"]
@@ -23,9 +24,9 @@ Measure = Callable[[int], Optional[int]]
 
 @dataclass(frozen=True)
 class Fit:
-    """What the search found: the micro-batch, the fitted line, and every measured point."""
+    """What the search found: the largest micro-batch that fits, the fitted line, and every measured point."""
 
-    micro_batch: int
+    capacity: int
     fixed_bytes: float
     per_sample_bytes: float
     points: tuple[tuple[int, Optional[int]], ...]
@@ -66,7 +67,7 @@ def search(measure: Measure, budget_bytes: int, target_batch: int) -> Fit:
 
     ``measure(n)`` runs one real training micro-step of ``n`` samples and returns its peak bytes,
     or None when it ran out of memory. Typically 2 points, 1 point near the answer, 1 verification.
-    Raises MemoryError when not even one sample fits.
+    Raises PlanDoesNotFit when not even one sample fits.
     """
     measured: dict[int, Optional[int]] = {}
 
@@ -118,14 +119,14 @@ def _bisect(fits: Callable[[int], bool], good: int, bad: int) -> int:
     return good
 
 
-def _nothing_fits(one_sample: Optional[int], budget_bytes: int) -> MemoryError:
+def _nothing_fits(one_sample: Optional[int], budget_bytes: int) -> PlanDoesNotFit:
     measured = format_bytes(one_sample) if one_sample is not None else "out of memory"
-    return MemoryError(f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
-                       f"peaked at {measured} against a budget of {format_bytes(budget_bytes)}")
+    return PlanDoesNotFit(f"not even a micro-batch of one sample fits the memory budget: one sample's training step "
+                          f"peaked at {measured} against a budget of {format_bytes(budget_bytes)}")
 
 
 def shrink(micro_batch: int) -> int:
     """The next micro-batch to try after running out of memory at ``micro_batch``."""
     if micro_batch <= 1:
-        raise MemoryError("out of memory with a micro-batch of one sample; nothing smaller to try")
+        raise PlanDoesNotFit("out of memory with a micro-batch of one sample; nothing smaller to try")
     return max(1, min(micro_batch - 1, math.floor(micro_batch * 0.8)))

@@ -65,7 +65,7 @@ class Trials:
             peak = None
         if peak is None:
             release_memory(micro.device)
-        if micro.fsdp is not None and micro.ranks.active:
+        if micro.collective:
             # A fully_shard model's trials gather shards from every rank: every rank decides alike, from the
             # largest peak (None if any ran out of memory), so that their trials stay in step.
             peaks = micro.ranks.gather([-1.0 if peak is None else peak])[:, 0]
@@ -100,7 +100,7 @@ class Trials:
     def micro_step(self, batch: Any, n: int) -> Work:
         """One real training micro-step of ``n`` samples and the update (its undo copies included)."""
         micro, batches = self.micro, self.micro.batches
-        whole_batch_resident = self.strategy.needs_statistics_pass() and n < self.share
+        whole_batch_resident = self.strategy.needs_phase1() and n < self.share
 
         def work() -> None:
             # With two_pass the whole logical batch's inputs stay on the device during phase 2.
@@ -113,12 +113,12 @@ class Trials:
 
         return work
 
-    def statistics_pass(self, batch: Any, chunks: int) -> Work:
+    def phase1(self, batch: Any, chunks: int) -> Work:
         """Phase 1 of the whole share in ``chunks`` pieces (two_pass)."""
         batches = self.micro.batches
 
         def work() -> None:
-            self.strategy.trial_statistics_pass(batches.to(batches.take(batch, self.share), self.micro.device), chunks)
+            self.strategy.trial_phase1(batches.to(batches.take(batch, self.share), self.micro.device), chunks)
 
         return work
 

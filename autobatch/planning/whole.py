@@ -1,26 +1,32 @@
-"""bn="exact" and bn="auto": the whole logical batch in one piece, under the fastest checkpointing
-policy that fits; or, for auto, two_pass where that is not worth it.
+"""Sizing the whole logical batch in one piece (bn="exact"), under the fastest checkpointing policy that
+fits; and bn="auto"'s choice between that and micro-batches, where the whole batch is not worth it.
 
-    candidates, fitting = whole_batch_candidates(trials, ranks, batch, budget_bytes)
-    plan = choose(candidates, fitting, ...)          # exact's plan, or auto's two_pass plan
+    sizing = WholeBatchSizing(planner)                 # bn="exact"
+    sizing = WholeOrSplitSizing(planner, WholeBatchSizing(planner, prefers_split=True), split)    # bn="auto"
+    plan = sizing.measure(batch)                       # every policy's whole-batch trial (and auto's split)
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from autobatch.checkpointing import Checkpointing
 from autobatch.checkpointing import candidates as checkpointing_candidates
 from autobatch.distributed import Ranks
 from autobatch.modes import Mode
-from autobatch.oom import first_line
-from autobatch.plan import Candidate, Phase1, Plan
-from autobatch.planning.memory import Budget
-from autobatch.planning.search import Fit
+from autobatch.oom import PlanDoesNotFit, first_line
+from autobatch.plan import Candidate, Plan
+from autobatch.planning.measure import warm_optimizer_state
+from autobatch.planning.micro_batches import described
+from autobatch.planning.model import MemoryModel
+from autobatch.planning.search import shrink
+from autobatch.planning.sizing import Sizing
 from autobatch.planning.trials import Trials, timed
 from autobatch.sizes import format_bytes
+from autobatch.stages import Stage
+from autobatch.transaction import trial_transaction
 
-__all__ = ["AUTO_SLOWDOWN", "Fitting", "slowest", "whole_batch_candidates", "whole_batch_plan"]
+__all__ = ["AUTO_SLOWDOWN", "Fitting", "WholeBatchSizing", "WholeOrSplitSizing", "slowest", "whole_batch_candidates"]
 
 log = logging.getLogger(__name__)
 
@@ -67,38 +73,143 @@ def whole_batch_candidates(trials: Trials, ranks: Ranks, batch: Any,
     return candidates, fitting
 
 
-def whole_batch_plan(trials: Trials, ranks: Ranks, batch: Any, limit: Budget, device: str, target_batch: int,
-                     prefers_split: bool, split: Callable[[], Plan]) -> tuple[Plan, Optional[Fit]]:
-    """bn="exact": the fastest checkpointing policy whose whole-batch peak fits. bn="auto"
-    (``prefers_split``): that, if it needs no checkpointing or costs at most AUTO_SLOWDOWN x plain
-    accumulation; else ``split()``, two_pass's plan. Returns the plan, and the whole batch's fit (None
-    when the split plan was chosen)."""
-    candidates, fitting = whole_batch_candidates(trials, ranks, batch, limit.budget_bytes)
-    best = min(fitting, key=lambda fit: fit[0]) if fitting else None
-    share = trials.share
-    if prefers_split and (best is None or best[1]):
-        plan = split()
-        seconds = timed(trials.micro_step(batch, plan.micro_batch), trials.micro.device, trials) * len(plan.splits)
-        seconds = slowest(ranks, [seconds])[0]
+class WholeBatchSizing(Sizing):
+    """bn="exact": the fastest checkpointing policy whose whole-batch peak fits; checked again at every new
+    sample size. ``prefers_split``: auto's whole batch, which gives way to micro-batches (WholeOrSplitSizing)."""
+
+    def __init__(self, planner: Any, prefers_split: bool = False):
+        self.planner = planner
+        self.prefers_split = prefers_split
+
+    def measure(self, batch: Any) -> Plan:
+        p = self.planner
+        with trial_transaction(p.micro.model, p.micro.optimizer):
+            warm_optimizer_state(p.micro.optimizer)
+            candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
+        return self.plan_of(batch, candidates, fitting)
+
+    def plan_of(self, batch: Any, candidates: list[Candidate], fitting: list[Fitting]) -> Plan:
+        """The plan of the fastest fitting policy; the memory model starts from its peak."""
+        p = self.planner
+        if not fitting:
+            smallest = min((c.peak_bytes for c in candidates if c.peak_bytes is not None), default=None)
+            raise PlanDoesNotFit(
+                f"bn='exact' does not fit: the whole batch of {p.share} peaked at "
+                f"{format_bytes(smallest) if smallest is not None else 'out of memory'} at best (under every "
+                f"checkpointing policy tried) against a budget of {format_bytes(p.limit.budget_bytes)}; use "
+                "bn='two_pass', which splits the batch, or a larger memory_budget")
+        seconds, policy, peak = min(fitting, key=lambda fit: fit[0])
+        reason = (f"the whole batch in one piece fits {p.limit.describe()}" + (
+            f" with {len(policy.modules)} modules checkpointed ({policy.label}), the fastest that fits" if policy
+            else " without checkpointing"))
+        s = p.micro.batches.sample_size(batch)
+        p.model, p.phase1 = MemoryModel(0.0, [(p.share, s, peak)]), None
+        plan = Plan(p.share, p.options.target_batch, "measured", reason, p.device, p.limit.budget_bytes, peak,
+                    ((p.share, peak),), len(candidates), world_size=p.ranks.world_size, bn=Mode.EXACT,
+                    checkpointing=policy, candidates=tuple(candidates))
+        return self.for_size(plan, s)
+
+    def from_record(self, base: Plan, batch: Any, path: str) -> Optional[Plan]:
+        p = self.planner
+        if base.bn is not Mode.EXACT:
+            return None
+        s = p.micro.batches.sample_size(batch)
+        if p.model.predict(p.share, s) > p.limit.budget_bytes:
+            log.warning("autobatch: the cached whole-batch plan %s peaked at %s, over today's budget of %s; measuring "
+                        "afresh", path, format_bytes(p.model.predict(p.share, s)), format_bytes(p.limit.budget_bytes))
+            return None
+        return self.for_size(base, s)
+
+    def for_size(self, plan: Plan, s: int, batch: Any = None) -> Plan:
+        model = self.planner.model
+        return plan.replace(predicted_peak_bytes=model.predict(self.planner.share, s), **described(model, s))
+
+    def for_batch(self, plan: Plan, batch: Any, s: int) -> tuple[Plan, bool]:
+        """At a new sample size: verified once with a trial of the whole batch under the plan's checkpointing;
+        planned afresh there if it would not fit."""
+        p = self.planner
+        if s == plan.sample_size:
+            return plan, False
+        if not p.model.covers(s) and p.micro.collective:
+            if p.model.predict(p.share, s) <= p.limit.budget_bytes:
+                return self.for_size(plan, s), False  # the bound fits; the step measures
+            raise PlanDoesNotFit(
+                f"bn='exact' with a fully_shard model: the whole batch at {s} elements per sample may not fit under "
+                "its checkpointing, and FSDP2's trials must run on every rank at once; tune on the largest batch "
+                "first (ab.tune on every rank), or use bn='two_pass'")
+        if not p.model.covers(s):
+            with trial_transaction(p.micro.model, p.micro.optimizer):
+                warm_optimizer_state(p.micro.optimizer)
+                work = p.trials.whole_batch_step(batch, plan.checkpointing)
+                peak = p.trials.peak(work, f"whole batch at {s} elements per sample", batch)
+            p.model.add(p.share, s, peak if peak is not None else 2 * p.limit.budget_bytes)
+        if p.model.predict(p.share, s) <= p.limit.budget_bytes:
+            return self.for_size(plan, s), False
+        log.info("autobatch: the whole batch at %d elements per sample passes the budget under %s; planning afresh",
+                 s, plan.checkpointing.label)
+        return p.remeasure(batch), False
+
+    def after_out_of_memory(self, plan: Plan, stage: Stage, message: str) -> Plan:
+        raise PlanDoesNotFit(f"bn='exact' ran out of memory with the whole batch of {self.planner.share} ({message}) "
+                             f"under checkpointing {plan.checkpointing.label}; plan again with a smaller memory_budget "
+                             "(and cache='refresh'), or use bn='two_pass'")
+
+
+class WholeOrSplitSizing(Sizing):
+    """bn="auto": the whole batch where a policy fits and needs no checkpointing or costs at most
+    AUTO_SLOWDOWN x plain accumulation at the largest micro-batch that fits; else ``split``'s micro-batches.
+    A plan's mode says which of the two sizes it from then on."""
+
+    def __init__(self, planner: Any, whole: WholeBatchSizing, split: Sizing):
+        self.planner = planner
+        self.whole = whole
+        self.split = split
+
+    def _of(self, plan: Plan) -> Sizing:
+        return self.whole if plan.bn is Mode.EXACT else self.split
+
+    def measure(self, batch: Any) -> Plan:
+        p = self.planner
+        with trial_transaction(p.micro.model, p.micro.optimizer):
+            warm_optimizer_state(p.micro.optimizer)
+            candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
+        best = min(fitting, key=lambda fit: fit[0]) if fitting else None
+        if best is not None and not best[1]:
+            return self.whole.plan_of(batch, candidates, fitting)  # no checkpointing needed: nothing is faster
+        plan = self.split.measure(batch)
+        with trial_transaction(p.micro.model, p.micro.optimizer):
+            warm_optimizer_state(p.micro.optimizer)
+            seconds = timed(p.trials.micro_step(batch, plan.micro_batch), p.micro.device, p.trials) * len(plan.splits)
+        seconds = slowest(p.ranks, [seconds])[0]
         candidates.append(Candidate(f"{plan.bn}, micro_batch {plan.micro_batch}", plan.predicted_peak_bytes,
                                     seconds, False))
         if best is None or best[0] > AUTO_SLOWDOWN * seconds:
             why = "no checkpointing policy fits" if best is None else (
                 f"the best fitting policy ({best[1].label}) took {best[0] / seconds:.2f}x plain accumulation's "
                 f"time, over {AUTO_SLOWDOWN}x")
-            return plan.replace(candidates=tuple(candidates), reason=f"{plan.reason}; whole batch: {why}"), None
-    if best is None:
-        smallest = min((c.peak_bytes for c in candidates if c.peak_bytes is not None), default=None)
-        raise MemoryError(
-            f"bn='exact' does not fit: the whole batch of {share} peaked at "
-            f"{format_bytes(smallest) if smallest is not None else 'out of memory'} at best (under every "
-            f"checkpointing policy tried) against a budget of {format_bytes(limit.budget_bytes)}; use "
-            "bn='two_pass', which splits the batch, or a larger memory_budget")
-    seconds, policy, peak = best
-    fit = Fit(share, peak, 0, ((share, peak),))
-    reason = (f"the whole batch in one piece fits {limit.describe()}" + (
-        f" with {len(policy.modules)} modules checkpointed ({policy.label}), the fastest that fits" if policy
-        else " without checkpointing"))
-    return Plan(share, target_batch, "measured", reason, device, limit.budget_bytes, peak, fit.points,
-                len(candidates), Phase1.whole(), ranks.world_size, bn=Mode.EXACT, checkpointing=policy,
-                candidates=tuple(candidates)), fit
+            return plan.replace(candidates=tuple(candidates), reason=f"{plan.reason}; whole batch: {why}")
+        return self.whole.plan_of(batch, candidates, fitting)
+
+    def from_record(self, base: Plan, batch: Any, path: str) -> Optional[Plan]:
+        return self._of(base).from_record(base, batch, path)
+
+    def for_size(self, plan: Plan, s: int, batch: Any = None) -> Plan:
+        return self._of(plan).for_size(plan, s, batch)
+
+    def for_batch(self, plan: Plan, batch: Any, s: int) -> tuple[Plan, bool]:
+        return self._of(plan).for_batch(plan, batch, s)
+
+    def learn(self, plan: Plan, batch: Any, s: int) -> bool:
+        return self._of(plan).learn(plan, batch, s)
+
+    def after_out_of_memory(self, plan: Plan, stage: Stage, message: str) -> Plan:
+        """Out of memory with the whole batch: micro-batches from then on (the split's own recovery after that)."""
+        if plan.bn is not Mode.EXACT:
+            return self.split.after_out_of_memory(plan, stage, message)
+        smaller = shrink(plan.micro_batch)
+        split = plan.replace(bn=self.planner.strategy.split_mode, capacity=smaller, checkpointing=Checkpointing())
+        return self.planner.recovery.cap(split.replace(
+            reason=f"out of memory with the whole batch in one piece: {split.bn} in micro-batches of {split.micro_batch}"))
+
+    def grown(self, plan: Plan) -> Plan:
+        return self._of(plan).grown(plan)

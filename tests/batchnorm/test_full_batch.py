@@ -45,7 +45,7 @@ def test_two_pass_rejects_a_different_sequence_of_calls():
     bn3, bn4 = nn.BatchNorm1d(3), nn.BatchNorm1d(4)
     with torch.no_grad(), intercept_batch_norm(two_pass.record):
         bn3(torch.randn(8, 3))
-    two_pass.finish_statistics_pass(complete=True)
+    two_pass.finish_phase1(complete=True)
     with intercept_batch_norm(two_pass.apply):
         two_pass.start_micro_batch()
         with pytest.raises(RuntimeError, match="channels.*bn='micro'"):

@@ -18,7 +18,6 @@ from tests.common import ResidualNet, assert_same_state, model_state
 
 ce = nn.CrossEntropyLoss()
 AS_GIVEN = autobatch.TwoPass(phase1_memory_format=torch.preserve_format)
-LOCKSTEP_CHANNELS_LAST = autobatch.TwoPass(lockstep=True, phase1_memory_format=torch.channels_last)
 CHANNELS_LAST = autobatch.TwoPass(phase1_memory_format=torch.channels_last)
 
 
@@ -285,21 +284,3 @@ def test_the_trial_on_a_gpu_decides_and_trains_like_the_inputs_format():
     assert measured[3]._strategy.layout.measured
     assert measured[0] == pytest.approx(given[0], rel=1e-3)
     assert relative_error(measured[1], given[1]) < 1e-2
-
-
-def test_lockstep_runs_the_other_samples_in_the_chosen_format():
-    torch.manual_seed(0)
-    model = ResidualNet(blocks=2).double()
-    x, y = data()
-    formats = []
-    model.stem.register_forward_pre_hook(
-        lambda module, args: formats.append((torch.is_grad_enabled(),
-                                             args[0].is_contiguous(memory_format=torch.channels_last))))
-    lockstep = one_step(copy.deepcopy(model), x, y, bn=LOCKSTEP_CHANNELS_LAST)
-    # The helper's no-grad forward of the other 8 samples in channels_last; the 3 micro-batches as given.
-    assert sorted(formats) == [(False, True)] + [(True, False)] * 3
-    given = one_step(copy.deepcopy(model), x, y, bn=AS_GIVEN)
-    assert lockstep[0] == pytest.approx(given[0], rel=1e-10)
-    assert relative_error(lockstep[1], given[1]) < 1e-10
-    for key, value in given[2].items():
-        torch.testing.assert_close(lockstep[2][key], value, rtol=1e-10, atol=1e-12, msg=key)

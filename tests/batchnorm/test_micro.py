@@ -50,12 +50,11 @@ def test_pooled_commits_full_batch_running_statistics_once(momentum):
     state = BatchNormState([micro])
     pooled = PooledBatchNorm({})
     with intercept_batch_norm(pooled.handle):
-        for index, part in enumerate(torch.split(x, [4, 3, 3])):
+        for part in torch.split(x, [4, 3, 3]):
             pooled.start_micro_batch()
             micro(part)
-            if index == 0:
-                state.mark_counted()
-    state.keep_counted()
+            state.forwards_done(1)
+    state.count_once()
     pooled.commit()
     for name, value in full.state_dict().items():
         torch.testing.assert_close(micro.state_dict()[name], value, rtol=1e-12, atol=1e-14)

@@ -216,8 +216,6 @@ def test_an_operation_that_mixes_samples_between_cuts_is_refused_and_the_model_i
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="choose one of them"):
-        autobatch.TwoPass(precise=True, lockstep=True)
     with pytest.raises(TypeError, match="precise must be True, False or None"):
         autobatch.TwoPass(precise="yes")
 
@@ -240,13 +238,12 @@ def test_planned_micro_batches_under_a_memory_budget_are_exact(bn, monkeypatch):
     assert relative_error(grads[0], expected) < 1e-10
 
 
-def test_precise_where_it_can_run_steps_back_under_lockstep():
+def test_precise_where_it_can_run_is_the_default_of_auto_only():
     from autobatch.batchnorm import strategy_for
     from autobatch.batchnorm.precise import PreciseTwoPassStrategy
 
     net = ResidualNet(blocks=1).double()
-    for mode, precise in ((autobatch.TwoPass(precise=None), True), (autobatch.TwoPass(precise=None, lockstep=True), False),
-                          (autobatch.TwoPass(), False)):
+    for mode, precise in ((autobatch.TwoPass(precise=None), True), (autobatch.TwoPass(), False)):
         ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, bn=mode, cache=False)
         assert isinstance(ab._strategy, PreciseTwoPassStrategy) is precise
         assert isinstance(strategy_for(mode, ab._micro), PreciseTwoPassStrategy) is precise

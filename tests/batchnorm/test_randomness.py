@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 import autobatch
 from autobatch.batchnorm.randomness import RandomDraws
-from autobatch.plan import Phase1
 from autobatch.reference import flat_grad, relative_error
 from tests import common
 from tests.common import StochasticNet, compiled
@@ -92,12 +91,11 @@ def test_micro_batches_see_the_full_batch_forward_with_the_same_masks(variant):
         assert relative_error(grad, reference) < 1e-10
 
 
-@pytest.mark.parametrize("options", [{"lockstep": True}, {"phase1_chunks": 3}], ids=["lockstep", "chunked"])
-def test_micro_batches_normalize_what_phase_one_measured(options):
-    """Lockstep and a chunked phase 1 draw in another order than the full batch, so the check is
-    the property itself: what the micro-batches feed each BatchNorm has the statistics they use."""
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_micro_batches_normalize_what_phase_one_measured(chunks):
+    """A chunked phase 1 draws in another order than the full batch, so the check is the property
+    itself: what the micro-batches feed each BatchNorm has the statistics they use."""
     torch.manual_seed(0)
-    chunks, lockstep = options.get("phase1_chunks", 1), options.get("lockstep", False)
     # A chunked phase 1 pools per-chunk statistics, exact for the first BatchNorm only: one block's
     # first layer after a dropout keeps the check exact there.
     net = StochasticNet(blocks=3).double() if chunks == 1 else nn.Sequential(
@@ -106,9 +104,8 @@ def test_micro_batches_normalize_what_phase_one_measured(options):
     net(x)
     inputs = bn_outputs(net, inputs=True)
     ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.0), 16, ce, micro_batch=5,
-                        bn=autobatch.TwoPass(lockstep=lockstep, phase1_memory_format=torch.preserve_format))
-    if chunks > 1:
-        ab.plan = ab.plan.replace(phase1=Phase1.chunked(chunks))
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    ab.plan = ab.plan.replace(phase1_chunks=chunks)
     torch.manual_seed(1)
     ab.step(x, y)
     layers = {layer.name: layer for layer in ab._strategy.handler.layers}
@@ -195,8 +192,7 @@ def test_nothing_is_left_intercepted():
     assert torch._C._len_torch_function_stack() == 0
 
 
-@pytest.mark.parametrize("lockstep", [False, True])
-def test_a_random_op_that_is_not_replayed_stops_the_step(lockstep):
+def test_a_random_op_that_is_not_replayed_stops_the_step():
     """alpha_dropout is not replayed: the micro-batches feed the BatchNorm other inputs than phase 1
     measured, and the step is refused before the optimizer step, naming the layer."""
     torch.manual_seed(0)
@@ -204,7 +200,7 @@ def test_a_random_op_that_is_not_replayed_stops_the_step(lockstep):
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     before = copy.deepcopy(net.state_dict())
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, bn=autobatch.TwoPass(lockstep=lockstep))
+    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4)
     with pytest.raises(RuntimeError, match=r"BatchNorm layer '2' got inputs in a micro-batch whose mean lies .* "
                                            r"standard deviations from phase 1's"):
         ab.step(x, y)

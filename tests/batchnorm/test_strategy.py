@@ -41,12 +41,12 @@ def test_a_step_is_plain_with_one_micro_batch_or_without_batch_statistics(bn):
     assert isinstance(strategy(bn, micro_step(nn.Linear(3, 2))).for_step([4, 4]), Plain)
 
 
-def test_only_two_pass_has_a_statistics_pass():
+def test_only_two_pass_has_a_phase1():
     model = ResidualNet(blocks=1)
-    assert strategy("two_pass", micro_step(model)).needs_statistics_pass()
-    assert not strategy("micro", micro_step(model)).needs_statistics_pass()
+    assert strategy("two_pass", micro_step(model)).needs_phase1()
+    assert not strategy("micro", micro_step(model)).needs_phase1()
     model.eval()
-    assert not strategy("two_pass", micro_step(model)).needs_statistics_pass()
+    assert not strategy("two_pass", micro_step(model)).needs_phase1()
 
 
 @pytest.mark.parametrize("bn", ["two_pass", "micro"])

@@ -5,14 +5,13 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.plan import Phase1
 from tests.common import ResidualNet, data
 
 
 def test_a_chunked_phase_one_is_said_once_per_wrap_with_what_to_do(caplog):
     model = ResidualNet(blocks=1).double()
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, nn.CrossEntropyLoss(), micro_batch=4)
-    ab.plan = ab.plan.replace(phase1=Phase1.chunked(2))  # as the planner chunks it when it does not fit
+    ab.plan = ab.plan.replace(phase1_chunks=2)  # as the planner chunks it when it does not fit
     x, y = data(16)
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         ab.step(x, y)

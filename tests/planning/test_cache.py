@@ -10,8 +10,9 @@ from torch import nn
 
 from autobatch.planning.cache import PlanCache, plan_key
 from autobatch.planning.memory import Budget
+from autobatch.planning.record import PlanRecord
 
-RECORD = {"micro_batch": 12, "resident_per_element": 0.5, "points": [[2, 108, 120], [4, 108, 140]]}
+RECORD = PlanRecord(capacity=12, points=[(2, 108, 120), (4, 108, 140)], resident_per_element=0.5)
 
 
 def key(model=None, batch=None, optimizer_type=torch.optim.SGD, **settings):
@@ -39,8 +40,8 @@ def test_store_and_load(tmp_path):
     cache = PlanCache(tmp_path)
     assert cache.load("k") is None
     cache.store("k", RECORD)
-    assert cache.load("k")["micro_batch"] == 12
-    assert PlanCache(tmp_path).load("k")["points"] == [[2, 108, 120], [4, 108, 140]]
+    assert cache.load("k").capacity == 12
+    assert PlanCache(tmp_path).load("k") == RECORD
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
@@ -52,14 +53,14 @@ def test_corrupt_file_is_ignored_with_a_warning(tmp_path, caplog, content):
         assert cache.load("k") is None
     assert str(cache.path("k")) in caplog.text
     cache.store("k", RECORD)  # and it is rewritten
-    assert cache.load("k")["micro_batch"] == 12
+    assert cache.load("k").capacity == 12
 
 
-@pytest.mark.parametrize("change", [{"format": 0}, {"micro_batch": "4"}, {"micro_batch": 2.5}, {"micro_batch": 0},
-                                    {"micro_batch": True}, {"phase1_chunks": 0}, {"resident_per_element": -1.0},
+@pytest.mark.parametrize("change", [{"format": 0}, {"capacity": "4"}, {"capacity": 2.5}, {"capacity": 0},
+                                    {"capacity": True}, {"phase1_chunks": 0}, {"resident_per_element": -1.0},
                                     {"phase1_base": "10"}, {"points": [[0, 108, 120]]}, {"points": [[2, 120]]},
                                     {"points": "x"}, {"points": []}, {"phase1_points": [[2, 0, 5]]},
-                                    {"lockstep_fits": "yes"}, {"resident_per_element": 1e308},
+                                    {"bn": "frozen"}, {"budget_bytes": "1GiB"}, {"resident_per_element": 1e308},
                                     {"points": [[2, 108, 1e308]]}, {"points": [[2, 10**30, 120]]}])
 def test_an_invalid_record_is_ignored_with_a_warning(tmp_path, caplog, change):
     cache = PlanCache(tmp_path)
@@ -126,12 +127,13 @@ def test_a_file_no_plan_record_could_be_is_ignored_without_reading_it_whole(tmp_
 
 
 @pytest.mark.parametrize("change, problem", [({"phase1_chunks": 1000}, "phase1_chunks 1000 is more than"),
-                                             ({"micro_batch": 40}, "larger than this run's batch"),
+                                             ({"capacity": 40}, "larger than this run's batch"),
                                              ({"points": [[64, 108, 100]]}, "more samples than"),
                                              ({"bn": "auto"}, "not a mode a plan runs")])
 def test_a_record_out_of_range_for_this_run_is_ignored(tmp_path, caplog, change, problem):
     cache = PlanCache(tmp_path)
-    cache.store("k", {**RECORD, **change})
+    cache.store("k", RECORD)
+    cache.path("k").write_text(json.dumps({**RECORD.to_json(), **change}))
     assert cache.load("k") is not None or "bn" in change  # a record of some run: only this run's ranges refuse it
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         assert cache.load("k", share=16) is None

@@ -5,7 +5,6 @@ from torch import nn
 
 import autobatch
 from autobatch.demo import models
-from autobatch.plan import Phase1
 from autobatch.planning.measure import peak_bytes
 from autobatch.planning.model import MemoryModel
 from autobatch.split import balanced_parts
@@ -43,16 +42,16 @@ def run(ab, batches):
     return peaks, plans
 
 
-def largest_that_fits(make_model, compute_loss, batch, budget, target, phase1=Phase1.whole()):
+def largest_that_fits(make_model, compute_loss, batch, budget, target, phase1_chunks=1):
     """The largest micro-batch that runs (the largest of a step's balanced splits) whose real step peaks
-    within ``budget``, measured for every number of micro-batches from one up, phase 1 run as ``phase1``."""
+    within ``budget``, measured for every number of micro-batches from one up, phase 1 in ``phase1_chunks``."""
     for count in range(1, target + 1):
         largest = max(balanced_parts(target, count))
         model = make_model()
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), target,
                             compute_loss=compute_loss, micro_batch=largest,
                             bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
-        ab.plan = ab.plan.replace(phase1=phase1)
+        ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
         ab.step(batch)  # the momentum buffers, resident in every later step
         peak = peak_bytes(lambda: ab.step(batch), torch.device("cpu"), model, ab.optimizer,
                           ab._micro.batches.tensors(batch))
@@ -83,7 +82,7 @@ def test_images_of_changing_size_stay_within_the_budget_with_few_trials():
     for size in (64, 96):
         plan = chosen[3 * size * size + 1]
         batch = next(b for b, s in zip(batches, sizes) if s == size)
-        best = largest_that_fits(two_conv_net, image_loss, batch, ab.plan.budget_bytes, 32, plan.phase1)
+        best = largest_that_fits(two_conv_net, image_loss, batch, ab.plan.budget_bytes, 32, plan.phase1_chunks)
         assert abs(max(plan.splits) - best) <= 1, (size, plan, best)
 
 
@@ -106,7 +105,7 @@ def test_padded_sequences_of_changing_length_stay_within_the_budget_with_few_tri
         plan = chosen[2 * length]
         batch = next(b for b, n in zip(batches, lengths) if n == length)
         best = largest_that_fits(lambda: (torch.manual_seed(0), Encoder())[1], token_loss, batch,
-                                 ab.plan.budget_bytes, 32, plan.phase1)
+                                 ab.plan.budget_bytes, 32, plan.phase1_chunks)
         assert abs(max(plan.splits) - best) <= 1, (length, plan, best)
 
 

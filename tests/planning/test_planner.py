@@ -2,7 +2,6 @@
 import copy
 import json
 import logging
-import threading
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from tests import common
 from tests.common import assert_same_state, mlp, model_state
 
 ce = nn.CrossEntropyLoss()
-LOCKSTEP = autobatch.TwoPass(lockstep=True)
 
 
 def convnet():
@@ -54,11 +52,11 @@ def test_chosen_micro_batch_is_the_largest_that_fits_the_budget():
     optimizer = torch.optim.Adam(model.parameters())
     ab = autobatch.wrap(model, optimizer, 32, ce, memory_budget="6MiB", bn="micro")
     plan = ab.tune(x, y)
-    assert plan.source == "measured" and 1 < plan.micro_batch < 32
+    assert plan.source == "measured" and 1 < plan.capacity < 32
     assert plan.budget_bytes == int(6 * 2**20 * 0.9)
     assert plan.trials <= 4
-    assert step_peak(model, optimizer, x, y, plan.micro_batch) <= plan.budget_bytes
-    assert step_peak(model, optimizer, x, y, plan.micro_batch + 1) > plan.budget_bytes
+    assert step_peak(model, optimizer, x, y, plan.capacity) <= plan.budget_bytes
+    assert step_peak(model, optimizer, x, y, plan.capacity + 1) > plan.budget_bytes
     assert "measured" in str(plan) and "6.00 MiB" in str(plan)
 
 
@@ -105,9 +103,9 @@ def test_a_corrupt_cache_is_survived(private_plan_cache, caplog, content):
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         plan = wrap().tune(x, y)
-    assert plan.source == "measured" and plan.micro_batch == fitted.micro_batch
+    assert plan.source == "measured" and plan.capacity == fitted.capacity
     assert str(path) in caplog.text
-    assert json.loads(path.read_text())["micro_batch"] == fitted.micro_batch  # and it is rewritten
+    assert json.loads(path.read_text())["capacity"] == fitted.capacity  # and it is rewritten
 
 
 def test_phase_one_that_does_not_fit_is_chunked():
@@ -115,7 +113,7 @@ def test_phase_one_that_does_not_fit_is_chunked():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ab = autobatch.wrap(model, optimizer, 64, ce, memory_budget="6MiB")
     plan = ab.tune(x, y)
-    assert plan.phase1.chunks > 1 and "approximate" in str(plan)
+    assert plan.phase1_chunks > 1 and "approximate" in str(plan)
     ab.step(x, y)
     assert model[1].num_batches_tracked.item() == 1
 
@@ -147,7 +145,7 @@ def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **option
     assert low < high
     ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
                         **options)
-    assert ab.tune(x, y).micro_batch == micro_batch
+    assert ab.tune(x, y).capacity == micro_batch
     return ab
 
 
@@ -163,7 +161,7 @@ def test_out_of_memory_redoes_the_same_batch_with_a_smaller_micro_batch(micro_st
     loss_fn.armed = True
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         loss = ab.step(x, y)
-    assert ab.plan.micro_batch == 4 and "out of memory at micro_batch=5" in ab.plan.reason
+    assert ab.plan.capacity == 3 and "out of memory at micro_batch=4: capacity now 3" in ab.plan.reason
     assert "redoing the same logical batch" in caplog.text
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
     expected = ce(reference(x), y)
@@ -210,40 +208,9 @@ def test_out_of_memory_in_phase_one_chunks_it():
     ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6)
     trap.armed = True
     ab.step(x, y)
-    assert ab.plan.phase1.chunks == 2 and ab.plan.micro_batch == 6
+    assert ab.plan.phase1_chunks == 2 and ab.plan.capacity == 6
     assert model[2].num_batches_tracked.item() == 1
     assert ab._strategy.layout.memory_format is torch.preserve_format
-
-
-def test_lockstep_is_planned_only_where_it_fits_beside_the_micro_batch():
-    # At the edge of the budget, phase 1's peak does not fit on top of the micro-batch's activations.
-    model, (x, y) = convnet(), data(16)
-    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1), ce, x, y, 6, bn=LOCKSTEP)
-    assert not ab.plan.phase1.lockstep and "alongside the first it would pass the budget" in ab.plan.reason
-    threads = []
-    model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
-    ab.step(x, y)
-    assert set(threads) == {threading.current_thread().name}
-
-
-def test_lockstep_is_planned_where_it_fits_beside_the_micro_batch():
-    # A deep, narrow net: a micro-batch holds every layer's activations, phase 1 only a few at a time,
-    # so phase 1 of all 16 samples fits beside the first micro-batch's activations.
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 8, 3, padding=1)]
-    for _ in range(32):
-        layers += [nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)]
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-    x, y = torch.randn(16, 3, 24, 24), torch.randint(0, 3, (16,))
-    ab = auto_with_micro_batch(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ce, x, y, 4,
-                               bn=LOCKSTEP, cache=False)
-    planner, s = ab._planner, ab.plan.sample_size
-    assert planner.phase1.predict(16, s) + planner.model.per_sample(s) * 4 <= ab.plan.budget_bytes
-    assert ab.plan.phase1.lockstep and "alongside the first micro-batch" in str(ab.plan)
-    threads = []
-    model[1].register_forward_hook(lambda *args: threads.append(threading.current_thread().name))
-    ab.step(x, y)
-    assert ab.plan.phase1.lockstep and len(set(threads)) == 2  # phase 1 in the helper, micro-batches here
 
 
 def test_grow_back_after_clean_steps():
@@ -255,11 +222,11 @@ def test_grow_back_after_clean_steps():
                                grow_after=2)
     loss_fn.armed = True
     ab.step(x, y)
-    assert ab.plan.micro_batch == 6
+    assert ab.plan.capacity == 6
     ab.step(x, y)
-    assert ab.plan.micro_batch == 6
+    assert ab.plan.capacity == 6
     ab.step(x, y)
-    assert ab.plan.micro_batch == 8 and "grown back" in ab.plan.reason
+    assert ab.plan.capacity == 8 and "grown back" in ab.plan.reason
 
 
 def test_out_of_memory_with_a_fixed_micro_batch_is_raised_and_changes_nothing():
@@ -322,14 +289,14 @@ def test_a_transient_out_of_memory_leaves_the_cached_plan_as_fitted(private_plan
     model, (x, y) = convnet(), data(16)
     loss_fn = OutOfMemoryAt(0)
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, loss_fn, memory_budget="6MiB")
-    fitted = ab.tune(x, y).micro_batch
+    fitted = ab.tune(x, y).capacity
     assert fitted > 1
     loss_fn.armed = True
     ab.step(x, y)
-    assert ab.plan.micro_batch < fitted
+    assert ab.plan.capacity < fitted
     again = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="6MiB")
     plan = again.tune(x, y)
-    assert (plan.source, plan.micro_batch) == ("cache", fitted)
+    assert (plan.source, plan.capacity) == ("cache", fitted)
 
 
 @pytest.mark.parametrize("error", [
@@ -353,9 +320,9 @@ def test_every_spelling_of_out_of_memory_is_recovered(error):
     ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget=10**10)
     ab.tune(x, y)
     ab.loss_fn = loss_fn
-    before = ab.plan.micro_batch
+    before = ab.plan.capacity
     ab.step(x, y)
-    assert ab.plan.micro_batch < before and not failures
+    assert ab.plan.capacity < before and not failures
 
 
 def test_tune_leaves_existing_gradients_as_they_were():
@@ -406,9 +373,9 @@ def test_out_of_memory_before_the_update_itself_is_recovered():
 
     optimizer = torch.optim.Adam(model.parameters())
     ab = autobatch.wrap(model, optimizer, 16, ce, memory_budget="6MiB", before_step=before_step)
-    fitted = ab.tune(x, y).micro_batch
+    fitted = ab.tune(x, y).capacity
     ab.step(x, y)
-    assert not failures and ab.plan.micro_batch == fitted
+    assert not failures and ab.plan.capacity == fitted
     assert {state["step"].item() for state in optimizer.state.values()} == {1.0}
 
 
@@ -428,7 +395,7 @@ def test_a_micro_batch_whose_trial_ran_out_of_memory_is_never_planned(monkeypatc
                             bn="micro")
         plans.append(ab.tune(x, y))
     assert plans[0].source == "measured" and plans[1].source == "cache"
-    assert [plan.micro_batch for plan in plans] == [6, 6]
+    assert [plan.capacity for plan in plans] == [6, 6]
 
 
 def test_every_step_measured_above_its_prediction_corrects_the_model():
@@ -441,4 +408,4 @@ def test_every_step_measured_above_its_prediction_corrects_the_model():
     above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
     planner.observe(plan, n, above, None)
     assert (n, s, above) in planner.model.points and planner.model.predict(n, s) > before
-    assert planner._for_size(plan, s).micro_batch <= n
+    assert planner.sizing.for_size(plan, s).capacity <= plan.capacity

@@ -17,7 +17,7 @@ def test_linear_memory_is_found_in_at_most_four_trials(answer):
     calls = []
     budget = 1000 + 37 * answer + 36  # one byte short of answer + 1
     fit = search(linear(1000, 37, calls), budget, 64)
-    assert fit.micro_batch == answer
+    assert fit.capacity == answer
     assert fit.trials == len(set(calls)) <= 4
     assert fit.predict(answer) <= budget < fit.predict(answer + 1)
 
@@ -25,7 +25,7 @@ def test_linear_memory_is_found_in_at_most_four_trials(answer):
 def test_whole_batch_fits():
     calls = []
     fit = search(linear(1000, 37, calls), 10**9, 16)
-    assert fit.micro_batch == 16 and len(calls) <= 4
+    assert fit.capacity == 16 and len(calls) <= 4
 
 
 def test_failed_verification_bisects():
@@ -36,7 +36,7 @@ def test_failed_verification_bisects():
         return 1000 + 37 * n + (10_000 if n > 20 else 0)
 
     fit = search(measure, 1000 + 37 * 50, 64)
-    assert fit.micro_batch == 20
+    assert fit.capacity == 20
     assert measure(20) <= 1000 + 37 * 50 < measure(21)
     assert len(calls) <= 12
 
@@ -44,7 +44,7 @@ def test_failed_verification_bisects():
 def test_out_of_memory_counts_as_too_large():
     calls = []
     fit = search(linear(1000, 37, calls, oom_above=7), 10**9, 64)
-    assert fit.micro_batch == 7
+    assert fit.capacity == 7
     assert (8, None) in fit.points or any(peak is None for _, peak in fit.points)
 
 
@@ -56,7 +56,7 @@ def test_nothing_fits():
 @pytest.mark.parametrize("target", [1, 2, 3])
 def test_tiny_targets(target):
     fit = search(linear(10, 1, []), 10**6, target)
-    assert fit.micro_batch == target
+    assert fit.capacity == target
 
 
 def test_fit_line_through_points():
