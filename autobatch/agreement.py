@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 from autobatch.distributed import RankFailure, Ranks
 from autobatch.plan import Plan
 
-__all__ = ["StepShape", "agree_on_batch", "agree_on_plan"]
+__all__ = ["Planned", "StepShape", "agree_on_batch", "agree_on_plan"]
 
 
 class StepShape(NamedTuple):
@@ -28,6 +28,23 @@ class StepShape(NamedTuple):
     def of(cls, plan: Plan, size: int) -> "StepShape":
         """This rank's shape for a batch of ``size`` samples under ``plan``."""
         return cls(max(1, math.ceil(size / plan.capacity)), plan.phase1_chunks)
+
+
+class Planned(NamedTuple):
+    """One logical batch's plan as every rank runs it."""
+
+    plan: Plan
+    #: Micro-batches on every rank (a rank with fewer samples repeats one at weight 0).
+    count: int
+    #: Whether to measure the step: a sample size the memory model has not measured (on CUDA: every step).
+    measure: bool
+
+    @classmethod
+    def agreed(cls, plan: Plan, measure: bool, shape: StepShape) -> "Planned":
+        """``plan`` with phase 1 in as many chunks as the rank that needs most."""
+        if shape.phase1_chunks != plan.phase1_chunks:
+            plan = plan.replace(phase1_chunks=shape.phase1_chunks)
+        return cls(plan, shape.count, measure)
 
 
 def agree_on_batch(ranks: Ranks, error: Optional[BaseException], size: int, settings: dict[str, float],

@@ -54,22 +54,32 @@ class LogicalStep:
         self.norm: BatchNormStrategy = strategy
         self._once = once
 
-    def run(self) -> float:
+    def run(self, update: bool = True) -> float:
         """Every micro-batch's forward and backward, then the update; returns the logical batch's mean loss
-        over all ranks. On any exception every gradient, buffer, the RNG and the update are put back."""
+        over all ranks. On any exception every gradient, buffer, the RNG and the update are put back.
+
+        ``update=False``: no update; the logical batch's gradient is added to the gradients the caller
+        held, as ``loss.backward()`` adds to them (scaled by the scaler, if one is given, as
+        ``scaler.scale(loss).backward()`` leaves them)."""
         self.strategy.adopt(self.plan)
         params = self.micro.parameters()
         with step_transaction(params, self.strategy.layers) as saved, self.meter:
             with ddp_state(self.micro.ddp), fsdp_state(self.micro.fsdp), plain_sync_batch_norm(self.strategy.layers):
                 loss = self._accumulate(saved["buffers"])
             self.losses.rescale(params)
+            if not update:
+                self.micro.check_finite_gradient(params)
             # The update and the step's commit as one: a Ctrl-C between them would put back the step's
             # gradients, buffers and RNG beside an update that stays, and a retried batch would update twice.
             with held_interrupts():
-                self.micro.update(params)
+                if update:
+                    self.micro.update(params)
+                else:
+                    saved["gradients"].add_to_current()
                 saved.commit()
-                for p in params:
-                    p.grad = None
+                if update:
+                    for p in params:
+                        p.grad = None
         return loss
 
     def _accumulate(self, state: BatchNormState) -> float:

@@ -116,7 +116,7 @@ class MicroStep:
         leaves parameters, optimizer state, scaler and gradients as before (autobatch.transaction).
         Out of memory there takes the update once more, on every rank, with its copies on the host:
         the gradients are complete, and a smaller micro-batch would not make the update smaller."""
-        self._check_finite_gradient(params)
+        self.check_finite_gradient(params)
         with entered(Stage.UPDATE):
             message = self._attempt(params, self.update_copies)
             if message is None:
@@ -201,7 +201,7 @@ class MicroStep:
                 "finite; the update was put back, no step was taken and the model is unchanged. Lower the learning "
                 "rate, or check the optimizer's settings (eps, weight decay)")
 
-    def _check_finite_gradient(self, params: list[nn.Parameter]) -> None:
+    def check_finite_gradient(self, params: list[nn.Parameter]) -> None:
         """A gradient that is not finite never reaches the optimizer (a GradScaler skips such steps itself)."""
         # A sharded (DTensor) gradient's own shard: FSDP2's ranks each hold another, so they agree below.
         grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params if p.grad is not None]

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from autobatch.agreement import StepShape, agree_on_batch
+from autobatch.agreement import Planned, StepShape, agree_on_batch
 from autobatch.batchnorm import BatchNormStrategy, strategy_for
 from autobatch.distributed import Ranks, check_not_legacy_fsdp
 from autobatch.logical_step import InputsTargets, LogicalStep
@@ -34,23 +34,6 @@ from autobatch.transaction import Attributes, Transaction
 __all__ = ["AutoBatch", "wrap"]
 
 log = logging.getLogger(__name__)
-
-
-class Planned(NamedTuple):
-    """One logical batch's plan as every rank runs it."""
-
-    plan: Plan
-    #: Micro-batches on every rank (a rank with fewer samples repeats one at weight 0).
-    count: int
-    #: Whether to measure the step: a sample size the memory model has not measured (on CUDA: every step).
-    measure: bool
-
-    @classmethod
-    def agreed(cls, plan: Plan, measure: bool, shape: StepShape) -> "Planned":
-        """``plan`` with phase 1 in as many chunks as the rank that needs most."""
-        if shape.phase1_chunks != plan.phase1_chunks:
-            plan = plan.replace(phase1_chunks=shape.phase1_chunks)
-        return cls(plan, shape.count, measure)
 
 
 class AutoBatch:
@@ -107,11 +90,31 @@ class AutoBatch:
         plan are left as they were. With micro_batch="auto", running out of memory shrinks the
         micro-batch and redoes the same batch.
         """
+        return self._logical_batch(inputs, targets, update=True)
+
+    def backward(self, inputs: Any, targets: Any = None) -> float:
+        """The logical batch's gradient, with no optimizer step: for a loop or trainer that takes the step
+        itself. Returns the batch's mean loss.
+
+        What :meth:`step` would hand the optimizer, planned, split and accumulated the same way (every
+        ``bn`` mode, count-weighted losses, reduced once over ranks), is added to the parameters' ``.grad``
+        as ``loss.backward()`` adds to it; with ``scaler`` it is scaled, as ``scaler.scale(loss).backward()``
+        leaves it, for the caller's ``scaler.unscale_``/``scaler.step``. All or nothing: on any error the
+        gradients, BatchNorm buffers, the RNG and the plan are as before the call::
+
+            loss = ab.backward(inputs, targets)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        """
+        return self._logical_batch(inputs, targets, update=False)
+
+    def _logical_batch(self, inputs: Any, targets: Any, update: bool) -> float:
         with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")])):
             batch, sizes, planned = self._agree_on_batch(inputs, targets)
             if self.plan is None:
                 self.plan = self._planner.plan_for(batch)
-            return self._until_it_fits(batch, sizes, planned)
+            return self._until_it_fits(batch, sizes, planned, update)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it); later, a
@@ -143,7 +146,7 @@ class AutoBatch:
 
     # -- one logical batch, again under a smaller plan while it runs out of memory ----------------
 
-    def _until_it_fits(self, batch: Any, sizes: list[int], planned: Optional[Planned]) -> float:
+    def _until_it_fits(self, batch: Any, sizes: list[int], planned: Optional[Planned], update: bool) -> float:
         recovered = False
         while True:
             if planned is None:
@@ -152,7 +155,7 @@ class AutoBatch:
             step = LogicalStep(self._micro, self._strategy, self.plan, batch, sizes, planned.count, planned.measure,
                                self._items, self._once)
             try:
-                loss = step.run()
+                loss = step.run(update)
                 break
             except BaseException as error:
                 stage = stage_of(error)

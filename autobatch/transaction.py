@@ -73,6 +73,17 @@ class Gradients:
         for tensor, grad in self._saved:
             tensor.grad = grad
 
+    def add_to_current(self) -> None:
+        """The saved gradients added into the current ones, as a second ``backward()`` accumulates (the saved
+        tensors themselves untouched, so that a failure half-way still restores them)."""
+        with torch.no_grad():
+            for tensor, grad in self._saved:
+                if grad is not None:
+                    if tensor.grad is None:
+                        tensor.grad = grad
+                    else:
+                        tensor.grad.add_(grad)
+
 
 class Values:
     """Copies of tensors' values (``host``: in host memory), copied back in place; ``grads``: of their

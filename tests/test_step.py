@@ -615,3 +615,98 @@ def test_a_loss_without_grad_names_the_problem_and_changes_nothing():
     with pytest.raises(RuntimeError, match="the loss does not require grad.*detached"):
         ab.step(*data(16))
     assert_same_state(before, model_state(model))
+
+
+# -- the gradient as its own call ----------------------------------------------------------------
+
+@pytest.mark.parametrize("bn, micro_batch", [(autobatch.TwoPass(precise=True), 5), ("exact", "auto"), ("micro", 4)])
+def test_backward_leaves_what_step_hands_the_optimizer_and_takes_no_step(bn, micro_batch):
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    x, y = data(16)
+    stepped = copy.deepcopy(model)
+    handed = []
+    ab = autobatch.wrap(stepped, torch.optim.SGD(stepped.parameters(), lr=0.0), 16, ce, bn=bn, micro_batch=micro_batch,
+                        cache=False, before_step=lambda ab: handed.append(flat_grad(ab.model)))
+    step_loss = ab.step(x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    before = model_state(model)
+    ab = autobatch.wrap(model, optimizer, 16, ce, bn=bn, micro_batch=micro_batch, cache=False)
+    loss = ab.backward(x, y)
+    assert loss == pytest.approx(step_loss, rel=1e-12)
+    assert relative_error(flat_grad(model), handed[0]) < 1e-12
+    assert not optimizer.state  # no optimizer step
+    for name, value in model.state_dict().items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, before[name]), name  # the parameters as they were
+    assert int(model.bn.num_batches_tracked) == 1  # the logical batch, counted once
+
+
+def test_backward_then_the_callers_step_equals_step():
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    reference = copy.deepcopy(model)
+    batches = [data(16, seed=seed) for seed in range(3)]
+    ab = autobatch.wrap(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), 16, ce,
+                        micro_batch=4, bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    losses = [ab.step(x, y) for x, y in batches]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, optimizer, 16, ce, micro_batch=4,
+                        bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    for (x, y), expected in zip(batches, losses):
+        assert ab.backward(x, y) == expected
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_same_state(model_state(reference), model_state(model))
+
+
+def test_backward_adds_to_the_gradients_held_as_loss_backward_does():
+    """Two halves' backward calls before one step are the whole batch's gradient (a trainer's accumulation)."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=3, cache=False)
+    first, second = ab.backward(x[:8], y[:8]), ab.backward(x[8:], y[8:])
+    assert (first + second) / 2 == pytest.approx(ce(model(x), y).item(), rel=1e-12)
+    assert relative_error(flat_grad(model), 2 * full_batch_grad(copy.deepcopy(model), x, y, ce)) < 1e-12
+
+
+def test_a_failed_backward_leaves_the_gradients_buffers_and_rng_as_before():
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    x, y = data(16)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    before, grads = model_state(model), [p.grad.clone() for p in model.parameters()]
+    calls = []
+
+    def failing(outputs, targets):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyError("boom")
+        return ce(outputs, targets)
+
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, failing, micro_batch=4, cache=False)
+    rng = torch.get_rng_state()
+    with pytest.raises(KeyError, match="boom"):
+        ab.backward(x, y)
+    assert_same_state(before, model_state(model))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_backward_with_a_scaler_leaves_the_scaled_gradient_for_the_callers_unscale():
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, micro_batch=4, scaler=scaler,
+                        cache=False)
+    ab.backward(x, y)
+    expected = full_batch_grad(copy.deepcopy(model), x, y, ce)
+    assert relative_error(flat_grad(model) / 1024.0, expected) < 1e-5
+    optimizer = ab.optimizer
+    scaler.unscale_(optimizer)
+    assert relative_error(flat_grad(model), expected) < 1e-5
+    scaler.step(optimizer)
+    scaler.update()
