@@ -1,11 +1,12 @@
-"""PyTorch Lightning with autobatch: manual optimization, ab.step in training_step; a logical batch of 32.
+"""PyTorch Lightning with autobatch: automatic optimization, the LightningModule as you write it; a batch of 32.
 
     python examples/train_lightning.py              # one device
     python examples/train_lightning.py --devices 2  # Lightning launches 2 processes (on CPU: gloo)
 
-Lightning launches, logs, shows the loss in its progress bar and counts steps; autobatch splits each
-process's share into micro-batches, syncs gradients once per logical batch (AutoBatchDDPStrategy) and
-gives BatchNorm the statistics of all 32 samples.
+The module below is plain Lightning: training_step returns the loss, configure_optimizers gives an
+optimizer and a scheduler, the Trainer clips gradients and accumulates 2 batches per step. The one
+addition is the callback (and, with several processes, AutoBatchDDPStrategy): every batch is split into
+micro-batches that fit the memory budget, and its gradient is the whole batch's, BatchNorm included.
 """
 import argparse
 
@@ -15,16 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from train_classifier import make_data, make_model  # the sibling example: same data and model
 
-import autobatch.integrations.lightning
-from autobatch.integrations.lightning import AutoBatchDDPStrategy
+from autobatch.integrations.lightning import AutoBatchCallback, AutoBatchDDPStrategy
 
-TARGET_BATCH = 32
+BATCH = 32
 
 
 class Classifier(L.LightningModule):
     def __init__(self):
         super().__init__()
-        self.automatic_optimization = False  # autobatch takes the optimizer step
         self.net = make_model()
         self.criterion = nn.CrossEntropyLoss()
 
@@ -32,11 +31,14 @@ class Classifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        ab = autobatch.integrations.lightning.wrap(self, TARGET_BATCH, self.criterion, memory_budget="2MiB")
-        self.log("train_loss", ab.step(*batch), prog_bar=True)
+        images, labels = batch
+        loss = self.criterion(self(images), labels)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 4, 0.5)}
 
 
 def main() -> None:
@@ -46,11 +48,12 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial weights in every process
     images, labels = make_data(512, torch.Generator().manual_seed(0))
     # Lightning gives each process its part of every batch (a DistributedSampler): its share of 32.
-    loader = DataLoader(TensorDataset(images, labels), batch_size=TARGET_BATCH // args.devices, shuffle=True)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH // args.devices, shuffle=True)
     strategy = AutoBatchDDPStrategy(process_group_backend="gloo" if not torch.cuda.is_available() else None) \
         if args.devices > 1 else "auto"
     trainer = L.Trainer(accelerator="auto", devices=args.devices, strategy=strategy, max_epochs=2, logger=False,
-                        enable_checkpointing=False)
+                        enable_checkpointing=False, gradient_clip_val=1.0, accumulate_grad_batches=2,
+                        callbacks=[AutoBatchCallback(memory_budget="2MiB")])
     trainer.fit(Classifier(), loader)
 
 

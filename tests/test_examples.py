@@ -51,3 +51,16 @@ def test_the_detection_example_learns():
     output = run("train_detection.py", timeout=300)
     losses = [float(line.split("loss ")[1].split()[0]) for line in output.splitlines() if line.startswith("step ")]
     assert losses[-1] < losses[0] and "splits" in output
+
+
+@pytest.mark.parametrize("script", ["train_lightning.py", "train_lightning_manual.py"])
+def test_the_lightning_examples_learn(script):
+    pytest.importorskip("lightning")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, script], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import re
+
+    losses = [float(value) for value in re.findall(r"train_loss[=:] ?([0-9.]+)", result.stdout + result.stderr)]
+    # 4 classes: a model that learned nothing stays near ln 4 = 1.39.
+    assert losses and losses[-1] < 1.0 and "max_epochs=2` reached" in result.stdout + result.stderr
