@@ -64,3 +64,10 @@ def test_the_lightning_examples_learn(script):
     losses = [float(value) for value in re.findall(r"train_loss[=:] ?([0-9.]+)", result.stdout + result.stderr)]
     # 4 classes: a model that learned nothing stays near ln 4 = 1.39.
     assert losses and losses[-1] < 1.0 and "max_epochs=2` reached" in result.stdout + result.stderr
+
+
+def test_the_hugging_face_trainer_example_learns():
+    pytest.importorskip("transformers")
+    output = run("train_hf_trainer.py")
+    first, last = (float(v) for v in output.split("logged loss: first ")[1].split(", last "))
+    assert last < 0.9 * first and "splits" in output

@@ -105,3 +105,134 @@ def test_a_micro_batch_without_counted_labels_adds_nothing():
                         micro_batch=4, cache=False, before_step=lambda ab: got.append(flat_grad(ab.model)))
     ab.step(batch)
     assert relative_error(got[0], flat_grad(reference)) < 1e-6
+
+
+# -- AutoBatchTrainer: the Trainer's loop, each batch split ----------------------------------------------
+
+class _Sequences(torch.utils.data.Dataset):
+    """Padded sequences of different lengths, labels -100 on the padding: 4 batches of 8, in order."""
+
+    def __init__(self, batches=4):
+        self.rows = []
+        for seed in range(batches):
+            batch = batch_for("causal", seed)
+            self.rows += [{key: value[row] for key, value in batch.items()} for row in range(len(LENGTHS))]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def _train(tmp_path, trainer_class, steps=3, args=None, resume=None, **extra):
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    model = causal().double()
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-2,
+                    logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no", lr_scheduler_type="linear",
+                    max_grad_norm=0.5, dataloader_drop_last=True)
+    trainer = trainer_class(model=model, args=TrainingArguments(**{**settings, **(args or {})}),
+                            train_dataset=_Sequences(), **extra)
+    # The data in order, as the reference sees it: the Trainer's sampler would shuffle by its own seed.
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_autobatch_trainer_trains_as_the_trainer_on_the_whole_batch(tmp_path, accumulation):
+    """3 optimizer steps (AdamW, a linear schedule, clipping), padded sequences of different lengths: the
+    parameters and logged losses of the stock Trainer with the whole batch, from micro-batches of 2."""
+    from autobatch.integrations.transformers import AutoBatchTrainer
+
+    stock, stock_losses, _ = _train(tmp_path / "stock", transformers.Trainer,
+                                    args={"gradient_accumulation_steps": accumulation})
+    split, losses, trainer = _train(tmp_path / "split", AutoBatchTrainer, autobatch={"micro_batch": 2, "cache": False},
+                                    args={"gradient_accumulation_steps": accumulation})
+    assert trainer.autobatch.plan.splits == [2, 2, 2, 2]
+    assert losses == pytest.approx(stock_losses, rel=1e-6) and len(losses) == 3
+    for (name, p), q in zip(split.named_parameters(), stock.parameters()):
+        assert relative_error(p, q) < 1e-6, name  # the models' losses cast logits to float32
+
+
+def test_auto_find_batch_size_is_refused_with_why(tmp_path):
+    from transformers import TrainingArguments
+
+    from autobatch.integrations.transformers import AutoBatchTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), auto_find_batch_size=True, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="halves per_device_train_batch_size .* keeps the batch"):
+        AutoBatchTrainer(model=causal(), args=args, train_dataset=_Sequences())
+
+
+def test_the_autobatch_trainer_resumes_from_its_checkpoint_as_an_uninterrupted_run(tmp_path):
+    from autobatch.integrations.transformers import AutoBatchTrainer
+
+    options = {"autobatch": {"micro_batch": 2, "cache": False}}
+    straight, straight_losses, _ = _train(tmp_path / "straight", AutoBatchTrainer, **options)
+    _train(tmp_path / "first", AutoBatchTrainer, args={"save_strategy": "steps", "save_steps": 2}, **options)
+    model, _, trainer = _train(tmp_path / "resumed", AutoBatchTrainer,
+                               resume=str(tmp_path / "first" / "checkpoint-2"), **options)
+    assert trainer.state.global_step == 3
+    for p, q in zip(model.parameters(), straight.parameters()):
+        assert relative_error(p, q) < 1e-6  # float32-exact, as the model's loss (module docstring)
+
+
+class _ImageClassifier(torch.nn.Module):
+    """A BatchNorm CNN as a Trainer takes it with a ``compute_loss_func``: ``forward(pixel_values)`` gives logits.
+    (two_pass's exact backward needs the per-sample outputs: a forward that computes the loss itself, mixing
+    the samples, trains with the projected backward, said in a warning.)"""
+
+    def __init__(self):
+        super().__init__()
+        from tests.common import ResidualNet
+
+        self.net = ResidualNet(blocks=1)
+
+    def forward(self, pixel_values):
+        return {"logits": self.net(pixel_values)}
+
+
+def _cross_entropy(outputs, labels, num_items_in_batch=None):
+    return torch.nn.functional.cross_entropy(outputs["logits"], labels)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self):
+        from tests.common import data
+
+        self.x, self.y = data(16)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.x[index], "labels": self.y[index]}
+
+
+def test_a_batchnorm_model_in_the_autobatch_trainer_takes_the_whole_batchs_step(tmp_path):
+    """two_pass with its exact backward: 2 steps equal the stock Trainer's on the whole batch (float64),
+    running statistics included, num_batches_tracked counted once per step."""
+    from transformers import TrainingArguments
+
+    from autobatch.integrations.transformers import AutoBatchTrainer
+
+    def run(trainer_class, **extra):
+        torch.manual_seed(0)
+        model = _ImageClassifier().double()
+        args = TrainingArguments(output_dir=str(tmp_path / trainer_class.__name__), per_device_train_batch_size=8,
+                                 max_steps=2, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True, seed=0,
+                                 save_strategy="no", lr_scheduler_type="constant", remove_unused_columns=False)
+        trainer = trainer_class(model=model, args=args, train_dataset=_Images(), compute_loss_func=_cross_entropy,
+                                **extra)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        trainer.train()
+        return model
+
+    stock = run(transformers.Trainer)
+    split = run(AutoBatchTrainer, autobatch={"micro_batch": 2, "bn": autobatch.TwoPass(precise=True), "cache": False})
+    for (name, value), other in zip(split.state_dict().items(), stock.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=1e-9, atol=1e-12, msg=name)
+    assert int(split.net.bn.num_batches_tracked) == 2
