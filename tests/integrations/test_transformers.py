@@ -236,3 +236,29 @@ def test_a_batchnorm_model_in_the_autobatch_trainer_takes_the_whole_batchs_step(
     for (name, value), other in zip(split.state_dict().items(), stock.state_dict().values()):
         torch.testing.assert_close(value, other, rtol=1e-9, atol=1e-12, msg=name)
     assert int(split.net.bn.num_batches_tracked) == 2
+
+
+@pytest.mark.slow
+def test_the_autobatch_trainer_on_two_processes_trains_as_the_stock_trainer(tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): AutoBatchTrainer in micro-batches of 2 equals the stock
+    Trainer with each process's batch of 4 whole, parameters and logged losses, on both processes."""
+    import os
+    import sys
+
+    from tests.integrations.launch import ROOT, WORKERS, launched
+
+    pytest.importorskip("accelerate")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "{port}", str(WORKERS / "hf_trainer_worker.py"), str(tmp_path)]
+    launched(command, env)
+    results = [torch.load(tmp_path / f"hf-{rank}.pt") for rank in range(2)]
+    for result in results:
+        stock, split = result["stock"], result["split"]
+        assert split["world"] == 2 and split["splits"] == [2, 2] and len(split["losses"]) == 3
+        assert split["losses"] == pytest.approx(stock["losses"], rel=1e-6)
+        for key, value in stock["state"].items():
+            assert relative_error(split["state"][key], value) < 1e-6, key
+    for key, value in results[0]["split"]["state"].items():
+        assert torch.equal(results[1]["split"]["state"][key], value), key
