@@ -73,6 +73,7 @@ class LogicalStep:
             # gradients, buffers and RNG beside an update that stays, and a retried batch would update twice.
             with held_interrupts():
                 if update:
+                    self.meter.update_starts()
                     self.micro.update(params)
                 else:
                     saved["gradients"].add_to_current()

@@ -167,7 +167,7 @@ class AutoBatch:
             self.plan = self._planner.after_out_of_memory(self.plan, stage, message)
             planned, recovered = None, True
         if planned.measure:
-            self._planner.observe(self.plan, max(step.splits), step.meter.peak, step.meter.phase1_peak)
+            self._planner.observe(self.plan, max(step.splits), step.meter)
         if step.losses.total is not None:
             self._items = step.losses.total
         if not recovered:

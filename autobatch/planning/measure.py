@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from autobatch.split import leaves
 
-__all__ = ["StepMeter", "peak_bytes", "tensor_bytes", "warm_optimizer_state"]
+__all__ = ["StepMeter", "peak_bytes", "stage_peaks", "tensor_bytes", "warm_optimizer_state"]
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -107,28 +107,41 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
     """The peak bytes of tensors alive on ``device`` while ``work()`` runs, the model's included.
     ``data``: the batch the work reads (tensors, or containers of them); on the host, where it
     already lies, it and its views are not counted."""
+    return stage_peaks([work], device, model, optimizer, data)[0]
+
+
+def stage_peaks(stages: Sequence[Callable[[], None]], device: torch.device, model: nn.Module,
+                optimizer: torch.optim.Optimizer, data: Any = None) -> list[int]:
+    """:func:`peak_bytes` of each of ``stages``, run one after the other (what one leaves alive counts in the
+    next): a micro-step's forward and backward, then its update, say."""
     outside = [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
+    peaks = []
     with StepMeter(device, model, optimizer, outside, host=True) as meter:
-        work()
-        if cuda:
-            torch.cuda.synchronize(device)
-    return meter.peak
+        for index, stage in enumerate(stages):
+            stage()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if index < len(stages) - 1:
+                peaks.append(meter.stage_done())
+    return peaks + [meter.peak]
 
 
 class StepMeter:
-    """The peak memory of a real training step, phase by phase: phase 1's, then that of the micro-batches
-    and the update (with phase 1's draws resident). On CUDA from the allocator's statistics, at no cost
-    (their peak is reset at each step); on the host with the tracker above, only where asked (``host``:
-    a sample size the memory model has not measured), since following every tensor slows the step.
+    """The peak memory of a real training step, stage by stage: phase 1's, the micro-batches' (with phase 1's
+    draws resident), then the update's. On CUDA from the allocator's statistics, at no cost (their peak is
+    reset at each stage); on the host with the tracker above, only where asked (``host``: a sample size
+    the memory model has not measured), since following every tensor slows the step.
 
         with StepMeter(device, model, optimizer, batch_tensors, host=True) as meter:
             phase_one()
             meter.phase1_done(ran=True)
-            micro_batches_and_update()
-        meter.phase1_peak, meter.peak
+            micro_batches()
+            meter.update_starts()
+            update()
+        meter.phase1_peak, meter.micro_batches_peak, meter.update_peak
     """
 
     def __init__(self, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -139,8 +152,11 @@ class StepMeter:
         self._model, self._optimizer, self._outside = model, optimizer, outside
         self._tracker: Optional[_LiveBytes] = None
         self._stack = contextlib.ExitStack()
+        #: The last stage's peak (the update's, where it was marked; else the micro-batches').
         self.peak: Optional[int] = None
         self.phase1_peak: Optional[int] = None
+        self._micro_batches: Optional[int] = None
+        self._updated = False
 
     def __enter__(self) -> "StepMeter":
         if self.cuda:
@@ -154,16 +170,34 @@ class StepMeter:
     def _peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else self._tracker.peak
 
-    def phase1_done(self, ran: bool) -> None:
-        """Phase 1 ended (``ran``: it ran at all): its peak is kept, and the micro-batches' measured apart."""
+    def stage_done(self) -> Optional[int]:
+        """The peak since the last stage ended (None where not measuring); the next stage is measured apart."""
         if not self.active:
-            return
-        if ran:
-            self.phase1_peak = self._peak()
+            return None
+        peak = self._peak()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._tracker.peak = self._tracker.live
+        return peak
+
+    def phase1_done(self, ran: bool) -> None:
+        """Phase 1 ended (``ran``: it ran at all): its peak is kept, and the micro-batches' measured apart."""
+        peak = self.stage_done()
+        if ran:
+            self.phase1_peak = peak
+
+    def update_starts(self) -> None:
+        """The micro-batches ended: their peak is kept, and the update's measured apart."""
+        self._micro_batches, self._updated = self.stage_done(), True
+
+    @property
+    def micro_batches_peak(self) -> Optional[int]:
+        return self._micro_batches if self._updated else self.peak
+
+    @property
+    def update_peak(self) -> Optional[int]:
+        return self.peak if self._updated else None
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         if self.active:

@@ -46,8 +46,16 @@ class MicroBatchSizing(Sizing):
         with trial_transaction(p.micro.model, p.micro.optimizer):
             warm_optimizer_state(p.micro.optimizer)
             s = p.micro.batches.sample_size(batch)
+            stages: dict[int, tuple[int, int]] = {}  # per n: the forward and backward's peak, the update's
+
+            def peak(n: int) -> Optional[int]:
+                peaks = p.trials.micro_step_peaks(batch, n)
+                if peaks is not None:
+                    stages[n] = peaks
+                return None if peaks is None else max(peaks)
+
             try:
-                fit = search(lambda n: p.trials.micro_step_peak(batch, n), p.limit.budget_bytes, p.share)
+                fit = search(peak, p.limit.budget_bytes, p.share)
             except PlanDoesNotFit as error:
                 resident = tensor_bytes(p.micro.model, p.micro.optimizer)
                 raise PlanDoesNotFit(
@@ -64,7 +72,8 @@ class MicroBatchSizing(Sizing):
         if over:  # a trial that ran out of memory or passed the budget bounds this size from above
             p.failed[s] = min(over)
         p.model = MemoryModel(self._resident_per_element(batch, s, draws),
-                              [(n, s, peak + draws) for n, peak in fit.points if peak is not None])
+                              [(n, s, forward_backward + draws) for n, (forward_backward, _) in stages.items()],
+                              updates={s: max(update for _, update in stages.values()) + draws})
         p.phase1 = MemoryModel(p.model.resident_per_element, phase1_points, p.model.base) if phase1_points else None
         base = Plan(fit.capacity, p.options.target_batch, "measured", "", p.device, p.limit.budget_bytes,
                     points=fit.points, trials=p.trials.steps, world_size=p.ranks.world_size,
@@ -170,8 +179,11 @@ class MicroBatchSizing(Sizing):
                 if n in tried:
                     break
                 tried.add(n)
-                peak = p.trials.micro_step_peak(batch, n)
-                p.model.add(n, s, (peak if peak is not None else 2 * budget_bytes) + p.draws_per_element * s)
+                peaks = p.trials.micro_step_peaks(batch, n)
+                draws = p.draws_per_element * s
+                p.model.add(n, s, (peaks[0] if peaks is not None else 2 * budget_bytes) + draws)
+                if peaks is not None:
+                    p.model.add_update(s, peaks[1] + draws)
         if p.phase1 is not None and not p.phase1.covers(s) and self._has_phase1(p.model.largest_under(budget_bytes, s, p.share)):
             with trial_transaction(p.micro.model, p.micro.optimizer):
                 for point in self._fit_phase1(batch, s):

@@ -6,7 +6,10 @@
     model.predict(n=8, s=12288)                  # fixed(s) + n * per_sample(s)
     model.largest_under(budget_bytes, s=12288, limit=32)
 
-``peak = fixed(s) + n * per_sample(s)``. ``fixed(s)`` is what a step holds whatever its micro-batch:
+``peak = max(fixed(s) + n * per_sample(s), update(s))``: the micro-batches' forward and backward, and the
+optimizer's update after them, measured apart, since the update runs once the activations are gone and
+shares no memory with them (a model with many parameters and few activations peaks in its update: its
+micro-batches' peaks alone tell how they grow). ``fixed(s)`` is what a micro-batch's step holds whatever its micro-batch:
 parameters, gradients, optimizer state and the update's copies (``base``), plus what grows with the
 sample size but not with ``n`` (two_pass keeps the whole batch's inputs and phase 1's random draws:
 ``resident_per_element * s``). ``per_sample(s)`` is a micro-batch's activations per sample, measured
@@ -59,6 +62,20 @@ class MemoryModel:
     #: The fixed part where no sample size has two micro-batch sizes measured (phase 1 measured whole):
     #: what the model knows to be resident anyway.
     base_hint: float = 0.0
+    #: Per sample size, the update's measured peak (gradients, optimizer state, its undo copies, temporaries).
+    updates: dict[int, int] = field(default_factory=dict)
+
+    def add_update(self, s: int, peak: int) -> None:
+        """A measured peak of the update at sample size ``s`` (the larger of it and an earlier one is kept)."""
+        self.updates[s] = max(int(peak), self.updates.get(s, 0))
+
+    def update(self, s: int) -> float:
+        """The update's peak at ``s``: its largest measurement, less what grows with the samples, plus that at
+        ``s`` (0 where none was measured)."""
+        if not self.updates:
+            return 0.0
+        resident = self.resident_per_element
+        return max(peak - resident * size for size, peak in self.updates.items()) + resident * s
 
     def add(self, n: int, s: int, peak: int) -> None:
         """A measured peak of a step of ``n`` samples of ``s`` elements (replacing an older one of the same n, s)."""
@@ -145,11 +162,13 @@ class MemoryModel:
         return max(0.0, a + b * s + c * s * s)
 
     def predict(self, n: int, s: int) -> int:
-        return int(self.fixed(s) + n * self.per_sample(s))
+        return int(max(self.fixed(s) + n * self.per_sample(s), self.update(s)))
 
     def largest_under(self, budget_bytes: int, s: int, limit: int) -> int:
         """The largest ``n`` in [1, limit] whose predicted peak at ``s`` is at most ``budget_bytes`` (1
-        when even one sample is predicted over it: the step then measures, or runs out of memory)."""
+        when even one sample, or the update, is predicted over it: the step then measures, or runs out of memory)."""
+        if self.update(s) > budget_bytes:
+            return 1
         return largest_under(self.fixed(s), self.per_sample(s), budget_bytes, limit)
 
     def describe(self) -> str:
@@ -159,5 +178,7 @@ class MemoryModel:
         form, (a, b, c) = self.form()
         growth = {"proportional": "measured at one sample size (beyond it: bounded, until a step there is measured)",
                   "linear": "linear in the sample size", "quadratic": "quadratic in the sample size"}[form]
+        update = f"; the update after them: {format_bytes(max(self.updates.values()))}" if self.updates else ""
         return (f"peak = {format_bytes(self.base)} + {self.resident_per_element:.3g} B x s + n x per_sample(s), "
-                f"per_sample {growth}; measured at s = {', '.join(str(s) for s in sizes)} elements per sample")
+                f"per_sample {growth}; measured at s = {', '.join(str(s) for s in sizes)} elements per sample"
+                f"{update}")

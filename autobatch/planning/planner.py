@@ -4,7 +4,7 @@ for every logical batch from a memory model of what was measured.
     planner = Planner(micro, strategy, options)
     plan = planner.plan_for(batch)             # the start: the cache, or trial steps (no trace left)
     plan, measure = planner.for_batch(plan, batch)    # each batch: its sample size's plan
-    planner.observe(plan, n, micro_peak, phase1_peak) # a real step measured: the model learns its size
+    planner.observe(plan, n, meter)            # a real step measured: the model learns its size
     planner.learn(plan, other_batch)           # or trials, now (ab.tune)
     plan = planner.after_out_of_memory(plan, stage, message)
 
@@ -24,7 +24,7 @@ from autobatch.microstep import MicroStep
 from autobatch.options import Options
 from autobatch.plan import Plan
 from autobatch.planning.cache import PlanCache, plan_key
-from autobatch.planning.measure import tensor_bytes
+from autobatch.planning.measure import StepMeter, tensor_bytes
 from autobatch.planning.memory import Budget, budget, probe
 from autobatch.planning.micro_batches import MicroBatchSizing
 from autobatch.planning.model import MemoryModel
@@ -112,7 +112,7 @@ class Planner:
         if not record.checkpointing.applies_to(self.micro.module):
             log.warning("autobatch: the cached plan %s does not match this model; measuring afresh", path)
             return None
-        self.model = MemoryModel(record.resident_per_element, list(record.points))
+        self.model = MemoryModel(record.resident_per_element, list(record.points), updates=dict(record.updates))
         self.phase1 = MemoryModel(record.resident_per_element, list(record.phase1_points), record.phase1_base) \
             if record.phase1_points else None
         self.failed = dict(record.failed)
@@ -138,15 +138,21 @@ class Planner:
         if self.model is not None and self.sizing.learn(plan, batch, self.micro.batches.sample_size(batch)):
             self.store(plan)
 
-    def observe(self, plan: Plan, n: int, micro_peak: Optional[int], phase1_peak: Optional[int]) -> None:
-        """A real step of micro-batches of at most ``n`` samples at ``plan.sample_size`` measured: its
-        peaks teach the models that size (a measured peak above the prediction corrects them)."""
+    def observe(self, plan: Plan, n: int, meter: StepMeter) -> None:
+        """A real step of micro-batches of at most ``n`` samples at ``plan.sample_size`` measured by ``meter``:
+        its peaks (phase 1's, the micro-batches', the update's) teach the models that size (a measured peak
+        above the prediction corrects them)."""
         s = plan.sample_size
+        micro_peak, phase1_peak, update_peak = meter.micro_batches_peak, meter.phase1_peak, meter.update_peak
         learned = False
         # Any step measured above its prediction corrects the model (past a hair, so that allocator noise
         # does not rewrite the cache every step): a prediction too low is a step closer to the budget.
-        if micro_peak is not None and (not self.model.covers(s) or micro_peak > self.model.predict(n, s) * 1.01):
+        if micro_peak is not None and (not self.model.covers(s) or
+                                       micro_peak > (self.model.fixed(s) + n * self.model.per_sample(s)) * 1.01):
             self.model.add(n, s, micro_peak)
+            learned = True
+        if update_peak is not None and update_peak > self.model.update(s) * 1.01:
+            self.model.add_update(s, update_peak)
             learned = True
         if phase1_peak is not None:
             if self.phase1 is None:
@@ -167,7 +173,7 @@ class Planner:
             plan.capacity, list(self.model.points), self.model.resident_per_element,
             list(self.phase1.points) if self.phase1 is not None else [],
             self.phase1.base_hint if self.phase1 is not None else 0.0, plan.phase1_chunks, plan.budget_bytes,
-            plan.bn, plan.checkpointing, dict(self.failed)))
+            plan.bn, plan.checkpointing, dict(self.failed), dict(self.model.updates)))
 
     # -- while training --------------------------------------------------------------------------
 

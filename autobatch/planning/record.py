@@ -72,6 +72,8 @@ class PlanRecord:
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     #: Per sample size, the smallest micro-batch whose trial ran out of memory or passed the budget.
     failed: dict[int, int] = field(default_factory=dict)
+    #: Per sample size, the update's measured peak (autobatch.planning.model).
+    updates: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "capacity": self.capacity, "points": [list(p) for p in self.points],
@@ -79,7 +81,8 @@ class PlanRecord:
                 "phase1_points": [list(p) for p in self.phase1_points], "phase1_base": self.phase1_base,
                 "phase1_chunks": self.phase1_chunks, "budget_bytes": self.budget_bytes, "bn": str(self.bn),
                 "checkpointed": list(self.checkpointing.modules), "selective": self.checkpointing.selective,
-                "label": self.checkpointing.label, "failed": [[s, n] for s, n in sorted(self.failed.items())]}
+                "label": self.checkpointing.label, "failed": [[s, n] for s, n in sorted(self.failed.items())],
+                "updates": [[s, peak] for s, peak in sorted(self.updates.items())]}
 
     @classmethod
     def from_json(cls, data: Any, share: Optional[int] = None) -> "PlanRecord":
@@ -104,7 +107,7 @@ class PlanRecord:
         _check(bn in {mode.value for mode in Mode}, f"bn {bn!r} is not a mode a plan runs")
         return cls(capacity, points, float(data.get("resident_per_element", 0.0)), phase1_points,
                    float(data.get("phase1_base", 0.0)), chunks, budget, Mode(bn), _checkpointing(data),
-                   _failed(data.get("failed", [])))
+                   _failed(data.get("failed", [])), _updates(data.get("updates", [])))
 
 
 def _checkpointing(data: dict[str, Any]) -> Checkpointing:
@@ -114,6 +117,13 @@ def _checkpointing(data: dict[str, Any]) -> Checkpointing:
     _check(isinstance(selective, bool), f"selective {selective!r} is not true or false")
     _check(isinstance(label, str), f"label {label!r} is not a string")
     return Checkpointing(tuple(modules), selective, label)
+
+
+def _updates(value: Any) -> dict[int, int]:
+    _check(isinstance(value, list) and all(isinstance(u, list) and len(u) == 2 and _positive_int(u[0])
+                                           and u[0] <= MAX_SIZE and _size(u[1]) for u in value),
+           "updates are not [elements per sample, peak bytes] pairs")
+    return {size: int(peak) for size, peak in value}
 
 
 def _failed(value: Any) -> dict[int, int]:

@@ -20,7 +20,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.microstep import MicroStep
 from autobatch.oom import is_out_of_memory, release_memory
-from autobatch.planning.measure import peak_bytes
+from autobatch.planning.measure import stage_peaks
 from autobatch.sizes import format_bytes
 
 __all__ = ["Trials", "timed"]
@@ -55,28 +55,34 @@ class Trials:
 
     def peak(self, work: Work, what: str, batch: Any) -> Optional[int]:
         """The measured peak bytes of ``work``; None if it ran out of memory (logged either way)."""
+        peaks = self.peaks([work], what, batch)
+        return None if peaks is None else peaks[0]
+
+    def peaks(self, stages: list[Work], what: str, batch: Any) -> Optional[list[int]]:
+        """The measured peak bytes of each of ``stages``, run in turn; None if any ran out of memory."""
         micro = self.micro
         self.steps += 1
         try:
-            peak = self._measured(work, batch)
+            peaks: Optional[list[int]] = self._measured(stages, batch)
         except BaseException as error:
             if not is_out_of_memory(error):
                 raise
-            peak = None
-        if peak is None:
+            peaks = None
+        if peaks is None:
             release_memory(micro.device)
         if micro.collective:
             # A fully_shard model's trials gather shards from every rank: every rank decides alike, from the
-            # largest peak (None if any ran out of memory), so that their trials stay in step.
-            peaks = micro.ranks.gather([-1.0 if peak is None else peak])[:, 0]
-            peak = None if (peaks < 0).any() else int(peaks.max())
-        log.info("autobatch trial, %s: %s", what, "out of memory" if peak is None else f"peak {format_bytes(peak)}")
-        return peak
+            # largest peaks (None if any ran out of memory), so that their trials stay in step.
+            table = micro.ranks.gather([-1.0] * len(stages) if peaks is None else peaks)
+            peaks = None if (table < 0).any() else [int(column.max()) for column in table.T]
+        log.info("autobatch trial, %s: %s", what, "out of memory" if peaks is None else
+                 "peak " + " then ".join(format_bytes(p) for p in peaks))
+        return peaks
 
-    def _measured(self, work: Work, batch: Any) -> int:
+    def _measured(self, stages: list[Work], batch: Any) -> list[int]:
         micro = self.micro
-        measure = lambda: peak_bytes(work, micro.device, micro.model, micro.optimizer,  # noqa: E731
-                                     micro.batches.tensors(batch))
+        measure = lambda: stage_peaks(stages, micro.device, micro.model, micro.optimizer,  # noqa: E731
+                                      micro.batches.tensors(batch))
         try:
             return measure()
         except ValueError as error:
@@ -95,23 +101,47 @@ class Trials:
 
     def micro_step_peak(self, batch: Any, n: int) -> Optional[int]:
         """The measured peak of one real training micro-step of ``n`` samples; None if out of memory."""
-        return self.peak(self.micro_step(batch, n), f"micro-batch of {n}", batch)
+        peaks = self.micro_step_peaks(batch, n)
+        return None if peaks is None else max(peaks)
+
+    def micro_step_peaks(self, batch: Any, n: int) -> Optional[tuple[int, int]]:
+        """The measured peaks of one real micro-step of ``n`` samples: its forward and backward's, then its
+        update's (which activations no longer share); None if out of memory."""
+        forward_backward, update = self.micro_step_stages(batch, n)
+        peaks = self.peaks([forward_backward, update], f"micro-batch of {n}", batch)
+        return None if peaks is None else (peaks[0], peaks[1])
 
     def micro_step(self, batch: Any, n: int) -> Work:
         """One real training micro-step of ``n`` samples and the update (its undo copies included)."""
-        micro, batches = self.micro, self.micro.batches
-        whole_batch_resident = self.strategy.needs_phase1() and n < self.share
+        forward_backward, update = self.micro_step_stages(batch, n)
 
         def work() -> None:
-            # With two_pass the whole logical batch's inputs stay on the device during phase 2.
+            forward_backward()
+            update()
+
+        return work
+
+    def micro_step_stages(self, batch: Any, n: int) -> tuple[Work, Work]:
+        """A real training micro-step of ``n`` samples in two stages: its forward and backward, then the update
+        (its undo copies included), with what the first leaves (gradients) alive in the second."""
+        micro, batches = self.micro, self.micro.batches
+        whole_batch_resident = self.strategy.needs_phase1() and n < self.share
+        # With two_pass the whole logical batch's inputs stay on the device during phase 2 and the update.
+        held: dict[str, Any] = {}
+
+        def forward_backward() -> None:
             whole = batches.to(batches.take(batch, self.share), micro.device) if whole_batch_resident else None
+            held["whole"] = whole
             part = batches.take(whole, n) if whole is not None else batches.to(batches.take(batch, n), micro.device)
             micro.backward(micro.loss(part, 0, micro.module).value)
+
+        def update() -> None:
             micro.trial_update()
             for p in micro.parameters():
                 p.grad = None
+            held.clear()
 
-        return work
+        return forward_backward, update
 
     def phase1(self, batch: Any, chunks: int) -> Work:
         """Phase 1 of the whole share in ``chunks`` pieces (two_pass)."""

@@ -131,3 +131,21 @@ def test_the_model_chooses_quadratic_growth_where_the_measurements_ask_for_it():
         linear.add(1, s, 500 + 3 * s)
         linear.add(2, s, 500 + 6 * s)
     assert linear.form()[0] == "linear"
+
+
+def test_an_update_that_dominates_the_peak_hides_no_growth_of_the_micro_batches():
+    """#29: an optimizer update larger than any micro-batch's activations made every trial's peak the same,
+    and a model fitted to those totals saw 0 bytes per sample: a batch of larger samples ran unsplit, over the
+    budget. Measured apart, the micro-batches' growth stays visible and bounds the larger size."""
+    from autobatch.planning.model import MemoryModel
+
+    s, fixed, per_sample, update = 100, 1_000, 1_000, 50_000
+    stages = {n: (fixed + n * per_sample, update) for n in (2, 4, 8)}
+    totals = MemoryModel(0.0, [(n, s, max(peaks)) for n, peaks in stages.items()])
+    assert totals.per_sample(s) == 0 and totals.largest_under(60_000, 4 * s, 64) == 64  # the old reading
+    model = MemoryModel(0.0, [(n, s, peaks[0]) for n, peaks in stages.items()], updates={s: update})
+    assert model.predict(4, s) == update and model.predict(100, s) == fixed + 100 * per_sample
+    assert model.largest_under(60_500, s, 64) == 59
+    n = model.largest_under(60_500, 4 * s, 64)  # beyond the measured size: at most quadratic growth
+    assert n == 3 and model.predict(n, 4 * s) <= 60_500
+    assert model.largest_under(40_000, s, 64) == 1  # the update alone passes the budget

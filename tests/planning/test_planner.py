@@ -1,6 +1,7 @@
 """The plan's life (tuning.py) through the training step: real measurement, the cache, out-of-memory recovery."""
 import copy
 import json
+import types
 import logging
 
 import pytest
@@ -382,11 +383,11 @@ def test_out_of_memory_before_the_update_itself_is_recovered():
 def test_a_micro_batch_whose_trial_ran_out_of_memory_is_never_planned(monkeypatch, private_plan_cache):
     """Trials from 7 samples on run out of memory while the line through those that fit allows more: the
     plan stays below 7, at the first launch and from the cache."""
-    def micro_step_peak(self, batch, n):
+    def micro_step_peaks(self, batch, n):
         self.steps += 1
-        return None if n >= 7 else 1000 * n
+        return None if n >= 7 else (1000 * n, 500)  # the micro-batch's forward and backward, then its update
 
-    monkeypatch.setattr("autobatch.planning.trials.Trials.micro_step_peak", micro_step_peak)
+    monkeypatch.setattr("autobatch.planning.trials.Trials.micro_step_peaks", micro_step_peaks)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     plans = []
     for _ in range(2):
@@ -406,6 +407,33 @@ def test_every_step_measured_above_its_prediction_corrects_the_model():
     planner, n, s = ab._planner, plan.micro_batch, plan.sample_size
     before = planner.model.predict(n, s)
     above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
-    planner.observe(plan, n, above, None)
+    planner.observe(plan, n, types.SimpleNamespace(micro_batches_peak=above, phase1_peak=None, update_peak=None))
     assert (n, s, above) in planner.model.points and planner.model.predict(n, s) > before
     assert planner.sizing.for_size(plan, s).capacity <= plan.capacity
+
+
+def test_a_first_step_at_larger_samples_stays_in_the_budget_when_the_update_dominates(monkeypatch):
+    """#29: parameters and Adam's state outweigh the activations at the first sample size, so every trial peaks
+    in the update; the first step at 16x larger images still stays within the budget (measured on the host:
+    its micro-batches' and its update's peaks), and so does a size between the two."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+    measured = []
+    observe = autobatch.planning.planner.Planner.observe
+
+    def recording(self, plan, n, meter):
+        measured.append((plan.sample_size, n, meter.micro_batches_peak, meter.update_peak))
+        observe(self, plan, n, meter)
+
+    monkeypatch.setattr("autobatch.planning.planner.Planner.observe", recording)
+    ab = autobatch.wrap(model, torch.optim.Adam(model.parameters()), 16, ce, memory_budget="12MiB",
+                        cache=False, bn="micro")
+    for size in (16, 64, 32):
+        ab.step(torch.randn(16, 3, size, size), torch.randint(0, 4, (16,)))
+    budget = ab.plan.budget_bytes
+    assert ab._planner.model.updates, "the update measured apart"
+    assert [s for s, *_ in measured] == [3 * 64 * 64 + 1]  # the new, larger size's first step (images and a label)
+    for s, n, micro_batches, update in measured:
+        assert max(micro_batches, update) <= budget, (s, n, micro_batches, update, budget)

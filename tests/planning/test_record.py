@@ -12,7 +12,7 @@ def test_a_record_comes_back_from_its_json_as_it_was():
     record = PlanRecord(capacity=6, points=[(2, 108, 120), (4, 108, 140)], resident_per_element=0.25,
                         phase1_points=[(6, 108, 90)], phase1_base=64.0, phase1_chunks=2, budget_bytes=1 << 20,
                         bn=Mode.EXACT, checkpointing=Checkpointing(("layer1", "layer2"), True, "depth 1"),
-                        failed={108: 8})
+                        failed={108: 8}, updates={108: 4096})
     data = json.loads(json.dumps(record.to_json()))
     assert data["format"] == FORMAT
     assert PlanRecord.from_json(data) == record
@@ -27,6 +27,7 @@ def test_a_record_comes_back_from_its_json_as_it_was():
     ({"selective": "yes"}, "selective 'yes' is not true or false"),
     ({"failed": [[108]]}, "failed is not a list of"),
     ({"bn": "auto"}, "bn 'auto' is not a mode a plan runs"),
+    ({"updates": [[108, -1]]}, "updates are not"),
 ])
 def test_each_field_is_checked_and_named(change, problem):
     data = {**PlanRecord(capacity=4, points=[(2, 108, 120)]).to_json(), **change}
