@@ -15,8 +15,9 @@ import torch
 __all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass", "bn_mode"]
 
 #: The error for the removed ``lockstep`` setting, wherever it is still passed.
-LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it was slower "
-                    "than running phase 1 first and could not run under FSDP2. Drop lockstep=...; phase 1 now always "
+LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it saved no time "
+                    "over running phase 1 first (bench/results/cost.md) and could not run under FSDP2. Drop "
+                    "lockstep=...; phase 1 now always "
                     "runs before the micro-batches, in chunks where the whole batch does not fit")
 
 #: What ``TwoPass(phase1_memory_format=...)`` accepts; None is "measure".
