@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autobatch.modes import BN_MODES
+from autobatch.sizes import format_bytes, parse_bytes
 
 __all__ = ["main"]
 
@@ -28,21 +29,42 @@ class UsageError(ValueError):
     """A command-line value that cannot be used; its message says what to give instead."""
 
 
+class _Renamed(argparse.Action):
+    """``--retune``, the earlier name of ``--refresh-cache``: still taken, with a warning, and out of ``--help``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        logging.getLogger("autobatch").warning("--retune is now --refresh-cache; --retune will be removed")
+        setattr(namespace, self.dest, True)
+
+
+#: Below this a budget holds no step of any model: a unit left out, most likely.
+SMALLEST_BUDGET = 1 << 10
+
+
 def _budget(text: Optional[str]):
     """As ``memory_budget`` takes it: '6GiB' a size, '0.5' a fraction of the device (a number with a point,
-    in (0, 1]), '4000000000' bytes; 'none' means no cap."""
+    in (0, 1]), '4000000000' bytes; 'none' means no cap. Anything else, or under a MiB, is refused here."""
     if text is None or text.lower() == "none":
         return None
-    if text.strip().isdigit():
-        return int(text)
     try:
         value = float(text)
     except ValueError:
-        return text
-    if not 0 < value <= 1:
-        raise UsageError(f"--budget {text}: a number with a point is a fraction of the device's memory and must lie "
-                         "in (0, 1]; give bytes as a whole number or with a unit, such as 6GiB")
-    return value
+        value = None
+    if value is not None and not text.strip().isdigit():
+        if not 0 < value <= 1:
+            raise UsageError(f"--budget {text}: a number with a point is a fraction of the device's memory and must "
+                             "lie in (0, 1]; give bytes as a whole number or with a unit, such as 6GiB")
+        return value
+    try:
+        size = int(text) if value is not None else parse_bytes(text)
+    except ValueError:
+        raise UsageError(f"--budget {text}: not a size; give one such as 6GiB or 500MB, bytes as a whole number, "
+                         "a fraction of the device such as 0.5, or none") from None
+    if size < SMALLEST_BUDGET:
+        raise UsageError(f"--budget {text} is {format_bytes(size)}, less than any model's step needs (a unit left "
+                         "out?); give a size such as 6GiB, or a fraction of the device such as 0.5")
+    return size
 
 
 def _device(text: str) -> torch.device:
@@ -96,17 +118,52 @@ def _keywords(text: Optional[str]) -> dict[str, Any]:
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.lower().split("x"))
+        shape = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
         raise UsageError(f"--input-shape must look like 3x224x224, got {text!r}") from None
+    if any(size < 1 for size in shape):
+        raise UsageError(f"--input-shape {text}: every size must be 1 or more, such as 3x224x224")
+    return shape
+
+
+def _check_shape(model: nn.Module, shape: tuple[int, ...], text: str, device: torch.device) -> None:
+    """One sample of ``shape`` through the model in eval mode, before anything is measured: a shape the model
+    cannot take is named as the flag that gave it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *shape, device=device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise UsageError(f"--input-shape {text}: the model cannot take one sample of that shape "
+                         f"({str(error).splitlines()[0] if str(error).strip() else type(error).__name__}); give the "
+                         "shape of one sample as the model takes it, channels first, such as 3x224x224") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _positive(flag: str, value: int, what: str) -> int:
+    if value < 1:
+        raise UsageError(f"{flag} {value}: {what} must be 1 or more")
+    return value
+
+
+def _micro_batch(text: str) -> Any:
+    if text == "auto":
+        return "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--micro-batch {text}: give a number of samples (1 or more), or auto")
+    return int(text)
 
 
 def demo(args: argparse.Namespace) -> int:
     from autobatch.demo import run
 
-    result = run(epochs=args.epochs, memory_budget=_budget(args.budget), bn=args.bn, device=_device(args.device),
-                 out_dir=args.out, micro_batch=int(args.micro_batch) if args.micro_batch != "auto" else "auto",
-                 train_size=args.train_size)
+    epochs = _positive("--epochs", args.epochs, "the passes over the training images")
+    train_size = _positive("--train-size", args.train_size, "the number of training images")
+    result = run(epochs=epochs, memory_budget=_budget(args.budget), bn=args.bn, device=_device(args.device),
+                 out_dir=args.out, micro_batch=_micro_batch(args.micro_batch), train_size=train_size)
     checkpointed = f", {len(result.plan.checkpointed)} modules checkpointed" if result.plan.checkpointed else ""
     print(f"validation IoU {result.validation_iou:.3f} after {args.epochs} epochs "
           f"({result.seconds:.0f} s, micro-batches {result.plan.splits}, bn={result.plan.bn}{checkpointed})")
@@ -134,6 +191,14 @@ def plan(args: argparse.Namespace) -> int:
                          "factory (a class or function) that returns the model")
     model = model.to(device)
     shapes = [_shape(text) for text in args.input_shape]
+    _positive("--target-batch", args.target_batch, "the logical batch")
+    for shape, text in zip(shapes, args.input_shape):
+        _check_shape(model, shape, text, device)
+    budget = _budget(args.budget)
+    weights = 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # and their gradients
+    if isinstance(budget, int) and budget < weights:
+        raise UsageError(f"--budget {args.budget}: the model's parameters and their gradients alone take "
+                         f"{format_bytes(weights)}; give a larger budget")
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)}[args.optimizer](
         model.parameters())
@@ -146,8 +211,8 @@ def plan(args: argparse.Namespace) -> int:
 
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     ab = autobatch.wrap(model, optimizer, target_batch=args.target_batch, compute_loss=compute_loss,
-                        bn=args.bn, memory_budget=_budget(args.budget), autocast_dtype=autocast,
-                        cache="refresh" if args.retune else True, device=device)
+                        bn=args.bn, memory_budget=budget, autocast_dtype=autocast,
+                        cache="refresh" if args.refresh_cache else True, device=device)
     plans = [ab.tune(torch.randn(args.target_batch, *shape, device=device)) for shape in shapes]
     print(plans[0])
     if len(plans) > 1:
@@ -208,15 +273,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="mixed precision of the forward passes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to plan for (default: cuda if present, else cpu)")
-    p.add_argument("--retune", action="store_true", help="measure even when the cache has a plan")
+    p.add_argument("--refresh-cache", action="store_true", help="measure even when the cache has a plan")
+    p.add_argument("--retune", action=_Renamed, nargs=0, dest="refresh_cache", help=argparse.SUPPRESS)
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="draw the measured peaks, the fitted line, the budget and the choice (needs matplotlib)")
     p.set_defaults(run=plan)
     return parser
 
 
+def _joined(argv: Sequence[str]) -> list[str]:
+    """``--budget -5MiB`` as ``--budget=-5MiB``: argparse takes a value that starts with '-' for an option, and
+    would answer with its own error instead of one about the budget."""
+    joined, parts = [], list(argv)
+    while parts:
+        part = parts.pop(0)
+        if part == "--budget" and parts and parts[0].startswith("-") and parts[0][1:2].isdigit():
+            part = f"--budget={parts.pop(0)}"
+        joined.append(part)
+    return joined
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_joined(sys.argv[1:] if argv is None else argv))
     # Trials are reported as they run: that is the progress of a measurement.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

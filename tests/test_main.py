@@ -29,7 +29,7 @@ def test_the_factory_gets_keyword_arguments(capsys):
 def test_a_failure_is_one_message_and_exit_status_2(capsys):
     # A budget that not even one sample's step fits: the figures, the next thing to try, no traceback.
     assert main(["plan", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12", "--target-batch", "16",
-                 "--budget", "20KiB", "--optimizer", "sgd"]) == 2
+                 "--budget", "60KiB", "--optimizer", "sgd"]) == 2
     err = capsys.readouterr().err
     assert "not even a micro-batch of one sample fits" in err and "peaked at" in err and "budget of" in err
     assert "Raise memory_budget" in err and "Traceback" not in err
@@ -41,7 +41,7 @@ def test_a_failure_is_one_message_and_exit_status_2(capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(MemoryError):
         main(["plan", "--debug", "--model", "tests.common:ResidualNet", "--input-shape", "3x12x12",
-              "--target-batch", "16", "--budget", "20KiB", "--optimizer", "sgd"])
+              "--target-batch", "16", "--budget", "60KiB", "--optimizer", "sgd"])
 
 
 def not_a_module():
@@ -106,7 +106,7 @@ def test_demo_command(capsys, tmp_path):
 
 
 def test_arguments():
-    assert _budget("6GiB") == "6GiB" and _budget("0.5") == 0.5 and _budget("none") is None
+    assert _budget("6GiB") == 6 * 2**30 and _budget("0.5") == 0.5 and _budget("none") is None
     assert _budget("4000000") == 4000000 and _budget("1.0") == 1.0
     assert _shape("3x224x224") == (3, 224, 224)
     with pytest.raises(UsageError):
@@ -119,3 +119,52 @@ def test_importing_autobatch_without_numpy_warns_nothing():
     code = "import sys; sys.modules['numpy'] = None; import autobatch"
     result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "NumPy" not in result.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--epochs", "0"], "--epochs 0: the passes over the training images must be 1 or more"),
+    (["--epochs", "-1"], "--epochs -1: the passes over the training images must be 1 or more"),
+    (["--micro-batch", "abc"], "--micro-batch abc: give a number of samples (1 or more), or auto"),
+    (["--train-size", "0"], "--train-size 0: the number of training images must be 1 or more"),
+    (["--budget", "0"], "--budget 0 is 0 B, less than any model's step needs"),
+    (["--budget", "-5MiB"], "--budget -5MiB: not a size"),
+    (["--budget", "lots"], "--budget lots: not a size"),
+])
+def test_bad_demo_command_lines_name_the_flag_and_exit_2(arguments, message, capsys):
+    assert main(["demo", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--input-shape", "3x0x32"], "--input-shape 3x0x32: every size must be 1 or more"),
+    (["--input-shape", "5x8x8"], "--input-shape 5x8x8: the model cannot take one sample of that shape"),
+    (["--budget", "1"], "--budget 1 is 1 B, less than any model's step needs"),
+    (["--budget", "2KiB"], "--budget 2KiB: the model's parameters and their gradients alone take"),
+    (["--target-batch", "0"], "--target-batch 0: the logical batch must be 1 or more"),
+])
+def test_bad_plan_command_lines_name_the_flag_before_measuring(arguments, message, capsys, caplog):
+    base = {"--model": "tests.common:ResidualNet", "--input-shape": "3x8x8", "--target-batch": "4",
+            "--optimizer": "sgd"}
+    base.update(dict(zip(arguments[::2], arguments[1::2])))
+    assert main(["plan", *[part for pair in base.items() for part in pair]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "autobatch trial" not in caplog.text
+
+
+def test_retune_is_a_hidden_alias_of_refresh_cache_that_warns(capsys, caplog):
+    from autobatch.__main__ import _parser
+
+    assert "--retune" not in _parser().format_help() and "--retune" not in _subcommand_help("plan")
+    args = _parser().parse_args(["plan", "--model", "m:f", "--input-shape", "3x8x8", "--target-batch", "4",
+                                 "--retune"])
+    assert args.refresh_cache and "--retune is now --refresh-cache" in caplog.text
+
+
+def _subcommand_help(name):
+    from autobatch.__main__ import _parser
+
+    parser = _parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return action.choices[name].format_help()

@@ -213,5 +213,5 @@ class MicroBatchSizing(Sizing):
 
 def described(model: MemoryModel, s: int) -> dict[str, Any]:
     """The memory model at sample size ``s``, as a plan describes it."""
-    return dict(sample_size=s, memory_model=model.describe(), fixed_bytes=model.fixed(s),
+    return dict(sample_size=s, memory_model=model.describe(s), fixed_bytes=model.fixed(s),
                 per_sample_bytes=model.per_sample(s), measured=tuple(model.points))

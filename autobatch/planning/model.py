@@ -171,14 +171,17 @@ class MemoryModel:
             return 1
         return largest_under(self.fixed(s), self.per_sample(s), budget_bytes, limit)
 
-    def describe(self) -> str:
+    def describe(self, s: Optional[int] = None) -> str:
+        """The model in words, at ``s`` elements per sample (default: the largest measured)."""
         sizes = self.sizes
         if not sizes:
             return "nothing measured yet"
-        form, (a, b, c) = self.form()
-        growth = {"proportional": "measured at one sample size (beyond it: bounded, until a step there is measured)",
-                  "linear": "linear in the sample size", "quadratic": "quadratic in the sample size"}[form]
-        update = f"; the update after them: {format_bytes(max(self.updates.values()))}" if self.updates else ""
-        return (f"peak = {format_bytes(self.base)} + {self.resident_per_element:.3g} B x s + n x per_sample(s), "
-                f"per_sample {growth}; measured at s = {', '.join(str(s) for s in sizes)} elements per sample"
-                f"{update}")
+        s = sizes[-1] if s is None else s
+        form, _ = self.form()
+        measured = ", ".join(str(size) for size in sizes)
+        growth = {"proportional": f"measured at {measured} elements per sample; other sizes bounded until measured",
+                  "linear": f"linear in the sample size, measured at {measured} elements per sample",
+                  "quadratic": f"quadratic in the sample size, measured at {measured} elements per sample"}[form]
+        update = f"; the optimizer update after them peaks at {format_bytes(self.update(s))}" if self.updates else ""
+        return (f"{format_bytes(self.fixed(s))} + {format_bytes(self.per_sample(s))} per sample, for samples of {s} "
+                f"elements (per sample: {growth}){update}")

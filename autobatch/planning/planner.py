@@ -162,7 +162,7 @@ class Planner:
                 self.phase1.add(n, s, phase1_peak)
                 learned = True
         if learned:
-            log.info("autobatch: measured a step at %d elements per sample; memory model: %s", s, self.model.describe())
+            log.info("autobatch: measured a step at %d elements per sample; memory model: %s", s, self.model.describe(s))
             self.store(plan)
 
     def store(self, plan: Plan) -> None:
