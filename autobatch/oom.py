@@ -31,7 +31,7 @@ class PlanDoesNotFit(MemoryError):
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says an allocation failed (CUDA's OutOfMemoryError, the host allocator's, cuBLAS's...);
-    :class:`PlanDoesNotFit` does not: it is autobatch's verdict after trying, not a failed allocation."""
+    `PlanDoesNotFit` does not: it is autobatch's verdict after trying, not a failed allocation."""
     if isinstance(error, PlanDoesNotFit):
         return False
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):

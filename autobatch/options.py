@@ -154,7 +154,7 @@ def _bn_key(mode: BatchNormMode) -> str:
 
 @dataclass(frozen=True)
 class Options:
-    """Everything ``wrap`` was told, checked. Build it with :meth:`build`."""
+    """Everything ``wrap`` was told, checked. Build it with `build`."""
 
     target_batch: int = field(metadata={"agreed": int, "keyed": str})
     loss_fn: Optional[Callable] = None

@@ -53,33 +53,46 @@ class Plan:
     split: the micro-batch that runs. 16 samples with a capacity of 7 run as 6, 5 and 5."""
 
     capacity: int
+    """The largest micro-batch that fits: the budget's (measured), or the one given."""
     target_batch: int
+    """The logical batch over all ranks."""
     source: str
+    """Where the plan came from: "measured", "cache" or "user"."""
     reason: str
+    """Why this micro-batch, in words (and what running out of memory changed)."""
     device: str = ""
+    """The device measured, and how (NVML, CUDA, psutil)."""
     budget_bytes: Optional[int] = None
+    """The budget the plan keeps under: the device's free memory or ``memory_budget``, less a 10% margin."""
     predicted_peak_bytes: Optional[int] = None
+    """The memory model's peak for a step at ``micro_batch`` samples of ``sample_size`` elements."""
     points: tuple[tuple[int, Optional[int]], ...] = ()
+    """The planning trials, (samples, peak bytes or None where out of memory)."""
     trials: int = 0
-    #: two_pass's phase 1 in this many pieces: 1 is the whole batch at once; more, each piece normalized with
-    #: its own statistics (approximate), where the whole batch does not fit.
+    """How many trial steps the plan took."""
     phase1_chunks: int = 1
+    """two_pass's phase 1 in this many pieces: 1 is the whole batch at once; more, each piece normalized with its
+    own statistics (approximate), where the whole batch does not fit."""
     world_size: int = 1
-    #: The BatchNorm mode that runs (bn="auto" chooses one).
+    """The ranks the logical batch is shared by."""
     bn: Mode = Mode.TWO_PASS
-    #: bn="exact": the submodules checkpointed during a step.
+    """The BatchNorm mode that runs (bn="auto" chooses one)."""
     checkpointing: Checkpointing = Checkpointing()
-    #: bn="exact" or "auto": every policy measured, with the whole batch's peak and step time.
+    """bn="exact": the submodules checkpointed during a step."""
     candidates: tuple[Candidate, ...] = ()
-    #: Elements per sample of the batch this plan is for (autobatch.planning.model); 0 before any batch.
+    """bn="exact" or "auto": every policy measured, with the whole batch's peak and step time."""
     sample_size: int = 0
-    #: The memory model the micro-batch comes from, in words, and at ``sample_size``: its fixed part,
-    #: its bytes per sample, and every step it was fitted to, (samples, elements per sample, peak bytes).
+    """Elements per sample of the batch this plan is for; 0 before any batch."""
     memory_model: str = ""
+    """The memory model the micro-batch comes from, in words, at ``sample_size``."""
     fixed_bytes: Optional[float] = None
+    """The model's fixed part at ``sample_size``: what a micro-batch's step holds whatever its size."""
     per_sample_bytes: Optional[float] = None
+    """The model's bytes per sample at ``sample_size``."""
     measured: tuple[tuple[int, int, int], ...] = ()
+    """Every step the model was fitted to: (samples, elements per sample, peak bytes)."""
     splits: list[int] = field(init=False)
+    """One rank's share of a full logical batch, cut into balanced micro-batches of at most ``capacity``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bn", Mode(self.bn))

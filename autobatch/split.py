@@ -14,7 +14,7 @@ A list of tensors reads as batched tensors when their first dimensions give the 
 samples (PyTorch's default collate gives ``[inputs, targets]``), and as a list of samples when
 its tensors' first dimensions differ, or when its length is the batch's number of samples and
 their first dimension is not (or the batch also holds a list of dicts: three 3-channel images).
-Any other batch type is counted and cut by the user's functions (:class:`CustomFormat`).
+Any other batch type is counted and cut by the user's functions (`CustomFormat`).
 """
 from __future__ import annotations
 
@@ -407,7 +407,7 @@ class CustomFormat(BatchFormat):
 
 def batch_format(num_samples: Optional[Callable[[Any], int]] = None,
                  split_batch: Optional[Callable[[Any, list[int]], Sequence[Any]]] = None) -> BatchFormat:
-    """``wrap``'s batch format: the user's functions (both, or neither), else :class:`NestedFormat`."""
+    """``wrap``'s batch format: the user's functions (both, or neither), else `NestedFormat`."""
     if (num_samples is None) != (split_batch is None):
         raise TypeError("give num_samples and split_batch together: num_samples(batch) counts a batch of your own "
                         "type and split_batch(batch, sizes) cuts it into parts of those sizes")
@@ -417,7 +417,7 @@ def batch_format(num_samples: Optional[Callable[[Any], int]] = None,
     return NestedFormat() if num_samples is None else CustomFormat(num_samples, split_batch)
 
 
-#: The default format, for :func:`split_batch`.
+#: The default format, for `split_batch`.
 _NESTED = NestedFormat()
 
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class AutoBatch:
     """A model and its optimizer, stepped once per logical batch of up to ``target_batch`` samples.
 
-    Build it with :func:`wrap`. Each :meth:`step` splits the batch into balanced micro-batches,
+    Build it with `wrap`. Each `step` splits the batch into balanced micro-batches,
     accumulates the gradient of the logical batch's loss, and takes one optimizer step.
     """
 
@@ -52,7 +52,7 @@ class AutoBatch:
         self.target_batch = options.target_batch
         self._share = options.target_batch // self._ranks.world_size
         self._planner = Planner(self._micro, self._strategy, options)
-        #: None until the first step (or :meth:`tune`) measures it, when micro_batch="auto".
+        #: None until the first step (or `tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if options.auto else fixed_plan(
             options.target_batch, options.micro_batch, self._ranks.world_size, self._strategy.split_mode)
         self._open = True
@@ -96,7 +96,7 @@ class AutoBatch:
         """The logical batch's gradient, with no optimizer step: for a loop or trainer that takes the step
         itself. Returns the batch's mean loss.
 
-        What :meth:`step` would hand the optimizer, planned, split and accumulated the same way (every
+        What `step` would hand the optimizer, planned, split and accumulated the same way (every
         ``bn`` mode, count-weighted losses, reduced once over ranks), is added to the parameters' ``.grad``
         as ``loss.backward()`` adds to it; with ``scaler`` it is scaled, as ``scaler.scale(loss).backward()``
         leaves it, for the caller's ``scaler.unscale_``/``scaler.step``. All or nothing: on any error the
@@ -117,7 +117,7 @@ class AutoBatch:
             return self._until_it_fits(batch, sizes, planned, update)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
-        """Measure and plan now, with a sample batch (the first :meth:`step` otherwise does it); later, a
+        """Measure and plan now, with a sample batch (the first `step` otherwise does it); later, a
         batch of another sample size is measured by trials, as its first step would measure itself."""
         batch, sizes, _ = self._agree_on_batch(inputs, targets)
         if self.plan is None or not self.options.auto:
@@ -252,8 +252,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
             more than ``(outputs, targets)``; then call ``step(batch)``. Returns as ``loss_fn`` does.
         micro_batch: samples per micro-batch (an int), or "auto" (default): the largest that fits,
             measured with real steps at the first step.
-        bn: how BatchNorm layers see the logical batch: "two_pass" (default; :class:`TwoPass`), "micro"
-            (:class:`Micro`), "exact" (:class:`Exact`) or "auto" (:class:`Auto`), or one of those with its
+        bn: how BatchNorm layers see the logical batch: "two_pass" (default; `TwoPass`), "micro"
+            (`Micro`), "exact" (`Exact`) or "auto" (`Auto`), or one of those with its
             settings, such as ``autobatch.TwoPass(precise=True)``.
         memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device's
             memory such as 0.8 (default None: all the device has free). A 10% margin is kept below it.
@@ -266,21 +266,21 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
         device: where micro-batches are computed; defaults to the model's device.
         grow_after: after running out of memory, grow back to the measured micro-batch after this many
             clean steps (default None: stay small).
-        update_copies: where the copies that undo a failed optimizer update live: "device" (default),
-            "host" (a device-to-host copy per step), or "none" (an update that fails may stay half applied).
-        num_samples: with ``split_batch``, for a batch type of your own: ``num_samples(batch)`` counts it,
-        split_batch: and ``split_batch(batch, sizes)`` cuts it into ``len(sizes)`` batches of those sizes.
+        update_copies: where the undo copies of a failed update live: "device", "host" or "none" (no undo).
+        num_samples: for a batch type of your own (with ``split_batch``): ``num_samples(batch)`` counts it.
+        split_batch: ``split_batch(batch, sizes)`` cuts it into ``len(sizes)`` batches of those sizes.
         **moved: the keywords of earlier versions: ``phase1_memory_format=`` and ``retune=`` warn and still
             work; ``lockstep=`` was removed and raises a TypeError that says so.
 
     Returns:
         The ``AutoBatch`` to train with: ``ab.step(inputs, targets)`` per logical batch.
 
-    Example::
-
+    Example:
+        ```python
         ab = autobatch.wrap(model, optimizer, target_batch=16, loss_fn=nn.CrossEntropyLoss())
         for inputs, targets in loader:
             loss = ab.step(inputs, targets)
+        ```
     """
     check_not_legacy_fsdp(model)
     options = Options.build(

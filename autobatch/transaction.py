@@ -1,6 +1,6 @@
 """What a step may change, saved on entry and put back: on any exception, or always (a planner's trial).
 
-One mechanism serves every use: a :class:`Transaction` saves its parts when it is entered, before the
+One mechanism serves every use: a `Transaction` saves its parts when it is entered, before the
 body changes anything, and puts every part back when the body raises (or always, for a trial)::
 
     with Transaction(kept=lambda: Attributes([(ab, "plan")])):   # a whole step, its retries included

@@ -166,7 +166,7 @@ class FullBatchStatistics:
         return output
 
     def stop_after_last_call(self) -> None:
-        """Ends phase 1's forward with :class:`StopForward` once it has made every BatchNorm call.
+        """Ends phase 1's forward with `StopForward` once it has made every BatchNorm call.
         Not under torch.compile: dynamo would give up on the traced forward, and compile each call apart;
         nor where ``stop_early`` is off (a fully_shard model's forward must end to reshard its parameters)."""
         if self.stop_early and not _is_compiling() and len(self.layers) == self.calls_per_forward:
@@ -215,7 +215,7 @@ class FullBatchStatistics:
 
     def project(self, call: BatchNormCall, layer: LayerStatistics, index: int, check: bool = False) -> Tensor:
         """``call``'s input normalized with ``layer``'s full-batch statistics, with the projected backward.
-        ``check``: compare the micro-batch's mean with phase 1's for the same samples (see :meth:`check`)."""
+        ``check``: compare the micro-batch's mean with phase 1's for the same samples (see `check`)."""
         check_same_channels(call.input.shape[1], layer.mean.shape[0], index, layer.name)
         micro_mean = channel_means(call.input.detach(), layer.mean.dtype)
         phase1 = self._expected[index] if check and index < len(self._expected) else None

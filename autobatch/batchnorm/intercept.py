@@ -92,7 +92,7 @@ _entries: list[_Entry] = []
 
 
 class _Intercept:
-    """The context manager :func:`intercept_batch_norm` returns."""
+    """The context manager `intercept_batch_norm` returns."""
 
     def __init__(self, handler: Handler, layers: Sequence[nn.Module]):
         self._entry = _Entry(handler, _owned(layers), threading.current_thread(), weakref.ref(self))

@@ -134,7 +134,7 @@ def _difference(statistics: list[Tensor], reference: list[Tensor]) -> float:
 
 
 class Phase1Layout:
-    """The memory format phase 1 runs in: ``memory_format`` given, or measured by :meth:`measure`."""
+    """The memory format phase 1 runs in: ``memory_format`` given, or measured by `measure`."""
 
     def __init__(self, memory_format: Optional[torch.memory_format]):
         self.memory_format = memory_format

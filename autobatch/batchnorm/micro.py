@@ -55,7 +55,7 @@ class PooledBatchNorm:
     """The handlers of bn="micro": each micro-batch normalizes with its own statistics; the running
     statistics are committed once per logical batch from the pooled statistics.
 
-    Also phase 1 of two_pass when the whole batch does not fit: :meth:`commit` then returns the
+    Also phase 1 of two_pass when the whole batch does not fit: `commit` then returns the
     pooled statistics of the chunks for phase 2.
     """
 

@@ -3,7 +3,7 @@
 two_pass normalizes each micro-batch with statistics that phase 1 measured under its own dropout
 and stochastic-depth masks. Drawn afresh, phase 2's masks give every BatchNorm activations that
 phase 1 never saw, normalized with phase 1's statistics; nothing corrects the mismatch, and it
-compounds with depth (stock EfficientNet's first gradient reached 1e17). :class:`RandomDraws`
+compounds with depth (stock EfficientNet's first gradient reached 1e17). `RandomDraws`
 records every random draw of phase 1 in order and gives each micro-batch's k-th draw phase 1's
 k-th draw, sliced to the micro-batch's rows (whole when the draw is not per sample)::
 
@@ -15,7 +15,7 @@ k-th draw, sliced to the micro-batch's rows (whole when the draw is not per samp
     with draws.recompute():
         loss.backward()                             # checkpointing's recomputation: the same masks
 
-Draws are intercepted with a :class:`~torch.overrides.TorchFunctionMode`: per thread, unwound by
+Draws are intercepted with a `torch.overrides.TorchFunctionMode`: per thread, unwound by
 the ``with`` block, and traced by ``torch.compile``. Memory: a dropout mask costs one byte per
 element of its input for the whole logical batch, other draws their own size, and only draws
 made before phase 1's last BatchNorm call are kept (phase 1 stops there); they live until the step

@@ -4,7 +4,7 @@
 so every BatchNorm inside it is called a second time. Plain PyTorch then updates the running
 statistics (and ``num_batches_tracked``) twice; under two_pass the recomputed call must use the
 full-batch statistics of the call it repeats, or the recomputed activations differ from those of
-the forward. While backward runs, :func:`intercept_batch_norm` routes training-mode calls to a
+the forward. While backward runs, `intercept_batch_norm` routes training-mode calls to a
 handler of this module instead::
 
     with intercept_batch_norm(two_pass.recompute):       # or recompute_with_own_statistics

@@ -13,7 +13,7 @@ back-propagates. Going down the graph one segment at a time gives every layer th
 
 In the backward each micro-batch's segment is recomputed from the tensors phase 1 kept at its
 boundary, back-propagated to the BatchNorm's output, and the BatchNorm's own backward then runs
-over the whole batch at once (see :class:`_LayerBackward`): exactly the full batch's gradient, at
+over the whole batch at once (see `_LayerBackward`): exactly the full batch's gradient, at
 the cost of one more forward, as activation checkpointing costs. Memory: phase 1 keeps, for the
 whole batch, every tensor that crosses a cut (each BatchNorm's input and what skip connections carry
 past it); the backward holds one segment of one micro-batch and the gradients at the current cut.
@@ -69,7 +69,7 @@ class SegmentedGraph:
 
     @classmethod
     def trace(cls, module: nn.Module) -> "SegmentedGraph":
-        """The graph of ``module``'s forward; :class:`Unsupported` where torch.fx cannot trace it."""
+        """The graph of ``module``'s forward; `Unsupported` where torch.fx cannot trace it."""
         try:
             graph = _Tracer().trace(module)
         except Exception as error:
@@ -342,7 +342,7 @@ class StepGraph:
 
     def output_rows(self, start: int, rows: int) -> Any:
         """Rows ``start:start + rows`` of phase 1's output (the full batch's), as leaves whose
-        gradients :meth:`take_output_grads` collects."""
+        gradients `take_output_grads` collects."""
         self._leaves = []
 
         def rows_of(node: fx.Node) -> Any:
@@ -489,7 +489,7 @@ class StepGraph:
 
     def _cut_backward(self, segment: _Segment, cut: _LayerBackward) -> None:
         """The cut's BatchNorm backward over the whole batch: its weight's and bias's gradients now; its
-        input's, rows at a time, when the segment that made the input asks for them (:meth:`_grad_rows`),
+        input's, rows at a time, when the segment that made the input asks for them (`_grad_rows`),
         so that the whole batch's input gradient is never held beside ``g``."""
         module = self.graph.batch_norm_module(segment.cut)
         source = segment.cut.args[0]

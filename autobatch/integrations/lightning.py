@@ -105,7 +105,7 @@ def _optimizer(module: LightningModule) -> torch.optim.Optimizer:
 def wrap(module: LightningModule, target_batch: int, loss_fn: Any = None, **options: Any) -> AutoBatch:
     """The module's AutoBatch (``options``: ``autobatch.wrap``'s keywords), made at its first call and kept on
     the module (not in its state_dict): over the strategy's DistributedDataParallel under
-    :class:`AutoBatchDDPStrategy`, else the module itself, with the optimizer of ``configure_optimizers``.
+    `AutoBatchDDPStrategy`, else the module itself, with the optimizer of ``configure_optimizers``.
     ``target_batch``: over all processes.
     Lightning's precision plugin runs ``training_step`` under its autocast (bf16-mixed);
     16-mixed's GradScaler is the plugin's, and not supported here yet."""
@@ -204,7 +204,7 @@ class _Logged:
 class AutoBatchCallback(Callback):
     """Every training batch's gradient in micro-batches that fit, under Lightning's automatic optimization.
 
-    Add it to the Trainer, with :func:`autobatch.wrap`'s keywords (``micro_batch``, ``memory_budget``, ``bn``,
+    Add it to the Trainer, with `autobatch.wrap`'s keywords (``micro_batch``, ``memory_budget``, ``bn``,
     ``cache``...); the LightningModule stays as it is::
 
         trainer = L.Trainer(precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=1.0,

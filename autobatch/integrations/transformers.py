@@ -7,7 +7,7 @@
     loss = ab.step(batch)            # a loop of one's own; batch: the collator's dict, "labels" -100 where ignored
 
 A model's loss is a mean over the labels that are not -100; a micro-batch's mean weighted by its
-samples is then not the logical batch's mean. :func:`count_weighted_loss` returns the pair
+samples is then not the logical batch's mean. `count_weighted_loss` returns the pair
 ``(loss_sum, count)`` (autobatch.loss), so that the step's gradient is the logical batch's.
 """
 from __future__ import annotations
@@ -55,9 +55,10 @@ def count_weighted_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor
     the loss summed over the labels it counts, and their number. Models that take ``num_items_in_batch``
     (as the Trainer passes it) are given the count, so that their loss is the sum over it exactly.
 
-    Example::
-
+    Example:
+        ```python
         ab = autobatch.wrap(model, optimizer, 32, compute_loss=count_weighted_loss)
+        ```
     """
     if "labels" not in batch:
         raise KeyError("count_weighted_loss needs the batch's 'labels' (-100 where ignored), as Hugging Face's "
@@ -82,7 +83,7 @@ def _loss_of(output: Any) -> Tensor:
 class AutoBatchTrainer(Trainer):
     """``transformers.Trainer`` whose every training batch is split into micro-batches that fit.
 
-    The same arguments, plus ``autobatch={...}``: :func:`autobatch.wrap`'s keywords (``micro_batch``,
+    The same arguments, plus ``autobatch={...}``: `autobatch.wrap`'s keywords (``micro_batch``,
     ``memory_budget``, ``bn``, ``cache``...)::
 
         trainer = AutoBatchTrainer(model=model, args=TrainingArguments(per_device_train_batch_size=64, ...),
@@ -94,7 +95,7 @@ class AutoBatchTrainer(Trainer):
     what it says: each batch the Trainer hands to ``training_step`` is split into what fits, and the
     gradient it leaves is the one the Trainer's own ``training_step`` would leave for the whole batch:
     with ``labels``, the model's own loss made exact over padding and ignored labels
-    (:func:`count_weighted_loss`), normalized by the ``num_items_in_batch`` the Trainer counts over the
+    (`count_weighted_loss`), normalized by the ``num_items_in_batch`` the Trainer counts over the
     accumulated batches. Everything else is the Trainer's: clipping, optimizer, scheduler, logging,
     evaluation, checkpoints. ``auto_find_batch_size`` is refused: it halves the batch, which changes the
     recipe; autobatch keeps the batch and splits it instead.

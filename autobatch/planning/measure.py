@@ -112,7 +112,7 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
 
 def stage_peaks(stages: Sequence[Callable[[], None]], device: torch.device, model: nn.Module,
                 optimizer: torch.optim.Optimizer, data: Any = None) -> list[int]:
-    """:func:`peak_bytes` of each of ``stages``, run one after the other (what one leaves alive counts in the
+    """`peak_bytes` of each of ``stages``, run one after the other (what one leaves alive counts in the
     next): a micro-step's forward and backward, then its update, say."""
     outside = [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)]
     cuda = device.type == "cuda"
