@@ -29,7 +29,7 @@ from autobatch.options import MicroBatch, Options, UpdateCopies
 from autobatch.plan import Plan, fixed_plan
 from autobatch.planning.planner import Planner
 from autobatch.stages import Stage, stage_of
-from autobatch.transaction import Attributes, Transaction
+from autobatch.transaction import Attributes, GradMode, Transaction
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -110,7 +110,8 @@ class AutoBatch:
         return self._logical_batch(inputs, targets, update=False)
 
     def _logical_batch(self, inputs: Any, targets: Any, update: bool) -> float:
-        with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")])):
+        with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")]),
+                         grad_mode=GradMode):
             batch, sizes, planned = self._agree_on_batch(inputs, targets)
             if self.plan is None:
                 self.plan = self._planner.plan_for(batch)

@@ -27,8 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.interrupts import held_interrupts
 from autobatch.options import UpdateCopies
 
-__all__ = ["Attributes", "BatchNormState", "Transaction", "put_back", "step_transaction", "trial_transaction",
-           "update_transaction"]
+__all__ = ["Attributes", "BatchNormState", "GradMode", "Transaction", "put_back", "step_transaction",
+           "trial_transaction", "update_transaction"]
 
 #: Passes at putting state back when the restore itself is interrupted.
 _ATTEMPTS = 3
@@ -137,6 +137,17 @@ class ScalerState:
             if isinstance(value, torch.Tensor):
                 getattr(self._scaler, name).copy_(value)
         getattr(self._scaler, "_per_optimizer_states", {}).pop(id(self._optimizer), None)
+
+
+class GradMode:
+    """Whether autograd records (``torch.is_grad_enabled()``): a Ctrl-C inside ``torch.no_grad()``'s own
+    ``__enter__`` leaves it off, and every later step of the process would then build no graph."""
+
+    def __init__(self) -> None:
+        self._enabled = torch.is_grad_enabled()
+
+    def restore(self) -> None:
+        torch.set_grad_enabled(self._enabled)
 
 
 class Modes:
@@ -264,7 +275,7 @@ def step_transaction(params: Sequence[nn.Parameter], layers: list[_BatchNorm]) -
     accumulate from none), BatchNorm buffers (``["buffers"]``, which also count ``num_batches_tracked``
     once) and the RNG, put back on any exception."""
     return Transaction(then=_clear(params), gradients=lambda: Gradients(params),
-                       buffers=lambda: BatchNormState(layers), random=RandomState)
+                       buffers=lambda: BatchNormState(layers), random=RandomState, grad_mode=GradMode)
 
 
 def update_transaction(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -302,4 +313,4 @@ def trial_transaction(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tra
                        values=lambda: Values(list(model.parameters()) + list(model.buffers()), host=True),
                        gradients=lambda: Gradients(params),
                        optimizer=lambda: OptimizerState(optimizer, params, host=True),
-                       modes=lambda: Modes(model), random=RandomState)
+                       modes=lambda: Modes(model), random=RandomState, grad_mode=GradMode)

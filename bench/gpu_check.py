@@ -8,7 +8,8 @@ as such, and the others still run):
 1. the NVML probe against ``torch.cuda.mem_get_info`` (free and total memory of the same GPU);
 2. the planner against a real allocator cap (``torch.cuda.set_per_process_memory_fraction``): its
    micro-batch against the largest that runs without running out of memory (bench/planner.py), and
-   batches whose samples change size, plan once against the memory model (bench/variable_shapes.py);
+   batches whose samples change size, plan once against the memory model (bench/variable_shapes.py), and
+   beside the batch-size searches of Accelerate, the Hugging Face Trainer and Lightning (bench/peers.py);
 3. the cost of two_pass and micro against plain accumulation on a ResNet-50 at 224x224, in
    NCHW and in channels_last (bench/cost.py), and of bn="exact" (bench/exact.py);
 4. bf16 and fp16 autocast (with a GradScaler) through two_pass and exact: finite, and fp16's scaler
@@ -106,6 +107,8 @@ def main() -> int:
                                                             "--out", "/dev/null"]),
         run_part("Samples of changing size under a real allocator cap",
                  ["bench/variable_shapes.py", "--device", "cuda", "--out", "/dev/null"]),
+        run_part("Beside Accelerate's, the Trainer's and Lightning's batch-size search, a real allocator cap",
+                 ["bench/peers.py", "--device", "cuda", "--out", "bench/results/peers_cuda.md"]),
         run_part("Cost at ResNet-50 224x224, NCHW", ["bench/cost.py", "--model", "resnet50", "--size", "224",
                                                      "--target-batch", "32", "--micro-batch", "8", "--rounds", "7",
                                                      "--device", "cuda"]),

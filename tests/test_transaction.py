@@ -467,3 +467,67 @@ def _same(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bn, first", [("two_pass", 1), ("micro", 2), ("exact", 3)])
+def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first):
+    """#29: SIGINT at the lines a step runs in autobatch and in the optimizer's own Python (SGD with momentum,
+    the second step, the plan made): the model, the caller's gradients and the optimizer's state are as before
+    the step or as after it, grad mode is on, and the next step runs. (A Ctrl-C inside torch.no_grad()'s own
+    __enter__ had left autograd off for the rest of the process.) Every 4th line here, from another first
+    line per mode, for CI's time; every line (3,400 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
+    import os
+    import sys
+
+    import torch.optim
+
+    from tests.common import ResidualNet, data, interrupt_at
+
+    roots = (os.path.dirname(autobatch.__file__), os.path.dirname(torch.optim.__file__))
+    x, y = data(8)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = ResidualNet(blocks=1).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        options = dict(micro_batch=4) if bn != "exact" else dict(memory_budget=10**10)
+        mode = autobatch.TwoPass(phase1_memory_format=torch.preserve_format) if bn == "two_pass" else bn
+        ab = autobatch.wrap(model, optimizer, 8, torch.nn.CrossEntropyLoss(), cache=False, bn=mode, **options)
+        ab.step(x, y)  # the plan and the momentum made, outside the sweep
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)  # the caller's gradients, to be kept by an undone step
+        return model, optimizer, ab
+
+    def state(model, optimizer):
+        return {**model_state(model), "momentum": [s["momentum_buffer"].clone() for s in optimizer.state.values()]}
+
+    model, optimizer, ab = fresh()
+    before = state(model, optimizer)
+    ab.step(x, y)
+    after = state(model, optimizer)
+    target, interrupted, swept = first, 0, 0
+    while True:
+        model, optimizer, ab = fresh()
+        trace, seen = interrupt_at(target, lambda code: code.co_filename.startswith(roots))
+        sys.settrace(trace)
+        try:
+            ab.step(x, y)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        assert torch.is_grad_enabled(), f"line {target}: grad mode left off"
+        got = state(model, optimizer)
+        whole = all(_same(got[k], after[k]) for k in after) or all(_same(got[k], before[k]) for k in before)
+        assert whole, f"line {target}"
+        ab.step(x, y)  # and training goes on
+        if seen[0] < target:
+            break
+        swept += 1
+        target += STRIDE
+    assert interrupted == swept > 250
+
+
+#: Lines between two interruptions of the whole-step sweep.
+STRIDE = 4

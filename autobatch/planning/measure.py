@@ -36,6 +36,10 @@ class _LiveBytes(TorchDispatchMode):
         # The data the work reads exists before and after it: a view of it (a micro-batch sliced
         # from the batch, or from a whole dataset) is no new memory.
         self._outside = weakref.WeakSet(tensor.untyped_storage() for tensor in outside)
+        #: The callbacks that count a storage's release, detached when the measurement ends: a storage that
+        #: outlives it (a parameter, a gradient) must not run our code when it dies, in the middle of
+        #: someone else's work.
+        self._finalizers: list[weakref.finalize] = []
         self.live = self.peak = 0
         for tensor in known:
             self._see(tensor)
@@ -49,7 +53,7 @@ class _LiveBytes(TorchDispatchMode):
         if old == size:
             return
         if old is None:
-            weakref.finalize(storage, self._free, weakref.ref(self), size)
+            self._finalizers.append(weakref.finalize(storage, self._free, weakref.ref(self), size))
         self._sizes[storage] = size
         self.live += size - (old or 0)
         self.peak = max(self.peak, self.live)
@@ -59,6 +63,12 @@ class _LiveBytes(TorchDispatchMode):
         tracker = owner()
         if tracker is not None:
             tracker.live -= size
+
+    def __exit__(self, *args: Any) -> None:
+        super().__exit__(*args)
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
