@@ -95,7 +95,7 @@ def main() -> None:
              f"`python bench/planner.py --device {args.device}` on {name}. Budgets are caps given as "
              "`memory_budget` (less the 10% margin). Exhaustive: every size 1..target_batch measured the same "
              "way; one trial is one real training micro-step.", "",
-             "| model | budget | planner's micro-batch | true largest | planner trials | exhaustive trials | "
+             "| model | budget | planner's capacity (largest micro-batch it allows) | true largest | planner trials | exhaustive trials | "
              "exhaustive time / planner time |" + (" largest without real OOM |" if device.type == "cuda" else ""),
              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if device.type == "cuda" else "")]
     for title, model, x, y, target in models(device):
@@ -110,7 +110,7 @@ def main() -> None:
             plan = ab.tune(x, y)
             seconds = time.perf_counter() - start
             truth, truth_seconds = exhaustive(ab, x, y, target, plan.budget_bytes)
-            row = (f"| {title} | {format_bytes(plan.budget_bytes)} | {plan.micro_batch} | {truth} | {plan.trials} | "
+            row = (f"| {title} | {format_bytes(plan.budget_bytes)} | {plan.capacity} | {truth} | {plan.trials} | "
                    f"{target} | {truth_seconds / seconds:.0f}x |")
             if device.type == "cuda":
                 row += f" {real_out_of_memory(model, x, y, target, plan.budget_bytes, device)} |"
