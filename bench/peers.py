@@ -43,7 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import autobatch  # noqa: E402
 from autobatch.demo import UNet, models, shapes  # noqa: E402
 from autobatch.planning import measure  # noqa: E402
-from variable_shapes import Capped  # noqa: E402
+from variable_shapes import Capped, Counter  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "peers.md"
 TARGET = 32
@@ -160,7 +160,7 @@ def true_largest(batch, cap: int) -> int:
 def run_autobatch(batches, cap: int) -> Run:
     run = Run()
     model, optimizer = fresh()
-    counter = _Counter()
+    counter = Counter()
     logging.getLogger("autobatch").addHandler(counter)
     ab = autobatch.wrap(model, optimizer, TARGET, W.loss_fn, memory_budget=cap, cache=False, bn="micro")
     try:
@@ -175,15 +175,6 @@ def run_autobatch(batches, cap: int) -> Run:
     run.search_steps, run.events = ab._planner.trials.steps, counter.events
     run.seconds = time.perf_counter() - run.start
     return run
-
-
-class _Counter(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.events = 0
-
-    def emit(self, record):
-        self.events += "ran out of memory" in record.getMessage()
 
 
 def run_accelerate(batches, cap: int, keep_batch: bool) -> Run:

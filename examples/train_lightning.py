@@ -41,16 +41,22 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 4, 0.5)}
 
 
+def loader_and_strategy(devices: int, batch: int) -> tuple[DataLoader, object]:
+    """The sibling example's images, each process's share of every batch, and the strategy for ``devices``."""
+    torch.manual_seed(0)  # the same initial weights in every process
+    images, labels = make_data(512, torch.Generator().manual_seed(0))
+    # Lightning gives each process its part of every batch (a DistributedSampler): its share of the batch.
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch // devices, shuffle=True)
+    strategy = AutoBatchDDPStrategy(process_group_backend="gloo" if not torch.cuda.is_available() else None) \
+        if devices > 1 else "auto"
+    return loader, strategy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=1, help="processes (devices) to train on")
     args = parser.parse_args()
-    torch.manual_seed(0)  # the same initial weights in every process
-    images, labels = make_data(512, torch.Generator().manual_seed(0))
-    # Lightning gives each process its part of every batch (a DistributedSampler): its share of 32.
-    loader = DataLoader(TensorDataset(images, labels), batch_size=BATCH // args.devices, shuffle=True)
-    strategy = AutoBatchDDPStrategy(process_group_backend="gloo" if not torch.cuda.is_available() else None) \
-        if args.devices > 1 else "auto"
+    loader, strategy = loader_and_strategy(args.devices, BATCH)
     trainer = L.Trainer(accelerator="auto", devices=args.devices, strategy=strategy, max_epochs=2, logger=False,
                         enable_checkpointing=False, gradient_clip_val=1.0, accumulate_grad_batches=2,
                         callbacks=[AutoBatchCallback(memory_budget="2MiB")])

@@ -12,11 +12,10 @@ import argparse
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from train_classifier import make_data, make_model  # the sibling example: same data and model
+from train_classifier import make_model  # the sibling examples: the model, and the data and strategy
+from train_lightning import loader_and_strategy
 
 import autobatch.integrations.lightning
-from autobatch.integrations.lightning import AutoBatchDDPStrategy
 
 TARGET_BATCH = 32
 
@@ -43,12 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=1, help="processes (devices) to train on")
     args = parser.parse_args()
-    torch.manual_seed(0)  # the same initial weights in every process
-    images, labels = make_data(512, torch.Generator().manual_seed(0))
-    # Lightning gives each process its part of every batch (a DistributedSampler): its share of 32.
-    loader = DataLoader(TensorDataset(images, labels), batch_size=TARGET_BATCH // args.devices, shuffle=True)
-    strategy = AutoBatchDDPStrategy(process_group_backend="gloo" if not torch.cuda.is_available() else None) \
-        if args.devices > 1 else "auto"
+    loader, strategy = loader_and_strategy(args.devices, TARGET_BATCH)
     trainer = L.Trainer(accelerator="auto", devices=args.devices, strategy=strategy, max_epochs=2, logger=False,
                         enable_checkpointing=False)
     trainer.fit(Classifier(), loader)

@@ -53,6 +53,11 @@ def not_a_module():
     (["--model", "tests.test_main:not_a_module"], "returned a str, not a torch.nn.Module"),
     (["--plot", "no/such/folder/plan.png"], "the folder no/such/folder does not exist"),
     (["--budget", "1.5"], "a fraction of the device's memory and must lie in (0, 1]"),
+    (["--input-shape", "3x0x32"], "--input-shape 3x0x32: every size must be 1 or more"),
+    (["--input-shape", "5x8x8"], "--input-shape 5x8x8: the model cannot take one sample of that shape"),
+    (["--budget", "1"], "--budget 1 is 1 B, less than any model's step needs"),
+    (["--budget", "2KiB"], "--budget 2KiB: the model's parameters and their gradients alone take"),
+    (["--target-batch", "0"], "--target-batch 0: the logical batch must be 1 or more"),
 ])
 def test_bad_command_lines_are_one_message_and_exit_status_2_before_any_measurement(arguments, message, capsys,
                                                                                     caplog):
@@ -134,23 +139,6 @@ def test_bad_demo_command_lines_name_the_flag_and_exit_2(arguments, message, cap
     assert main(["demo", *arguments]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("arguments, message", [
-    (["--input-shape", "3x0x32"], "--input-shape 3x0x32: every size must be 1 or more"),
-    (["--input-shape", "5x8x8"], "--input-shape 5x8x8: the model cannot take one sample of that shape"),
-    (["--budget", "1"], "--budget 1 is 1 B, less than any model's step needs"),
-    (["--budget", "2KiB"], "--budget 2KiB: the model's parameters and their gradients alone take"),
-    (["--target-batch", "0"], "--target-batch 0: the logical batch must be 1 or more"),
-])
-def test_bad_plan_command_lines_name_the_flag_before_measuring(arguments, message, capsys, caplog):
-    base = {"--model": "tests.common:ResidualNet", "--input-shape": "3x8x8", "--target-batch": "4",
-            "--optimizer": "sgd"}
-    base.update(dict(zip(arguments[::2], arguments[1::2])))
-    assert main(["plan", *[part for pair in base.items() for part in pair]]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert "autobatch trial" not in caplog.text
 
 
 def test_retune_is_a_hidden_alias_of_refresh_cache_that_warns(capsys, caplog):

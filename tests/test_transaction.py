@@ -417,10 +417,8 @@ def test_put_back_runs_every_restore_again_after_an_interrupt():
 def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_undone():
     """SIGINT (Ctrl-C as Python delivers it) at every line run in transaction.py and in the update: afterwards
     the model, the caller's gradients and the optimizer are as before the step or as after it, never between."""
-    import sys
-
     from autobatch import microstep, transaction
-    from tests.common import ResidualNet, data, interrupt_at
+    from tests.common import ResidualNet, data
 
     def fresh():
         torch.manual_seed(0)
@@ -441,10 +439,21 @@ def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_
     ab.step(x, y)
     after = state(model, optimizer)
     files = {transaction.__file__, microstep.__file__}
-    target, interrupted = 1, 0
+    swept, interrupted = _sweep(fresh, state, before, after, x, y, lambda code: code.co_filename in files)
+    assert interrupted == swept > 50
+
+def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_step=False) -> tuple[int, int]:
+    """SIGINT at line ``first``, then every ``stride``-th line a step runs in code ``where`` selects, each time on
+    a ``fresh()`` model: afterwards its state is ``before`` or ``after`` the step, and autograd is on
+    (``then_step``: the next step runs too). Returns the lines swept and the interrupts raised."""
+    import sys
+
+    from tests.common import interrupt_at
+
+    target, interrupted, swept = first, 0, 0
     while True:
-        trace, seen = interrupt_at(target, lambda code: code.co_filename in files)
         model, optimizer, ab = fresh()
+        trace, seen = interrupt_at(target, where)
         sys.settrace(trace)
         try:
             ab.step(x, y)
@@ -452,13 +461,16 @@ def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_
             interrupted += 1
         finally:
             sys.settrace(None)
+        assert torch.is_grad_enabled(), f"line {target}: grad mode left off"
         got = state(model, optimizer)
         whole = all(_same(got[k], after[k]) for k in after) or all(_same(got[k], before[k]) for k in before)
         assert whole, f"line {target}"
+        if then_step:
+            ab.step(x, y)  # and training goes on
         if seen[0] < target:
-            break
-        target += 1
-    assert interrupted == target - 1 > 50
+            return swept, interrupted
+        swept += 1
+        target += stride
 
 
 def _same(a, b) -> bool:
@@ -478,11 +490,10 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
     __enter__ had left autograd off for the rest of the process.) Every 4th line here, from another first
     line per mode, for CI's time; every line (3,400 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
     import os
-    import sys
 
     import torch.optim
 
-    from tests.common import ResidualNet, data, interrupt_at
+    from tests.common import ResidualNet, data
 
     roots = (os.path.dirname(autobatch.__file__), os.path.dirname(torch.optim.__file__))
     x, y = data(8)
@@ -506,28 +517,9 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
     before = state(model, optimizer)
     ab.step(x, y)
     after = state(model, optimizer)
-    target, interrupted, swept = first, 0, 0
-    while True:
-        model, optimizer, ab = fresh()
-        trace, seen = interrupt_at(target, lambda code: code.co_filename.startswith(roots))
-        sys.settrace(trace)
-        try:
-            ab.step(x, y)
-        except KeyboardInterrupt:
-            interrupted += 1
-        finally:
-            sys.settrace(None)
-        assert torch.is_grad_enabled(), f"line {target}: grad mode left off"
-        got = state(model, optimizer)
-        whole = all(_same(got[k], after[k]) for k in after) or all(_same(got[k], before[k]) for k in before)
-        assert whole, f"line {target}"
-        ab.step(x, y)  # and training goes on
-        if seen[0] < target:
-            break
-        swept += 1
-        target += STRIDE
+    swept, interrupted = _sweep(fresh, state, before, after, x, y, lambda code: code.co_filename.startswith(roots),
+                                first, STRIDE, then_step=True)
     assert interrupted == swept > 250
-
 
 #: Lines between two interruptions of the whole-step sweep.
 STRIDE = 4
