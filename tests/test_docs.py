@@ -32,3 +32,23 @@ def test_the_readme_opens_with_the_two_commands():
     commands = [line.strip() for line in head if line.startswith("    pip install")]
     assert commands == ['pip install -e . && python -m autobatch demo',
                         'pip install -e ".[test]" && python -m pytest -q -m "not slow"']
+
+
+def _list_without_blank_line_before(text: str) -> list[int]:
+    """Lines where a list starts right under a paragraph: Markdown then runs the list into the paragraph."""
+    lines, found, fence = text.split("\n"), [], False
+    item = re.compile(r"^\s*([-*]|\d+\.)\s")
+    for number, line in enumerate(lines[1:], start=2):
+        if line.startswith("```"):
+            fence = not fence
+        previous = lines[number - 2]
+        if not fence and item.match(line) and previous.strip() and not item.match(previous) \
+                and not previous.startswith((" ", "|", "#")):
+            found.append(number)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_list_has_a_blank_line_before_it(page):
+    assert _list_without_blank_line_before(page.read_text()) == [], page
+    assert _list_without_blank_line_before("A paragraph:\n- an item") == [2]  # the check can fail
