@@ -27,8 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.interrupts import held_interrupts
 from autobatch.options import UpdateCopies
 
-__all__ = ["Attributes", "BatchNormState", "GradMode", "Transaction", "put_back", "step_transaction",
-           "trial_transaction", "update_transaction"]
+__all__ = ["Attributes", "BatchNormState", "GradMode", "Transaction", "add_gradients", "put_back",
+           "step_transaction", "trial_transaction", "update_transaction"]
 
 #: Passes at putting state back when the restore itself is interrupted.
 _ATTEMPTS = 3
@@ -76,13 +76,19 @@ class Gradients:
     def add_to_current(self) -> None:
         """The saved gradients added into the current ones, as a second ``backward()`` accumulates (the saved
         tensors themselves untouched, so that a failure half-way still restores them)."""
-        with torch.no_grad():
-            for tensor, grad in self._saved:
-                if grad is not None:
-                    if tensor.grad is None:
-                        tensor.grad = grad
-                    else:
-                        tensor.grad.add_(grad)
+        add_gradients(self._saved)
+
+
+def add_gradients(pairs: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    """Each ``(tensor, grad)``'s ``grad`` added into ``tensor.grad`` in place, as ``backward()`` accumulates
+    (``grad`` itself untouched)."""
+    with torch.no_grad():
+        for tensor, grad in pairs:
+            if grad is not None:
+                if tensor.grad is None:
+                    tensor.grad = grad
+                else:
+                    tensor.grad.add_(grad)
 
 
 class Values:

@@ -48,9 +48,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autobatch.distributed import Ranks
+from autobatch.integrations import gradient_apart
 from autobatch.options import Options
 from autobatch.split import batch_format
 from autobatch.step import AutoBatch
+from autobatch.transaction import add_gradients
 
 __all__ = ["AutoBatchCallback", "AutoBatchDDPStrategy", "LightningAutoBatch", "wrap"]
 
@@ -214,8 +216,8 @@ class AutoBatchCallback(Callback):
     processes). Its ``training_step`` runs once per micro-batch inside ``ab.backward``, which leaves the whole
     batch's gradient (divided by ``accumulate_grad_batches`` as Lightning divides the loss, and scaled by
     16-mixed's GradScaler) and holds it until Lightning's backward, which then adds it to ``.grad`` (Lightning
-    clears gradients in between); ``training_step`` returns that batch's loss, over every process. A ``backward`` hook of the
-    module's own is not called. ``self.log`` values are logged once per batch, their mean over its samples. With
+    clears gradients in between); ``training_step`` returns that batch's loss, over every process. A
+    ``backward`` hook of the module's own is not called. ``self.log`` values are logged once per batch, their mean over its samples. With
     several processes use ``strategy=AutoBatchDDPStrategy()``: Lightning's own DDP would synchronize the
     gradient at every micro-batch. The module's ``training_step`` and ``backward`` are restored when fitting ends.
     """
@@ -251,17 +253,9 @@ class AutoBatchCallback(Callback):
         def training_step(batch: Any, batch_idx: int, *args: Any) -> Any:
             ab = self._wrapped(trainer, pl_module, batch, compute_loss)
             step["batch_idx"] = batch_idx
-            params = ab._micro.parameters()
-            before = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            try:
-                mean = ab.backward(batch) * trainer.accumulate_grad_batches
-                # Lightning clears gradients between training_step and backward: the batch's waits until then.
-                held[:] = [(p, p.grad) for p in params]
-            finally:
-                for p, grad in zip(params, before):
-                    p.grad = grad
+            # Lightning clears gradients between training_step and backward: the batch's waits until then.
+            mean, held[:] = gradient_apart(ab, ab._micro.parameters(), batch)
+            mean *= trainer.accumulate_grad_batches
             logged.log_batch(ab.options.batches.size(batch))
             # Lightning back-propagates this leaf, which reaches no parameter; backward below adds the batch's.
             loss = torch.tensor(mean, device=pl_module.device, requires_grad=True)
@@ -269,10 +263,7 @@ class AutoBatchCallback(Callback):
             return {**output, "loss": loss} if isinstance(output, dict) else loss
 
         def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            with torch.no_grad():
-                for p, grad in held:
-                    if grad is not None:
-                        p.grad = grad if p.grad is None else p.grad.add_(grad)
+            add_gradients(held)
             held.clear()
 
         pl_module.training_step = training_step

@@ -20,8 +20,10 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from autobatch.integrations import gradient_apart
 from autobatch.loss import IGNORE_INDEX
 from autobatch.step import AutoBatch, wrap
+from autobatch.transaction import add_gradients
 
 __all__ = ["AutoBatchTrainer", "count_weighted_loss", "label_count"]
 
@@ -119,24 +121,12 @@ class AutoBatchTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         ab = self._autobatch_for(model)
         factor = self._factor(model, inputs, num_items_in_batch)
-        params = [p for p in model.parameters() if p.requires_grad]
-        before = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
-            mean = ab.backward(inputs)
-            with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(factor)
-        except BaseException:
-            for p, grad in zip(params, before):
-                p.grad = grad
-            raise
+        mean, gradient = gradient_apart(ab, [p for p in model.parameters() if p.requires_grad], inputs)
         with torch.no_grad():
-            for p, grad in zip(params, before):
+            for _, grad in gradient:
                 if grad is not None:
-                    p.grad = grad if p.grad is None else p.grad.add_(grad)
+                    grad.mul_(factor)
+        add_gradients(gradient)  # to those of the batches accumulated before it
         return torch.tensor(mean * factor, device=self.args.device)
 
     def _factor(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> float:
