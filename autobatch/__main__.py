@@ -178,9 +178,9 @@ def plan(args: argparse.Namespace) -> int:
     device = _device(args.device)
     picture = _plot_path(args.plot)
     if picture is not None:
-        from autobatch.plot import _pyplot
+        from autobatch.plot import _matplotlib
 
-        _pyplot()  # matplotlib present, before anything is measured
+        _matplotlib()  # matplotlib present, before anything is measured
     factory = _factory(args.model)
     try:
         model = factory(**_keywords(args.model_kwargs))

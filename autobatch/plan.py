@@ -107,6 +107,7 @@ class Plan:
         return max(self.splits)
 
     def replace(self, **changes) -> "Plan":
+        """A copy of the plan with ``changes`` (its fields by name) applied."""
         return dataclasses.replace(self, **changes)
 
     @property

@@ -14,43 +14,62 @@ from autobatch.modes import Mode
 from autobatch.plan import Plan
 from autobatch.planning.search import fitted_line
 
-__all__ = ["plot_plan"]
+__all__ = ["LEGIBLE", "plot_plan", "pyplot"]
 
 MIB = 2 ** 20
+#: Font sizes in points that stay readable when a figure of up to 8 inches is shown at a page's width.
+LEGIBLE = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "legend.fontsize": 11,
+           "xtick.labelsize": 11, "ytick.labelsize": 11}
 
 
-def _pyplot():
+def _matplotlib():
     try:
         import matplotlib
     except ImportError:
         raise ImportError('drawing a plan needs matplotlib: pip install "torch-autobatch[plot]"') from None
-    matplotlib.use("Agg")
+    return matplotlib
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, for scripts (it switches the process to the Agg backend);
+    `LEGIBLE` holds the font sizes of our figures.
+
+        plt = pyplot()
+        plt.rcParams.update(LEGIBLE)
+    """
+    _matplotlib().use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def plot_plan(plans: Union[Plan, Sequence[Plan]], path: Union[str, pathlib.Path]) -> pathlib.Path:
-    """Draw a plan (or the plans of several sample sizes, one line each) into the PNG file ``path``."""
+    """Draw a plan (or the plans of several sample sizes, one line each) into the PNG file ``path``.
+
+    The figure is drawn without pyplot: the caller's backend, open figures and settings stay as they were.
+    """
     plans = [plans] if isinstance(plans, Plan) else list(plans)
     plan = plans[0]
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    if plan.candidates and len(plans) == 1:
-        _candidates(axes, plan)
-    else:
-        _sizes(axes, plans)
-    if plan.budget_bytes is not None:
-        axes.axhline(plan.budget_bytes / MIB, color="tab:red", linestyle="--",
-                     label="budget (after the safety margin)")
-    axes.set_ylabel("peak (MiB)")
-    title = f"target_batch {plan.target_batch}, bn={plan.bn}"
-    axes.set_title(title + (f": micro-batches {plan.splits}" if len(plans) == 1 else f", {len(plans)} sample sizes"))
-    axes.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path = pathlib.Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    matplotlib = _matplotlib()
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(LEGIBLE):
+        figure = Figure(figsize=(7.2, 4.6))
+        axes = figure.subplots()
+        if plan.candidates and len(plans) == 1:
+            _candidates(axes, plan)
+        else:
+            _sizes(axes, plans)
+        if plan.budget_bytes is not None:
+            axes.axhline(plan.budget_bytes / MIB, color="tab:red", linestyle="--",
+                         label="budget (after the safety margin)")
+        axes.set_ylabel("peak (MiB)")
+        title = f"target_batch {plan.target_batch}, bn={plan.bn}"
+        axes.set_title(title + (f": micro-batches {plan.splits}" if len(plans) == 1 else f", {len(plans)} sample sizes"))
+        axes.legend(loc="best")
+        figure.tight_layout()
+        path = pathlib.Path(path)
+        figure.savefig(path, dpi=110)
     return path
 
 
@@ -64,7 +83,8 @@ def _sizes(axes, plans: list[Plan]) -> None:
         points = [(n, peak) for n, s, peak in plan.measured if s == plan.sample_size] or \
             [(n, peak) for n, peak in plan.points if peak is not None]
         if points:
-            axes.scatter([n for n, _ in points], [peak / MIB for _, peak in points], color=colour, zorder=3)
+            axes.scatter([n for n, _ in points], [peak / MIB for _, peak in points], color=colour, zorder=3,
+                         label="measured peaks" if len(plans) == 1 else None)
         if plan.fixed_bytes is not None and plan.per_sample_bytes is not None:
             fixed, per_sample = plan.fixed_bytes, plan.per_sample_bytes
         elif len(points) > 1:
@@ -85,7 +105,7 @@ def _candidates(axes, plan: Plan) -> None:
     peaks = [0.0 if c.peak_bytes is None else c.peak_bytes / MIB for c in plan.candidates]
     colours = ["tab:green" if _chosen(plan, c) else "tab:blue" if c.exact else "tab:orange" for c in plan.candidates]
     axes.bar(range(len(peaks)), peaks, color=colours)
-    axes.set_xticks(range(len(peaks)), labels, rotation=30, ha="right", fontsize="small")
+    axes.set_xticks(range(len(peaks)), labels, rotation=30, ha="right")
     axes.set_xlabel("candidate (green: chosen; blue: the whole batch, exact; orange: micro-batches)")
 
 

@@ -1,10 +1,13 @@
 """The computations autobatch is judged against: the full batch's gradient, plain accumulation, and
 the forum user's frozen-statistics scheme (reproduced here only, to show why it fails: it is not a
-mode of autobatch). For tests and benchmarks, and for checking autobatch on a model of your own::
+mode of autobatch). For tests and benchmarks, and for checking autobatch on a model of your own.
 
-    expected = full_batch_grad(model, x, y, loss_fn)           # the model itself is untouched
-    got = ...                                                  # autobatch's gradient, from before_step
+Example:
+    ```python
+    expected = full_batch_grad(model, x, y, loss_fn)  # the model itself is untouched
+    got = ...  # autobatch's gradient, read in before_step
     cosine(got, expected), relative_error(got, expected)
+    ```
 """
 from __future__ import annotations
 
@@ -27,15 +30,18 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def flat_grad(model: nn.Module) -> Tensor:
+    """``model``'s gradients as one flat vector, in parameter order (parameters without one left out)."""
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
+    """``|a - b| / |b|``, computed in float64."""
     a, b = a.double(), b.double()  # float64 sums: float32 ones over millions of elements drift
     return ((a - b).norm() / b.norm()).item()
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
+    """The cosine of the angle between two flat gradients, computed in float64."""
     # In float64: float32 sums over tens of millions of elements read a cosine above 1 (1.003 measured).
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
 
@@ -79,6 +85,7 @@ def frozen_statistics_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: 
 
 def plain_accumulation_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
                             splits: list[int]) -> Tensor:
+    """`plain_accumulation_backward`'s gradient, on a copy: the model is untouched."""
     model = copy.deepcopy(model)
     plain_accumulation_backward(model, x, y, loss_fn, splits)
     return flat_grad(model)
@@ -86,6 +93,7 @@ def plain_accumulation_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Los
 
 def frozen_statistics_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
                            splits: list[int]) -> Tensor:
+    """`frozen_statistics_backward`'s gradient, on a copy: the model is untouched."""
     model = copy.deepcopy(model)
     frozen_statistics_backward(model, x, y, loss_fn, splits)
     return flat_grad(model)

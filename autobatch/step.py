@@ -29,7 +29,7 @@ from autobatch.options import MicroBatch, Options, UpdateCopies
 from autobatch.plan import Plan, fixed_plan
 from autobatch.planning.planner import Planner
 from autobatch.stages import Stage, stage_of
-from autobatch.transaction import Attributes, GradMode, Transaction
+from autobatch.transaction import Attributes, ThreadContexts, Transaction
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -52,9 +52,10 @@ class AutoBatch:
         self.target_batch = options.target_batch
         self._share = options.target_batch // self._ranks.world_size
         self._planner = Planner(self._micro, self._strategy, options)
-        #: None until the first step (or `tune`) measures it, when micro_batch="auto".
         self.plan: Optional[Plan] = None if options.auto else fixed_plan(
             options.target_batch, options.micro_batch, self._ranks.world_size, self._strategy.split_mode)
+        """The `Plan` the steps run: the micro-batch, the splits and why; with micro_batch="auto", None until
+        the first `step` (or `tune`) measures it, then the plan of the last batch's sample size."""
         self._open = True
         #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
         self._items: Optional[float] = None
@@ -100,18 +101,21 @@ class AutoBatch:
         ``bn`` mode, count-weighted losses, reduced once over ranks), is added to the parameters' ``.grad``
         as ``loss.backward()`` adds to it; with ``scaler`` it is scaled, as ``scaler.scale(loss).backward()``
         leaves it, for the caller's ``scaler.unscale_``/``scaler.step``. All or nothing: on any error the
-        gradients, BatchNorm buffers, the RNG and the plan are as before the call::
+        gradients, BatchNorm buffers, the RNG and the plan are as before the call.
 
+        Example:
+            ```python
             loss = ab.backward(inputs, targets)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
+            ```
         """
         return self._logical_batch(inputs, targets, update=False)
 
     def _logical_batch(self, inputs: Any, targets: Any, update: bool) -> float:
         with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")]),
-                         grad_mode=GradMode):
+                         contexts=ThreadContexts):
             batch, sizes, planned = self._agree_on_batch(inputs, targets)
             if self.plan is None:
                 self.plan = self._planner.plan_for(batch)

@@ -23,11 +23,16 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+# PyTorch's own readers of the mode stacks (private, present since torch 2.0): nothing public pops a mode.
+from torch.overrides import _get_current_function_mode_stack as _function_modes
+from torch.overrides import _pop_mode as _pop_function_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
+from torch.utils._python_dispatch import _pop_mode as _pop_dispatch_mode
 
 from autobatch.interrupts import held_interrupts
 from autobatch.options import UpdateCopies
 
-__all__ = ["Attributes", "BatchNormState", "GradMode", "Transaction", "add_gradients", "put_back",
+__all__ = ["Attributes", "BatchNormState", "ThreadContexts", "Transaction", "add_gradients", "put_back",
            "step_transaction", "trial_transaction", "update_transaction"]
 
 #: Passes at putting state back when the restore itself is interrupted.
@@ -145,15 +150,23 @@ class ScalerState:
         getattr(self._scaler, "_per_optimizer_states", {}).pop(id(self._optimizer), None)
 
 
-class GradMode:
-    """Whether autograd records (``torch.is_grad_enabled()``): a Ctrl-C inside ``torch.no_grad()``'s own
-    ``__enter__`` leaves it off, and every later step of the process would then build no graph."""
+class ThreadContexts:
+    """What a context manager cut short by Ctrl-C leaves set for the rest of the thread: autograd off (a
+    Ctrl-C inside ``torch.no_grad()``'s own ``__enter__``), or a torch function or dispatch mode still pushed
+    (a Ctrl-C on the ``with`` line as the block ends, before the mode's ``__exit__`` runs), through which
+    every later torch call of the process would run."""
 
     def __init__(self) -> None:
         self._enabled = torch.is_grad_enabled()
+        self._function_modes = len(_function_modes())
+        self._dispatch_modes = len(_dispatch_modes())
 
     def restore(self) -> None:
         torch.set_grad_enabled(self._enabled)
+        while len(_function_modes()) > self._function_modes:
+            _pop_function_mode()
+        while len(_dispatch_modes()) > self._dispatch_modes:
+            _pop_dispatch_mode()
 
 
 class Modes:
@@ -281,7 +294,7 @@ def step_transaction(params: Sequence[nn.Parameter], layers: list[_BatchNorm]) -
     accumulate from none), BatchNorm buffers (``["buffers"]``, which also count ``num_batches_tracked``
     once) and the RNG, put back on any exception."""
     return Transaction(then=_clear(params), gradients=lambda: Gradients(params),
-                       buffers=lambda: BatchNormState(layers), random=RandomState, grad_mode=GradMode)
+                       buffers=lambda: BatchNormState(layers), random=RandomState, contexts=ThreadContexts)
 
 
 def update_transaction(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -319,4 +332,4 @@ def trial_transaction(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tra
                        values=lambda: Values(list(model.parameters()) + list(model.buffers()), host=True),
                        gradients=lambda: Gradients(params),
                        optimizer=lambda: OptimizerState(optimizer, params, host=True),
-                       modes=lambda: Modes(model), random=RandomState, grad_mode=GradMode)
+                       modes=lambda: Modes(model), random=RandomState, contexts=ThreadContexts)

@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (the full batch always runs)")
+    parser.add_argument("--replot", metavar="JSON", help="only draw a run's picture again from the json it wrote")
     args = parser.parse_args()
+    if args.replot:
+        return replot(pathlib.Path(args.replot))
     args.arms = [arm for arm in ARMS if arm in args.arms.split(",")]
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     started = time.perf_counter()
@@ -207,32 +210,40 @@ def write(rows, curves, split_counts, args, seconds, device):
 
 
 def plot(curves, split_counts, path, arms):
-    import matplotlib
+    from autobatch.plot import LEGIBLE, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(split_counts), figsize=(4.2 * len(split_counts), 6.5), sharex=True,
+    plt = pyplot()
+    plt.rcParams.update(LEGIBLE)  # a script's own process
+    fig, axes = plt.subplots(len(split_counts), 2, figsize=(8, 2.7 * len(split_counts) + 0.8), sharex=True,
                              squeeze=False)
     styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),
               "frozen statistics (forum)": ("tab:red", ":"), "autobatch two_pass": ("tab:blue", "-"),
               "autobatch micro": ("tab:green", "-."), "autobatch exact": ("tab:purple", ":")}
     styles = {arm: style for arm, style in styles.items() if arm == "full batch" or arm in arms}
-    for column, k in enumerate(split_counts):
+    for row, k in enumerate(split_counts):
         for arm, (colour, style) in styles.items():
             runs = curves[(arm, 1 if arm == "full batch" else k)]
-            for row, metric in enumerate(("train_loss", "val_iou")):
+            for column, metric in enumerate(("train_loss", "val_iou")):
                 values = torch.tensor([run[metric] for run in runs]).mean(0)
                 epochs = range(1, len(values) + 1)
-                axes[row, column].plot(epochs, values, color=colour, linestyle=style, label=arm)
-        axes[0, column].set_title(f"{k} splits (micro-batch {TARGET // k})")
-        axes[0, column].set_yscale("log")
-        axes[1, column].set_xlabel("epoch")
-    axes[0, 0].set_ylabel("training loss (eval mode)")
-    axes[1, 0].set_ylabel("validation IoU")
-    axes[1, 0].legend(fontsize=8)
-    fig.tight_layout()
+                axes[row, column].plot(epochs, values, color=colour, linestyle=style, linewidth=1.8, label=arm)
+        axes[row, 0].set_title(f"training loss, micro-batch {TARGET // k}")
+        axes[row, 1].set_title(f"validation IoU, micro-batch {TARGET // k}")
+        axes[row, 0].set_yscale("log")
+    for column in range(2):
+        axes[-1, column].set_xlabel("epoch")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.75 / (2.7 * len(split_counts) + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
+
+
+def replot(saved: pathlib.Path) -> None:
+    """Draw the picture of a run again from the json it wrote (next to it, under the same name)."""
+    entries = json.loads(saved.read_text())
+    curves = {(key.split("|")[0], int(key.split("|")[1])): entry["curves"] for key, entry in entries.items()}
+    split_counts = sorted({k for _, k in curves} - {1})
+    plot(curves, split_counts, saved.with_suffix(".png"), [arm for arm, _ in curves])
 
 
 if __name__ == "__main__":

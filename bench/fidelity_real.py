@@ -264,36 +264,46 @@ def write(results, args, seconds):
                              f"{mean_sd(row['accuracy'])} | {mean_sd(row['cosine'])} |")
         lines.append("")
     (out / "fidelity_real.md").write_text("\n".join(lines))
-    (out / "fidelity_real.json").write_text(json.dumps({task: rows for task, (rows, _) in results.items()}, indent=1))
+    (out / "fidelity_real.json").write_text(json.dumps(
+        {task: {"rows": rows, "curves": curves} for task, (rows, curves) in results.items()}, indent=1))
     plot(results, split_counts, out / "fidelity_real.png")
     print("\n".join(lines))
 
 
 def plot(results, split_counts, path):
-    import matplotlib
+    from autobatch.plot import LEGIBLE, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    plt.rcParams.update(LEGIBLE)  # a script's own process
     styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),
               "autobatch micro": ("tab:green", "-."), "two_pass, uncentred": ("tab:red", ":"),
               "two_pass, centred (b)": ("tab:purple", "--"), "two_pass": ("tab:blue", "-")}
-    fig, axes = plt.subplots(len(results), len(split_counts), figsize=(4.2 * len(split_counts), 3.4 * len(results)),
+    fig, axes = plt.subplots(len(results), len(split_counts), figsize=(8, 2.9 * len(results) + 0.8),
                              squeeze=False, sharex=True)
     for row, (task, (_, curves)) in enumerate(results.items()):
         for column, k in enumerate(split_counts):
             for arm, (colour, style) in styles.items():
                 runs = curves[f"{arm}|{1 if arm == 'full batch' else k}"]
                 values = torch.tensor(runs).mean(0)
-                axes[row, column].plot(range(1, len(values) + 1), values, color=colour, linestyle=style, label=arm)
+                axes[row, column].plot(range(1, len(values) + 1), values, color=colour, linestyle=style,
+                                       linewidth=1.8, label=arm)
             axes[row, column].set_yscale("log")
-            axes[row, column].set_title(f"{task}: {k} splits (micro-batch {TARGET // k})", fontsize=9)
-        axes[row, 0].set_ylabel("training loss (eval mode)")
+            axes[row, column].set_title(f"{task}, micro-batch {TARGET // k}")
+        axes[row, 0].set_ylabel("training loss")
     for column in range(len(split_counts)):
         axes[-1, column].set_xlabel("epoch")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.75 / (2.9 * len(results) + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
+
+
+def replot(out: pathlib.Path) -> None:
+    """Draw the picture again from the json a run wrote."""
+    saved = json.loads((out / "fidelity_real.json").read_text())
+    results = {task: (entry["rows"], entry["curves"]) for task, entry in saved.items()}
+    split_counts = sorted({int(key.split("|")[1]) for key in next(iter(saved.values()))["curves"]} - {1})
+    plot(results, split_counts, out / "fidelity_real.png")
 
 
 def main() -> None:
@@ -304,7 +314,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--splits", default="2,4,8")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--replot", action="store_true", help="only draw the picture again from the json")
     args = parser.parse_args()
+    if args.replot:
+        return replot(pathlib.Path(args.out))
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     started = time.perf_counter()
     results = {task: run(task, args.seeds, args.epochs, args.lr, [int(k) for k in args.splits.split(",")])

@@ -1,4 +1,12 @@
+import signal
+
 import pytest
+
+# The Ctrl-C tests raise SIGINT in this process and expect Python's KeyboardInterrupt. A shell that starts a
+# job in the background without job control starts it with SIGINT ignored, and Python then installs no
+# handler: give the suite Python's own, wherever it was started from.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The distribution builds as torch-autobatch and installs as itself, from the wheel and the sdist."""
 import pathlib
+import re
 import subprocess
 import sys
 import sysconfig
@@ -29,8 +30,26 @@ def test_the_wheel_holds_the_package_its_licence_and_type_marker(built):
         names = archive.namelist()
         metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "autobatch/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
-    assert "Name: torch-autobatch" in metadata and "BSD-3-Clause" in metadata
+    assert "Name: torch-autobatch" in metadata and "License-Expression: BSD-3-Clause" in metadata
     assert "Provides-Extra: docs" in metadata and not any(n.startswith("tests/") for n in names)
+
+
+def test_the_package_page_works_on_the_index(built):
+    """The index shows the long description away from the repository: every link and image absolute, the
+    project's addresses listed, and classifiers a search on the index can use."""
+    wheel, _ = built
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith("METADATA"))).decode()
+    headers, description = metadata.split("\n\n", 1)
+    assert description.startswith("# torch-autobatch")
+    targets = re.findall(r"\]\(([^)\s]+)\)", description)
+    assert targets and all(t.startswith("https://") for t in targets), targets
+    for label in ("Documentation", "Source", "Issues", "Changelog"):
+        assert f"Project-URL: {label}, https://" in headers, label
+    for classifier in ("Programming Language :: Python :: 3.11", "Operating System :: OS Independent",
+                       "Intended Audience :: Science/Research", "Topic :: Scientific/Engineering"):
+        assert f"Classifier: {classifier}" in headers, classifier
+    assert "pip install -e" not in description and "pip install torch-autobatch" in description
 
 
 def test_the_sdist_carries_the_documentation_and_examples(built):
@@ -38,8 +57,23 @@ def test_the_sdist_carries_the_documentation_and_examples(built):
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     for needed in ("LICENSE", "CHANGELOG.md", "mkdocs.yml", "docs/index.md", "docs/assets/plan.png",
-                   "examples/train_classifier.py", "autobatch/py.typed"):
+                   "examples/train_classifier.py", "autobatch/py.typed", "bench/planner.py",
+                   "bench/results/peers.md", "tests/conftest.py", "tests/common.py",
+                   "tests/batchnorm/test_precise.py", "tests/integrations/lightning_worker.py"):
         assert needed in names, needed
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_tests_run_from_the_unpacked_sdist(built, tmp_path):
+    """What the sdist ships is enough to run the suite the README gives (its quick part) away from a checkout."""
+    _, sdist = built
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+    unpacked = next(tmp_path.iterdir())
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-x"],
+                            cwd=unpacked, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout)
 
 
 @pytest.mark.parametrize("which", ["wheel", "sdist"])

@@ -397,6 +397,32 @@ def test_a_step_redone_after_out_of_memory_draws_the_same_random_masks(point):
     assert_same_state(model_state(reference_model), model_state(model))
 
 
+def test_a_mode_an_interrupt_kept_from_its_exit_is_popped_when_the_step_is_undone(monkeypatch):
+    """A Ctrl-C on a ``with`` line as its block ends comes before the mode's ``__exit__``: the mode that
+    replays random draws stayed pushed, and every later torch call of the process ran through it (found by the
+    every-line sweep of a two_pass step, at its 1,283rd line)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from autobatch.batchnorm import randomness
+    from tests.common import data
+
+    def interrupted_exit(self, *args):
+        raise KeyboardInterrupt  # where Ctrl-C lands: the mode still on the stack
+
+    torch.manual_seed(0)
+    model = ResidualNet(blocks=1).double()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), micro_batch=4,
+                        cache=False, bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    before = model_state(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(randomness._Intercept, "__exit__", interrupted_exit)
+        with pytest.raises(KeyboardInterrupt):
+            ab.step(*data(8))
+    assert _get_current_function_mode_stack() == []
+    assert_same_state(before, model_state(model))
+    ab.step(*data(8))  # and the next step runs as usual
+
+
 def test_put_back_runs_every_restore_again_after_an_interrupt():
     done, interrupts = [], [KeyboardInterrupt()]
 
@@ -448,6 +474,9 @@ def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_ste
     (``then_step``: the next step runs too). Returns the lines swept and the interrupts raised."""
     import sys
 
+    from torch.overrides import _get_current_function_mode_stack as _function_modes
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
+
     from tests.common import interrupt_at
 
     target, interrupted, swept = first, 0, 0
@@ -462,6 +491,7 @@ def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_ste
         finally:
             sys.settrace(None)
         assert torch.is_grad_enabled(), f"line {target}: grad mode left off"
+        assert not _function_modes() and not _dispatch_modes(), f"line {target}: a torch mode left pushed"
         got = state(model, optimizer)
         whole = all(_same(got[k], after[k]) for k in after) or all(_same(got[k], before[k]) for k in before)
         assert whole, f"line {target}"
@@ -488,7 +518,7 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
     the second step, the plan made): the model, the caller's gradients and the optimizer's state are as before
     the step or as after it, grad mode is on, and the next step runs. (A Ctrl-C inside torch.no_grad()'s own
     __enter__ had left autograd off for the rest of the process.) Every 8th line here, from another first
-    line per mode, for CI's time; every line (3,400 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
+    line per mode, for CI's time; every line (3,376 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
     import os
 
     import torch.optim

@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import autobatch
 from autobatch.demo.data import shapes
+from autobatch.demo.lettering import lettering
 from autobatch.demo.png import write_png
 from autobatch.demo.unet import UNet
 from autobatch.plan import Plan
@@ -50,17 +51,27 @@ def evaluate(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, device
     return foreground_iou(logits, masks), logits
 
 
+TITLES = ("INPUT", "TRUE MASK", "PREDICTED")
+
+
 def picture(images: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, rows: int = 4,
             zoom: int = 3) -> torch.Tensor:
-    """Rows of (input, true mask, predicted mask), each tile enlarged ``zoom`` times, with gaps."""
+    """Rows of (input, true mask, predicted mask) under their column titles, each tile enlarged ``zoom`` times."""
     images, masks, logits = (t.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2) for t in (images, masks, logits))
     size = images.shape[-1]
-    canvas = torch.ones(3, rows * (size + 2), 3 * (size + 2))
+    band = 7 * 2 + 8  # the titles' height at scale 2, and a margin
+    canvas = torch.ones(3, band + rows * (size + 2), 3 * (size + 2))
+    for column, title in enumerate(TITLES):
+        ink = next((ink for scale in (2, 1) if (ink := lettering(title, scale)).shape[1] <= size), None)
+        if ink is None:
+            continue  # tiles too small for a title
+        top, left = (band - ink.shape[0]) // 2, column * (size + 2) + 1 + (size - ink.shape[1]) // 2
+        canvas[:, top:top + ink.shape[0], left:left + ink.shape[1]] -= ink
     for row in range(rows):
         image = (images[row] - images[row].min()) / (images[row].max() - images[row].min() + 1e-8)
         tiles = [image, masks[row].float().expand(3, -1, -1), (logits[row].argmax(0) == 1).float().expand(3, -1, -1)]
         for column, tile in enumerate(tiles):
-            top, left = row * (size + 2) + 1, column * (size + 2) + 1
+            top, left = band + row * (size + 2) + 1, column * (size + 2) + 1
             canvas[:, top:top + size, left:left + size] = tile
     return canvas
 

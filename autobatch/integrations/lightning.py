@@ -207,19 +207,25 @@ class AutoBatchCallback(Callback):
     """Every training batch's gradient in micro-batches that fit, under Lightning's automatic optimization.
 
     Add it to the Trainer, with `autobatch.wrap`'s keywords (``micro_batch``, ``memory_budget``, ``bn``,
-    ``cache``...); the LightningModule stays as it is::
-
-        trainer = L.Trainer(precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=1.0,
-                            callbacks=[AutoBatchCallback(bn="two_pass")])
+    ``cache``...); the LightningModule stays as it is.
 
     The batch the loader yields is the logical batch (``target_batch``: its size by default, times the
     processes). Its ``training_step`` runs once per micro-batch inside ``ab.backward``, which leaves the whole
     batch's gradient (divided by ``accumulate_grad_batches`` as Lightning divides the loss, and scaled by
     16-mixed's GradScaler) and holds it until Lightning's backward, which then adds it to ``.grad`` (Lightning
     clears gradients in between); ``training_step`` returns that batch's loss, over every process. A
-    ``backward`` hook of the module's own is not called. ``self.log`` values are logged once per batch, their mean over its samples. With
-    several processes use ``strategy=AutoBatchDDPStrategy()``: Lightning's own DDP would synchronize the
-    gradient at every micro-batch. The module's ``training_step`` and ``backward`` are restored when fitting ends.
+    ``backward`` hook of the module's own is not called. ``self.log`` values are logged once per batch, their
+    mean over its samples. With several processes use ``strategy=AutoBatchDDPStrategy()``: Lightning's own DDP
+    would synchronize the gradient at every micro-batch. The module's ``training_step`` and ``backward`` are
+    restored when fitting ends.
+
+    Example:
+        ```python
+        trainer = L.Trainer(
+            precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=1.0,
+            callbacks=[AutoBatchCallback(bn="two_pass")],
+        )
+        ```
     """
 
     def __init__(self, target_batch: Optional[int] = None, **options: Any):

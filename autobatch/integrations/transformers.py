@@ -86,12 +86,7 @@ class AutoBatchTrainer(Trainer):
     """``transformers.Trainer`` whose every training batch is split into micro-batches that fit.
 
     The same arguments, plus ``autobatch={...}``: `autobatch.wrap`'s keywords (``micro_batch``,
-    ``memory_budget``, ``bn``, ``cache``...)::
-
-        trainer = AutoBatchTrainer(model=model, args=TrainingArguments(per_device_train_batch_size=64, ...),
-                                   train_dataset=dataset, data_collator=collator,
-                                   autobatch={"memory_budget": "6GiB"})
-        trainer.train()
+    ``memory_budget``, ``bn``, ``cache``...).
 
     The recipe's batch (``per_device_train_batch_size`` x ``gradient_accumulation_steps`` x processes) is
     what it says: each batch the Trainer hands to ``training_step`` is split into what fits, and the
@@ -101,6 +96,15 @@ class AutoBatchTrainer(Trainer):
     accumulated batches. Everything else is the Trainer's: clipping, optimizer, scheduler, logging,
     evaluation, checkpoints. ``auto_find_batch_size`` is refused: it halves the batch, which changes the
     recipe; autobatch keeps the batch and splits it instead.
+
+    Example:
+        ```python
+        args = TrainingArguments(per_device_train_batch_size=64, ...)
+        trainer = AutoBatchTrainer(model=model, args=args, train_dataset=dataset,
+                                   data_collator=collator,
+                                   autobatch={"memory_budget": "6GiB"})
+        trainer.train()
+        ```
     """
 
     def __init__(self, *args: Any, autobatch: Optional[dict[str, Any]] = None, **kwargs: Any):

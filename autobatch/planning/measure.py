@@ -32,43 +32,46 @@ class _LiveBytes(TorchDispatchMode):
 
     def __init__(self, known: list[torch.Tensor], outside: Sequence[torch.Tensor] = ()):
         super().__init__()
-        self._sizes: "weakref.WeakKeyDictionary[torch.UntypedStorage, int]" = weakref.WeakKeyDictionary()
+        # A storage's death is noted by its weak reference's callback, a C method (list.append): none of
+        # our Python runs as a tensor dies, so a Ctrl-C then is raised in the code that freed it instead of
+        # being swallowed, as Python swallows exceptions inside weakref callbacks and finalizers. (The
+        # weakref module's own dictionaries and finalize run Python callbacks; none is used here.) The
+        # references die with the measurement, and their callbacks with them.
+        self._sizes: dict[weakref.ref, int] = {}
+        self._released: list[weakref.ref] = []
         # The data the work reads exists before and after it: a view of it (a micro-batch sliced
         # from the batch, or from a whole dataset) is no new memory.
-        self._outside = weakref.WeakSet(tensor.untyped_storage() for tensor in outside)
-        #: The callbacks that count a storage's release, detached when the measurement ends: a storage that
-        #: outlives it (a parameter, a gradient) must not run our code when it dies, in the middle of
-        #: someone else's work.
-        self._finalizers: list[weakref.finalize] = []
-        self.live = self.peak = 0
+        self._outside = {weakref.ref(tensor.untyped_storage()) for tensor in outside}
+        self._live = self.peak = 0
         for tensor in known:
             self._see(tensor)
 
+    @property
+    def live(self) -> int:
+        """The bytes alive now."""
+        while self._released:
+            self._live -= self._sizes.pop(self._released.pop())
+        return self._live
+
     def _see(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
-        if storage in self._outside:
+        key = weakref.ref(storage)  # equal to the reference kept for it, while it lives
+        if key in self._outside:
             return
-        size = storage.nbytes()
-        old = self._sizes.get(storage)
+        size, old = storage.nbytes(), self._sizes.get(key)
         if old == size:
             return
+        live = self.live
         if old is None:
-            self._finalizers.append(weakref.finalize(storage, self._free, weakref.ref(self), size))
-        self._sizes[storage] = size
-        self.live += size - (old or 0)
-        self.peak = max(self.peak, self.live)
-
-    @staticmethod
-    def _free(owner: "weakref.ref[_LiveBytes]", size: int) -> None:
-        tracker = owner()
-        if tracker is not None:
-            tracker.live -= size
+            key = weakref.ref(storage, self._released.append)
+        self._sizes[key] = size
+        self._live = live + size - (old or 0)
+        self.peak = max(self.peak, self._live)
 
     def __exit__(self, *args: Any) -> None:
         super().__exit__(*args)
-        for finalizer in self._finalizers:
-            finalizer.detach()
-        self._finalizers.clear()
+        self._sizes.clear()  # their callbacks die with them: a storage that outlives us runs nothing of ours
+        self._released.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

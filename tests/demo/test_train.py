@@ -1,6 +1,7 @@
 import struct
 import zlib
 
+import pytest
 import torch
 
 from autobatch.demo import UNet, run, shapes
@@ -51,3 +52,21 @@ def test_a_short_demo_run_splits_and_learns(tmp_path):
     assert result.losses[-1] < result.losses[0]
     assert 0.0 <= result.validation_iou <= 1.0
     assert result.picture.exists()
+
+
+def test_the_picture_titles_its_columns():
+    from autobatch.demo.lettering import lettering
+    from autobatch.demo.train import TITLES, picture
+
+    images, masks = shapes(4, 48, 0)
+    logits = torch.stack([1 - masks.float(), masks.float()], 1)
+    canvas = picture(images, masks, logits, zoom=3)  # tiles of 144 pixels: titles at twice the font's size
+    band = canvas.shape[1] - 4 * (144 + 2)
+    assert band > 14 and canvas[:, :band].min() == 0  # ink in the title band, above the first row of tiles
+    for column, title in enumerate(TITLES):
+        drawn = canvas[0, :band, column * 146:(column + 1) * 146] < 1
+        assert drawn.sum() == lettering(title, scale=2).sum() > 0
+    small = picture(*shapes(4, 10, 0), logits[:, :, :10, :10], zoom=1)  # too narrow for any title
+    assert small[:, :band].min() == 1
+    with pytest.raises(ValueError, match="no glyph for \\['!'\\]"):
+        lettering("TRUE MASK!")
