@@ -31,15 +31,16 @@ def _matplotlib():
 
 
 def pyplot():
-    """matplotlib's pyplot drawing to files, for scripts (it switches the process to the Agg backend);
-    `LEGIBLE` holds the font sizes of our figures.
+    """matplotlib's pyplot drawing to files with our figures' font sizes (`LEGIBLE`), for scripts: it
+    switches the process to the Agg backend and sets its defaults (`plot_plan` leaves both alone).
 
         plt = pyplot()
-        plt.rcParams.update(LEGIBLE)
+        figure, axes = plt.subplots(figsize=(7, 4))
     """
     _matplotlib().use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(LEGIBLE)
     return plt
 
 

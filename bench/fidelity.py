@@ -210,10 +210,9 @@ def write(rows, curves, split_counts, args, seconds, device):
 
 
 def plot(curves, split_counts, path, arms):
-    from autobatch.plot import LEGIBLE, pyplot
+    from autobatch.plot import pyplot
 
     plt = pyplot()
-    plt.rcParams.update(LEGIBLE)  # a script's own process
     fig, axes = plt.subplots(len(split_counts), 2, figsize=(8, 2.7 * len(split_counts) + 0.8), sharex=True,
                              squeeze=False)
     styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),

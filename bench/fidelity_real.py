@@ -271,10 +271,9 @@ def write(results, args, seconds):
 
 
 def plot(results, split_counts, path):
-    from autobatch.plot import LEGIBLE, pyplot
+    from autobatch.plot import pyplot
 
     plt = pyplot()
-    plt.rcParams.update(LEGIBLE)  # a script's own process
     styles = {"full batch": ("black", "-"), "plain accumulation": ("tab:orange", "--"),
               "autobatch micro": ("tab:green", "-."), "two_pass, uncentred": ("tab:red", ":"),
               "two_pass, centred (b)": ("tab:purple", "--"), "two_pass": ("tab:blue", "-")}

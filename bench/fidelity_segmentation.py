@@ -138,10 +138,9 @@ def main() -> None:
 
 
 def plot(curves, path):
-    import matplotlib
+    from autobatch.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # LEGIBLE's font sizes
 
     styles = {"full batch": ("black", "-"), "two_pass": ("tab:blue", "--"), "two_pass precise": ("tab:purple", ":"),
               "micro": ("tab:green", "-.")}
@@ -153,11 +152,10 @@ def plot(curves, path):
         colour, style = styles[arm]
         axis.plot(epochs, mean, color=colour, linestyle=style, linewidth=2, label=arm)
         axis.fill_between(epochs, mean - spread, mean + spread, color=colour, alpha=0.12)
-    axis.set_xlabel("epoch", fontsize=12)
-    axis.set_ylabel("validation foreground IoU", fontsize=12)
-    axis.set_title(f"LR-ASPP MobileNetV3, batch {TARGET}, micro-batches of {MICRO}", fontsize=12)
-    axis.tick_params(labelsize=11)
-    axis.legend(fontsize=11)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation foreground IoU")
+    axis.set_title(f"LR-ASPP MobileNetV3, batch {TARGET}, micro-batches of {MICRO}")
+    axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -47,6 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import autobatch  # noqa: E402
 from autobatch.demo import UNet, models, shapes  # noqa: E402
+from autobatch.loss import IGNORE_INDEX  # noqa: E402
 from autobatch.planning import measure  # noqa: E402
 from variable_shapes import Capped  # noqa: E402
 
@@ -116,15 +117,17 @@ def segmentation(name: str) -> Workload:
     return Workload(name, UNet, ce, list(zip(images, masks.long())), 48 * 2**20)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The mean over the micro-batch's tokens that are not padding (label -100), as users write it."""
-    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
 def token_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The same as a sum and its count: autobatch's exact mean over the whole batch's tokens."""
-    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                       reduction="sum"), int((labels != -100).sum())
+    """The loss over the tokens that are not padding as a sum and its count: autobatch's exact mean over the
+    whole batch's tokens."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum"), int((labels != IGNORE_INDEX).sum())
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over the micro-batch's tokens that are not padding, as users write it."""
+    total, count = token_sum(logits, labels)
+    return total / count
 
 
 def sequences(name: str, lengths: list[int]) -> Workload:
@@ -132,7 +135,7 @@ def sequences(name: str, lengths: list[int]) -> Workload:
     generator = torch.Generator().manual_seed(0)
     samples = [(torch.randint(1, 50, (n,), generator=generator), torch.randint(0, 50, (n,), generator=generator))
                for n in lengths for _ in range(TARGET)]
-    return Workload(name, models.AttentionEncoder, token_loss, samples, 8 * 2**20, target_pad=-100)
+    return Workload(name, models.AttentionEncoder, token_loss, samples, 8 * 2**20, target_pad=IGNORE_INDEX)
 
 
 def padded_sequences(name: str) -> Workload:
@@ -141,7 +144,7 @@ def padded_sequences(name: str) -> Workload:
     lengths = (16 + torch.empty(TARGET * 20).exponential_(1 / 40, generator=generator)).clamp(max=256).long()
     samples = [(torch.randint(1, 50, (int(n),), generator=generator),
                 torch.randint(0, 50, (int(n),), generator=generator)) for n in lengths]
-    return Workload(name, models.AttentionEncoder, token_loss, samples, 8 * 2**20, target_pad=-100,
+    return Workload(name, models.AttentionEncoder, token_loss, samples, 8 * 2**20, target_pad=IGNORE_INDEX,
                     autobatch_loss=token_sum)
 
 
@@ -473,10 +476,9 @@ def _version(package: str) -> str:
 
 def plot(figures: dict, path: pathlib.Path) -> None:
     """Two panels: samples per second as a ratio to autobatch's, and out-of-memory events, per workload."""
-    from autobatch.plot import LEGIBLE, pyplot
+    from autobatch.plot import pyplot
 
     plt = pyplot()
-    plt.rcParams.update(LEGIBLE)  # a script's own process
     names = list(figures)
     arms = list(next(iter(figures.values())))
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
