@@ -470,8 +470,8 @@ def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_
 
 def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_step=False) -> tuple[int, int]:
     """SIGINT at line ``first``, then every ``stride``-th line a step runs in code ``where`` selects, each time on
-    a ``fresh()`` model: afterwards its state is ``before`` or ``after`` the step, and autograd is on
-    (``then_step``: the next step runs too). Returns the lines swept and the interrupts raised."""
+    a ``fresh()`` model: afterwards its state is ``before`` or ``after`` the step, autograd is on and no torch
+    mode is left pushed (``then_step``: the next step runs too). Returns the lines swept and the interrupts raised."""
     import sys
 
     from torch.overrides import _get_current_function_mode_stack as _function_modes
@@ -516,9 +516,9 @@ def _same(a, b) -> bool:
 def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first):
     """#29: SIGINT at the lines a step runs in autobatch and in the optimizer's own Python (SGD with momentum,
     the second step, the plan made): the model, the caller's gradients and the optimizer's state are as before
-    the step or as after it, grad mode is on, and the next step runs. (A Ctrl-C inside torch.no_grad()'s own
-    __enter__ had left autograd off for the rest of the process.) Every 8th line here, from another first
-    line per mode, for CI's time; every line (3,376 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
+    the step or as after it, grad mode is on, no torch mode is left pushed, and the next step runs. (A Ctrl-C
+    inside torch.no_grad()'s own __enter__ had left autograd off for the rest of the process.) Every 8th line here, from another first
+    line per mode, for CI's time; every line (3,380 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
     import os
 
     import torch.optim
