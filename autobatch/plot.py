@@ -66,7 +66,8 @@ def plot_plan(plans: Union[Plan, Sequence[Plan]], path: Union[str, pathlib.Path]
                          label="budget (after the safety margin)")
         axes.set_ylabel("peak (MiB)")
         title = f"target_batch {plan.target_batch}, bn={plan.bn}"
-        axes.set_title(title + (f": micro-batches {plan.splits}" if len(plans) == 1 else f", {len(plans)} sample sizes"))
+        detail = f": micro-batches {plan.splits}" if len(plans) == 1 else f", {len(plans)} sample sizes"
+        axes.set_title(title + detail)
         axes.legend(loc="best")
         figure.tight_layout()
         path = pathlib.Path(path)

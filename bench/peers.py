@@ -421,8 +421,9 @@ def main() -> None:
                  padded_sequences("attention encoder, padded batches of 16 to 256 tokens")]
     workloads = [w for w in workloads if not args.only or any(part in w.name for part in args.only)]
     figures: dict[str, dict[str, tuple[float, int]]] = {}
-    rows = ["| workload | arm | size chosen (true largest at the first batch) | search steps | steps lost to restarts | out-of-memory "
-            "events | time to the first step vs autobatch | effective batch | samples/s vs autobatch |", "|---" * 9 + "|"]
+    rows = ["| workload | arm | size chosen (true largest at the first batch) | search steps | steps lost to restarts "
+            "| out-of-memory events | time to the first step vs autobatch | effective batch | samples/s vs autobatch |",
+            "|---" * 9 + "|"]
     for W in workloads:
         name, batches, cap = W.name, [tuple(t.to(DEVICE) for t in b) for b in W.batches], W.cap
         if DEVICE.type == "cuda":
@@ -450,7 +451,8 @@ def main() -> None:
     out.write_text(
         "# Side by side with the planners users pick instead\n\n"
         f"`python bench/peers.py{' --device cuda' if DEVICE.type == 'cuda' else ''}` ({where}, "
-        "an emulated allocator that raises out-of-memory when the live tensor bytes pass the cap: 48 MiB for the U-Net, "
+        "an emulated allocator that raises out-of-memory when the live tensor bytes pass the cap: 48 MiB for the "
+        "U-Net, "
         "40 MiB for the CNNs, 8 MiB for the attention encoder; the same cap is autobatch's `memory_budget`; "
         f"torch {torch.__version__.split('+')[0]}, Accelerate {_version('accelerate')}, transformers "
         f"{_version('transformers')}, Lightning {_version('lightning')}). 20 logical batches of 32 samples, SGD with "

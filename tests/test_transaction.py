@@ -453,8 +453,9 @@ def test_ctrl_c_at_any_line_of_the_step_s_transactions_leaves_the_step_whole_or_
             p.grad = torch.full_like(p, 0.5)  # the caller's gradients, to be kept by an undone step
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         # Phase 1 in the inputs' own format: the format trial's choice, by timings, would round apart.
+        mode = autobatch.TwoPass(phase1_memory_format=torch.preserve_format)
         return model, optimizer, autobatch.wrap(model, optimizer, 8, torch.nn.CrossEntropyLoss(), micro_batch=4,
-                                                cache=False, bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+                                                cache=False, bn=mode)
 
     def state(model, optimizer):
         return {**model_state(model), "momentum": [s.get("momentum_buffer") for s in optimizer.state.values()]}
@@ -517,8 +518,9 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
     """#29: SIGINT at the lines a step runs in autobatch and in the optimizer's own Python (SGD with momentum,
     the second step, the plan made): the model, the caller's gradients and the optimizer's state are as before
     the step or as after it, grad mode is on, no torch mode is left pushed, and the next step runs. (A Ctrl-C
-    inside torch.no_grad()'s own __enter__ had left autograd off for the rest of the process.) Every 8th line here, from another first
-    line per mode, for CI's time; every line (3,380 for two_pass) with STRIDE = 1 (docs/guide/guarantees.md)."""
+    inside torch.no_grad()'s own __enter__ had left autograd off for the rest of the process.) Every 8th line
+    here, from another first line per mode, for CI's time; every line (3,380 for two_pass) with STRIDE = 1
+    (docs/guide/guarantees.md)."""
     import os
 
     import torch.optim
