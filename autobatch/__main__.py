@@ -247,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     d = commands.add_parser("demo", parents=[common], help="train a little BatchNorm U-Net on generated shapes")
     d.add_argument("--epochs", type=int, default=8, help="passes over the training images (default 8)")
     d.add_argument("--budget", default="24MiB", help="memory budget, e.g. 24MiB, 0.5 (of the device) or none")
-    d.add_argument("--bn", choices=BN_MODES, default="two_pass",
+    d.add_argument("--bn", choices=BN_MODES, default="auto",
                    help="BatchNorm mode; exact runs the whole batch with checkpointing, auto chooses")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to train (default: cuda if present, else cpu)")
@@ -266,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-batch", type=int, required=True, help="the logical batch size of the recipe")
     p.add_argument("--budget", default=None,
                    help="memory budget: a size such as 4GiB, bytes, or a fraction of the device such as 0.5")
-    p.add_argument("--bn", choices=BN_MODES, default="two_pass", help="BatchNorm mode to plan for")
+    p.add_argument("--bn", choices=BN_MODES, default="auto", help="BatchNorm mode to plan for")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
                    help="optimizer whose state the plan holds (default adamw)")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",

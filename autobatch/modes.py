@@ -1,5 +1,6 @@
 """The BatchNorm modes, as values: which one a step runs, and its settings. Decided once, at ``wrap``.
 
+    autobatch.wrap(...)                                   # bn="auto": the exact gradient, whole or precise
     autobatch.wrap(..., bn="two_pass")                    # the same as bn=autobatch.TwoPass()
     autobatch.wrap(..., bn=autobatch.TwoPass(precise=True, phase1_memory_format=torch.channels_last))
     autobatch.wrap(..., bn=autobatch.Exact())             # or "micro", "exact", "auto"
@@ -7,12 +8,13 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass", "bn_mode"]
+__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass",
+           "bn_mode", "settled", "timed_choices"]
 
 #: The error for the removed ``lockstep`` setting, wherever it is still passed.
 LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it saved no time "
@@ -41,8 +43,9 @@ class TwoPass(BatchNormMode):
     """Full-batch statistics from a no-grad forward of the logical batch (phase 1), then micro-batches.
 
     ``phase1_memory_format``: phase 1's 4-D (5-D) inputs in
-    ``torch.channels_last``, or as given with ``torch.preserve_format``; None (default) times both at
-    the first phase 1 and keeps the faster where the statistics agree.
+    ``torch.channels_last``, or as given with ``torch.preserve_format``; None (default): the inputs' own
+    format, or, where choices by timing are on (`timed_choices`), both timed at the first phase 1 and the
+    faster kept where the statistics agree (the two formats round apart, so a seeded run would not repeat).
 
     ``precise``: the full batch's exact gradient instead of the projected backward. Phase 1 keeps the
     tensors at every BatchNorm's boundary for the whole batch (the model traced with torch.fx), and
@@ -84,12 +87,41 @@ class Exact(BatchNormMode):
 
 @dataclass(frozen=True)
 class Auto(BatchNormMode):
-    """``Exact`` where the whole batch fits and pays, else ``two_pass`` with these settings: by default
-    its exact backward where it can run (``TwoPass(precise=None)``), else the projected one."""
+    """The default: the full batch's exact gradient wherever it can be had. ``Exact`` (the whole batch in
+    one piece, checkpointed as needed) where it fits, else ``two_pass`` with these settings: by default its
+    exact backward where it can run (``TwoPass(precise=None)``), else the projected one, said once.
+
+    ``by_timing``: where both fit, time the whole batch against micro-batches and keep micro-batches when
+    the whole batch is over 1.5x slower. None (default) follows `timed_choices` (PyTorch's own
+    ``torch.backends.cudnn.benchmark``): off, the choice is by memory alone and a seeded run repeats bit
+    for bit. With an int ``micro_batch`` the mode is ``two_pass`` at that size."""
 
     name: ClassVar[str] = "auto"
     plans_micro_batch: ClassVar[bool] = True
     two_pass: TwoPass = field(default_factory=lambda: TwoPass(precise=None))
+    by_timing: Optional[bool] = None
+
+
+def timed_choices() -> bool:
+    """Whether autobatch may choose by timing (phase 1's memory format, auto's whole batch against
+    micro-batches): where PyTorch itself does, with ``torch.backends.cudnn.benchmark = True``, and never
+    under ``torch.use_deterministic_algorithms(True)``. Off by default: choices by timing can differ
+    from run to run, and the choices round apart."""
+    return bool(torch.backends.cudnn.benchmark) and not torch.are_deterministic_algorithms_enabled()
+
+
+def settled(mode: BatchNormMode, micro_batch: Any = "auto") -> BatchNormMode:
+    """``mode`` with its choices by timing decided (`timed_choices`, read once, at ``wrap``), and ``Auto``
+    with an int ``micro_batch`` as the two_pass it runs at that size."""
+    timed = timed_choices()
+    if isinstance(mode, Auto):
+        two_pass = settled(mode.two_pass)
+        if micro_batch != "auto":
+            return two_pass
+        return replace(mode, two_pass=two_pass, by_timing=timed if mode.by_timing is None else mode.by_timing)
+    if isinstance(mode, TwoPass) and mode.phase1_memory_format is None and not timed:
+        return replace(mode, phase1_memory_format=torch.preserve_format)
+    return mode
 
 
 class Mode(str, enum.Enum):

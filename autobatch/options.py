@@ -1,6 +1,6 @@
 """``wrap``'s options: checked once, before anything changes, and handed on as one frozen object.
 
-    options = Options.build(model, optimizer, target_batch=16, loss_fn=criterion, bn="two_pass")
+    options = Options.build(model, optimizer, target_batch=16, loss_fn=criterion, bn="auto")
     options.agreed()      # what every rank must share, as numbers to compare
     options.keyed()       # what enters the plan cache's key
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch import nn
 
-from autobatch.modes import BN_MODES, LOCKSTEP_REMOVED, PHASE1_FORMATS, Auto, BatchNormMode, TwoPass, bn_mode
+from autobatch.modes import BN_MODES, LOCKSTEP_REMOVED, PHASE1_FORMATS, Auto, BatchNormMode, TwoPass, bn_mode, settled
 from autobatch.sizes import parse_bytes
 from autobatch.split import BatchFormat, batch_format
 
@@ -160,7 +160,7 @@ class Options:
     loss_fn: Optional[Callable] = None
     compute_loss: Optional[Callable] = field(default=None, metadata={"keyed": lambda f: str(f is not None)})
     micro_batch: MicroBatch = field(default="auto", metadata={"agreed": lambda m: 0 if m == "auto" else m})
-    bn: BatchNormMode = field(default_factory=TwoPass, metadata={"agreed": _bn_code, "keyed": _bn_key})
+    bn: BatchNormMode = field(default_factory=lambda: settled(Auto()), metadata={"agreed": _bn_code, "keyed": _bn_key})
     scaler: Optional[Any] = None
     autocast_dtype: Optional[torch.dtype] = field(default=None, metadata={"keyed": str})
     max_grad_norm: Optional[float] = None
@@ -190,7 +190,7 @@ class Options:
     @classmethod
     def build(cls, model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, world_size: int = 1, *,
               loss_fn: Optional[Callable] = None, compute_loss: Optional[Callable] = None,
-              micro_batch: MicroBatch = "auto", bn: Union[str, BatchNormMode] = "two_pass",
+              micro_batch: MicroBatch = "auto", bn: Union[str, BatchNormMode] = "auto",
               scaler: Optional[Any] = None, autocast_dtype: Optional[torch.dtype] = None,
               max_grad_norm: Optional[float] = None, before_step: Optional[Callable] = None,
               device: Union[torch.device, str, None] = None, memory_budget: Union[int, float, str, None] = None,
@@ -225,7 +225,7 @@ class Options:
             raise ValueError(f"update_copies must be one of {UPDATE_COPIES}, got {update_copies!r}")
         micro_batch = check_micro_batch(micro_batch)
         check_memory_budget(memory_budget)
-        mode = bn_mode(bn)
+        mode = settled(bn_mode(bn), micro_batch)
         if micro_batch != "auto" and mode.plans_micro_batch:
             raise ValueError(f"bn={mode.name!r} plans its own micro-batch (the whole batch where it fits); leave "
                              f"micro_batch='auto', or use bn='two_pass' with micro_batch={micro_batch}")

@@ -77,6 +77,8 @@ class Plan:
     """The ranks the logical batch is shared by."""
     bn: Mode = Mode.TWO_PASS
     """The BatchNorm mode that runs (bn="auto" chooses one)."""
+    gradient: str = ""
+    """The gradient a step computes, in words: the full batch's exact one ("precise", "exact") or not."""
     checkpointing: Checkpointing = Checkpointing()
     """bn="exact": the submodules checkpointed during a step."""
     candidates: tuple[Candidate, ...] = ()
@@ -118,8 +120,10 @@ class Plan:
     def __str__(self) -> str:
         target = self.target_batch if self.world_size == 1 else (
             f"{self.target_batch} ({self.target_batch // self.world_size} on each of {self.world_size} ranks)")
-        rows = [("target_batch", target), ("bn", str(self.bn)),
-                ("micro_batch", f"{self.micro_batch} (the largest micro-batch that runs)")]
+        runs = "given" if self.source == "user" and self.capacity == self.micro_batch else \
+            "the largest micro-batch that runs"
+        rows = [("target_batch", target), ("bn", f"{self.bn} ({self.gradient})" if self.gradient else str(self.bn)),
+                ("micro_batch", f"{self.micro_batch} ({runs})")]
         if self.capacity != self.micro_batch:
             fits = "the budget allows" if self.budget_bytes is not None else "given"
             rows.append(("capacity", f"{self.capacity} (the largest micro-batch {fits})"))

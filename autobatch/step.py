@@ -52,17 +52,28 @@ class AutoBatch:
         self.target_batch = options.target_batch
         self._share = options.target_batch // self._ranks.world_size
         self._planner = Planner(self._micro, self._strategy, options)
-        self.plan: Optional[Plan] = None if options.auto else fixed_plan(
+        self._plan: Optional[Plan] = None if options.auto else fixed_plan(
             options.target_batch, options.micro_batch, self._ranks.world_size, self._strategy.split_mode)
-        """The `Plan` the steps run: the micro-batch, the splits and why; with micro_batch="auto", None until
-        the first `step` (or `tune`) measures it, then the plan of the last batch's sample size."""
         self._open = True
         #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
         self._items: Optional[float] = None
         #: What this wrap checks or warns of once (autobatch.logical_step).
         self._once: set[str] = set()
-        if self.plan is not None:
-            log.info("autobatch plan: micro_batch=%d, splits %s (given)", self.plan.micro_batch, self.plan.splits)
+        if self._plan is not None:
+            log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self._plan.micro_batch,
+                     self._plan.splits, self._plan.bn, self.plan.gradient)
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        """The `Plan` the steps run: the micro-batch, the splits, the gradient they compute, and why; with
+        micro_batch="auto", None until the first `step` (or `tune`) measures it, then the plan of the last
+        batch's sample size."""
+        plan = self._plan
+        return None if plan is None else plan.replace(gradient=self._strategy.gradient_of(plan))
+
+    @plan.setter
+    def plan(self, plan: Optional[Plan]) -> None:
+        self._plan = plan
 
     # -- public -------------------------------------------------------------------------------
 
@@ -114,23 +125,23 @@ class AutoBatch:
         return self._logical_batch(inputs, targets, update=False)
 
     def _logical_batch(self, inputs: Any, targets: Any, update: bool) -> float:
-        with Transaction(kept=lambda: Attributes([(self, "plan"), (self._planner.recovery, "clean_steps")]),
+        with Transaction(kept=lambda: Attributes([(self, "_plan"), (self._planner.recovery, "clean_steps")]),
                          contexts=ThreadContexts):
             batch, sizes, planned = self._agree_on_batch(inputs, targets)
-            if self.plan is None:
-                self.plan = self._planner.plan_for(batch)
+            if self._plan is None:
+                self._plan = self._planner.plan_for(batch)
             return self._until_it_fits(batch, sizes, planned, update)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first `step` otherwise does it); later, a
         batch of another sample size is measured by trials, as its first step would measure itself."""
         batch, sizes, _ = self._agree_on_batch(inputs, targets)
-        if self.plan is None or not self.options.auto:
-            self.plan = self._planner.plan_for(batch)
+        if self._plan is None or not self.options.auto:
+            self._plan = self._planner.plan_for(batch)
         else:
-            self._planner.learn(self.plan, batch)
+            self._planner.learn(self._plan, batch)
         if self.options.auto:
-            self.plan = self._planned(batch, sizes).plan
+            self._plan = self._planned(batch, sizes).plan
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -145,7 +156,7 @@ class AutoBatch:
         self.unwrap()
 
     def __repr__(self) -> str:
-        micro = self.plan.micro_batch if self.plan is not None else "auto (not measured yet)"
+        micro = self._plan.micro_batch if self._plan is not None else "auto (not measured yet)"
         return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
                 f"micro_batch={micro}, bn={self.bn!r})")
 
@@ -156,8 +167,8 @@ class AutoBatch:
         while True:
             if planned is None:
                 planned = self._planned(batch, sizes)
-            self.plan = planned.plan
-            step = LogicalStep(self._micro, self._strategy, self.plan, batch, sizes, planned.count, planned.measure,
+            self._plan = planned.plan
+            step = LogicalStep(self._micro, self._strategy, self._plan, batch, sizes, planned.count, planned.measure,
                                self._items, self._once)
             try:
                 loss = step.run(update)
@@ -169,14 +180,14 @@ class AutoBatch:
                 message = first_line(error)
             del step
             release_memory(self.device)
-            self.plan = self._planner.after_out_of_memory(self.plan, stage, message)
+            self._plan = self._planner.after_out_of_memory(self._plan, stage, message)
             planned, recovered = None, True
         if planned.measure:
-            self._planner.observe(self.plan, max(step.splits), step.meter)
+            self._planner.observe(self._plan, max(step.splits), step.meter)
         if step.losses.total is not None:
             self._items = step.losses.total
         if not recovered:
-            self.plan = self._planner.after_clean_step(self.plan)
+            self._plan = self._planner.after_clean_step(self._plan)
         return loss
 
     def _recoverable(self, error: BaseException, stage: Stage) -> bool:
@@ -211,8 +222,8 @@ class AutoBatch:
     def _local_plan(self, batch: Any) -> tuple[Plan, bool]:
         """This rank's plan for ``batch`` (its sample size's micro-batch), and whether to measure its step."""
         if not self.options.auto:
-            return self.plan, False
-        return self._planner.for_batch(self.plan, batch)
+            return self._plan, False
+        return self._planner.for_batch(self._plan, batch)
 
     def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int], Optional[Planned]]:
         """Check the batch on every rank at once: a bad batch anywhere raises everywhere, never hangs.
@@ -223,7 +234,7 @@ class AutoBatch:
         try:
             batch, size = self._checked_batch(inputs, targets)
             error: Optional[BaseException] = None
-            if self.plan is not None:
+            if self._plan is not None:
                 plan, measure = self._local_plan(batch)
                 shape = StepShape.of(plan, size)
         except (ValueError, TypeError, RuntimeError) as caught:
@@ -236,7 +247,7 @@ class AutoBatch:
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, loss_fn: Optional[LossFn] = None,
          *, compute_loss: Optional[ComputeLoss] = None, micro_batch: MicroBatch = "auto",
-         bn: Union[str, BatchNormMode] = "two_pass", memory_budget: Union[int, float, str, None] = None,
+         bn: Union[str, BatchNormMode] = "auto", memory_budget: Union[int, float, str, None] = None,
          cache: Union[bool, str, os.PathLike] = True, scaler: Optional[torch.amp.GradScaler] = None,
          autocast_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
          before_step: Optional[Callable[[AutoBatch], None]] = None, device: Union[torch.device, str, None] = None,
@@ -257,9 +268,11 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, target_batch: int, 
             more than ``(outputs, targets)``; then call ``step(batch)``. Returns as ``loss_fn`` does.
         micro_batch: samples per micro-batch (an int), or "auto" (default): the largest that fits,
             measured with real steps at the first step.
-        bn: how BatchNorm layers see the logical batch: "two_pass" (default; `TwoPass`), "micro"
-            (`Micro`), "exact" (`Exact`) or "auto" (`Auto`), or one of those with its
-            settings, such as ``autobatch.TwoPass(precise=True)``.
+        bn: how BatchNorm layers see the logical batch: "auto" (default; `Auto`: the full batch's exact
+            gradient, as the whole batch where it fits, else two_pass with its precise backward), "two_pass"
+            (`TwoPass`), "micro" (`Micro`) or "exact" (`Exact`), or one of those with its settings, such as
+            ``autobatch.TwoPass(precise=True)``. With an int ``micro_batch``, "auto" is two_pass (precise
+            where it can run) at that size.
         memory_budget: cap for "auto": bytes, a string such as "6GiB", or a fraction of the device's
             memory such as 0.8 (default None: all the device has free). A 10% margin is kept below it.
         cache: keep the measured plan across launches: True (default; ``$AUTOBATCH_CACHE_DIR`` or

@@ -64,7 +64,7 @@ def test_the_moved_keywords_still_work_and_say_where_they_went():
     with pytest.warns(DeprecationWarning, match=r"use bn=autobatch.TwoPass\(phase1_memory_format=...\)"):
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
                             micro_batch=4, phase1_memory_format=torch.preserve_format)
-    assert ab.options.bn == TwoPass(phase1_memory_format=torch.preserve_format)
+    assert ab.options.bn == TwoPass(phase1_memory_format=torch.preserve_format, precise=None)  # auto's, at 4
     with pytest.warns(DeprecationWarning, match="use cache='refresh'"):
         ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(),
                             retune=True)

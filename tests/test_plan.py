@@ -36,3 +36,4 @@ def test_the_plan_names_what_fits_and_what_runs_apart():
     text = str(plan)
     assert "micro_batch   6 (the largest micro-batch that runs)" in text and "capacity      7" in text
     assert "capacity" not in str(fixed_plan(16, 4))  # where they are one number, one row
+    assert "micro_batch   4 (given)" in str(fixed_plan(16, 4))  # the user's size, not "the largest that runs"

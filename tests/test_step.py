@@ -307,7 +307,7 @@ def test_phase_one_stops_after_the_last_batch_norm():
 
 def test_tiny_micro_batches_are_reported(caplog):
     model = ResidualNet(blocks=1)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=2)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=2, bn="two_pass")
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
         ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
@@ -316,7 +316,7 @@ def test_tiny_micro_batches_are_reported(caplog):
 
 def test_few_values_per_channel_are_reported_once_in_one_line(caplog):
     model = ResidualNet(blocks=1, head_norm=True)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4, bn="two_pass")
     with caplog.at_level(logging.INFO, logger="autobatch"):
         for _ in range(3):
             ab.step(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))
@@ -379,15 +379,16 @@ def test_a_compiled_two_pass_step_compiles_in_the_first_step_only():
     model = ResidualNet(blocks=2)
     graphs = []
     ab = autobatch.wrap(compiled(model, graphs), torch.optim.SGD(model.parameters(), lr=0.1), 16, ce,
-                        micro_batch=6)
+                        micro_batch=6, bn="two_pass")
     x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
     ab.step(x, y)
     first = len(graphs)
     for _ in range(3):
         ab.step(x, y)
     # Nothing that depends on a micro-batch's rows is read in the traced forward: no recompilation per
-    # micro-batch either (6 graphs when the check against phase 1 sliced its rows there).
-    assert first == 4 and len(graphs) == first
+    # micro-batch either (6 graphs when the check against phase 1 sliced its rows there). 2 graphs since
+    # the intercept is a torch-function mode, which dynamo traces (4 while F.batch_norm was patched).
+    assert first == 2 and len(graphs) == first
 
 
 # -- nothing left behind ---------------------------------------------------------------------

@@ -493,6 +493,7 @@ def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_ste
             sys.settrace(None)
         assert torch.is_grad_enabled(), f"line {target}: grad mode left off"
         assert not _function_modes() and not _dispatch_modes(), f"line {target}: a torch mode left pushed"
+        assert_pytorch_s_batch_norm(f"line {target}")
         got = state(model, optimizer)
         whole = all(_same(got[k], after[k]) for k in after) or all(_same(got[k], before[k]) for k in before)
         assert whole, f"line {target}"
@@ -504,6 +505,36 @@ def _sweep(fresh, state, before, after, x, y, where, first=1, stride=1, then_ste
         target += stride
 
 
+def assert_pytorch_s_batch_norm(where: str) -> None:
+    """F.batch_norm and torch.batch_norm are PyTorch's, and an unrelated model's training-mode forward and
+    backward give what they give in a process where autobatch never ran (#39: a Ctrl-C had left them routed)."""
+    assert F.batch_norm is _BATCH_NORM and torch.batch_norm is _TORCH_BATCH_NORM, f"{where}: batch_norm replaced"
+    layer, x = _UNRELATED
+    layer.reset_running_stats()
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    expected_out, expected_grad, expected_mean = _UNRELATED_RESULT
+    assert torch.equal(out, expected_out) and torch.equal(x.grad, expected_grad), f"{where}: another model's BN routed"
+    assert torch.equal(layer.running_mean, expected_mean), f"{where}: another model's running statistics skipped"
+
+
+def _unrelated_result():
+    layer, x = _UNRELATED
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    result = (out.detach(), x.grad, layer.running_mean.clone())
+    layer.reset_running_stats()
+    return result
+
+
+_BATCH_NORM, _TORCH_BATCH_NORM = F.batch_norm, torch.batch_norm
+_UNRELATED = (nn.BatchNorm2d(3).double(), torch.randn(4, 3, 5, 5, dtype=torch.float64,
+                                                        generator=torch.Generator().manual_seed(7)))
+_UNRELATED_RESULT = _unrelated_result()
+
+
 def _same(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -512,15 +543,25 @@ def _same(a, b) -> bool:
     return torch.equal(a, b)
 
 
+#: Lines between two interruptions of the whole-step sweep.
+def _stride(default: int) -> int:
+    """``default``, or every AUTOBATCH_SWEEP_STRIDE-th line where that is set (1: every line)."""
+    import os
+
+    return int(os.environ.get("AUTOBATCH_SWEEP_STRIDE", default))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bn, first", [("two_pass", 1), ("micro", 2), ("exact", 3)])
-def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first):
+@pytest.mark.parametrize("bn, first, stride", [("two_pass", 1, _stride(8)), ("precise", 5, _stride(64)),
+                                               ("micro", 2, _stride(8)), ("exact", 3, _stride(8))])
+def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first, stride):
     """#29: SIGINT at the lines a step runs in autobatch and in the optimizer's own Python (SGD with momentum,
     the second step, the plan made): the model, the caller's gradients and the optimizer's state are as before
-    the step or as after it, grad mode is on, no torch mode is left pushed, and the next step runs. (A Ctrl-C
-    inside torch.no_grad()'s own __enter__ had left autograd off for the rest of the process.) Every 8th line
-    here, from another first line per mode, for CI's time; every line (3,380 for two_pass) with STRIDE = 1
-    (docs/guide/guarantees.md)."""
+    the step or as after it, grad mode is on, no torch mode is left pushed, F.batch_norm is PyTorch's and an
+    unrelated model's BatchNorm trains as without autobatch (#39), and the next step runs. (A Ctrl-C inside
+    torch.no_grad()'s own __enter__ had left autograd off for the rest of the process.) Every 8th line here
+    (every 64th of precise, which runs the traced graph's lines too), from another first line per mode, for
+    CI's time; every line with AUTOBATCH_SWEEP_STRIDE=1 (docs/guide/guarantees.md)."""
     import os
 
     import torch.optim
@@ -535,7 +576,8 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
         model = ResidualNet(blocks=1).double()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         options = dict(micro_batch=4) if bn != "exact" else dict(memory_budget=10**10)
-        mode = autobatch.TwoPass(phase1_memory_format=torch.preserve_format) if bn == "two_pass" else bn
+        mode = autobatch.TwoPass(phase1_memory_format=torch.preserve_format, precise=bn == "precise") \
+            if bn in ("two_pass", "precise") else bn
         ab = autobatch.wrap(model, optimizer, 8, torch.nn.CrossEntropyLoss(), cache=False, bn=mode, **options)
         ab.step(x, y)  # the plan and the momentum made, outside the sweep
         for p in model.parameters():
@@ -550,8 +592,6 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first)
     ab.step(x, y)
     after = state(model, optimizer)
     swept, interrupted = _sweep(fresh, state, before, after, x, y, lambda code: code.co_filename.startswith(roots),
-                                first, STRIDE, then_step=True)
+                                first, stride, then_step=True)
     assert interrupted == swept > 150
 
-#: Lines between two interruptions of the whole-step sweep.
-STRIDE = 8

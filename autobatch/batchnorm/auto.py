@@ -36,6 +36,9 @@ class AutoStrategy(BatchNormStrategy):
     def sizing(self, kinds: Any) -> Any:
         return kinds.whole_or_split(self.two_pass.sizing(kinds))
 
+    def gradient_of(self, plan: Plan) -> str:
+        return self._modes[plan.bn].gradient_of(plan)
+
     def adopt(self, plan: Plan) -> None:
         self.chosen = self._modes[plan.bn]
         self.chosen.adopt(plan)

@@ -98,6 +98,7 @@ class ExactStrategy(BatchNormStrategy):
     """bn="exact": one forward and one backward of the (per-rank) logical batch, with ``checkpointing``."""
 
     name = Exact.name
+    gradient = "exact: the whole batch in one piece"
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep):
         super().__init__(layers, names, ranks)
@@ -122,7 +123,7 @@ class ExactStrategy(BatchNormStrategy):
         stack = contextlib.ExitStack()
         stack.enter_context(self.checkpointing.applied(self.micro.module))
         if self.ranks.active:
-            stack.enter_context(intercept_batch_norm(self._global.forward, self.layers))
+            stack.enter_context(intercept_batch_norm(self._global.forward))
         return stack
 
     @contextlib.contextmanager

@@ -1,26 +1,36 @@
-"""Training-mode ``F.batch_norm`` calls routed to autobatch's handlers, thread by thread.
+"""Training-mode ``F.batch_norm`` calls routed to autobatch's handlers, on the calling thread alone.
 
-    with intercept_batch_norm(handler, layers):   # this thread's training-mode calls go to handler
+    with intercept_batch_norm(handler):       # this thread's training-mode calls go to handler
         loss_fn(model(inputs), targets).backward()
 
-While any intercept is active in the process, ``F.batch_norm`` is a router (nn.BatchNorm1d/2d/3d
-and layers such as timm's BatchNormAct2d look it up at each call); the last intercept to end puts
-PyTorch's function back. A call goes to the innermost handler of its own thread; in a thread with
-none, to the handler that owns the layer's tensors (``layers``): the autograd engine runs a CUDA
-backward, and so checkpointing's recomputation, in a thread of its own. Every other call is
-PyTorch's own, so two threads each training their own model, or a third thread training
-BatchNorm of its own, never reach each other's handlers.
+The intercept is a `torch.overrides.TorchFunctionMode` on the calling thread's own mode stack:
+nn.BatchNorm1d/2d/3d and layers such as timm's BatchNormAct2d call ``F.batch_norm``, which asks
+the active modes first. Nothing process-wide is patched, so:
+
+- another thread never sees it: two threads each training their own model, or a third thread
+  training BatchNorm of its own, never reach each other's handlers;
+- a backward started inside the block sees it too, in the calling thread as in the autograd
+  engine's own threads (a CUDA backward, and with it checkpointing's recomputation): the engine
+  runs under the state of the thread that started it, mode stack included (NOTE below);
+- a Ctrl-C that cuts a ``with`` short leaves at most a mode on this thread's stack, which the
+  step's transaction pops (autobatch.transaction.ThreadContexts), and a mode whose ``with`` is
+  over hands every call on to PyTorch.
+
+The innermost intercept takes a call. A handler computes with ``torch.batch_norm`` or the aten
+ops, which no intercept takes, never with ``F.batch_norm`` (that would reach the next intercept out).
 """
 from __future__ import annotations
 
-import threading
-import weakref
-from typing import Any, Callable, ContextManager, NamedTuple, Optional, Sequence
+import inspect
 
+from typing import Any, Callable, ContextManager, NamedTuple, Optional
+
+import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from autobatch.interrupts import held_interrupts
+from torch import Tensor
+from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+from torch.autograd.graph import _engine_run_backward
+from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
 __all__ = ["BatchNormCall", "intercept_batch_norm"]
 
@@ -43,108 +53,92 @@ class BatchNormCall(NamedTuple):
 
 Handler = Callable[[BatchNormCall], Tensor]
 
-_lock = threading.Lock()
-#: This thread's handlers, innermost last.
-_local = threading.local()
-#: The handlers that own a layer's tensors, by the tensor's id, innermost last (any thread's).
-_owners: dict[int, list[Handler]] = {}
-_active = 0
-_original: Callable[..., Tensor] = F.batch_norm
+#: PyTorch's function, as the modes recognise it.
+_BATCH_NORM = F.batch_norm
+_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
-def _handler(tensors: tuple[Optional[Tensor], ...]) -> Optional[Handler]:
-    handlers = getattr(_local, "handlers", None)
-    if handlers:
-        return handlers[-1]
-    for tensor in tensors:
-        owners = _owners.get(id(tensor)) if tensor is not None else None
-        if owners:
-            return owners[-1]
-    return None
+def _training_call(args: tuple, kwargs: dict) -> Optional[BatchNormCall]:
+    """The call's arguments where it normalizes with batch statistics; None for an eval-mode call."""
+    bound = {**_DEFAULTS, **dict(zip(_PARAMETERS, args)), **kwargs}
+    if not bound["training"]:
+        return None
+    return BatchNormCall(bound["input"], bound["running_mean"], bound["running_var"], bound["weight"],
+                         bound["bias"], bound["momentum"], bound["eps"])
 
 
-def _route(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-           momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    handler = _handler((weight, running_mean, bias, running_var)) if training else None
-    if handler is None:
-        return _original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return handler(BatchNormCall(input, running_mean, running_var, weight, bias, momentum, eps))
+# NOTE [The intercept stays through backward]
+# A mode's __torch_function__ runs with the mode popped, and backward() is itself a torch function:
+# Tensor.backward and torch.autograd.backward ask the modes first, and a mode that hands the call on
+# (``func(*args)``) asks the next one, so the function's body, which starts the engine, only runs once
+# every mode is popped. The engine takes the mode stack as it is at that moment, and so would run
+# checkpointing's recomputation of a BatchNorm without the intercept (measured: routed in the forward,
+# PyTorch's own in the recomputation). The intercept therefore runs those two entry points' body itself,
+# with its own mode pushed back, through the same helpers torch.autograd.backward uses. Worked example,
+# the stack written bottom to top, A the intercept:
+#   loss.backward()             stack [A]     A takes Tensor.backward: stack [] while it handles it
+#   A pushes itself back        stack [A]     and starts the engine as torch.autograd.backward would
+#   engine, recomputation       stack [A]     F.batch_norm reaches A's handler
+# torch.autograd.grad is handed on as PyTorch hands it on (no recomputation is routed under it).
 
 
-def _owned(layers: Sequence[nn.Module]) -> list[int]:
-    return [id(tensor) for layer in layers
-            for tensor in (layer.weight, layer.running_mean, layer.bias, layer.running_var) if tensor is not None]
+def _backward_under(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs: dict) -> None:
+    """``func`` (Tensor.backward or torch.autograd.backward) run with ``mode`` on the stack for the engine."""
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    if func is torch.Tensor.backward:
+        tensors, grads = given["self"], given["gradient"]
+    else:
+        tensors, grads = given["tensors"], given["grad_tensors"]
+        if given.get("grad_variables") is not None:
+            return func(*args, **kwargs)  # the deprecated spelling: PyTorch's own path, as before
+    inputs = given["inputs"]
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    create_graph = given["create_graph"]
+    retain_graph = create_graph if given["retain_graph"] is None else given["retain_graph"]
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+    _push_mode(mode)
+    try:
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs, allow_unreachable=True,
+                             accumulate_grad=True)
+    finally:
+        _pop_mode()
 
 
-class _Entry(NamedTuple):
-    """One active intercept: its handler, the tensors it owns, its thread, and its context manager."""
-
-    handler: Handler
-    owned: list[int]
-    thread: threading.Thread
-    #: The intercept while anyone holds it: dead once its ``with`` is over, cleaned up or not.
-    manager: "weakref.ref[_Intercept]"
+_BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 
 
-#: Every active intercept, of every thread, oldest first.
-_entries: list[_Entry] = []
+class _Intercept(TorchFunctionMode):
+    """The mode `intercept_batch_norm` returns: every other torch function runs as called."""
 
+    def __init__(self, handler: Handler):
+        super().__init__()
+        self._handler = handler
+        #: False once its ``with`` is over: left on a stack by a Ctrl-C, it routes nothing.
+        self._live = False
 
-class _Intercept:
-    """The context manager `intercept_batch_norm` returns."""
-
-    def __init__(self, handler: Handler, layers: Sequence[nn.Module]):
-        self._entry = _Entry(handler, _owned(layers), threading.current_thread(), weakref.ref(self))
-        self._installed = False
-
-    def __enter__(self) -> None:
-        global _active, _original
-        entry = self._entry
-        # Installed and taken down whole: a Ctrl-C half-way would leave a router with stale owners. One that
-        # lands before the clean-up can start leaves the entry behind, and the next entry takes it down.
-        with held_interrupts(), _lock:
-            _repair()
-            if _active == 0 and F.batch_norm is not _route:
-                _original, F.batch_norm = F.batch_norm, _route
-            _active += 1
-            for key in entry.owned:
-                _owners.setdefault(key, []).append(entry.handler)
-            _local.__dict__.setdefault("handlers", []).append(entry.handler)
-            _entries.append(entry)
-            self._installed = True
+    def __enter__(self) -> "_Intercept":
+        self._live = True
+        return super().__enter__()
 
     def __exit__(self, *exc_info: Any) -> None:
-        with held_interrupts(), _lock:
-            if self._installed:
-                self._installed = False
-                _remove(self._entry)
+        self._live = False
+        super().__exit__(*exc_info)
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _BACKWARDS and self._live:
+            return _backward_under(self, func, args, kwargs)
+        call = _training_call(args, kwargs) if func is _BATCH_NORM and self._live else None
+        if call is None:
+            return func(*args, **kwargs)
+        return self._handler(call)
 
 
-def intercept_batch_norm(handler: Handler, layers: Sequence[nn.Module] = ()) -> ContextManager[None]:
-    """Route this thread's training-mode ``F.batch_norm`` calls to ``handler``, and those of
-    ``layers`` (BatchNorm modules) in threads that have no handler of their own."""
-    return _Intercept(handler, layers)
-
-
-def _remove(entry: _Entry) -> None:
-    """Take one intercept down (under the lock); PyTorch's function back when it was the last."""
-    global _active
-    _entries.remove(entry)
-    handlers = _local.__dict__.get("handlers", []) if entry.thread is threading.current_thread() else []
-    if entry.handler in handlers:
-        del handlers[len(handlers) - 1 - handlers[::-1].index(entry.handler)]
-    for key in entry.owned:
-        _owners[key].remove(entry.handler)
-        if not _owners[key]:
-            del _owners[key]
-    _active -= 1
-    if _active == 0 and F.batch_norm is _route:
-        F.batch_norm = _original
-
-
-def _repair() -> None:
-    """Take down the intercepts whose ``with`` is over but whose clean-up a Ctrl-C kept from starting (their
-    context manager is gone), and those of threads that ended."""
-    for entry in [e for e in _entries if e.manager() is None or not e.thread.is_alive()]:
-        _remove(entry)
+def intercept_batch_norm(handler: Handler) -> ContextManager[None]:
+    """Route this thread's training-mode ``F.batch_norm`` calls (and those the autograd engine makes for
+    its backward) to ``handler`` inside the block."""
+    return _Intercept(handler)

@@ -121,7 +121,7 @@ class MicroStrategy(BatchNormStrategy):
         return super().prepare(batch, splits, chunks, total)
 
     def intercept(self) -> ContextManager[None]:
-        return intercept_batch_norm(self._pooled.handle, self.layers)
+        return intercept_batch_norm(self._pooled.handle)
 
     @contextlib.contextmanager
     def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
@@ -130,7 +130,7 @@ class MicroStrategy(BatchNormStrategy):
         self._pooled.finish_micro_batch()
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
-        return intercept_batch_norm(self._pooled.recompute, self.layers)
+        return intercept_batch_norm(self._pooled.recompute)
 
     def finish(self) -> list[LayerStatistics]:
         return self._pooled.commit()

@@ -30,6 +30,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
+from autobatch.plan import Plan
 from autobatch.stages import Stage, entered
 from autobatch.transaction import BatchNormState, RandomState
 
@@ -68,6 +69,15 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         #: The running step's graph; None while the step runs as plain two_pass.
         self._run: Optional[StepGraph] = None
         self._kept_bytes = 0
+
+    def gradient_of(self, plan: Plan) -> str:
+        words = super().gradient_of(plan)
+        if words != self.gradient:
+            return words
+        if plan.phase1_chunks > 1 or self._traced() is None:
+            reason = self._unsupported or f"phase 1 runs in {plan.phase1_chunks} chunks"
+            return f"{TwoPassStrategy.gradient} (precise cannot run: {reason})"
+        return "precise: the full batch's exact gradient"
 
     # -- the planner's questions ----------------------------------------------------------------
 
@@ -134,7 +144,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
             self._run = None
 
     def _intercept(self, handler: Callable[[BatchNormCall], Tensor]) -> ContextManager[None]:
-        return intercept_batch_norm(handler, self.layers)
+        return intercept_batch_norm(handler)
 
     def _replay(self, first_row: int, rows: int, draw: int) -> ContextManager[None]:
         if not self.draws.recorded:
@@ -147,7 +157,8 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         """The model's graph, traced once; None where it cannot be (the reason kept for the warning)."""
         if self._graph is None and self._unsupported is None:
             try:
-                self._graph = SegmentedGraph.trace(self.micro.module)
+                with quiet_checkpoint():  # tracing calls a reentrant checkpoint with inputs that need no grad
+                    self._graph = SegmentedGraph.trace(self.micro.module)
             except Unsupported as error:
                 self._unsupported = str(error)
         return self._graph if self._unsupported is None else None
@@ -177,7 +188,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
 
         handler.start_phase1()
         with entered(Stage.PHASE1), torch.no_grad(), self.micro.autocast(), quiet_checkpoint(), \
-                intercept_batch_norm(record, self.layers), self.draws.record(0, rows), \
+                intercept_batch_norm(record), self.draws.record(0, rows), \
                 forward_replaced(self.micro.module, forward):
             self.micro.forward(batch)
         if not runs:

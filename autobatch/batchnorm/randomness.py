@@ -35,6 +35,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from autobatch.interrupts import held_interrupts
+
 __all__ = ["RandomDraws"]
 
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
@@ -134,11 +136,14 @@ class _Intercept(TorchFunctionMode):
                 return _SDPA(*args, **kwargs)
             return _explicit_attention(self._draw, *args, **kwargs)
 
-        F.dropout, F.scaled_dot_product_attention = dropout, attention
+        # Patched inside the try, put back unconditionally: a Ctrl-C at any line leaves PyTorch's functions.
         try:
+            with held_interrupts():
+                F.dropout, F.scaled_dot_product_attention = dropout, attention
             return func(*args, **kwargs)
         finally:
-            F.dropout, F.scaled_dot_product_attention = _DROPOUT, _SDPA
+            with held_interrupts():
+                F.dropout, F.scaled_dot_product_attention = _DROPOUT, _SDPA
 
 
 #: PyTorch's own functions, whatever replaces them in torch.nn.functional for a while.

@@ -69,7 +69,9 @@ class SegmentedGraph:
 
     @classmethod
     def trace(cls, module: nn.Module) -> "SegmentedGraph":
-        """The graph of ``module``'s forward; `Unsupported` where torch.fx cannot trace it."""
+        """The graph of ``module``'s forward; `Unsupported` where torch.fx cannot trace it. A ``torch.compile``d
+        module is traced as the module it compiles: the segments then run eagerly, as the gradient needs."""
+        module = getattr(module, "_orig_mod", module)
         try:
             graph = _Tracer().trace(module)
         except Exception as error:

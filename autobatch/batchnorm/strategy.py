@@ -36,6 +36,8 @@ class BatchNormStrategy:
 
     #: The ``bn`` option that selects it.
     name: ClassVar[str]
+    #: The gradient a step in micro-batches computes, in words (the plan shows it beside ``bn``).
+    gradient: ClassVar[str] = "each micro-batch's own statistics: not the full batch's gradient"
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks):
         self.layers = layers
@@ -48,6 +50,14 @@ class BatchNormStrategy:
         if len(splits) > 1 and uses_batch_statistics(self.layers):
             return self
         return Plain(self.layers, self.names, self.ranks)
+
+    def gradient_of(self, plan: Plan) -> str:
+        """The gradient a step under ``plan`` computes, in words."""
+        if len(plan.splits) == 1:
+            return "exact: the whole batch in one piece"
+        if not uses_batch_statistics(self.layers):
+            return "exact: no BatchNorm normalizes with batch statistics"
+        return self.gradient
 
     @property
     def split_mode(self) -> Mode:
@@ -95,7 +105,7 @@ class BatchNormStrategy:
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         """Around the micro-batch's backward, where activation checkpointing calls BatchNorm again."""
-        return intercept_batch_norm(recompute_with_own_statistics, self.layers)
+        return intercept_batch_norm(recompute_with_own_statistics)
 
     def check(self) -> Optional[BaseException]:
         """The error that refuses this step, found before its last backward; None if it may go on."""

@@ -42,6 +42,7 @@ class TwoPassStrategy(BatchNormStrategy):
     """bn="two_pass": full-batch statistics in every micro-batch; running statistics updated once."""
 
     name = TwoPass.name
+    gradient = "projected backward: close to the full batch's gradient, not equal to it"
 
     def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
                  phase1_memory_format: Optional[torch.memory_format] = None, stop_early: bool = True):
@@ -86,7 +87,7 @@ class TwoPassStrategy(BatchNormStrategy):
         return batch
 
     def intercept(self) -> ContextManager[None]:
-        return intercept_batch_norm(self.handler.apply, self.layers)
+        return intercept_batch_norm(self.handler.apply)
 
     @contextlib.contextmanager
     def micro_batch(self, index: int, first_row: int, size: int) -> Iterator[None]:
@@ -99,7 +100,7 @@ class TwoPassStrategy(BatchNormStrategy):
 
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         stack = contextlib.ExitStack()
-        stack.enter_context(intercept_batch_norm(self.handler.recompute, self.layers))
+        stack.enter_context(intercept_batch_norm(self.handler.recompute))
         if self._replaying:
             stack.enter_context(self.draws.recompute())
         return stack
@@ -137,7 +138,7 @@ class TwoPassStrategy(BatchNormStrategy):
     def _whole_phase1(self, batch: Any, handler: FullBatchStatistics) -> None:
         handler.start_phase1()
         complete = True
-        with intercept_batch_norm(handler.record, self.layers), self.draws.record(0, self.micro.batches.size(batch)):
+        with intercept_batch_norm(handler.record), self.draws.record(0, self.micro.batches.size(batch)):
             try:
                 self.micro.forward(batch)
             except StopForward:
@@ -146,7 +147,7 @@ class TwoPassStrategy(BatchNormStrategy):
 
     def _chunked_phase1(self, batch: Any, sizes: list[int], handler: FullBatchStatistics) -> None:
         pooled = PooledBatchNorm(self.names, handler.ranks)
-        with intercept_batch_norm(pooled.handle, self.layers):
+        with intercept_batch_norm(pooled.handle):
             for index, chunk in enumerate(self.micro.batches.split(batch, sizes)):
                 pooled.start_micro_batch()
                 with self.draws.record(sum(sizes[:index]), sizes[index]):

@@ -101,8 +101,9 @@ class Planner:
             self.store(plan)
         plan = agree_on_plan(self.ranks, plan)
         self.recovery.clean_steps = 0
-        log.info("autobatch plan: micro_batch=%d (capacity %d), splits %s (%s, %d trials)", plan.micro_batch,
-                 plan.capacity, plan.splits, plan.source, plan.trials)
+        log.info("autobatch plan: micro_batch=%d (capacity %d), splits %s (%s, %d trials), bn=%s (%s)",
+                 plan.micro_batch, plan.capacity, plan.splits, plan.source, plan.trials, plan.bn,
+                 self.strategy.gradient_of(plan))
         return plan
 
     def _cached(self, record: PlanRecord, batch: Any) -> Optional[Plan]:

@@ -156,8 +156,9 @@ class WholeBatchSizing(Sizing):
 
 
 class WholeOrSplitSizing(Sizing):
-    """bn="auto": the whole batch where a policy fits and needs no checkpointing or costs at most
-    AUTO_SLOWDOWN x plain accumulation at the largest micro-batch that fits; else ``split``'s micro-batches.
+    """bn="auto": the whole batch where a checkpointing policy fits; with ``Auto(by_timing=True)``, only where
+    it needs no checkpointing or costs at most AUTO_SLOWDOWN x plain accumulation at the largest micro-batch
+    that fits. Else ``split``'s micro-batches.
     A plan's mode says which of the two sizes it from then on."""
 
     def __init__(self, planner: Any, whole: WholeBatchSizing, split: Sizing):
@@ -174,8 +175,10 @@ class WholeOrSplitSizing(Sizing):
             warm_optimizer_state(p.micro.optimizer)
             candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
         best = min(fitting, key=lambda fit: fit[0]) if fitting else None
-        if best is not None and not best[1]:
-            return self.whole.plan_of(batch, candidates, fitting)  # no checkpointing needed: nothing is faster
+        if best is not None and (not best[1] or not getattr(p.options.bn, "by_timing", False)):
+            # No checkpointing needed: nothing is faster. Or checkpointed, where choices by timing are off
+            # (modes.timed_choices): the whole batch's exact gradient, from memory alone, the same every run.
+            return self.whole.plan_of(batch, candidates, fitting)
         plan = self.split.measure(batch)
         with trial_transaction(p.micro.model, p.micro.optimizer):
             warm_optimizer_state(p.micro.optimizer)

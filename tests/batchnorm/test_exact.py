@@ -145,11 +145,13 @@ def test_auto_runs_the_whole_batch_where_it_fits_and_two_pass_where_nothing_does
     assert tight.step(x, y) > 0
 
 
-def test_exact_and_auto_plan_their_own_micro_batch():
+def test_exact_plans_its_own_micro_batch_and_auto_at_a_given_one_is_precise_two_pass():
     model = ResidualNet(blocks=1)
-    for bn in ("exact", "auto"):
-        with pytest.raises(ValueError, match=f"bn='{bn}' plans its own micro-batch"):
-            autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn=bn, micro_batch=4)
+    with pytest.raises(ValueError, match="bn='exact' plans its own micro-batch"):
+        autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn="exact", micro_batch=4)
+    for bn in ("auto", autobatch.Auto()):
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, bn=bn, micro_batch=4)
+        assert ab.options.bn == autobatch.TwoPass(phase1_memory_format=torch.preserve_format, precise=None)
 
 
 def test_out_of_memory_in_an_exact_step_is_a_clear_error_and_auto_falls_back_to_two_pass():

@@ -23,13 +23,19 @@ def in_thread(work):
     return result[0]
 
 
-def test_intercept_restores_batch_norm_even_on_error():
+def modes():
+    from torch.overrides import _get_current_function_mode_stack
+
+    return _get_current_function_mode_stack()
+
+
+def test_nothing_process_wide_is_patched_and_an_error_leaves_no_mode():
     original = F.batch_norm
     with pytest.raises(KeyError):
         with intercept_batch_norm(lambda call: call.input):
-            assert F.batch_norm is not original
+            assert F.batch_norm is original and len(modes()) == 1
             raise KeyError
-    assert F.batch_norm is original
+    assert F.batch_norm is original and modes() == []
 
 
 def test_eval_mode_calls_pass_through():
@@ -40,6 +46,16 @@ def test_eval_mode_calls_pass_through():
     assert seen == []
 
 
+def test_keyword_arguments_are_read_as_pytorch_reads_them():
+    seen = []
+    x = torch.randn(4, 3)
+    with intercept_batch_norm(lambda call: seen.append(call) or call.input):
+        F.batch_norm(x, None, None, training=True, eps=0.5, momentum=0.3)
+        F.batch_norm(x, None, None, None, None, True, 0.2, 0.25)
+        F.batch_norm(x, torch.zeros(3), torch.ones(3), training=False)
+    assert [(c.momentum, c.eps) for c in seen] == [(0.3, 0.5), (0.2, 0.25)]
+
+
 def test_the_innermost_handler_of_the_thread_takes_the_call():
     bn, x = nn.BatchNorm1d(3), torch.randn(4, 3)
     with intercept_batch_norm(lambda call: torch.zeros(1)):
@@ -48,35 +64,50 @@ def test_the_innermost_handler_of_the_thread_takes_the_call():
         assert bn(x).item() == 0
 
 
-def test_another_threads_calls_reach_pytorch_or_the_owner_of_their_layer():
-    """A thread without a handler of its own (as the autograd engine's CUDA threads, where backward
-    recomputes checkpointed layers) reaches the handler that owns the layer, or PyTorch."""
-    owned, foreign, x = nn.BatchNorm1d(3), nn.BatchNorm1d(3), torch.randn(4, 3)
+def test_another_thread_reaches_pytorch():
+    """Another thread (a data loader's, a second model's) never sees this thread's intercept."""
+    layer, x = nn.BatchNorm1d(3), torch.randn(4, 3)
     expected = F.batch_norm(x, None, None, training=True)
-    with intercept_batch_norm(lambda call: torch.full((1,), 7.0), [owned]):
-        assert in_thread(lambda: owned(x)).item() == 7
-        assert torch.equal(in_thread(lambda: foreign(x)), expected)
+    with intercept_batch_norm(lambda call: torch.full((1,), 7.0)):
+        assert layer(x).item() == 7
+        assert torch.equal(in_thread(lambda: layer(x)), expected)
         assert torch.equal(in_thread(lambda: F.batch_norm(x, None, None, training=True)), expected)
-    assert torch.equal(in_thread(lambda: owned(x)), expected)
 
 
-def test_batch_norm_is_restored_once_the_last_of_overlapping_intercepts_ends():
-    original, entered, leave = F.batch_norm, threading.Event(), threading.Event()
+def test_backward_and_its_recomputation_reach_the_handler():
+    """Checkpointing recomputes BatchNorm inside backward, under the state of the thread that called it
+    (on a GPU the autograd engine's own thread: PyTorch carries the mode stack there)."""
+    from torch.utils.checkpoint import checkpoint
 
-    def other():
-        with intercept_batch_norm(lambda call: call.input):
-            entered.set()
-            leave.wait()
+    layer, x = nn.BatchNorm1d(3), torch.randn(4, 3, requires_grad=True)
+    calls = []
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    entered.wait()
-    with intercept_batch_norm(lambda call: call.input):
-        pass
-    assert F.batch_norm is not original  # the other thread's intercept is still active
-    leave.set()
-    thread.join()
-    assert F.batch_norm is original
+    def handler(call):
+        calls.append(call.input.shape)
+        return call.input ** 2  # keeps its input for backward: the recomputation needs it
+
+    with intercept_batch_norm(handler):
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+        assert len(calls) == 2  # the forward, then its recomputation in backward
+        assert torch.equal(x.grad, 2 * x.detach())
+        torch.autograd.backward([checkpoint(layer, x, use_reentrant=False).sum()], inputs=[x])
+        assert len(calls) == 4 and torch.equal(x.grad, 4 * x.detach())
+    assert modes() == []
+
+
+def test_a_mode_left_on_the_stack_after_its_block_routes_nothing():
+    """What a Ctrl-C between the block's end and the mode's pop leaves until the transaction pops it."""
+    from torch.overrides import _pop_mode
+
+    layer, x = nn.BatchNorm1d(3), torch.randn(4, 3)
+    expected = F.batch_norm(x, None, None, training=True)
+    intercept = intercept_batch_norm(lambda call: torch.zeros(1))
+    intercept.__enter__()
+    intercept._live = False  # __exit__ began, the pop did not happen
+    try:
+        assert torch.equal(F.batch_norm(x, None, None, training=True), expected)
+    finally:
+        _pop_mode()
 
 
 def make(seed, bn="two_pass"):
@@ -155,32 +186,35 @@ def test_two_threads_train_exactly_as_alone_and_a_third_threads_batch_norm_is_un
 
 
 def test_ctrl_c_anywhere_in_the_interception_leaves_batch_norm_as_pytorch_s():
-    """SIGINT at every line the interception runs (install, clean-up): once the next intercept has come and
-    gone, the process's F.batch_norm is PyTorch's again and no owner or handler is left."""
+    """SIGINT at every line the interception runs: once the step's transaction has put the thread's contexts
+    back, F.batch_norm is PyTorch's, no mode is left, and the next intercept works."""
     import sys
 
     from autobatch.batchnorm import intercept
+    from autobatch.transaction import ThreadContexts
 
     original = F.batch_norm
     layer = nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 2, 2)
+    expected = F.batch_norm(x, None, None, training=True)
     target, interrupted = 1, 0
     while True:
-        trace, seen = interrupt_at(target, lambda code: code.co_filename == intercept.__file__ and code.co_name in (
-            "__enter__", "__exit__", "_remove", "_repair", "intercept_batch_norm"))
+        trace, seen = interrupt_at(target, lambda code: code.co_filename == intercept.__file__)
+        contexts = ThreadContexts()
         sys.settrace(trace)
         try:
-            with intercept.intercept_batch_norm(lambda call: call.input, [layer]):
+            with intercept.intercept_batch_norm(lambda call: call.input):
                 layer(x)
         except KeyboardInterrupt:
             interrupted += 1
         finally:
             sys.settrace(None)
-        with intercept.intercept_batch_norm(lambda call: call.input, [layer]):  # the next step
-            layer(x)
-        assert F.batch_norm is original and not intercept._owners and intercept._active == 0, target
-        assert not getattr(intercept._local, "handlers", []), target
+        contexts.restore()
+        assert F.batch_norm is original and modes() == [], target
+        assert torch.equal(F.batch_norm(x, None, None, training=True), expected), target
+        with intercept.intercept_batch_norm(lambda call: call.input):  # the next step
+            assert layer(x) is x
         if seen[0] < target:
             break
         target += 1
-    assert interrupted == target - 1 > 10  # every line was interrupted once, and each raised KeyboardInterrupt
+    assert interrupted == target - 1 > 5  # every line was interrupted once, and each raised KeyboardInterrupt

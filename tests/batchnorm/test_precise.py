@@ -220,10 +220,10 @@ def test_settings_are_checked():
         autobatch.TwoPass(precise="yes")
 
 
-@pytest.mark.parametrize("bn", [PRECISE, "auto"])
+@pytest.mark.parametrize("bn", [PRECISE, autobatch.Auto(by_timing=True)], ids=["precise", "auto by timing"])
 def test_planned_micro_batches_under_a_memory_budget_are_exact(bn, monkeypatch):
-    """Planned by the memory model; bn="auto" splits with the exact backward where the whole batch does not
-    fit (checkpointing made never fast enough for it, so that its choice does not hang on timings)."""
+    """Planned by the memory model; bn=Auto(by_timing=True) splits with the exact backward where the whole batch
+    does not pay (checkpointing made never fast enough for it, so that its choice does not hang on timings)."""
     monkeypatch.setattr("autobatch.planning.whole.AUTO_SLOWDOWN", 0.0)
     torch.manual_seed(0)
     net = ResidualNet(blocks=2, channels=8, head_norm=True).double()
@@ -247,3 +247,62 @@ def test_precise_where_it_can_run_is_the_default_of_auto_only():
         ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, bn=mode, cache=False)
         assert isinstance(ab._strategy, PreciseTwoPassStrategy) is precise
         assert isinstance(strategy_for(mode, ab._micro), PreciseTwoPassStrategy) is precise
+
+
+# -- the default (#38): the full batch's exact gradient, and the plan says so ----------------------------
+
+def default_step(model, batch, **options):
+    """One step of ``wrap`` with no ``bn``, as the README's first example writes it; the gradient it took."""
+    grads = []
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(batch[0]), ce, cache=False,
+                        before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
+    ab.step(*batch)
+    return ab, grads[0]
+
+
+@pytest.mark.parametrize("options, gradient", [
+    (dict(micro_batch=4), "precise: the full batch's exact gradient"),
+    (dict(memory_budget=10**10), "exact: the whole batch in one piece"),
+], ids=["given micro-batch", "the whole batch fits"])
+def test_the_default_gives_the_unsplit_step_s_gradient_and_names_it(options, gradient):
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, head_norm=True).double()
+    batch = data(16, (3, 8, 8))
+    expected = full_grad(copy.deepcopy(net), batch)
+    ab, got = default_step(copy.deepcopy(net), batch, **options)
+    assert ab.plan.gradient == gradient
+    assert f"({gradient})" in str(ab.plan)
+    assert relative_error(got, expected) < 1e-12
+
+
+def test_where_precise_cannot_run_the_plan_says_the_projected_backward_and_why():
+    class Branches(nn.Module):  # a branch on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.net = ResidualNet(blocks=1)
+
+        def forward(self, x):
+            return self.net(x) if x.sum() > -1e9 else self.net(-x)
+
+    ab, _ = default_step(Branches().double(), data(8, (3, 6, 6)), micro_batch=4)
+    assert ab.plan.gradient.startswith("projected backward") and "precise cannot run: torch.fx" in ab.plan.gradient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_a_compiled_model_gets_the_exact_gradient_by_default(how):
+    """#38: the graph is traced from the module torch.compile wraps (it had fallen back to the projected backward,
+    "torch.fx cannot trace OptimizedModule's forward")."""
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, head_norm=True).double()
+    batch = data(16, (3, 8, 8))
+    expected = full_grad(copy.deepcopy(net), batch)
+    model = copy.deepcopy(net)
+    if how == "model.compile()":
+        model.compile()
+        wrapped = model
+    else:
+        wrapped = torch.compile(model)
+    ab, got = default_step(wrapped, batch, micro_batch=4)
+    assert ab.plan.gradient.startswith("precise")
+    assert relative_error(got, expected) < 1e-12

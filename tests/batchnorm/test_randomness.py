@@ -143,7 +143,7 @@ def test_draws_after_the_last_batch_norm_are_drawn_afresh():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
-    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4)
+    ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4, bn="two_pass")
     for _ in range(3):
         ab.step(x, y)
     assert ab._strategy.draws.recorded == 0  # phase 1 stops at the BatchNorm, before the dropout
@@ -200,7 +200,7 @@ def test_a_random_op_that_is_not_replayed_stops_the_step():
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     before = copy.deepcopy(net.state_dict())
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4)
+    ab = autobatch.wrap(net, opt, 16, ce, micro_batch=4, bn="two_pass")
     with pytest.raises(RuntimeError, match=r"BatchNorm layer '2' got inputs in a micro-batch whose mean lies .* "
                                            r"standard deviations from phase 1's"):
         ab.step(x, y)

@@ -60,9 +60,9 @@ def data(n=12, seed=0):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("options", [dict(micro_batch=4), dict(micro_batch=4, bn="micro"), dict(micro_batch=12),
-                                     dict(micro_batch=5, bn="micro")],
-                         ids=["two_pass", "micro", "one micro-batch", "micro uneven"])
+@pytest.mark.parametrize("options", [dict(micro_batch=4, bn="two_pass"), dict(micro_batch=4), dict(micro_batch=4, bn="micro"),
+                                     dict(micro_batch=12), dict(micro_batch=5, bn="micro")],
+                         ids=["two_pass", "auto (precise)", "micro", "one micro-batch", "micro uneven"])
 def test_checkpointing_trains_as_the_model_without_it(reentrant, options):
     x, y = data()
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_a_layer_run_twice_in_a_checkpointed_segment_is_refused_with_the_model_u
     torch.manual_seed(0)
     model = SharedInCheckpoint().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4)
+    ab = autobatch.wrap(model, opt, 12, ce, micro_batch=4, bn="two_pass")
     before = model_state(model)
     with pytest.raises(RuntimeError, match=r"'bn' runs 2 times per forward.*checkpoint.*bn='micro'"):
         ab.step(x, y)
