@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autobatch.batchnorm.fingerprint import Fingerprint
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.recompute import quiet_checkpoint
@@ -63,6 +64,8 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
                              "reduce the BatchNorm sums over ranks; use bn='two_pass' or bn='exact' with several")
         super().__init__(layers, names, ranks, micro, phase1_memory_format, stop_early=False)
         self._graph: Optional[SegmentedGraph] = None
+        #: The model as the graph (or the reason it has none) saw it.
+        self._captured: Optional[Fingerprint] = None
         #: Why the model runs as plain two_pass (None: not known to be unsupported).
         self._unsupported: Optional[str] = None
         self._warned_unsupported = False
@@ -154,13 +157,20 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
     # -- phase 1 through the graph ----------------------------------------------------------------
 
     def _traced(self) -> Optional[SegmentedGraph]:
-        """The model's graph, traced once; None where it cannot be (the reason kept for the warning)."""
+        """The model's graph, traced again whenever the model changed since (never a stale graph); None where
+        it cannot be (the reason kept for the warning)."""
+        if self._captured is not None:
+            change = self._captured.changed(Fingerprint.of(self.micro.module))
+            if change is not None:
+                log.info("autobatch: the model changed since its graph was captured (%s); capturing it again", change)
+                self._graph, self._unsupported, self._captured = None, None, None
         if self._graph is None and self._unsupported is None:
             try:
                 with quiet_checkpoint():  # tracing calls a reentrant checkpoint with inputs that need no grad
                     self._graph = SegmentedGraph.trace(self.micro.module)
             except Unsupported as error:
                 self._unsupported = str(error)
+            self._captured = Fingerprint.of(self.micro.module)
         return self._graph if self._unsupported is None else None
 
     def _phase1_through_graph(self, batch: Any) -> StepGraph:
