@@ -116,7 +116,7 @@ class LogicalStep:
                     loss = self.losses.add(value, size)
                 state.forwards_done(1)
                 if index == 0 and len(splits) > 1 and not value.count_weighted:
-                    self._warn_ignored_labels(part)
+                    self._warn_ignored_labels(self.batch)
                 mean_loss = None
                 if last:
                     settled = True
@@ -138,13 +138,15 @@ class LogicalStep:
             self._settle(error)
             raise
 
-    def _warn_ignored_labels(self, part: Any) -> None:
-        """Once per wrap: a plain mean over labels with ignored entries is not the logical batch's mean."""
+    def _warn_ignored_labels(self, batch: Any) -> None:
+        """Once per wrap: a plain mean over labels with ignored entries is not the logical batch's mean. The
+        whole logical batch is looked at (a length-grouped batch may pad only its later rows), each step until
+        it is said."""
         if "labels" in self._once:
             return
-        self._once.add("labels")
-        message = ignored_labels_warning(*(part if isinstance(part, InputsTargets) else (part,)))
+        message = ignored_labels_warning(*(batch if isinstance(batch, InputsTargets) else (batch,)))
         if message is not None:
+            self._once.add("labels")
             log.warning(message)
 
     def _settle(self, failure: Optional[BaseException]) -> float:

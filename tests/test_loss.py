@@ -238,6 +238,22 @@ def test_targets_with_ignored_entries_under_loss_fn_are_said_too(caplog):
     assert any("-100" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("ignored_from", [4, 8], ids=["later rows", "a later batch"])
+def test_ignored_labels_outside_the_first_micro_batch_are_said_too(caplog, ignored_from):
+    """#39: a length-grouped batch pads its later rows only; the first micro-batch's labels had been all
+    that was looked at, once per wrap."""
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, -100, -100, 0])
+    clean = torch.tensor([0, 1, 2, 2, 1, 0, 1, 0])
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, nn.CrossEntropyLoss(), micro_batch=4)
+    with caplog.at_level("WARNING", logger="autobatch"):
+        if ignored_from == 8:
+            ab.step(x, clean)
+        ab.step(x, y)
+        ab.step(x, y)
+    assert len([r for r in caplog.records if "-100" in r.getMessage()]) == 1
+
+
 @pytest.mark.parametrize("compute_loss, micro_batch", [(token_loss_sum, 4), (token_loss_mean, 8)])
 def test_nothing_is_said_for_the_pair_or_an_unsplit_batch(caplog, compute_loss, micro_batch):
     model, batch = language_model(), padded_sequences(GROUPED)

@@ -26,6 +26,7 @@ from autobatch.batchnorm.fingerprint import Fingerprint
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.recompute import quiet_checkpoint
+from autobatch.batchnorm.statistics import name_of
 from autobatch.batchnorm.segments import SegmentedGraph, StepGraph, Unsupported
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
@@ -187,6 +188,11 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         runs: list[StepGraph] = []
 
         def record(call: BatchNormCall) -> Tensor:
+            if call.input.shape[0] != rows:
+                # The segments cut a boundary tensor by its first dimension: it must be the samples'.
+                name = name_of(call, self.names, len(seen))
+                raise Unsupported(f"BatchNorm layer {name!r} normalizes a tensor whose first dimension "
+                                  f"({call.input.shape[0]}) is not the batch's samples ({rows})")
             seen.append(call.input)
             return handler.record(call)
 

@@ -94,8 +94,9 @@ class AutoBatchTrainer(Trainer):
     with ``labels``, the model's own loss made exact over padding and ignored labels
     (`count_weighted_loss`), normalized by the ``num_items_in_batch`` the Trainer counts over the
     accumulated batches. Everything else is the Trainer's: clipping, optimizer, scheduler, logging,
-    evaluation, checkpoints. ``auto_find_batch_size`` is refused: it halves the batch, which changes the
-    recipe; autobatch keeps the batch and splits it instead.
+    evaluation, checkpoints. ``auto_find_batch_size`` is refused: it shrinks the batch (Accelerate's
+    ``find_executable_batch_size``, 0.9x after each out-of-memory error), which changes the recipe;
+    autobatch keeps the batch and splits it instead.
 
     Example:
         ```python
@@ -110,8 +111,9 @@ class AutoBatchTrainer(Trainer):
     def __init__(self, *args: Any, autobatch: Optional[dict[str, Any]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.args.auto_find_batch_size:
-            raise ValueError("auto_find_batch_size halves per_device_train_batch_size when a step runs out of "
-                             "memory, which changes the recipe's batch; AutoBatchTrainer keeps the batch and "
+            raise ValueError("auto_find_batch_size shrinks per_device_train_batch_size (Accelerate's "
+                             "find_executable_batch_size: 0.9x after each out-of-memory error), which changes the "
+                             "recipe's batch; AutoBatchTrainer keeps the batch and "
                              "splits each one into micro-batches that fit. Set auto_find_batch_size=False")
         #: wrap's keywords for the AutoBatch made at the first training step.
         self.autobatch_options = dict(autobatch or {})

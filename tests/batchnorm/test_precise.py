@@ -361,3 +361,29 @@ def test_a_model_changed_after_its_first_step_is_captured_again(change, caplog):
     assert relative_error(grads[-1], flat_grad(reference)) < 1e-12
     assert loss == pytest.approx(expected_loss.item(), rel=1e-12)
     assert "changed since its graph was captured" in caplog.text and ab.plan.gradient.startswith("precise")
+
+
+class TransposedNorm(nn.Module):
+    """A BatchNorm over a tensor whose first dimension is not the samples' (``bn(h.transpose(0, 2))``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.out = nn.Linear(6, 6), nn.BatchNorm1d(4), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x.transpose(1, 2))
+        return self.out(self.bn(h.transpose(0, 2)).transpose(0, 2).mean(1))
+
+
+def test_a_batch_norm_over_a_transposed_tensor_is_named_not_a_shape_error(caplog):
+    """#39: precise failed with PyTorch's "The expanded size of the tensor (4) must match..."; now it says which
+    layer and why, and the step runs as two_pass, whose own check names the layer too."""
+    torch.manual_seed(0)
+    model = TransposedNorm().double()
+    before = model_state(model)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ce, micro_batch=4, bn=PRECISE)
+    with caplog.at_level(logging.WARNING, logger="autobatch"), pytest.raises(RuntimeError, match="layer 'bn'"):
+        ab.step(torch.randn(8, 6, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    assert "BatchNorm layer 'bn' normalizes a tensor whose first dimension (6) is not the batch's samples (8)" \
+        in caplog.text
+    assert_same_state(before, model_state(model))

@@ -163,7 +163,8 @@ def test_auto_find_batch_size_is_refused_with_why(tmp_path):
     from autobatch.integrations.transformers import AutoBatchTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), auto_find_batch_size=True, report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="halves per_device_train_batch_size .* keeps the batch"):
+    with pytest.raises(ValueError, match=r"shrinks per_device_train_batch_size \(Accelerate.s "
+                                         r"find_executable_batch_size: 0.9x .* keeps the batch"):
         AutoBatchTrainer(model=causal(), args=args, train_dataset=_Sequences())
 
 
