@@ -50,7 +50,10 @@ class LogicalStep:
         self.ranks = micro.ranks
         self.splits = balanced_parts(sizes[self.ranks.rank], count)
         self.losses = Losses(self.ranks.world_size, sum(sizes), reference)
-        self.meter = StepMeter(micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch), host=measure)
+        # A step measured on the host stops at the plan's budget, out of memory, as a device would stop it: its
+        # recovery then redoes the batch smaller, and no step passes the budget.
+        self.meter = StepMeter(micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch), host=measure,
+                               limit=plan.budget_bytes)
         self.norm: BatchNormStrategy = strategy
         self._once = once
 

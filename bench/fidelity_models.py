@@ -4,6 +4,10 @@
     /tmp/tv/bin/python bench/fidelity_models.py                  # ~15 min on 2 CPU cores: bench/results/fidelity_models.md
     /tmp/tv/bin/python bench/fidelity_models.py --table cost     # ~10 min: bench/results/fidelity_models_cost.md
     /tmp/tv/bin/python bench/fidelity_models.py --models "timm resnet18" --micro 4      # a few rows, printed
+    /tmp/tv/bin/python bench/fidelity_models.py --table default  # ~25 min: bench/results/fidelity_default.md
+
+``--table default``: the default (``wrap`` with no ``bn``, micro-batches of 4) beside the projected two_pass
+on every model here, timm, torchvision and transformers, with the gradient the plan says it computes.
 
 Needs torchvision and timm, which need the full torch build they were made for, so it stays out of
 CI. Models with random weights (weights=None), small random images; float64, so that rounding does not
@@ -29,6 +33,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -53,6 +58,29 @@ MODELS = {
         segmentation(torchvision.models.segmentation.deeplabv3_mobilenet_v3_large), 8, 64, "segment"),
     "torchvision fcn_resnet50": (segmentation(torchvision.models.segmentation.fcn_resnet50), 8, 64, "segment"),
 }
+#: The default's table adds these: every architecture family the issue on exact by default measured.
+MORE_MODELS = {
+    "timm mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100", num_classes=10), 16, 32,
+                                   "classify"),
+    "timm tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0", num_classes=10), 16, 32,
+                                   "classify"),
+    "timm dla34": (lambda: timm.create_model("dla34", num_classes=10), 16, 32, "classify"),
+    "timm cspresnet50": (lambda: timm.create_model("cspresnet50", num_classes=10), 16, 32, "classify"),
+    "torchvision mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 16, 32, "classify"),
+    "torchvision resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 16, 32, "classify"),
+    "torchvision shufflenet_v2_x1_0": (lambda: torchvision.models.shufflenet_v2_x1_0(num_classes=10), 16, 32,
+                                       "classify"),
+    "torchvision mnasnet1_0": (lambda: torchvision.models.mnasnet1_0(num_classes=10), 16, 32, "classify"),
+    "torchvision densenet121": (lambda: torchvision.models.densenet121(num_classes=10), 16, 32, "classify"),
+    "torchvision googlenet": (lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False,
+                                                                   init_weights=True), 16, 32, "classify"),
+    "torchvision efficientnet_v2_s": (lambda: torchvision.models.efficientnet_v2_s(num_classes=10), 16, 32,
+                                      "classify"),
+    "transformers ResNetForImageClassification": (
+        lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=32)), 16, 32,
+        "hf classify"),
+}
 MODES = {
     "two_pass": autobatch.TwoPass(phase1_memory_format=torch.preserve_format),
     "two_pass precise": autobatch.TwoPass(precise=True, phase1_memory_format=torch.preserve_format),
@@ -64,6 +92,8 @@ MODES = {
 def loss_for(task):
     if task == "classify":
         return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
+    if task == "hf classify":
+        return lambda model, batch: F.cross_entropy(model(pixel_values=batch[0]).logits, batch[1])
     return lambda model, batch: F.cross_entropy(model(batch[0])["out"], batch[1])
 
 
@@ -71,12 +101,14 @@ def batches(task, n, size, dtype, count):
     generator = torch.Generator().manual_seed(1)
     for _ in range(count):
         x = torch.randn(n, 3, size, size, dtype=dtype, generator=generator)
-        y = torch.randint(0, 10 if task == "classify" else 5, (n,) if task == "classify" else (n, size, size),
-                          generator=generator)
+        segment = task == "segment"
+        y = torch.randint(0, 5 if segment else 10, (n, size, size) if segment else (n,), generator=generator)
         yield x, y
 
 
 def wrapped(model, optimizer, n, loss, mode, micro_batch, **options):
+    if mode == "default":  # the README's first example: no bn
+        return autobatch.wrap(model, optimizer, n, compute_loss=loss, micro_batch=micro_batch, cache=False, **options)
     if mode == "exact":  # the whole batch; micro_batch does not apply
         return autobatch.wrap(model, optimizer, n, compute_loss=loss, bn=MODES[mode], cache=False,
                               **{"memory_budget": 10**12, **options})
@@ -98,7 +130,7 @@ def reference(base, loss, data):
     return first, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def autobatch_run(base, n, loss, data, mode, micro_batch):
+def autobatch_run(base, n, loss, data, mode, micro_batch, plan=None):
     model = copy.deepcopy(base)
     grads = []
     ab = wrapped(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), n, loss, mode, micro_batch,
@@ -106,7 +138,30 @@ def autobatch_run(base, n, loss, data, mode, micro_batch):
     for x, y in data:
         torch.manual_seed(SEED)
         ab.step((x, y))
+    if plan is not None:
+        plan.append(ab.plan)
     return grads[0], torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def default_rows(name, micro_batch=4):
+    """The default beside the projected two_pass: cosine, relative error, distance after 3 steps, and the gradient
+    the plan names (precise, or the projected backward and why)."""
+    factory, n, size, task = {**MODELS, **MORE_MODELS}[name]
+    torch.manual_seed(0)
+    base = factory().double().train()
+    loss, data = loss_for(task), list(batches(task, n, size, torch.float64, 3))
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    expected, after = reference(base, loss, data)
+    moved = (after - start).norm()
+    cells = []
+    for mode in ("two_pass", "default"):
+        plans = []
+        first, params = autobatch_run(base, n, loss, data, mode, micro_batch, plans)
+        cells.append(f"{cosine(first, expected):.4f} | {relative_error(first, expected):.1e} | "
+                     f"{((params - after).norm() / moved).item():.1e}")
+    row = f"| {name} | {size} | {micro_batch} of {n} | {cells[0]} | {cells[1]} | {plans[0].gradient} |"
+    print(row, flush=True)
+    yield row
 
 
 def fidelity_rows(name, micro_batches):
@@ -175,14 +230,17 @@ def cost_rows(name, micro_batch):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=[*MODELS, *MORE_MODELS], metavar="MODEL")
     parser.add_argument("--micro", nargs="*", type=int, default=[2, 4, 8], help="micro-batch sizes")
-    parser.add_argument("--table", choices=("fidelity", "cost"), default="fidelity")
+    parser.add_argument("--table", choices=("fidelity", "cost", "default"), default="fidelity")
     args = parser.parse_args()
     logging.getLogger("autobatch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     started = time.perf_counter()
-    if args.table == "fidelity":
+    if args.table == "default":
+        names = args.models + [name for name in MORE_MODELS if args.models == list(MODELS)]
+        rows = [row for name in names for row in default_rows(name)]
+    elif args.table == "fidelity":
         rows = [row for name in args.models for row in fidelity_rows(name, args.micro)]
     else:
         rows = [row for name in args.models for row in cost_rows(name, 4)]
@@ -190,7 +248,21 @@ def main() -> None:
     run = (f"`python bench/fidelity_models.py{' --table cost' if args.table == 'cost' else ''}` (CPU, 2 cores, "
            f"torch {torch.__version__.split('+')[0]}, timm {timm.__version__}, torchvision "
            f"{torchvision.__version__.split('+')[0]}; {minutes:.0f} min). Random weights.")
-    if args.table == "fidelity":
+    if args.table == "default":
+        lines = [
+            "# The default's gradient on stock architectures", "", run.replace("fidelity_models.py", "fidelity_models.py "
+                                                                                "--table default"),
+            f"transformers {transformers.__version__}. Classifiers at the image size given, 10 classes; segmentation: "
+            "the `out` head's per-pixel loss. float64; micro-batches of 4; the generator seeded alike before the "
+            "unsplit step and before autobatch's. Each cell: gradient cosine to the unsplit step's | its relative "
+            "error | parameters' distance from the unsplit run after 3 SGD steps (lr 0.01, momentum 0.9), relative "
+            "to how far that run moved them. The default is `wrap(...)` with no `bn` (bn=\"auto\": at a given "
+            "micro-batch, two_pass with its precise backward where it can run); its last column is what "
+            "`ab.plan.gradient` says.", "",
+            "| model | image | micro-batch | two_pass (projected) | default | the default's plan says |",
+            "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+        path = RESULTS.with_name("fidelity_default.md")
+    elif args.table == "fidelity":
         lines = [
             "# Gradient fidelity on stock architectures", "", run,
             "Classifiers: batches of 16 images of 64x64, 10 classes; segmentation: batches of 8 images of 64x64, "
@@ -211,7 +283,7 @@ def main() -> None:
             "named).", "",
             "| model | bn | micro-batch | peak | time |", "| --- | --- | --- | --- | --- |", *rows, ""]
         path = RESULTS.with_name("fidelity_models_cost.md")
-    if args.models == list(MODELS) and args.micro == [2, 4, 8]:
+    if args.models == list(MODELS) and (args.micro == [2, 4, 8] or args.table == "default"):
         path.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -183,7 +183,7 @@ def out_of_memory_before_the_last(rank):
     model = resnet()
     ddp = DistributedDataParallel(model)
     loss_fn = OutOfMemoryOnRankOne(rank)
-    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False, bn="two_pass")
     x, y = data(image=True)
     ab.tune(x[halves(rank)], y[halves(rank)])
     # At most 5 at this sample size, as if it had run out of memory before: splits [4, 4]; after the failure
@@ -373,10 +373,13 @@ def variable_sizes(rank):
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).double()
     ddp = DistributedDataParallel(model)
-    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, memory_budget=3 * 2**20, cache=False)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, memory_budget=3 * 2**20, cache=False,
+                        bn="two_pass")
     forwards = []
     model.register_forward_hook(lambda *args: forwards.append(1))
     x, y = variable_data(rank)
+    ab.tune(x, y)  # each rank's own trials (a trial stopped at the budget on one rank only: as many as each needs)
+    forwards.clear()
     loss = ab.step(x, y)
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss],
             "micro_batch": ab.plan.micro_batch, "forwards": len(forwards)}

@@ -51,6 +51,9 @@ def good_runs(tmp_path_factory):
 
 
 def single_process(model, rows, micro_batch, image=False, phase1_chunks=1, **options):
+    """One process's step on ``rows``; bn="two_pass" unless given, as the ranks' default runs it (the precise
+    backward does not yet reduce its sums over ranks: several processes take the projected one)."""
+    options.setdefault("bn", "two_pass")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = data(image=image)
     ab = autobatch.wrap(model, optimizer, len(range(16)[rows]), ce, micro_batch=micro_batch, cache=False, **options)

@@ -43,7 +43,7 @@ def assert_same(result, reference):
 
 
 @pytest.mark.parametrize("scenario, reference", [
-    ("fsdp_two_pass", lambda: one_process(resnet(), micro_batch=4)),  # two_pass in the same micro-batches
+    ("fsdp_two_pass", lambda: one_process(resnet(), micro_batch=4, bn="two_pass")),  # two_pass, the same micro-batches
     ("fsdp_exact", lambda: one_process(resnet())),  # the whole batch itself
     ("fsdp_uneven", lambda: one_process(resnet(), slice(0, 13))),  # 8 and 5 samples, exact: the whole 13
     ("fsdp_out_of_memory", lambda: one_process(mlp(), image=False)),  # redone in micro-batches of 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from autobatch.batchnorm.exact import ExactStrategy
+from autobatch.batchnorm.statistics import uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.modes import Auto, Mode
@@ -34,6 +35,10 @@ class AutoStrategy(BatchNormStrategy):
         return Mode.TWO_PASS
 
     def sizing(self, kinds: Any) -> Any:
+        if not uses_batch_statistics(self.layers):
+            # No BatchNorm normalizes with batch statistics (none, or frozen): micro-batches already give the
+            # whole batch's exact gradient, and the whole batch in one piece would only cost more.
+            return self.two_pass.sizing(kinds)
         return kinds.whole_or_split(self.two_pass.sizing(kinds))
 
     def gradient_of(self, plan: Plan) -> str:

@@ -30,8 +30,10 @@ class _LiveBytes(TorchDispatchMode):
     Python's weak reference to it dies, which is when PyTorch frees it.
     """
 
-    def __init__(self, known: list[torch.Tensor], outside: Sequence[torch.Tensor] = ()):
+    def __init__(self, known: list[torch.Tensor], outside: Sequence[torch.Tensor] = (), limit: Optional[int] = None):
         super().__init__()
+        #: Where the work is stopped, as a device stops it: out of memory the moment the live bytes pass it.
+        self._limit = limit
         # A storage's death is noted by its weak reference's callback, a C method (list.append): none of
         # our Python runs as a tensor dies, so a Ctrl-C then is raised in the code that freed it instead of
         # being swallowed, as Python swallows exceptions inside weakref callbacks and finalizers. (The
@@ -67,6 +69,9 @@ class _LiveBytes(TorchDispatchMode):
         self._sizes[key] = size
         self._live = live + size - (old or 0)
         self.peak = max(self.peak, self._live)
+        if self._limit is not None and self._live > self._limit:
+            raise torch.OutOfMemoryError(f"autobatch: {self._live} bytes of tensors alive, over the memory budget's "
+                                         f"{self._limit} (host memory, followed tensor by tensor)")
 
     def __exit__(self, *args: Any) -> None:
         super().__exit__(*args)
@@ -124,15 +129,17 @@ def peak_bytes(work: Callable[[], None], device: torch.device, model: nn.Module,
 
 
 def stage_peaks(stages: Sequence[Callable[[], None]], device: torch.device, model: nn.Module,
-                optimizer: torch.optim.Optimizer, data: Any = None) -> list[int]:
+                optimizer: torch.optim.Optimizer, data: Any = None, limit: Optional[int] = None) -> list[int]:
     """`peak_bytes` of each of ``stages``, run one after the other (what one leaves alive counts in the
-    next): a micro-step's forward and backward, then its update, say."""
+    next): a micro-step's forward and backward, then its update, say. ``limit``: on the host, the work
+    runs out of memory (torch.OutOfMemoryError) the moment its live tensors pass that many bytes, as a
+    trial on a device would at the device's end, so that a trial never passes the budget."""
     outside = [leaf for _, leaf in leaves(data) if isinstance(leaf, torch.Tensor)]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
     peaks = []
-    with StepMeter(device, model, optimizer, outside, host=True) as meter:
+    with StepMeter(device, model, optimizer, outside, host=True, limit=limit) as meter:
         for index, stage in enumerate(stages):
             stage()
             if cuda:
@@ -158,8 +165,9 @@ class StepMeter:
     """
 
     def __init__(self, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 outside: Sequence[torch.Tensor] = (), host: bool = False):
+                 outside: Sequence[torch.Tensor] = (), host: bool = False, limit: Optional[int] = None):
         self.device = device
+        self._limit = limit
         self.cuda = device.type == "cuda"
         self.active = self.cuda or host
         self._model, self._optimizer, self._outside = model, optimizer, outside
@@ -175,7 +183,7 @@ class StepMeter:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.active:
-            self._tracker = _LiveBytes(_resident(self._model, self._optimizer), self._outside)
+            self._tracker = _LiveBytes(_resident(self._model, self._optimizer), self._outside, self._limit)
             self._stack.enter_context(_eagerly())
             self._stack.enter_context(self._tracker)
         return self

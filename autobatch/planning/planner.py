@@ -91,6 +91,7 @@ class Planner:
         resident = tensor_bytes(micro.model, micro.optimizer) if micro.device.type == "cpu" else 0
         memory = probe(micro.device, resident_bytes=resident)
         self.limit = budget(memory, self.options.memory_budget)
+        self.trials.limit_bytes = self.limit.budget_bytes
         self.key = plan_key(micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
                             world_size=self.ranks.world_size, **self.options.keyed())
         record = None if self.options.refresh_cache or self.cache is None else self.cache.load(self.key, self.share)

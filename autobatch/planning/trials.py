@@ -52,6 +52,9 @@ class Trials:
         self.share = share
         #: Trial steps run so far, measured or timed.
         self.steps = 0
+        #: The budget a trial on the host stops at, out of memory (the planner's, once measured): a trial
+        #: never passes it (#39: efficientnet_b0's first trials had peaked at 1.33x memory_budget).
+        self.limit_bytes: Optional[int] = None
 
     def peak(self, work: Work, what: str, batch: Any) -> Optional[int]:
         """The measured peak bytes of ``work``; None if it ran out of memory (logged either way)."""
@@ -82,7 +85,7 @@ class Trials:
     def _measured(self, stages: list[Work], batch: Any) -> list[int]:
         micro = self.micro
         measure = lambda: stage_peaks(stages, micro.device, micro.model, micro.optimizer,  # noqa: E731
-                                      micro.batches.tensors(batch))
+                                      micro.batches.tensors(batch), self.limit_bytes)
         try:
             return measure()
         except ValueError as error:

@@ -42,7 +42,7 @@ def test_accelerate_mixed_precision_equals_autobatchs_autocast(tmp_path):
     model = resnet().float()
     x, y = data(image=True)
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5), 16, torch.nn.CrossEntropyLoss(),
-                        micro_batch=4, autocast_dtype=torch.bfloat16)
+                        micro_batch=4, autocast_dtype=torch.bfloat16, bn="two_pass")
     loss = ab.step(x.float(), y)
     for rank in range(2):
         result = results[("two_pass", rank)]
