@@ -166,7 +166,8 @@ def demo(args: argparse.Namespace) -> int:
                  out_dir=args.out, micro_batch=_micro_batch(args.micro_batch), train_size=train_size)
     checkpointed = f", {len(result.plan.checkpointed)} modules checkpointed" if result.plan.checkpointed else ""
     print(f"validation IoU {result.validation_iou:.3f} after {args.epochs} epochs "
-          f"({result.seconds:.0f} s, micro-batches {result.plan.splits}, bn={result.plan.bn}{checkpointed})")
+          f"({result.seconds:.0f} s, micro-batches {result.plan.splits}, bn={result.plan.bn}{checkpointed}: "
+          f"{result.plan.gradient})")
     if result.picture is not None:
         print(f"picture (input | true mask | predicted mask): {result.picture}")
     return 0

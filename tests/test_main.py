@@ -107,6 +107,7 @@ def test_demo_command(capsys, tmp_path):
     assert main(["demo", "--epochs", "1", "--train-size", "32", "--micro-batch", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "validation IoU" in out and "micro-batches [4, 4, 4, 4]" in out
+    assert "bn=two_pass: precise: the full batch's exact gradient" in out  # the default, at a given size
     assert (tmp_path / "demo-prediction.png").exists()
 
 
