@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autobatch.modes import BN_MODES
+from autobatch.options import UPDATE_COPIES
 from autobatch.sizes import format_bytes, parse_bytes
 
 __all__ = ["main"]
@@ -212,7 +213,7 @@ def plan(args: argparse.Namespace) -> int:
 
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     ab = autobatch.wrap(model, optimizer, target_batch=args.target_batch, compute_loss=compute_loss,
-                        bn=args.bn, memory_budget=budget, autocast_dtype=autocast,
+                        bn=args.bn, memory_budget=budget, autocast_dtype=autocast, update_copies=args.update_copies,
                         cache="refresh" if args.refresh_cache else True, device=device)
     plans = [ab.tune(torch.randn(args.target_batch, *shape, device=device)) for shape in shapes]
     print(plans[0])
@@ -270,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bn", choices=BN_MODES, default="auto", help="BatchNorm mode to plan for")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
                    help="optimizer whose state the plan holds (default adamw)")
+    p.add_argument("--update-copies", choices=UPDATE_COPIES, default="device",
+                   help="where the copies that undo a failed optimizer update live: device (default), host, or none "
+                        "(no undo: an update that runs out of memory half-way raises)")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision of the forward passes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -19,7 +19,7 @@ from autobatch.loss import LossValue, read_loss
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import Options, UpdateCopies
 from autobatch.stages import Stage, entered, tag
-from autobatch.transaction import update_transaction
+from autobatch.transaction import trial_transaction, undo_copy_bytes, update_transaction, warm_optimizer_state
 
 __all__ = ["ComputeLoss", "LossFn", "MicroStep"]
 
@@ -69,6 +69,7 @@ class MicroStep:
         #: undo copies then keep them too, so that the update alone can be taken again.
         self.update_changes_gradients = (self.scaler is not None or self.max_grad_norm is not None
                                          or before_step is not None)
+        self._trial_copy_bytes = 0
 
     def autocast(self) -> ContextManager[Any]:
         if self.autocast_dtype is None:
@@ -155,8 +156,25 @@ class MicroStep:
                 raise
             return first_line(error)
 
+    def undo_copy_bytes(self) -> int:
+        """Device bytes of the update's undo copies (``update_copies``): 0 where there are none or they live in
+        host memory apart from the device's. Before the first update, as large as a trial's update found them
+        (the optimizer's state, Adam's moments say, exists from the first update on)."""
+        if self.update_copies == "none" or (self.update_copies == "host" and self.device.type != "cpu"):
+            return 0
+        if not self._trial_copy_bytes and not self.ranks.active and \
+                not any(self.optimizer.state.get(p) for p in self.parameters()):
+            # No update yet (a plan from the cache): one taken and undone, to see the state it creates.
+            with trial_transaction(self.model, self.optimizer):
+                warm_optimizer_state(self.optimizer)
+                self._trial_copy_bytes = undo_copy_bytes(self.parameters(), self.optimizer,
+                                                         self.update_changes_gradients)
+        return max(self._trial_copy_bytes,
+                   undo_copy_bytes(self.parameters(), self.optimizer, self.update_changes_gradients))
+
     def trial_update(self) -> None:
         """The update as the planner's trials measure it: the same copies and ``optimizer.step()``."""
+        self._trial_copy_bytes = max(self._trial_copy_bytes, self.undo_copy_bytes())
         with update_transaction(self.parameters(), self.optimizer, copies=self.update_copies,
                              gradients=self.update_changes_gradients):
             self.optimizer.step()

@@ -79,6 +79,8 @@ class Plan:
     """The BatchNorm mode that runs (bn="auto" chooses one)."""
     gradient: str = ""
     """The gradient a step computes, in words: the full batch's exact one ("precise", "exact") or not."""
+    update_copy_bytes: int = 0
+    """Device bytes of the optimizer update's undo copies (``update_copies``), part of every predicted peak."""
     checkpointing: Checkpointing = Checkpointing()
     """bn="exact": the submodules checkpointed during a step."""
     candidates: tuple[Candidate, ...] = ()
@@ -137,6 +139,9 @@ class Plan:
         if self.predicted_peak_bytes is not None:
             rows.append(("predicted peak", f"{format_bytes(self.predicted_peak_bytes)} (at micro_batch "
                                            f"{self.micro_batch})"))
+        if self.update_copy_bytes:
+            rows.append(("undo copies", f"{format_bytes(self.update_copy_bytes)}, to undo a failed optimizer update "
+                                          "(update_copies='host' keeps them in host memory, 'none' takes none)"))
         if self.points:
             rows.append(("measured", ", ".join(
                 f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))

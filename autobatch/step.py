@@ -61,7 +61,7 @@ class AutoBatch:
         self._once: set[str] = set()
         if self._plan is not None:
             log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self._plan.micro_batch,
-                     self._plan.splits, self._plan.bn, self.plan.gradient)
+                     self._plan.splits, self._plan.bn, self._strategy.gradient_of(self._plan))
 
     @property
     def plan(self) -> Optional[Plan]:
@@ -69,7 +69,8 @@ class AutoBatch:
         micro_batch="auto", None until the first `step` (or `tune`) measures it, then the plan of the last
         batch's sample size."""
         plan = self._plan
-        return None if plan is None else plan.replace(gradient=self._strategy.gradient_of(plan))
+        return None if plan is None else plan.replace(gradient=self._strategy.gradient_of(plan),
+                                                      update_copy_bytes=self._micro.undo_copy_bytes())
 
     @plan.setter
     def plan(self, plan: Optional[Plan]) -> None:

@@ -33,7 +33,7 @@ from autobatch.interrupts import held_interrupts
 from autobatch.options import UpdateCopies
 
 __all__ = ["Attributes", "BatchNormState", "ThreadContexts", "Transaction", "add_gradients", "put_back",
-           "step_transaction", "trial_transaction", "update_transaction"]
+           "step_transaction", "trial_transaction", "undo_copy_bytes", "update_transaction", "warm_optimizer_state"]
 
 #: Passes at putting state back when the restore itself is interrupted.
 _ATTEMPTS = 3
@@ -320,6 +320,28 @@ def update_transaction(params: Sequence[nn.Parameter], optimizer: torch.optim.Op
     parts["optimizer"] = lambda: OptimizerState(optimizer, stepped, host)
     parts["scaler"] = lambda: ScalerState(scaler, optimizer)
     return Transaction(**parts)
+
+
+def undo_copy_bytes(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, gradients: bool = False) -> int:
+    """The bytes `update_transaction` copies: every trained parameter, its optimizer state (from the first
+    update on) and, with ``gradients``, its gradient."""
+    trained = [p for p in params if p.requires_grad]
+    state = [v for p in trained for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in trained * (2 if gradients else 1) + state)
+
+
+def warm_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state the optimizer keeps from its first step on (Adam's moments, SGD's momentum),
+    so that measured steps see it resident, as every step after the first does. Changes parameters:
+    call it where they are restored afterwards."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if all(p in optimizer.state and optimizer.state[p] for p in params):
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in params:
+        p.grad = None
 
 
 def trial_transaction(model: nn.Module, optimizer: torch.optim.Optimizer) -> Transaction:

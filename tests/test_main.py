@@ -157,3 +157,18 @@ def _subcommand_help(name):
     parser = _parser()
     action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
     return action.choices[name].format_help()
+
+
+def test_the_plan_states_the_undo_copies_and_names_them_where_they_keep_it_from_fitting(capsys):
+    """#39: the update's undo copies doubled the update's memory, unsaid; a budget they alone broke gave no way
+    out, and the command line could not turn them off."""
+    model = ["--model", "torch.nn:Linear", "--model-kwargs", "in_features=512,out_features=512", "--input-shape",
+             "512", "--target-batch", "16", "--optimizer", "adamw"]
+    assert main(["plan", *model, "--budget", "12MiB"]) == 0
+    assert "undo copies     3.01 MiB, to undo a failed optimizer update" in capsys.readouterr().out
+    assert main(["plan", *model, "--budget", "8MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "3.01 MiB the update's undo copies, without which one sample would fit" in err
+    assert "update_copies='none'" in err and "can then not be undone" in err
+    assert main(["plan", *model, "--budget", "8MiB", "--update-copies", "none"]) == 0
+    assert "undo copies" not in capsys.readouterr().out

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from autobatch.split import leaves
+from autobatch.transaction import warm_optimizer_state
 
 __all__ = ["StepMeter", "peak_bytes", "stage_peaks", "tensor_bytes", "warm_optimizer_state"]
 
@@ -96,20 +97,6 @@ def _resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.
 def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the model's parameters, gradients, buffers and the optimizer's state."""
     return _LiveBytes(_resident(model, optimizer)).live
-
-
-def warm_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the state the optimizer keeps from its first step on (Adam's moments, SGD's momentum),
-    so that measured steps see it resident, as every step after the first does. Changes parameters:
-    call it where they are restored afterwards."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    if all(p in optimizer.state and optimizer.state[p] for p in params):
-        return
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for p in params:
-        p.grad = None
 
 
 def _eagerly() -> ContextManager[Any]:

@@ -39,6 +39,28 @@ class MicroBatchSizing(Sizing):
 
     # -- the start -------------------------------------------------------------------------------
 
+    def _nothing_fits(self, error: str, batch: Any) -> str:
+        """Why not even one sample fits, in words: what the memory holds, and the undo copies where one sample's
+        step without them fits (measured by one more trial)."""
+        p = self.planner
+        resident, copies = tensor_bytes(p.micro.model, p.micro.optimizer), p.micro.undo_copy_bytes()
+        held = (f"{error}; of it, {format_bytes(resident)} are parameters, gradients, buffers and optimizer state, and "
+                f"{format_bytes(copies)} the update's undo copies")
+        without = None
+        if copies:
+            kept, p.micro.update_copies = p.micro.update_copies, "none"
+            try:
+                without = p.trials.micro_step_peak(batch, 1)
+            finally:
+                p.micro.update_copies = kept
+        if without is not None and without <= p.limit.budget_bytes:
+            host = "" if p.micro.device.type == "cpu" else \
+                "update_copies='host' (the copies in host memory, a copy to the host per step) or "
+            return (f"{held}, without which one sample would fit: pass {host}update_copies='none' (no copies: an "
+                    "update that runs out of memory half-way can then not be undone, and the step raises instead of "
+                    "being taken again)")
+        return f"{held}. Raise memory_budget, free memory on the device, or use a smaller model, input or optimizer state"
+
     def measure(self, batch: Any) -> Plan:
         """The largest micro-batch whose measured step fits, and phase 1 in as few chunks as fit; the memory
         model starts from these measurements."""
@@ -57,11 +79,7 @@ class MicroBatchSizing(Sizing):
             try:
                 fit = search(peak, p.limit.budget_bytes, p.share)
             except PlanDoesNotFit as error:
-                resident = tensor_bytes(p.micro.model, p.micro.optimizer)
-                raise PlanDoesNotFit(
-                    f"{error}; of it, {format_bytes(resident)} are parameters, gradients, buffers and optimizer "
-                    "state, and the update's undo copies add up to as much again. Raise memory_budget, free memory "
-                    "on the device, or use a smaller model, input or optimizer state") from None
+                raise PlanDoesNotFit(self._nothing_fits(str(error), batch)) from None
             draws, phase1_points = 0, []
             if self._has_phase1(fit.capacity):
                 phase1_points = self._fit_phase1(batch, s)
