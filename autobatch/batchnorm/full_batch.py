@@ -13,7 +13,8 @@ Calls are matched between the passes by their order in the forward.
 """
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ from autobatch.batchnorm.statistics import (
     variance,
 )
 from autobatch.distributed import Ranks
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FEW_VALUES_PER_CHANNEL", "FullBatchStatistics", "StopForward", "check_same_channels", "different_calls",
            "not_the_same_calls"]
@@ -90,6 +93,10 @@ class _ProjectedBatchNorm(torch.autograd.Function):
 REPLAY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 0.02}
 #: Half-precision inputs (autocast) round activations to 3 significant digits.
 REPLAY_TOLERANCE_HALF = 0.1
+#: Where a model's own rounding, measured against float64 (autobatch.batchnorm.rounding), passes those
+#: allowances, this many times it is allowed instead: the micro-batch's and phase 1's forwards each round on
+#: their own, about as far from the exact values as the one measured.
+ROUNDING_MARGIN = 4.0
 
 
 def _phase1_means(layer: LayerStatistics, rows: tuple[int, int]) -> Optional[Tensor]:
@@ -144,6 +151,8 @@ class FullBatchStatistics:
         #: and the earlier ones of this step.
         self._deviations: list[tuple[int, Tensor, float]] = []
         self._checked: list[tuple[int, Tensor, float]] = []
+        #: Per call index, the allowance the model's measured rounding sets (kept for the wrap's later steps).
+        self.rounding: dict[int, float] = {}
 
     def start_phase1(self) -> None:
         self.layers = []
@@ -237,25 +246,48 @@ class FullBatchStatistics:
                     return layer.name, bad.nonzero().flatten().tolist()
         return None
 
-    def check(self) -> Optional[RuntimeError]:
+    def check(self, rounding: Optional[Callable[[], list[float]]] = None) -> Optional[RuntimeError]:
         """The error for a step whose micro-batches fed a BatchNorm other inputs than phase 1 measured
-        for the same samples; None if they agree. One device sync, for the whole step."""
+        for the same samples; None if they agree. One device sync, for the whole step. ``rounding``: where
+        a layer passes its allowance, the model's own rounding at each call, measured
+        (autobatch.batchnorm.rounding): it raises the allowances (for this step and the later ones)
+        before anything is refused, so that no run ends for rounding."""
         checked = self._checked + self._deviations
         if not checked:
             return None
         values = torch.stack([deviation for _, deviation, _ in checked]).tolist()
-        for (index, _, tolerance), value in zip(checked, values):
-            if value > tolerance:
-                return RuntimeError(
+        over = self._over(checked, values)
+        if over and rounding is not None:
+            measured = rounding()
+            for index, value in enumerate(measured):
+                self.rounding[index] = max(self.rounding.get(index, 0.0), ROUNDING_MARGIN * value)
+            if not self._over(checked, values):
+                index, value, _ = over[0]
+                log.info("autobatch: BatchNorm layer %r's micro-batch inputs lay %.3g standard deviations from phase "
+                         "1's; the model's own rounding, measured against a float64 forward of the same samples, "
+                         "explains it (%.3g allowed from now on)", self.layers[index].name, value,
+                         self.rounding[index])
+                return None
+            over = self._over(checked, values)
+        if over:
+            index, value, tolerance = over[0]
+            return RuntimeError(
                     f"BatchNorm layer {self.layers[index].name!r} got inputs in a micro-batch whose mean lies "
                     f"{value:.3g} standard deviations from phase 1's for the same samples (rounding allows "
-                    f"{tolerance}); bn='two_pass' needs each micro-batch's forward to repeat phase 1's. Likely "
+                    f"{tolerance:.3g}{', measured against a float64 forward' if index in self.rounding else ''}); "
+                    "bn='two_pass' needs each micro-batch's forward to repeat phase 1's. Likely "
                     "causes: a random operation autobatch does not replay (it replays dropout, stochastic depth "
                     "and torch's random functions), a layer whose output depends on the other samples of the batch, "
                     "or a model that pads each batch to its largest sample (torchvision's detection models), which pads "
                     "a micro-batch otherwise than the whole batch: give it inputs of one size. No optimizer step was "
                     "taken and the model is unchanged; use bn='micro' for this model.")
         return None
+
+    def _over(self, checked: list[tuple[int, Tensor, float]], values: list[float]) -> list[tuple[int, float, float]]:
+        """(call, deviation, allowance) of every check past its allowance: the dtype's, or the measured rounding."""
+        allowed = [(index, value, max(tolerance, self.rounding.get(index, 0.0)))
+                   for (index, _, tolerance), value in zip(checked, values)]
+        return [entry for entry in allowed if entry[1] > entry[2]]
 
     def finish_micro_batch(self) -> None:
         if self._cursor != len(self.layers):

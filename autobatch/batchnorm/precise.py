@@ -19,7 +19,7 @@ import logging
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.fingerprint import Fingerprint
@@ -31,28 +31,15 @@ from autobatch.batchnorm.segments import SegmentedGraph, StepGraph, Unsupported
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.distributed import Ranks
+from autobatch.forward import forward_replaced
 from autobatch.microstep import MicroStep
 from autobatch.plan import Plan
 from autobatch.stages import Stage, entered
 from autobatch.transaction import BatchNormState, RandomState
 
-__all__ = ["PreciseTwoPassStrategy", "forward_replaced"]
+__all__ = ["PreciseTwoPassStrategy"]
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """``module(...)`` calls ``forward`` inside the block (an instance attribute, removed after)."""
-    own = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
 
 
 class PreciseTwoPassStrategy(TwoPassStrategy):

@@ -21,6 +21,7 @@ from autobatch.batchnorm.layout import Phase1Layout
 from autobatch.batchnorm.micro import PooledBatchNorm
 from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.batchnorm.recompute import quiet_checkpoint
+from autobatch.batchnorm.rounding import measured_rounding
 from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
@@ -80,7 +81,7 @@ class TwoPassStrategy(BatchNormStrategy):
         super().prepare(batch, splits, chunks, total)
         batch = self.micro.batches.to(batch, self.micro.device)
         self.draws.clear()
-        self._splits, self._total = splits, total
+        self._splits, self._total, self._batch = splits, total, batch
         self._phase1(batch, self.handler, chunks)
         self._warn_thin_layers()
         self._warn_chunks(chunks)
@@ -106,7 +107,16 @@ class TwoPassStrategy(BatchNormStrategy):
         return stack
 
     def check(self) -> Optional[BaseException]:
-        return self.handler.check()
+        # One process: the measuring forwards are this rank's alone, and must meet no other rank's collectives.
+        return self.handler.check(None if self.ranks.active else self._measured_rounding)
+
+    def _measured_rounding(self) -> list[float]:
+        """The model's own rounding at each BatchNorm call, on the first micro-batch's rows (the agreement check's
+        allowances; autobatch.batchnorm.rounding)."""
+        size = self._splits[0]
+        part = self.micro.batches.split(self._batch, [size, self.micro.batches.size(self._batch) - size])[0]
+        replay = (lambda: self.draws.replay(0, size)) if self.draws.recorded else contextlib.nullcontext
+        return measured_rounding(self.micro, part, self.handler.layers, replay)
 
     def non_finite_culprit(self) -> Optional[str]:
         found = self.handler.non_finite_samples()
