@@ -254,13 +254,14 @@ def main() -> None:
                                                                                 "--table default"),
             f"transformers {transformers.__version__}. Classifiers at the image size given, 10 classes; segmentation: "
             "the `out` head's per-pixel loss. float64; micro-batches of 4; the generator seeded alike before the "
-            "unsplit step and before autobatch's. Each cell: gradient cosine to the unsplit step's | its relative "
-            "error | parameters' distance from the unsplit run after 3 SGD steps (lr 0.01, momentum 0.9), relative "
-            "to how far that run moved them. The default is `wrap(...)` with no `bn` (bn=\"auto\": at a given "
+            "unsplit step and before autobatch's. Per mode: the gradient's cosine to the unsplit step's, its relative "
+            "error, and the parameters' distance from the unsplit run after 3 SGD steps (lr 0.01, momentum 0.9), "
+            "relative to how far that run moved them. The default is `wrap(...)` with no `bn` (bn=\"auto\": at a given "
             "micro-batch, two_pass with its precise backward where it can run); its last column is what "
             "`ab.plan.gradient` says.", "",
-            "| model | image | micro-batch | two_pass (projected) | default | the default's plan says |",
-            "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+            "| model | image | micro-batch | two_pass cosine | two_pass error | two_pass distance | default cosine | "
+            "default error | default distance | the default's plan says |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
         path = RESULTS.with_name("fidelity_default.md")
     elif args.table == "fidelity":
         lines = [
