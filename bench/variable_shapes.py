@@ -30,6 +30,7 @@ from autobatch.demo import models  # noqa: E402
 from autobatch.planning import measure  # noqa: E402
 from autobatch.planning.planner import Planner  # noqa: E402
 from autobatch.sizes import format_bytes  # noqa: E402
+from autobatch.split import balanced_parts  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "variable_shapes.md"
 
@@ -133,11 +134,77 @@ def train(make_model, loss, batches, target, cap, plan_once, device=torch.device
             "samples": sum(ab._micro.batches.size(b) for b in batches), "peaks": [p / cap for p in peaks]}
 
 
+def largest_that_fits(make_model, compute_loss, batch, budget, target, phase1_chunks=1):
+    """The largest micro-batch that runs (the largest of a step's balanced splits) whose real step peaks
+    within ``budget`` on the host, measured for every number of micro-batches from one up."""
+    for count in range(1, target + 1):
+        largest = max(balanced_parts(target, count))
+        model = make_model()
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), target,
+                            compute_loss=compute_loss, micro_batch=largest,
+                            bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+        ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
+        ab.step(batch)  # the momentum buffers, resident in every later step
+        peak = measure.peak_bytes(lambda: ab.step(batch), torch.device("cpu"), model, ab.optimizer,
+                                  ab._micro.batches.tensors(batch))
+        if peak <= budget:
+            return largest
+    return 0
+
+
+#: #39's sequence: the largest size first, then sizes inside the measured range, then those sizes again.
+WARM_SIZES = [96, 16, 64, 80, 48, 96, 48, 64, 80]
+
+
+#: The budgets of the warm-up table: the runs' cap, and two where phase 1 and the micro-batches split more.
+WARM_CAPS = [40 * 2**20, 20 * 2**20, 12 * 2**20]
+
+
+def warm_rows():
+    return [row for cap in WARM_CAPS for row in warm_rows_at(cap)]
+
+
+def warm_rows_at(cap):
+    """After warm-up, each size inside the measured range against the largest micro-batch that fits there."""
+    _, make_model, loss, _, target, _ = image_run()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 3, s, s, generator=generator), torch.randint(0, 5, (32,), generator=generator))
+               for s in WARM_SIZES]
+    model = make_model()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), target, compute_loss=loss,
+                        memory_budget=cap, cache=False, bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    chosen = []
+    for batch in batches:
+        ab.step(batch)
+        chosen.append((ab.plan.micro_batch, ab.plan.phase1_chunks))
+    rows = []
+    for index in range(6, len(WARM_SIZES)):  # the second visit of each size
+        (micro_batch, chunks), size = chosen[index], WARM_SIZES[index]
+        best = largest_that_fits(make_model, loss, batches[index], ab.plan.budget_bytes, target, chunks)
+        rows.append(f"| {format_bytes(cap)} | {size} px | {micro_batch} | {best} | {micro_batch / best:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--table", choices=("runs", "warm"), default="runs",
+                        help="warm: after warm-up, the micro-batch chosen at sizes inside the measured range against "
+                             "the largest that fits (bench/results/variable_shapes_warm.md)")
     args = parser.parse_args()
+    if args.table == "warm":
+        logging.basicConfig(level=logging.ERROR)
+        rows = warm_rows()
+        RESULTS.with_name("variable_shapes_warm.md").write_text(
+            "# After warm-up: sizes inside the measured range\n\n`python bench/variable_shapes.py --table warm` (2-core "
+            "CPU, host memory, two-conv BatchNorm net, batches of 32, bn=two_pass). Sizes in the order "
+            f"{WARM_SIZES}; each size's second step against the largest micro-batch whose real step fits the planner's "
+            "budget (its 10% margin kept) with phase 1 in as many chunks as that step ran, measured step by step.\n\n"
+            "| memory_budget | size | micro-batch chosen | largest that fits | ratio |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+        return
     device = torch.device(args.device)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("autobatch").setLevel(logging.WARNING)  # the out-of-memory warnings, counted

@@ -7,7 +7,7 @@ import autobatch
 from autobatch.demo import models
 from autobatch.planning.measure import peak_bytes
 from autobatch.planning.model import MemoryModel
-from autobatch.split import balanced_parts
+from bench.variable_shapes import largest_that_fits
 from tests.common import data
 
 
@@ -40,24 +40,6 @@ def run(ab, batches):
                                 ab._micro.batches.tensors(batch)))
         plans.append(ab.plan)
     return peaks, plans
-
-
-def largest_that_fits(make_model, compute_loss, batch, budget, target, phase1_chunks=1):
-    """The largest micro-batch that runs (the largest of a step's balanced splits) whose real step peaks
-    within ``budget``, measured for every number of micro-batches from one up, phase 1 in ``phase1_chunks``."""
-    for count in range(1, target + 1):
-        largest = max(balanced_parts(target, count))
-        model = make_model()
-        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), target,
-                            compute_loss=compute_loss, micro_batch=largest,
-                            bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
-        ab.plan = ab.plan.replace(phase1_chunks=phase1_chunks)
-        ab.step(batch)  # the momentum buffers, resident in every later step
-        peak = peak_bytes(lambda: ab.step(batch), torch.device("cpu"), model, ab.optimizer,
-                          ab._micro.batches.tensors(batch))
-        if peak <= budget:
-            return largest
-    return 0
 
 
 def image_loss(model, batch):
@@ -151,3 +133,27 @@ def test_an_update_that_dominates_the_peak_hides_no_growth_of_the_micro_batches(
     n = model.largest_under(60_500, 4 * s, 64)  # beyond the measured size: at most quadratic growth
     assert n == 3 and model.predict(n, 4 * s) <= 60_500
     assert model.largest_under(40_000, s, 64) == 1  # the update alone passes the budget
+
+
+def test_a_trial_never_passes_the_budget():
+    """#39: the first step's trials had peaked at 1.33x memory_budget (timm efficientnet_b0, 120 MiB). A trial on
+    the host now stops, out of memory, the moment its live tensors pass the budget: here the whole batch of
+    twice the length, tried under bn="exact", does not fit, and finding that out stays within the budget."""
+    budget = 8 * 2**20
+    torch.manual_seed(0)
+    model = Encoder()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), 32,
+                        compute_loss=token_loss, memory_budget=budget, bn="exact", cache=False)
+    ab.step(sequences(32, 64, 0))
+    longer = sequences(32, 128, 1)
+    peaks = []
+
+    def step():
+        try:
+            ab.step(longer)
+        except autobatch.PlanDoesNotFit as error:
+            peaks.append(str(error))
+
+    peak = peak_bytes(step, torch.device("cpu"), ab.model, ab.optimizer, ab._micro.batches.tensors(longer))
+    assert peaks and "bn='exact' does not fit" in peaks[0]
+    assert peak <= budget, f"{peak / budget:.2f}x the budget"
