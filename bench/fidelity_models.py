@@ -130,7 +130,8 @@ def reference(base, loss, data):
     return first, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def autobatch_run(base, n, loss, data, mode, micro_batch, plan=None):
+def autobatch_run(base, n, loss, data, mode, micro_batch):
+    """The first step's accumulated gradient, the parameters after every step, and the plan."""
     model = copy.deepcopy(base)
     grads = []
     ab = wrapped(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), n, loss, mode, micro_batch,
@@ -138,43 +139,40 @@ def autobatch_run(base, n, loss, data, mode, micro_batch, plan=None):
     for x, y in data:
         torch.manual_seed(SEED)
         ab.step((x, y))
-    if plan is not None:
-        plan.append(ab.plan)
-    return grads[0], torch.cat([p.detach().flatten() for p in model.parameters()])
+    return grads[0], torch.cat([p.detach().flatten() for p in model.parameters()]), ab.plan
 
 
-def default_rows(name, micro_batch=4):
-    """The default beside the projected two_pass: cosine, relative error, distance after 3 steps, and the gradient
-    the plan names (precise, or the projected backward and why)."""
+def unsplit_run(name):
+    """Model ``name`` (random weights, float64), its logical batch and image size, its loss, 3 batches, and the
+    unsplit run: its first gradient, the parameters after it, and how far it moved them."""
     factory, n, size, task = {**MODELS, **MORE_MODELS}[name]
     torch.manual_seed(0)
     base = factory().double().train()
     loss, data = loss_for(task), list(batches(task, n, size, torch.float64, 3))
     start = torch.cat([p.detach().flatten() for p in base.parameters()])
     expected, after = reference(base, loss, data)
-    moved = (after - start).norm()
+    return base, n, size, loss, data, expected, after, (after - start).norm()
+
+
+def default_rows(name, micro_batch=4):
+    """The default beside the projected two_pass: cosine, relative error, distance after 3 steps, and the gradient
+    the plan names (precise, or the projected backward and why)."""
+    base, n, size, loss, data, expected, after, moved = unsplit_run(name)
     cells = []
     for mode in ("two_pass", "default"):
-        plans = []
-        first, params = autobatch_run(base, n, loss, data, mode, micro_batch, plans)
+        first, params, plan = autobatch_run(base, n, loss, data, mode, micro_batch)
         cells.append(f"{cosine(first, expected):.4f} | {relative_error(first, expected):.1e} | "
                      f"{((params - after).norm() / moved).item():.1e}")
-    row = f"| {name} | {size} | {micro_batch} of {n} | {cells[0]} | {cells[1]} | {plans[0].gradient} |"
+    row = f"| {name} | {size} | {micro_batch} of {n} | {cells[0]} | {cells[1]} | {plan.gradient} |"
     print(row, flush=True)
     yield row
 
 
 def fidelity_rows(name, micro_batches):
-    factory, n, size, task = MODELS[name]
-    torch.manual_seed(0)
-    base = factory().double().train()
-    loss, data = loss_for(task), list(batches(task, n, size, torch.float64, 3))
-    start = torch.cat([p.detach().flatten() for p in base.parameters()])
-    expected, after = reference(base, loss, data)
-    moved = (after - start).norm()
+    base, n, _, loss, data, expected, after, moved = unsplit_run(name)
     for mode in MODES:
         for micro_batch in ([n] if mode == "exact" else [m for m in micro_batches if m < n]):
-            first, params = autobatch_run(base, n, loss, data, mode, micro_batch)
+            first, params, _ = autobatch_run(base, n, loss, data, mode, micro_batch)
             row = (f"| {name} | {mode} | {'whole batch' if mode == 'exact' else micro_batch} | "
                    f"{cosine(first, expected):.6f} | {relative_error(first, expected):.1e} | "
                    f"{((params - after).norm() / moved).item():.1e} |")
