@@ -22,15 +22,24 @@ ops, which no intercept takes, never with ``F.batch_norm`` (that would reach the
 from __future__ import annotations
 
 import inspect
-
 from typing import Any, Callable, ContextManager, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-from torch.autograd.graph import _engine_run_backward
 from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
+
+#: What backward(inputs=...) takes for one input besides a tensor (torch >= 2.3).
+GradientEdge = getattr(torch.autograd.graph, "GradientEdge", torch.Tensor)
+
+try:
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # torch < 2.4: the engine's own entry, which that helper wraps
+    from torch.autograd.variable import Variable
+
+    def _engine_run_backward(*args: Any, **kwargs: Any) -> Any:
+        return Variable._execution_engine.run_backward(*args, **kwargs)
 
 __all__ = ["BatchNormCall", "intercept_batch_norm"]
 
@@ -96,7 +105,9 @@ def _backward_under(mode: TorchFunctionMode, func: Callable, args: tuple, kwargs
             return func(*args, **kwargs)  # the deprecated spelling: PyTorch's own path, as before
     inputs = given["inputs"]
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, (torch.Tensor, GradientEdge)) else tuple(inputs)
+    if given["inputs"] is not None and not inputs:
+        raise RuntimeError("'inputs' argument to backward() cannot be empty.")  # as PyTorch says it
     create_graph = given["create_graph"]
     retain_graph = create_graph if given["retain_graph"] is None else given["retain_graph"]
     grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
