@@ -593,5 +593,6 @@ def test_ctrl_c_at_any_line_of_a_whole_step_leaves_it_whole_or_undone(bn, first,
     after = state(model, optimizer)
     swept, interrupted = _sweep(fresh, state, before, after, x, y, lambda code: code.co_filename.startswith(roots),
                                 first, stride, then_step=True)
+    print(f"{bn}: {swept} interrupts, one every {stride} line(s) from line {first}")  # the figures docs quote (-s)
     assert interrupted == swept > 150
 
