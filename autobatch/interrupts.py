@@ -1,11 +1,11 @@
 """Ctrl-C held back while autobatch puts shared state together or back, and raised right after.
 
     with held_interrupts():          # a SIGINT arriving in the block is raised when the block ends
-        F.batch_norm = _route        # ...so that two lines that belong together never come apart
+        F.dropout, F.scaled_dot_product_attention = dropout, attention   # ...two lines that belong together
 
 Python delivers SIGINT as a KeyboardInterrupt between any two bytecodes of the main thread; a
 user who catches it (to save a checkpoint, as Lightning does) would then save a half-restored
-model, and a patch of ``F.batch_norm`` half taken down would route every later call. Only the main
+model, and a function swapped for a while and half put back would stay swapped. Only the main
 thread receives signals, and only where Python's own handler is installed is the signal held: a
 handler of the user's own runs as it would.
 """
