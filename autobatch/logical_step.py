@@ -53,7 +53,7 @@ class LogicalStep:
         # A step measured on the host stops at the plan's budget, out of memory, as a device would stop it: its
         # recovery then redoes the batch smaller, and no step passes the budget.
         self.meter = StepMeter(micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch), host=measure,
-                               limit=None if micro.collective else plan.budget_bytes)
+                               limit=micro.memory_stop(plan.budget_bytes))
         self.norm: BatchNormStrategy = strategy
         self._once = once
 

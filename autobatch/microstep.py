@@ -69,6 +69,7 @@ class MicroStep:
         #: undo copies then keep them too, so that the update alone can be taken again.
         self.update_changes_gradients = (self.scaler is not None or self.max_grad_norm is not None
                                          or before_step is not None)
+        #: The undo copies' bytes an update taken and undone found, before the first real update.
         self._trial_copy_bytes = 0
 
     def autocast(self) -> ContextManager[Any]:
@@ -156,6 +157,11 @@ class MicroStep:
                 raise
             return first_line(error)
 
+    def memory_stop(self, budget_bytes: Optional[int]) -> Optional[int]:
+        """Where a measured step or trial on the host is stopped, out of memory (autobatch.planning.measure):
+        the budget, but never inside a fully_shard model's forward, which would keep its parameters gathered."""
+        return None if self.collective else budget_bytes
+
     def undo_copy_bytes(self) -> int:
         """Device bytes of the update's undo copies (``update_copies``): 0 where there are none or they live in
         host memory apart from the device's. Before the first update, as large as a trial's update found them
@@ -174,7 +180,6 @@ class MicroStep:
 
     def trial_update(self) -> None:
         """The update as the planner's trials measure it: the same copies and ``optimizer.step()``."""
-        self._trial_copy_bytes = max(self._trial_copy_bytes, self.undo_copy_bytes())
         with update_transaction(self.parameters(), self.optimizer, copies=self.update_copies,
                              gradients=self.update_changes_gradients):
             self.optimizer.step()

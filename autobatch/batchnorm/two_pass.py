@@ -114,7 +114,7 @@ class TwoPassStrategy(BatchNormStrategy):
         """The model's own rounding at each BatchNorm call, on the first micro-batch's rows (the agreement check's
         allowances; autobatch.batchnorm.rounding)."""
         size = self._splits[0]
-        part = self.micro.batches.split(self._batch, [size, self.micro.batches.size(self._batch) - size])[0]
+        part = self.micro.batches.take(self._batch, size)
         replay = (lambda: self.draws.replay(0, size)) if self.draws.recorded else contextlib.nullcontext
         return measured_rounding(self.micro, part, self.handler.layers, replay)
 

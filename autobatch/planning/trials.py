@@ -84,10 +84,8 @@ class Trials:
 
     def _measured(self, stages: list[Work], batch: Any) -> list[int]:
         micro = self.micro
-        # Not a fully_shard model's: stopped inside FSDP2's forward, it would keep its parameters gathered.
-        limit = None if micro.collective else self.limit_bytes
         measure = lambda: stage_peaks(stages, micro.device, micro.model, micro.optimizer,  # noqa: E731
-                                      micro.batches.tensors(batch), limit)
+                                      micro.batches.tensors(batch), micro.memory_stop(self.limit_bytes))
         try:
             return measure()
         except ValueError as error:

@@ -175,7 +175,7 @@ class WholeOrSplitSizing(Sizing):
             warm_optimizer_state(p.micro.optimizer)
             candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
         best = min(fitting, key=lambda fit: fit[0]) if fitting else None
-        if best is not None and (not best[1] or not getattr(p.options.bn, "by_timing", False)):
+        if best is not None and (not best[1] or not p.options.bn.by_timing):
             # No checkpointing needed: nothing is faster. Or checkpointed, where choices by timing are off
             # (modes.timed_choices): the whole batch's exact gradient, from memory alone, the same every run.
             return self.whole.plan_of(batch, candidates, fitting)
