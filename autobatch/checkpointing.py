@@ -12,14 +12,15 @@ only the cheap operations between them (normalization, activations).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from autobatch.forward import forwards_replaced
 
 __all__ = ["Checkpointing", "candidates"]
 
@@ -47,21 +48,11 @@ class Checkpointing:
         submodules = dict(_plain(model).named_modules())
         return all(name in submodules for name in self.modules)
 
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
+    def applied(self, model: nn.Module) -> ContextManager[None]:
         """The submodules' forwards checkpointed while the block runs; their own forwards back after."""
         submodules = dict(_plain(model).named_modules())
-        patched = [(submodules[name], submodules[name].__dict__.get("forward")) for name in self.modules]
-        for module, _ in patched:
-            module.forward = self._checkpointed(module.forward)
-        try:
-            yield
-        finally:
-            for module, own in patched:
-                if own is None:
-                    del module.forward  # the instance attribute: the class's forward shows again
-                else:
-                    module.forward = own
+        return forwards_replaced((submodules[name], self._checkpointed(submodules[name].forward))
+                                 for name in self.modules)
 
     def _checkpointed(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         context_fn = _selective_contexts if self.selective else None

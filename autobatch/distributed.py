@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import ContextManager, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autobatch.forward import forwards_replaced
 from autobatch.oom import first_line, is_out_of_memory
 
 __all__ = ["RankFailure", "Ranks", "check_not_legacy_fsdp", "ddp_of", "ddp_state", "fsdp_of", "fsdp_state",
@@ -145,18 +146,11 @@ class Ranks:
         return float(total), merged_mean.view_as(mean), merged_m2.view_as(m2)
 
 
-@contextlib.contextmanager
-def plain_sync_batch_norm(modules: list[_BatchNorm]) -> Iterator[None]:
+def plain_sync_batch_norm(modules: list[_BatchNorm]) -> ContextManager[None]:
     """Run SyncBatchNorm layers through nn.BatchNorm's forward (which calls F.batch_norm, where
     autobatch merges statistics over ranks itself); their own forward is restored on exit."""
     synced = [m for m in modules if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
-    for module in synced:
-        module.forward = _BatchNorm.forward.__get__(module)
-    try:
-        yield
-    finally:
-        for module in synced:
-            del module.forward
+    return forwards_replaced((module, _BatchNorm.forward.__get__(module)) for module in synced)
 
 
 @contextlib.contextmanager

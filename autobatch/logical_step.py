@@ -1,7 +1,7 @@
 """One attempt at one logical batch: its micro-batches' forwards and backwards, the ranks settled before
 the last backward, and one optimizer update, as one transaction.
 
-    step = LogicalStep(micro, strategy, plan, batch, sizes=[16], count=3, measure=False, reference=None, once=set())
+    step = LogicalStep(micro, strategy, plan, batch, sizes=[16], count=3, measure=False, reference=None)
     loss = step.run()          # the logical batch's mean loss; on any error everything is put back
     step.meter.peak            # what the step measured (where ``measure``)
 
@@ -41,11 +41,11 @@ class InputsTargets(NamedTuple):
 class LogicalStep:
     """One logical batch under ``plan``: ``sizes`` every rank's samples, ``count`` micro-batches on every
     rank (a rank with fewer samples repeats one at weight 0). ``reference``: the items of the last logical
-    batch (count-weighted losses, autobatch.loss). ``once``: what a wrap checks or warns of once, shared
-    by its steps ("watched", "labels")."""
+    batch (count-weighted losses, autobatch.loss). What a wrap checks or warns of once ("watched", "labels")
+    is ``micro.once``, shared by its steps and strategies."""
 
     def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, plan: Plan, batch: Any, sizes: list[int],
-                 count: int, measure: bool, reference: Optional[float], once: set[str]):
+                 count: int, measure: bool, reference: Optional[float]):
         self.micro, self.strategy, self.plan, self.batch = micro, strategy, plan, batch
         self.ranks = micro.ranks
         self.splits = balanced_parts(sizes[self.ranks.rank], count)
@@ -55,7 +55,6 @@ class LogicalStep:
         self.meter = StepMeter(micro.device, micro.model, micro.optimizer, micro.batches.tensors(batch), host=measure,
                                limit=micro.memory_stop(plan.budget_bytes))
         self.norm: BatchNormStrategy = strategy
-        self._once = once
 
     def run(self, update: bool = True) -> float:
         """Every micro-batch's forward and backward, then the update; returns the logical batch's mean loss
@@ -90,7 +89,8 @@ class LogicalStep:
         """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         splits, batches = self.splits, self.micro.batches
         self.norm = norm = self.strategy.for_step(splits)
-        watch = RunningStatisticsWatch(self.micro.module) if len(splits) > 1 and "watched" not in self._once else None
+        watched = len(splits) > 1 and "watched" not in self.micro.once
+        watch = RunningStatisticsWatch(self.micro.module) if watched else None
         self.batch = batch = norm.prepare(self.batch, splits, self.plan.phase1_chunks, self.losses.samples)
         state.forwards_done(self.plan.phase1_chunks if norm.needs_phase1() else 0)
         self.meter.phase1_done(norm.needs_phase1())
@@ -103,7 +103,7 @@ class LogicalStep:
         layers = norm.finish()
         if watch is not None:
             watch.check({layer.name for layer in layers}, self.strategy.names)
-            self._once.add("watched")
+            self.micro.once.add("watched")
         return mean_loss
 
     def _micro_batch(self, part: Any, index: int, state: BatchNormState) -> Optional[float]:
@@ -145,11 +145,11 @@ class LogicalStep:
         """Once per wrap: a plain mean over labels with ignored entries is not the logical batch's mean. The
         whole logical batch is looked at (a length-grouped batch may pad only its later rows), each step until
         it is said."""
-        if "labels" in self._once:
+        if "labels" in self.micro.once:
             return
         message = ignored_labels_warning(*(batch if isinstance(batch, InputsTargets) else (batch,)))
         if message is not None:
-            self._once.add("labels")
+            self.micro.once.add("labels")
             log.warning(message)
 
     def _settle(self, failure: Optional[BaseException]) -> float:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from autobatch.distributed import Ranks, ddp_of, fsdp_of
 from autobatch.loss import LossValue, read_loss
+from autobatch.once import Once
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import Options, UpdateCopies
 from autobatch.stages import Stage, entered, tag
@@ -50,6 +51,8 @@ class MicroStep:
         self.ddp = ddp
         self.fsdp = fsdp_of(model)
         self.ranks = Ranks.of(model)
+        #: This rank's samples of a full logical batch: the one place it is computed.
+        self.share = options.target_batch // self.ranks.world_size
         #: Whether the model's forward and backward are collectives over the ranks (fully_shard gathers
         #: shards from every rank): then every rank must run them, trials too, at the same time.
         self.collective = self.fsdp is not None and self.ranks.active
@@ -69,6 +72,8 @@ class MicroStep:
         #: undo copies then keep them too, so that the update alone can be taken again.
         self.update_changes_gradients = (self.scaler is not None or self.max_grad_norm is not None
                                          or before_step is not None)
+        #: What this wrap has said or checked once (its warnings, the running-statistics watch).
+        self.once = Once()
         #: The undo copies' bytes an update taken and undone found, before the first real update.
         self._trial_copy_bytes = 0
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "TwoPass",
+__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "Pieces", "TwoPass",
            "bn_mode", "settled", "timed_choices"]
 
 #: The error for the removed ``lockstep`` setting, wherever it is still passed.
@@ -133,6 +133,17 @@ class Mode(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class Pieces(enum.Enum):
+    """How a mode cuts a logical batch, as the planner sizes it (autobatch.planning.planner)."""
+
+    #: Micro-batches, the largest that fit (two_pass, micro).
+    MICRO_BATCHES = "micro-batches"
+    #: The whole batch in one piece, checkpointed where needed (exact).
+    WHOLE_BATCH = "the whole batch"
+    #: The whole batch where it fits, else micro-batches (auto).
+    WHOLE_OR_SPLIT = "the whole batch or micro-batches"
 
 
 _BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}

@@ -8,15 +8,21 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from autobatch.checkpointing import Checkpointing
 from autobatch.modes import Mode
 from autobatch.sizes import format_bytes
 from autobatch.split import balanced_splits
 
-__all__ = ["Candidate", "Plan", "candidate_table", "fixed_plan", "format_table"]
+__all__ = ["Candidate", "KEYWORDS_ONLY", "Plan", "candidate_table", "fixed_plan", "format_table"]
+
+#: For a record of many fields, built by name only: ``Plan(capacity=8, ...)``. Python 3.9 has no keyword-only
+#: dataclasses; there the fields are still taken by position, and the tests on newer Pythons catch any caller that
+#: does so.
+KEYWORDS_ONLY: dict[str, Any] = {"kw_only": True} if sys.version_info >= (3, 10) else {}
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **KEYWORDS_ONLY)
 class Plan:
     """The micro-batch that runs, the splits of a full logical batch, and how they were chosen.
 
@@ -169,4 +175,5 @@ def fixed_plan(target_batch: int, micro_batch: int, world_size: int = 1, bn: Mod
     """The plan for a micro-batch size the user chose (``target_batch`` over all ``world_size`` ranks)."""
     share = target_batch // world_size
     reason = f"micro_batch={micro_batch} holds the whole batch" if micro_batch >= share else f"micro_batch={micro_batch} given"
-    return Plan(min(micro_batch, share), target_batch, "user", reason, world_size=world_size, bn=bn)
+    return Plan(capacity=min(micro_batch, share), target_batch=target_batch, source="user", reason=reason,
+                world_size=world_size, bn=bn)

@@ -26,10 +26,10 @@ from autobatch.microstep import ComputeLoss, LossFn, MicroStep
 from autobatch.modes import BatchNormMode
 from autobatch.oom import first_line, is_out_of_memory, release_memory
 from autobatch.options import MicroBatch, Options, UpdateCopies
-from autobatch.plan import Plan, fixed_plan
-from autobatch.planning.planner import Planner
+from autobatch.plan import Plan
+from autobatch.planning.planner import Ran, RanOutOfMemory, planner_for
 from autobatch.stages import Stage, stage_of
-from autobatch.transaction import Attributes, ThreadContexts, Transaction
+from autobatch.transaction import ThreadContexts, Transaction
 
 __all__ = ["AutoBatch", "wrap"]
 
@@ -50,31 +50,25 @@ class AutoBatch:
         self._strategy: BatchNormStrategy = strategy_for(options.bn, self._micro)
         self.device, self._ranks = self._micro.device, self._micro.ranks
         self.target_batch = options.target_batch
-        self._share = options.target_batch // self._ranks.world_size
-        self._planner = Planner(self._micro, self._strategy, options)
-        self._plan: Optional[Plan] = None if options.auto else fixed_plan(
-            options.target_batch, options.micro_batch, self._ranks.world_size, self._strategy.split_mode)
+        #: The plan's one owner: measured (micro_batch="auto") or the size given (autobatch.planning.planner).
+        self._planner = planner_for(self._micro, self._strategy, options)
         self._open = True
         #: Count-weighted losses: the items of the last logical batch (autobatch.loss).
         self._items: Optional[float] = None
-        #: What this wrap checks or warns of once (autobatch.logical_step).
-        self._once: set[str] = set()
-        if self._plan is not None:
-            log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self._plan.micro_batch,
-                     self._plan.splits, self._plan.bn, self._strategy.gradient_of(self._plan))
 
     @property
     def plan(self) -> Optional[Plan]:
         """The `Plan` the steps run: the micro-batch, the splits, the gradient they compute, and why; with
         micro_batch="auto", None until the first `step` (or `tune`) measures it, then the plan of the last
         batch's sample size."""
-        plan = self._plan
+        plan = self._planner.state.plan
         return None if plan is None else plan.replace(gradient=self._strategy.gradient_of(plan),
                                                       update_copy_bytes=self._micro.undo_copy_bytes())
 
     @plan.setter
     def plan(self, plan: Optional[Plan]) -> None:
-        self._plan = plan
+        # A plan set by hand (tests, benchmarks: another checkpointing policy) is the planner's from then on.
+        self._planner.state.plan = plan
 
     # -- public -------------------------------------------------------------------------------
 
@@ -126,23 +120,16 @@ class AutoBatch:
         return self._logical_batch(inputs, targets, update=False)
 
     def _logical_batch(self, inputs: Any, targets: Any, update: bool) -> float:
-        with Transaction(kept=lambda: Attributes([(self, "_plan"), (self._planner.recovery, "clean_steps")]),
-                         contexts=ThreadContexts):
+        with Transaction(kept=self._planner.state.snapshot, contexts=ThreadContexts):
             batch, sizes, planned = self._agree_on_batch(inputs, targets)
-            if self._plan is None:
-                self._plan = self._planner.plan_for(batch)
             return self._until_it_fits(batch, sizes, planned, update)
 
     def tune(self, inputs: Any, targets: Any = None) -> Plan:
         """Measure and plan now, with a sample batch (the first `step` otherwise does it); later, a
         batch of another sample size is measured by trials, as its first step would measure itself."""
         batch, sizes, _ = self._agree_on_batch(inputs, targets)
-        if self._plan is None or not self.options.auto:
-            self._plan = self._planner.plan_for(batch)
-        else:
-            self._planner.learn(self._plan, batch)
-        if self.options.auto:
-            self._plan = self._planned(batch, sizes).plan
+        self._planner.tune(batch)
+        self._planned(batch, sizes)
         return self.plan
 
     def unwrap(self) -> nn.Module:
@@ -157,48 +144,40 @@ class AutoBatch:
         self.unwrap()
 
     def __repr__(self) -> str:
-        micro = self._plan.micro_batch if self._plan is not None else "auto (not measured yet)"
+        plan = self._planner.state.plan
+        micro = plan.micro_batch if plan is not None else "auto (not measured yet)"
         return (f"AutoBatch(model={type(self.model).__name__}, target_batch={self.target_batch}, "
                 f"micro_batch={micro}, bn={self.bn!r})")
 
     # -- one logical batch, again under a smaller plan while it runs out of memory ----------------
 
     def _until_it_fits(self, batch: Any, sizes: list[int], planned: Optional[Planned], update: bool) -> float:
-        recovered = False
         while True:
             if planned is None:
                 planned = self._planned(batch, sizes)
-            self._plan = planned.plan
-            step = LogicalStep(self._micro, self._strategy, self._plan, batch, sizes, planned.count, planned.measure,
-                               self._items, self._once)
+            step = LogicalStep(self._micro, self._strategy, planned.plan, batch, sizes, planned.count,
+                               planned.measure, self._items)
             try:
                 loss = step.run(update)
                 break
             except BaseException as error:
                 stage = stage_of(error)
-                if not self._recoverable(error, stage):
+                # Out of memory in the update is not redone: the update was taken again alone already
+                # (autobatch.microstep). Elsewhere the planner decides (a fixed micro_batch never redoes).
+                if not is_out_of_memory(error) or stage is Stage.UPDATE or \
+                        not self._planner.went(RanOutOfMemory(planned.plan, stage, first_line(error))):
                     raise
-                message = first_line(error)
             del step
             release_memory(self.device)
-            self._plan = self._planner.after_out_of_memory(self._plan, stage, message)
-            planned, recovered = None, True
-        if planned.measure:
-            self._planner.observe(self._plan, max(step.splits), step.meter)
+            planned = None
+        self._planner.went(Ran(planned.plan, max(step.splits), step.meter, planned.measure))
         if step.losses.total is not None:
             self._items = step.losses.total
-        if not recovered:
-            self._plan = self._planner.after_clean_step(self._plan)
         return loss
-
-    def _recoverable(self, error: BaseException, stage: Stage) -> bool:
-        """Out of memory in the micro-batches or phase 1 with a measured plan; not in the update, which was
-        taken again alone already (autobatch.microstep)."""
-        return is_out_of_memory(error) and stage is not Stage.UPDATE and self.options.auto
 
     def _planned(self, batch: Any, sizes: list[int]) -> Planned:
         """The plan every rank runs for ``batch``, agreed with the other ranks (one all-gather)."""
-        plan, measure = self._local_plan(batch)
+        plan, measure = self._planner.next(batch)
         size = sizes[self._ranks.rank]
         _, shape = agree_on_batch(self._ranks, None, size, {}, StepShape.of(plan, size))
         return Planned.agreed(plan, measure, shape)
@@ -211,20 +190,14 @@ class AutoBatch:
         if self._micro.compute_loss is not None and targets is not None:
             raise TypeError("with compute_loss, pass the whole batch as one argument: step(batch)")
         batch = inputs if self._micro.compute_loss is not None else InputsTargets(inputs, targets)
-        size = self._micro.batches.size(batch)
-        if size > self._share:
+        size, share = self._micro.batches.size(batch), self._micro.share
+        if size > share:
             where = "" if self._ranks.world_size == 1 else f" on each of {self._ranks.world_size} ranks"
             raise ValueError(
-                f"the batch has {size} samples but the plan holds {self._share}{where} (target_batch="
-                f"{self.target_batch}); make the loader yield at most {self._share} samples, or wrap with a "
+                f"the batch has {size} samples but the plan holds {share}{where} (target_batch="
+                f"{self.target_batch}); make the loader yield at most {share} samples, or wrap with a "
                 "larger target_batch")
         return batch, size
-
-    def _local_plan(self, batch: Any) -> tuple[Plan, bool]:
-        """This rank's plan for ``batch`` (its sample size's micro-batch), and whether to measure its step."""
-        if not self.options.auto:
-            return self._plan, False
-        return self._planner.for_batch(self._plan, batch)
 
     def _agree_on_batch(self, inputs: Any, targets: Any) -> tuple[Any, list[int], Optional[Planned]]:
         """Check the batch on every rank at once: a bad batch anywhere raises everywhere, never hangs.
@@ -235,8 +208,8 @@ class AutoBatch:
         try:
             batch, size = self._checked_batch(inputs, targets)
             error: Optional[BaseException] = None
-            if self._plan is not None:
-                plan, measure = self._local_plan(batch)
+            if self._planner.state.plan is not None:
+                plan, measure = self._planner.next(batch)
                 shape = StepShape.of(plan, size)
         except (ValueError, TypeError, RuntimeError) as caught:
             batch, size, error = None, 0, caught

@@ -45,7 +45,7 @@ def peaks(model, x, y, loss_fn, batch, device):
     optimizer = optimizer_for(model)
     options = Options.build(model, optimizer, batch, loss_fn=loss_fn, bn="exact", device=device)
     micro = MicroStep(model, optimizer, options)
-    trials = Trials(micro, strategy_for(options.bn, micro), batch)
+    trials = Trials(micro, strategy_for(options.bn, micro))
     found = {}
     with trial_transaction(model, optimizer):
         warm_optimizer_state(optimizer)

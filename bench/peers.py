@@ -226,7 +226,7 @@ def run_autobatch(batches, cap: int) -> Run:
             run.trained(len(x))
     finally:
         run.events = RAISED[0] - raised  # trials' and steps' out-of-memory errors alike, recovered or not
-    run.search_steps = ab._planner.trials.steps
+    run.search_steps = ab._planner.setting.trials.steps
     run.seconds = time.perf_counter() - run.start
     return run
 

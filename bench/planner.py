@@ -49,7 +49,7 @@ def exhaustive(ab, x, y, target: int, budget_bytes: int) -> tuple[int, float]:
     with preserved(ab.model, ab.optimizer):
         warm_optimizer_state(ab.optimizer)
         for n in range(1, target + 1):
-            peak = ab._planner.trials.micro_step_peak((x, y), n)
+            peak = ab._planner.setting.trials.micro_step_peak((x, y), n)
             if peak is not None and peak <= budget_bytes:
                 best = n
     return best, time.perf_counter() - start

@@ -130,7 +130,7 @@ def train(make_model, loss, batches, target, cap, plan_once, device=torch.device
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         logging.getLogger("autobatch").removeHandler(counter)
-    return {"events": counter.events, "trials": ab._planner.trials.steps, "seconds": seconds,
+    return {"events": counter.events, "trials": ab._planner.setting.trials.steps, "seconds": seconds,
             "samples": sum(ab._micro.batches.size(b) for b in batches), "peaks": [p / cap for p in peaks]}
 
 

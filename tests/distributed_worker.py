@@ -188,7 +188,7 @@ def out_of_memory_before_the_last(rank):
     ab.tune(x[halves(rank)], y[halves(rank)])
     # At most 5 at this sample size, as if it had run out of memory before: splits [4, 4]; after the failure
     # capacity 3, splits [3, 3, 2].
-    ab._planner.recovery.ceilings[ab.plan.sample_size] = (5, "at most 5")
+    ab._planner.state.recovery.ceilings[ab.plan.sample_size] = (5, "at most 5")
     loss_fn.armed = True
     loss = ab.step(x[halves(rank)], y[halves(rank)])
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -453,7 +453,7 @@ def fsdp_out_of_memory(rank):
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), 16, loss_fn, cache=False)
     x, y = data()
     ab.tune(x[halves(rank)], y[halves(rank)])
-    ab._planner.recovery.ceilings[ab.plan.sample_size] = (4, "at most 4")  # two micro-batches on each rank
+    ab._planner.state.recovery.ceilings[ab.plan.sample_size] = (4, "at most 4")  # two micro-batches on each rank
     loss_fn.armed = True
     losses = [ab.step(x[halves(rank)], y[halves(rank)]) for _ in range(2)]
     return {"state": full_state(model), "loss": losses, "plan": str(ab.plan)}

@@ -391,7 +391,7 @@ def test_a_step_redone_after_out_of_memory_draws_the_same_random_masks(point):
     reference = autobatch.wrap(reference_model, torch.optim.SGD(reference_model.parameters(), lr=0.1), 8, ce,
                                memory_budget=150_000, bn=AS_GIVEN)
     reference.step(*first)
-    reference._planner.recovery.ceilings = dict(ab._planner.recovery.ceilings)  # the plan it recovered to
+    reference._planner.state.recovery.ceilings = dict(ab._planner.state.recovery.ceilings)  # the plan it recovered to
     assert loss == reference.step(*second)
     assert (reference.plan.capacity, reference.plan.splits) == (ab.plan.capacity, ab.plan.splits)
     assert_same_state(model_state(reference_model), model_state(model))

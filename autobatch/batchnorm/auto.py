@@ -13,7 +13,7 @@ from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.statistics import uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
-from autobatch.modes import Auto, Mode
+from autobatch.modes import Auto, Mode, Pieces
 from autobatch.plan import Plan
 
 __all__ = ["AutoStrategy"]
@@ -34,12 +34,13 @@ class AutoStrategy(BatchNormStrategy):
     def split_mode(self) -> Mode:
         return Mode.TWO_PASS
 
-    def sizing(self, kinds: Any) -> Any:
+    @property
+    def pieces(self) -> Pieces:
         if not uses_batch_statistics(self.layers):
             # No BatchNorm normalizes with batch statistics (none, or frozen): micro-batches already give the
             # whole batch's exact gradient, and the whole batch in one piece would only cost more.
-            return self.two_pass.sizing(kinds)
-        return kinds.whole_or_split(self.two_pass.sizing(kinds))
+            return Pieces.MICRO_BATCHES
+        return Pieces.WHOLE_OR_SPLIT
 
     def gradient_of(self, plan: Plan) -> str:
         return self._modes[plan.bn].gradient_of(plan)

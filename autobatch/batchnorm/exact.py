@@ -9,7 +9,7 @@ SyncBatchNorm does, so the step is the global batch's.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.checkpointing import Checkpointing
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
-from autobatch.modes import Exact
+from autobatch.modes import Exact, Pieces
 from autobatch.plan import Plan
 from autobatch.transaction import BatchNormState
 
@@ -107,8 +107,9 @@ class ExactStrategy(BatchNormStrategy):
         self.checkpointing = Checkpointing()
         self._global = GlobalStatistics(names, ranks)
 
-    def sizing(self, kinds: Any) -> Any:
-        return kinds.whole_batch()
+    @property
+    def pieces(self) -> Pieces:
+        return Pieces.WHOLE_BATCH
 
     def adopt(self, plan: Plan) -> None:
         self.checkpointing = plan.checkpointing

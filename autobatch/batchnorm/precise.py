@@ -56,7 +56,6 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         self._captured: Optional[Fingerprint] = None
         #: Why the model runs as plain two_pass (None: not known to be unsupported).
         self._unsupported: Optional[str] = None
-        self._warned_unsupported = False
         #: The running step's graph; None while the step runs as plain two_pass.
         self._run: Optional[StepGraph] = None
         self._kept_bytes = 0
@@ -202,9 +201,8 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         return runs[0]
 
     def _warn_unsupported(self, reason: Optional[str]) -> None:
-        if reason is None or self._warned_unsupported:
+        if reason is None or not self.micro.once.first("precise unsupported"):
             return
-        self._warned_unsupported = True
         log.warning("two_pass's exact backward (precise=True) does not run here: %s. It trains with the projected "
                     "backward, whose gradient is only close to the full batch's", reason)
 

@@ -24,7 +24,7 @@ from autobatch.batchnorm.intercept import intercept_batch_norm
 from autobatch.batchnorm.recompute import recompute_with_own_statistics
 from autobatch.batchnorm.statistics import LayerStatistics, uses_batch_statistics
 from autobatch.distributed import Ranks
-from autobatch.modes import Mode
+from autobatch.modes import Mode, Pieces
 from autobatch.plan import Plan
 
 __all__ = ["BatchNormStrategy", "Plain"]
@@ -70,10 +70,11 @@ class BatchNormStrategy:
 
     # -- the planner's questions ----------------------------------------------------------------
 
-    def sizing(self, kinds: Any) -> Any:
-        """How the planner sizes this mode's steps, chosen from ``kinds`` (autobatch.planning.planner):
-        micro-batches, unless the mode runs the whole batch in one piece."""
-        return kinds.micro_batches(self)
+    @property
+    def pieces(self) -> Pieces:
+        """How the planner cuts this mode's logical batches: micro-batches, unless the mode runs the whole
+        batch in one piece (autobatch.planning.planner)."""
+        return Pieces.MICRO_BATCHES
 
     def needs_phase1(self) -> bool:
         """Whether a step runs phase 1 (a no-grad forward of the whole batch) before its micro-batches."""

@@ -55,8 +55,6 @@ class TwoPassStrategy(BatchNormStrategy):
         self.layout = Phase1Layout(phase1_memory_format)
         self._splits: list[int] = []
         self._total = 0
-        self._warned_thin = False
-        self._warned_chunks = False
         #: Whether the running micro-batch replays phase 1's draws (and so its backward recomputes them).
         self._replaying = False
 
@@ -173,9 +171,8 @@ class TwoPassStrategy(BatchNormStrategy):
 
     def _warn_chunks(self, chunks: int) -> None:
         """Once per wrap: phase 1 in chunks gives statistics that are not the whole batch's."""
-        if chunks == 1 or self._warned_chunks:
+        if chunks == 1 or not self.micro.once.first("phase 1 in chunks"):
             return
-        self._warned_chunks = True
         log.warning("two_pass's phase 1 does not fit the memory budget in one piece and runs in %d chunks, each "
                     "normalized with its own statistics: the BatchNorm statistics are then only roughly the whole "
                     "batch's. Raise memory_budget so that phase 1 fits, or use bn='exact' for the whole batch's step",
@@ -184,9 +181,8 @@ class TwoPassStrategy(BatchNormStrategy):
     def _warn_thin_layers(self) -> None:
         """Once per wrap, one line each: micro-batches under SMALL_MICRO_BATCH samples, and layers with
         few values per channel in a micro-batch (their list at INFO)."""
-        if self._warned_thin:
+        if not self.micro.once.first("thin layers"):
             return
-        self._warned_thin = True
         smallest = min([n for n in self._splits if n] or self._splits)
         if smallest < SMALL_MICRO_BATCH:
             log.warning("two_pass with micro-batches of %d samples: with so few, a convolutional network trained to a "

@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autobatch.distributed import Ranks
+from autobatch.forward import ForwardSwap
 from autobatch.integrations import gradient_apart
 from autobatch.options import Options
 from autobatch.split import batch_format
@@ -139,26 +140,17 @@ class _Redirected(nn.Module):
     def __call__(self, model: nn.Module, batch: Any, batch_idx: int) -> Any:
         if model is self._target:
             return self._training_step(batch, batch_idx)
-        module, had = self._target, "forward" in self._target.__dict__
-        own = module.__dict__.get("forward")
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             # The real forward back before training_step runs: it calls self(x) itself.
-            _set_forward(module, had, own)
+            swap.restore()
             return self._training_step(*args, **kwargs)
 
-        module.forward = forward
+        swap = ForwardSwap(self._target, forward)
         try:
             return model(batch, batch_idx)
         finally:
-            _set_forward(module, had, own)
-
-
-def _set_forward(module: nn.Module, had: bool, own: Any) -> None:
-    if had:
-        module.forward = own
-    else:
-        module.__dict__.pop("forward", None)
+            swap.restore()
 
 
 class _Logged:

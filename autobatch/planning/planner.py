@@ -1,201 +1,267 @@
-"""The planner: a training run's plan, from the cache or measured with real steps, and a micro-batch
-for every logical batch from a memory model of what was measured.
+"""The planner: the one owner of a run's plan. It plans the start (from the cache or with real steps), gives
+every logical batch its plan, and learns from how each step went.
 
-    planner = Planner(micro, strategy, options)
-    plan = planner.plan_for(batch)             # the start: the cache, or trial steps (no trace left)
-    plan, measure = planner.for_batch(plan, batch)    # each batch: its sample size's plan
-    planner.observe(plan, n, meter)            # a real step measured: the model learns its size
-    planner.learn(plan, other_batch)           # or trials, now (ab.tune)
-    plan = planner.after_out_of_memory(plan, stage, message)
+    planner = planner_for(micro, strategy, options)    # measured (micro_batch="auto") or the size given
+    plan, measure = planner.next(batch)                # this batch's plan (the start's trials the first time)
+    redo = planner.went(Ran(plan, largest, meter))     # or RanOutOfMemory(plan, stage, message): redo?
+    planner.tune(batch)                                # ab.tune: plan now, or learn another sample size
+    saved = planner.state.snapshot()                   # a step's transaction puts it back on error
 
-What depends on the BatchNorm mode is the mode's own sizing, which the strategy names once
-(``strategy.sizing``): micro-batches (autobatch.planning.micro_batches), the whole batch in one piece,
-or auto's choice between them (autobatch.planning.whole). The planner holds what they share: the
-budget, the memory models, the trials, the cache and the recovery after running out of memory.
+Everything the planner knows lives in its `PlannerState` (autobatch.planning.state); what depends on the
+BatchNorm mode is the mode's `Sizing` (autobatch.planning.sizing), chosen once from ``strategy.pieces``
+and handed the state at every call: micro-batches (autobatch.planning.micro_batches), the whole batch,
+or auto's choice between them (autobatch.planning.whole).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 from autobatch.agreement import agree_on_plan
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.microstep import MicroStep
+from autobatch.modes import Pieces
 from autobatch.options import Options
-from autobatch.plan import Plan
+from autobatch.plan import Plan, fixed_plan
 from autobatch.planning.cache import PlanCache, plan_key
 from autobatch.planning.measure import StepMeter, tensor_bytes
-from autobatch.planning.memory import Budget, budget, probe
+from autobatch.planning.memory import budget, probe
 from autobatch.planning.micro_batches import MicroBatchSizing
 from autobatch.planning.model import MemoryModel
 from autobatch.planning.record import PlanRecord
-from autobatch.planning.recovery import Recovery
 from autobatch.planning.sizing import Sizing
+from autobatch.planning.state import PlannerState, Setting
 from autobatch.planning.trials import Trials
 from autobatch.planning.whole import WholeBatchSizing, WholeOrSplitSizing
 from autobatch.stages import Stage
 
-__all__ = ["Planner"]
+__all__ = ["FixedPlanner", "Outcome", "Planner", "Ran", "RanOutOfMemory", "planner_for", "sizing_for"]
 
 log = logging.getLogger(__name__)
 
 
-class _Kinds:
-    """The sizings a strategy chooses from (``BatchNormStrategy.sizing``), bound to one planner."""
+@dataclass(frozen=True)
+class Ran:
+    """A step that ran under ``plan`` (its largest micro-batch ``largest`` samples); ``meter`` measured it
+    where ``measured``."""
 
-    def __init__(self, planner: "Planner"):
-        self._planner = planner
+    plan: Plan
+    largest: int
+    meter: StepMeter
+    measured: bool = False
 
-    def micro_batches(self, strategy: BatchNormStrategy) -> Sizing:
-        return MicroBatchSizing(self._planner, strategy)
 
-    def whole_batch(self) -> Sizing:
-        return WholeBatchSizing(self._planner)
+@dataclass(frozen=True)
+class RanOutOfMemory:
+    """A step under ``plan`` that ran out of memory in ``stage``, with the error's first line."""
 
-    def whole_or_split(self, split: Sizing) -> Sizing:
-        return WholeOrSplitSizing(self._planner, WholeBatchSizing(self._planner, prefers_split=True), split)
+    plan: Plan
+    stage: Stage
+    message: str
+
+
+Outcome = Union[Ran, RanOutOfMemory]
+
+
+def sizing_for(setting: Setting) -> Sizing:
+    """How the run's mode is sized, from how it cuts a logical batch (``strategy.pieces``); decided once."""
+    pieces = setting.strategy.pieces
+    if pieces is Pieces.WHOLE_BATCH:
+        return WholeBatchSizing(setting)
+    split = MicroBatchSizing(setting)
+    if pieces is Pieces.WHOLE_OR_SPLIT:
+        return WholeOrSplitSizing(setting, WholeBatchSizing(setting), split)
+    return split
+
+
+def planner_for(micro: MicroStep, strategy: BatchNormStrategy, options: Options) -> Union["Planner", "FixedPlanner"]:
+    """The run's planner: measured for micro_batch="auto", else the size the user gave."""
+    if options.auto:
+        return Planner(micro, strategy, options)
+    return FixedPlanner(micro, strategy, options)
+
+
+class FixedPlanner:
+    """micro_batch=<int>: the plan the user fixed, for every batch; running out of memory is the user's to fix."""
+
+    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
+        self.share = micro.share
+        self.state = PlannerState(plan=fixed_plan(options.target_batch, options.micro_batch,
+                                                  micro.ranks.world_size, strategy.split_mode))
+        log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self.state.plan.micro_batch,
+                 self.state.plan.splits, self.state.plan.bn, strategy.gradient_of(self.state.plan))
+
+    def next(self, batch: Any) -> tuple[Plan, bool]:
+        return self.state.plan, False
+
+    def went(self, outcome: Outcome) -> bool:
+        """Never redo a batch: a fixed micro-batch that runs out of memory raises."""
+        return False
+
+    def tune(self, batch: Any) -> Plan:
+        return self.state.plan
 
 
 class Planner:
     """Chooses the micro-batch of every logical batch of a training run, and adapts it while it trains."""
 
     def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
-        self.micro = micro
-        self.strategy = strategy
-        self.options = options
-        self.ranks = micro.ranks
-        #: This rank's share of a logical batch.
-        self.share = options.target_batch // self.ranks.world_size
-        self.trials = Trials(micro, strategy, self.share)
+        self.setting = Setting(micro, strategy, options, Trials(micro, strategy))
+        self.share = micro.share
         self.cache = None if options.cache is None else PlanCache(options.cache)
-        self.recovery = Recovery(self.share, options.grow_after)
-        #: The memory of a step: of its micro-batches (n samples), or of the whole batch under bn="exact".
-        self.model: Optional[MemoryModel] = None
-        #: two_pass's phase 1: n is the samples of one chunk.
-        self.phase1: Optional[MemoryModel] = None
-        self.limit: Optional[Budget] = None
-        #: Per sample size, the smallest micro-batch whose trial ran out of memory or passed the budget.
-        self.failed: dict[int, int] = {}
-        #: Bytes of phase 1's recorded draws per sample element: resident in a real step, not in a trial.
-        self.draws_per_element = 0.0
-        self.device = ""
-        self.key = ""
-        #: How this run's mode sizes its steps: decided once, by the strategy.
-        self.sizing: Sizing = strategy.sizing(_Kinds(self))
+        self.state = PlannerState()
+        #: How this run's mode sizes its steps: decided once, from the strategy.
+        self.sizing = sizing_for(self.setting)
+
+    # -- the two calls of a step ------------------------------------------------------------------
+
+    def next(self, batch: Any) -> tuple[Plan, bool]:
+        """The plan for ``batch``'s sample size (the start's, measured or cached, the first time), and whether
+        its step should be measured (a size the model has not measured; on CUDA every step, at no cost)."""
+        state = self.state
+        if state.plan is None:
+            state.plan = self._start(batch)
+        planned = self.sizing.for_batch(state, state.plan, batch, self.setting.micro.batches.sample_size(batch))
+        if planned is None:  # the plan cannot hold this batch (bn="exact" at a new size): measured again
+            planned = self.sizing.measure(state, batch), False
+        state.plan = planned[0]
+        return planned
+
+    def went(self, outcome: Outcome) -> bool:
+        """How the step under ``outcome.plan`` went; whether to redo the same batch (under a smaller plan)."""
+        state = self.state
+        state.plan = outcome.plan
+        if isinstance(outcome, RanOutOfMemory):
+            self._after_out_of_memory(outcome.stage, outcome.message)
+            return True
+        if outcome.measured:
+            self._observe(outcome.largest, outcome.meter)
+        if not state.redoing:
+            self._after_clean_step()
+        state.redoing = False
+        return False
+
+    def tune(self, batch: Any) -> Plan:
+        """``ab.tune``: the start now; later, ``batch``'s sample size measured by trials where the model has
+        not measured it (a training step measures itself instead). Returns the plan for ``batch``."""
+        state = self.state
+        if state.plan is None:
+            state.plan = self._start(batch)
+        elif state.model is not None and self.sizing.learn(state, state.plan, batch,
+                                                            self.setting.micro.batches.sample_size(batch)):
+            self._store()
+        return self.next(batch)[0]
 
     # -- the start -------------------------------------------------------------------------------
 
-    def plan_for(self, batch: Any) -> Plan:
+    def _start(self, batch: Any) -> Plan:
         """The plan from the cache, else measured with real steps on ``batch``; agreed over ranks."""
-        micro = self.micro
+        setting, state = self.setting, self.state
+        micro = setting.micro
         resident = tensor_bytes(micro.model, micro.optimizer) if micro.device.type == "cpu" else 0
         memory = probe(micro.device, resident_bytes=resident)
-        self.limit = budget(memory, self.options.memory_budget)
-        self.trials.limit_bytes = self.limit.budget_bytes
-        self.key = plan_key(micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
-                            world_size=self.ranks.world_size, **self.options.keyed())
-        record = None if self.options.refresh_cache or self.cache is None else self.cache.load(self.key, self.share)
-        self.device = f"{memory.device} ({memory.name}, {memory.source})"
+        state.limit = budget(memory, setting.options.memory_budget)
+        setting.trials.limit_bytes = state.limit.budget_bytes
+        state.key = plan_key(micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
+                             world_size=setting.ranks.world_size, **setting.options.keyed())
+        record = None if setting.options.refresh_cache or self.cache is None else \
+            self.cache.load(state.key, self.share)
+        state.device = f"{memory.device} ({memory.name}, {memory.source})"
         plan = None if record is None else self._cached(record, batch)
         if plan is None:
-            plan = self.sizing.measure(batch)
-            self.store(plan)
-        plan = agree_on_plan(self.ranks, plan)
-        self.recovery.clean_steps = 0
+            plan = self.sizing.measure(state, batch)
+            state.plan = plan
+            self._store()
+        plan = agree_on_plan(setting.ranks, plan)
+        state.recovery.clean_steps = 0
         log.info("autobatch plan: micro_batch=%d (capacity %d), splits %s (%s, %d trials), bn=%s (%s)",
                  plan.micro_batch, plan.capacity, plan.splits, plan.source, plan.trials, plan.bn,
-                 self.strategy.gradient_of(plan))
+                 setting.strategy.gradient_of(plan))
         return plan
 
     def _cached(self, record: PlanRecord, batch: Any) -> Optional[Plan]:
         """The plan of a cache record for ``batch``; None where this run's mode or modules do not match it,
         or its whole batch's peak passes today's budget."""
-        path = self.cache.path(self.key)
-        if not record.checkpointing.applies_to(self.micro.module):
+        setting, state = self.setting, self.state
+        path = self.cache.path(state.key)
+        if not record.checkpointing.applies_to(setting.micro.module):
             log.warning("autobatch: the cached plan %s does not match this model; measuring afresh", path)
             return None
-        self.model = MemoryModel(record.resident_per_element, list(record.points), updates=dict(record.updates))
-        self.phase1 = MemoryModel(record.resident_per_element, list(record.phase1_points), record.phase1_base) \
+        state.model = MemoryModel(record.resident_per_element, list(record.points), updates=dict(record.updates))
+        state.phase1 = MemoryModel(record.resident_per_element, list(record.phase1_points), record.phase1_base) \
             if record.phase1_points else None
-        self.failed = dict(record.failed)
-        base = Plan(self.share, self.options.target_batch, "cache", f"memory model from {path}", self.device,
-                    self.limit.budget_bytes, world_size=self.ranks.world_size, bn=record.bn,
-                    checkpointing=record.checkpointing)
-        return self.sizing.from_record(base, batch, str(path))
+        state.failed = dict(record.failed)
+        base = Plan(capacity=self.share, target_batch=setting.options.target_batch, source="cache",
+                    reason=f"memory model from {path}", device=state.device, budget_bytes=state.limit.budget_bytes,
+                    world_size=setting.ranks.world_size, bn=record.bn, checkpointing=record.checkpointing)
+        return self.sizing.from_record(state, base, batch, str(path))
 
-    def remeasure(self, batch: Any) -> Plan:
-        """The start's measurement again, for a batch the plan no longer fits (bn="exact" at a new size)."""
-        return self.sizing.measure(batch)
+    # -- what a step taught ----------------------------------------------------------------------
 
-    # -- every batch -----------------------------------------------------------------------------
-
-    def for_batch(self, plan: Plan, batch: Any) -> tuple[Plan, bool]:
-        """The plan for ``batch``'s sample size, and whether its step should be measured (a size the
-        model has not measured; on CUDA every step, at no cost)."""
-        return self.sizing.for_batch(plan, batch, self.micro.batches.sample_size(batch))
-
-    def learn(self, plan: Plan, batch: Any) -> None:
-        """``batch``'s sample size measured now, by trials, where the model has not measured it (``ab.tune``;
-        a training step measures itself instead)."""
-        if self.model is not None and self.sizing.learn(plan, batch, self.micro.batches.sample_size(batch)):
-            self.store(plan)
-
-    def observe(self, plan: Plan, n: int, meter: StepMeter) -> None:
-        """A real step of micro-batches of at most ``n`` samples at ``plan.sample_size`` measured by ``meter``:
+    def _observe(self, n: int, meter: StepMeter) -> None:
+        """A real step of micro-batches of at most ``n`` samples at the plan's sample size measured by ``meter``:
         its peaks (phase 1's, the micro-batches', the update's) teach the models that size (a measured peak
         above the prediction corrects them)."""
-        s = plan.sample_size
+        state = self.state
+        s = state.plan.sample_size
+        model = state.model
         micro_peak, phase1_peak, update_peak = meter.micro_batches_peak, meter.phase1_peak, meter.update_peak
         learned = False
         # Any step measured above its prediction corrects the model (past a hair, so that allocator noise
         # does not rewrite the cache every step): a prediction too low is a step closer to the budget.
-        if micro_peak is not None and (not self.model.covers(s) or
-                                       micro_peak > (self.model.fixed(s) + n * self.model.per_sample(s)) * 1.01):
-            self.model.add(n, s, micro_peak)
+        if micro_peak is not None and (not model.covers(s) or
+                                       micro_peak > (model.fixed(s) + n * model.per_sample(s)) * 1.01):
+            model.add(n, s, micro_peak)
             learned = True
-        if update_peak is not None and update_peak > self.model.update(s) * 1.01:
-            self.model.add_update(s, update_peak)
+        if update_peak is not None and update_peak > model.update(s) * 1.01:
+            model.add_update(s, update_peak)
             learned = True
         if phase1_peak is not None:
-            if self.phase1 is None:
-                self.phase1 = MemoryModel(self.model.resident_per_element, [], self.model.base)
-            n = -(-self.share // plan.phase1_chunks)
-            if not self.phase1.covers(s) or phase1_peak > self.phase1.predict(n, s):
-                self.phase1.add(n, s, phase1_peak)
+            if state.phase1 is None:
+                state.phase1 = MemoryModel(model.resident_per_element, [], model.base)
+            n = -(-self.share // state.plan.phase1_chunks)
+            if not state.phase1.covers(s) or phase1_peak > state.phase1.predict(n, s):
+                state.phase1.add(n, s, phase1_peak)
                 learned = True
         if learned:
-            log.info("autobatch: measured a step at %d elements per sample; memory model: %s", s, self.model.describe(s))
-            self.store(plan)
+            log.info("autobatch: measured a step at %d elements per sample; memory model: %s", s, model.describe(s))
+            self._store()
 
-    def store(self, plan: Plan) -> None:
+    def _store(self) -> None:
         """Keep the memory models and the plan's choices for the next launch."""
-        if self.cache is None or self.model is None:
+        state = self.state
+        if self.cache is None or state.model is None:
             return
-        self.cache.store(self.key, PlanRecord(
-            plan.capacity, list(self.model.points), self.model.resident_per_element,
-            list(self.phase1.points) if self.phase1 is not None else [],
-            self.phase1.base_hint if self.phase1 is not None else 0.0, plan.phase1_chunks, plan.budget_bytes,
-            plan.bn, plan.checkpointing, dict(self.failed), dict(self.model.updates)))
+        plan, phase1 = state.plan, state.phase1
+        self.cache.store(state.key, PlanRecord(
+            capacity=plan.capacity, points=list(state.model.points),
+            resident_per_element=state.model.resident_per_element,
+            phase1_points=list(phase1.points) if phase1 is not None else [],
+            phase1_base=phase1.base_hint if phase1 is not None else 0.0, phase1_chunks=plan.phase1_chunks,
+            budget_bytes=plan.budget_bytes, bn=plan.bn, checkpointing=plan.checkpointing,
+            failed=dict(state.failed), updates=dict(state.model.updates)))
 
-    # -- while training --------------------------------------------------------------------------
-
-    def after_out_of_memory(self, plan: Plan, stage: Stage, message: str) -> Plan:
+    def _after_out_of_memory(self, stage: Stage, message: str) -> None:
         """A smaller plan for the same batch: a ceiling on this sample size's micro-batch (or a floor on its
         phase-1 chunks), not a point of the model, since running out of memory may be passing
         (fragmentation, another process); the steps that follow are measured on CUDA and teach the model
         what a step at this size really holds. Not stored: a transient shortage must not shrink the next launch."""
-        self.recovery.clean_steps = 0
-        plan = self.sizing.after_out_of_memory(plan, stage, message)
-        log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, plan.reason)
-        return plan
+        state = self.state
+        state.recovery.ran_out_of_memory()
+        state.redoing = True
+        state.plan = self.sizing.after_out_of_memory(state, state.plan, stage, message)
+        log.warning("autobatch ran out of memory (%s); %s; redoing the same logical batch", message, state.plan.reason)
 
-    def after_clean_step(self, plan: Plan) -> Plan:
+    def _after_clean_step(self) -> None:
         """After ``grow_after`` clean steps since running out of memory, the model's micro-batch again."""
-        if self.model is None or not self.recovery.after_clean_step():
-            return plan
-        grown = self.sizing.grown(plan)
-        if grown.capacity != plan.capacity:
+        state = self.state
+        grow_after = self.setting.options.grow_after
+        if state.model is None or not state.recovery.after_clean_step(grow_after):
+            return
+        grown = self.sizing.grown(state, state.plan)
+        if grown.capacity != state.plan.capacity:
             grown = grown.replace(reason=f"grown back to capacity {grown.capacity}, the memory model's, after "
-                                         f"{self.recovery.grow_after} clean steps")
+                                         f"{grow_after} clean steps")
             log.info("autobatch: %s", grown.reason)
-        return grown
+        state.plan = grown

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from autobatch.checkpointing import Checkpointing
 from autobatch.modes import Mode
+from autobatch.plan import KEYWORDS_ONLY
 
 __all__ = ["FORMAT", "MAX_SIZE", "PlanRecord"]
 
@@ -52,7 +53,7 @@ def _check(condition: bool, problem: str) -> None:
         raise ValueError(problem)
 
 
-@dataclass
+@dataclass(**KEYWORDS_ONLY)
 class PlanRecord:
     """A launch's plan and memory model, as the cache keeps them (one JSON object per key)."""
 
@@ -105,9 +106,10 @@ class PlanRecord:
         _check(budget is None or (_size(budget) and isinstance(budget, int)), f"budget_bytes {budget!r} is not bytes")
         bn = data.get("bn", Mode.TWO_PASS.value)
         _check(bn in {mode.value for mode in Mode}, f"bn {bn!r} is not a mode a plan runs")
-        return cls(capacity, points, float(data.get("resident_per_element", 0.0)), phase1_points,
-                   float(data.get("phase1_base", 0.0)), chunks, budget, Mode(bn), _checkpointing(data),
-                   _failed(data.get("failed", [])), _updates(data.get("updates", [])))
+        return cls(capacity=capacity, points=points, resident_per_element=float(data.get("resident_per_element", 0.0)),
+                   phase1_points=phase1_points, phase1_base=float(data.get("phase1_base", 0.0)), phase1_chunks=chunks,
+                   budget_bytes=budget, bn=Mode(bn), checkpointing=_checkpointing(data),
+                   failed=_failed(data.get("failed", [])), updates=_updates(data.get("updates", [])))
 
 
 def _checkpointing(data: dict[str, Any]) -> Checkpointing:

@@ -1,14 +1,15 @@
 """What running out of memory leaves for a sample size: a ceiling on its micro-batch, a floor on its phase-1
 chunks, lifted after ``grow_after`` clean steps.
 
-    recovery = Recovery(share=16, grow_after=50)
+    recovery = Recovery()
     plan = recovery.cap(smaller_plan)                 # this sample size's capacity no larger from now on
     recovery.floor_chunks(s, 4)                       # nor phase 1 in fewer than 4 chunks
     plan = recovery.capped(plan)                      # every later batch of that size within both
-    recovery.after_clean_step()                       # after 50 clean steps: True, both lifted
+    recovery.after_clean_step(grow_after=50)          # after 50 clean steps: True, both lifted
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 from autobatch.plan import Plan
@@ -16,19 +17,20 @@ from autobatch.plan import Plan
 __all__ = ["Recovery"]
 
 
+@dataclass
 class Recovery:
     """The ceilings and floors running out of memory set, per sample size; the mode's sizing decides them
-    (autobatch.planning.sizing)."""
+    (autobatch.planning.sizing). Part of the planner's state (autobatch.planning.state)."""
 
-    def __init__(self, share: int, grow_after: Optional[int] = None):
-        self.share = share
-        self.grow_after = grow_after
-        #: Clean steps since the last time a step ran out of memory.
+    #: Clean steps since the last time a step ran out of memory.
+    clean_steps: int = 0
+    #: Per sample size, the largest capacity running out of memory left, and why.
+    ceilings: dict[int, tuple[int, str]] = field(default_factory=dict)
+    #: Per sample size, the fewest phase-1 chunks running out of memory left.
+    chunks: dict[int, int] = field(default_factory=dict)
+
+    def ran_out_of_memory(self) -> None:
         self.clean_steps = 0
-        #: Per sample size, the largest capacity running out of memory left, and why.
-        self.ceilings: dict[int, tuple[int, str]] = {}
-        #: Per sample size, the fewest phase-1 chunks running out of memory left.
-        self.chunks: dict[int, int] = {}
 
     def cap(self, plan: Plan) -> Plan:
         """``plan``'s capacity is its sample size's ceiling from now on; returns it."""
@@ -47,13 +49,13 @@ class Recovery:
             plan = plan.replace(phase1_chunks=self.chunks[s])
         return plan
 
-    def after_clean_step(self) -> bool:
+    def after_clean_step(self, grow_after: Optional[int]) -> bool:
         """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
         lifted, and the memory model's sizes apply again."""
-        if self.grow_after is None or not self.ceilings:
+        if grow_after is None or not self.ceilings:
             return False
         self.clean_steps += 1
-        if self.clean_steps < self.grow_after:
+        if self.clean_steps < grow_after:
             return False
         self.clean_steps = 0
         self.ceilings.clear()

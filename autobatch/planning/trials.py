@@ -1,6 +1,6 @@
 """The planner's trials: real training steps of a given size, measured for peak memory and time.
 
-    trials = Trials(micro, strategy, share=16)
+    trials = Trials(micro, strategy)                  # at micro.share samples, this rank's logical batch
     peak = trials.peak(trials.micro_step(batch, 8), "micro-batch of 8", batch)    # None: out of memory
     seconds = timed(trials.whole_batch_step(batch, policy), device)
 
@@ -44,12 +44,12 @@ def timed(work: Work, device: torch.device, trials: Optional["Trials"] = None) -
 
 
 class Trials:
-    """Real steps on ``micro``'s model under ``strategy``, at this rank's ``share`` of a logical batch."""
+    """Real steps on ``micro``'s model under ``strategy``, at this rank's share of a logical batch."""
 
-    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, share: int):
+    def __init__(self, micro: MicroStep, strategy: BatchNormStrategy):
         self.micro = micro
         self.strategy = strategy
-        self.share = share
+        self.share = micro.share
         #: Trial steps run so far, measured or timed.
         self.steps = 0
         #: The budget a trial on the host stops at, out of memory (the planner's, once measured): a trial

@@ -1,9 +1,9 @@
 """Sizing the whole logical batch in one piece (bn="exact"), under the fastest checkpointing policy that
 fits; and bn="auto"'s choice between that and micro-batches, where the whole batch is not worth it.
 
-    sizing = WholeBatchSizing(planner)                 # bn="exact"
-    sizing = WholeOrSplitSizing(planner, WholeBatchSizing(planner, prefers_split=True), split)    # bn="auto"
-    plan = sizing.measure(batch)                       # every policy's whole-batch trial (and auto's split)
+    sizing = WholeBatchSizing(setting)                               # bn="exact"
+    sizing = WholeOrSplitSizing(setting, WholeBatchSizing(setting), split)    # bn="auto"
+    plan = sizing.measure(state, batch)     # every policy's whole-batch trial (and auto's split)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from autobatch.planning.micro_batches import described
 from autobatch.planning.model import MemoryModel
 from autobatch.planning.search import shrink
 from autobatch.planning.sizing import Sizing
+from autobatch.planning.state import PlannerState, Setting
 from autobatch.planning.trials import Trials, timed
 from autobatch.sizes import format_bytes
 from autobatch.stages import Stage
@@ -75,82 +76,79 @@ def whole_batch_candidates(trials: Trials, ranks: Ranks, batch: Any,
 
 class WholeBatchSizing(Sizing):
     """bn="exact": the fastest checkpointing policy whose whole-batch peak fits; checked again at every new
-    sample size. ``prefers_split``: auto's whole batch, which gives way to micro-batches (WholeOrSplitSizing)."""
+    sample size."""
 
-    def __init__(self, planner: Any, prefers_split: bool = False):
-        self.planner = planner
-        self.prefers_split = prefers_split
+    def measure(self, state: PlannerState, batch: Any) -> Plan:
+        g = self.setting
+        with trial_transaction(g.micro.model, g.micro.optimizer):
+            warm_optimizer_state(g.micro.optimizer)
+            candidates, fitting = whole_batch_candidates(g.trials, g.ranks, batch, state.limit.budget_bytes)
+        return self.plan_of(state, batch, candidates, fitting)
 
-    def measure(self, batch: Any) -> Plan:
-        p = self.planner
-        with trial_transaction(p.micro.model, p.micro.optimizer):
-            warm_optimizer_state(p.micro.optimizer)
-            candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
-        return self.plan_of(batch, candidates, fitting)
-
-    def plan_of(self, batch: Any, candidates: list[Candidate], fitting: list[Fitting]) -> Plan:
+    def plan_of(self, state: PlannerState, batch: Any, candidates: list[Candidate], fitting: list[Fitting]) -> Plan:
         """The plan of the fastest fitting policy; the memory model starts from its peak."""
-        p = self.planner
+        g = self.setting
         if not fitting:
             smallest = min((c.peak_bytes for c in candidates if c.peak_bytes is not None), default=None)
             raise PlanDoesNotFit(
-                f"bn='exact' does not fit: the whole batch of {p.share} peaked at "
+                f"bn='exact' does not fit: the whole batch of {g.share} peaked at "
                 f"{format_bytes(smallest) if smallest is not None else 'out of memory'} at best (under every "
-                f"checkpointing policy tried) against a budget of {format_bytes(p.limit.budget_bytes)}; use "
+                f"checkpointing policy tried) against a budget of {format_bytes(state.limit.budget_bytes)}; use "
                 "bn='two_pass', which splits the batch, or a larger memory_budget")
         seconds, policy, peak = min(fitting, key=lambda fit: fit[0])
-        reason = (f"the whole batch in one piece fits {p.limit.describe()}" + (
+        reason = (f"the whole batch in one piece fits {state.limit.describe()}" + (
             f" with {len(policy.modules)} modules checkpointed ({policy.label}), the fastest that fits" if policy
             else " without checkpointing"))
-        s = p.micro.batches.sample_size(batch)
-        p.model, p.phase1 = MemoryModel(0.0, [(p.share, s, peak)]), None
-        plan = Plan(p.share, p.options.target_batch, "measured", reason, p.device, p.limit.budget_bytes, peak,
-                    ((p.share, peak),), len(candidates), world_size=p.ranks.world_size, bn=Mode.EXACT,
+        s = g.micro.batches.sample_size(batch)
+        state.model, state.phase1 = MemoryModel(0.0, [(g.share, s, peak)]), None
+        plan = Plan(capacity=g.share, target_batch=g.options.target_batch, source="measured", reason=reason,
+                    device=state.device, budget_bytes=state.limit.budget_bytes, predicted_peak_bytes=peak,
+                    points=((g.share, peak),), trials=len(candidates), world_size=g.ranks.world_size, bn=Mode.EXACT,
                     checkpointing=policy, candidates=tuple(candidates))
-        return self.for_size(plan, s)
+        return self.for_size(state, plan, s)
 
-    def from_record(self, base: Plan, batch: Any, path: str) -> Optional[Plan]:
-        p = self.planner
+    def from_record(self, state: PlannerState, base: Plan, batch: Any, path: str) -> Optional[Plan]:
+        g = self.setting
         if base.bn is not Mode.EXACT:
             return None
-        s = p.micro.batches.sample_size(batch)
-        if p.model.predict(p.share, s) > p.limit.budget_bytes:
+        s = g.micro.batches.sample_size(batch)
+        if state.model.predict(g.share, s) > state.limit.budget_bytes:
             log.warning("autobatch: the cached whole-batch plan %s peaked at %s, over today's budget of %s; measuring "
-                        "afresh", path, format_bytes(p.model.predict(p.share, s)), format_bytes(p.limit.budget_bytes))
+                        "afresh", path, format_bytes(state.model.predict(g.share, s)), format_bytes(state.limit.budget_bytes))
             return None
-        return self.for_size(base, s)
+        return self.for_size(state, base, s)
 
-    def for_size(self, plan: Plan, s: int, batch: Any = None) -> Plan:
-        model = self.planner.model
-        return plan.replace(predicted_peak_bytes=model.predict(self.planner.share, s), **described(model, s))
+    def for_size(self, state: PlannerState, plan: Plan, s: int, batch: Any = None) -> Plan:
+        return plan.replace(predicted_peak_bytes=state.model.predict(self.setting.share, s),
+                            **described(state.model, s))
 
-    def for_batch(self, plan: Plan, batch: Any, s: int) -> tuple[Plan, bool]:
+    def for_batch(self, state: PlannerState, plan: Plan, batch: Any, s: int) -> Optional[tuple[Plan, bool]]:
         """At a new sample size: verified once with a trial of the whole batch under the plan's checkpointing;
         planned afresh there if it would not fit."""
-        p = self.planner
+        g = self.setting
         if s == plan.sample_size:
             return plan, False
-        if not p.model.covers(s) and p.micro.collective:
-            if p.model.predict(p.share, s) <= p.limit.budget_bytes:
-                return self.for_size(plan, s), False  # the bound fits; the step measures
+        if not state.model.covers(s) and g.micro.collective:
+            if state.model.predict(g.share, s) <= state.limit.budget_bytes:
+                return self.for_size(state, plan, s), False  # the bound fits; the step measures
             raise PlanDoesNotFit(
                 f"bn='exact' with a fully_shard model: the whole batch at {s} elements per sample may not fit under "
                 "its checkpointing, and FSDP2's trials must run on every rank at once; tune on the largest batch "
                 "first (ab.tune on every rank), or use bn='two_pass'")
-        if not p.model.covers(s):
-            with trial_transaction(p.micro.model, p.micro.optimizer):
-                warm_optimizer_state(p.micro.optimizer)
-                work = p.trials.whole_batch_step(batch, plan.checkpointing)
-                peak = p.trials.peak(work, f"whole batch at {s} elements per sample", batch)
-            p.model.add(p.share, s, peak if peak is not None else 2 * p.limit.budget_bytes)
-        if p.model.predict(p.share, s) <= p.limit.budget_bytes:
-            return self.for_size(plan, s), False
+        if not state.model.covers(s):
+            with trial_transaction(g.micro.model, g.micro.optimizer):
+                warm_optimizer_state(g.micro.optimizer)
+                work = g.trials.whole_batch_step(batch, plan.checkpointing)
+                peak = g.trials.peak(work, f"whole batch at {s} elements per sample", batch)
+            state.model.add(g.share, s, peak if peak is not None else 2 * state.limit.budget_bytes)
+        if state.model.predict(g.share, s) <= state.limit.budget_bytes:
+            return self.for_size(state, plan, s), False
         log.info("autobatch: the whole batch at %d elements per sample passes the budget under %s; planning afresh",
                  s, plan.checkpointing.label)
-        return p.remeasure(batch), False
+        return None
 
-    def after_out_of_memory(self, plan: Plan, stage: Stage, message: str) -> Plan:
-        raise PlanDoesNotFit(f"bn='exact' ran out of memory with the whole batch of {self.planner.share} ({message}) "
+    def after_out_of_memory(self, state: PlannerState, plan: Plan, stage: Stage, message: str) -> Plan:
+        raise PlanDoesNotFit(f"bn='exact' ran out of memory with the whole batch of {self.setting.share} ({message}) "
                              f"under checkpointing {plan.checkpointing.label}; plan again with a smaller memory_budget "
                              "(and cache='refresh'), or use bn='two_pass'")
 
@@ -161,29 +159,29 @@ class WholeOrSplitSizing(Sizing):
     that fits. Else ``split``'s micro-batches.
     A plan's mode says which of the two sizes it from then on."""
 
-    def __init__(self, planner: Any, whole: WholeBatchSizing, split: Sizing):
-        self.planner = planner
+    def __init__(self, setting: Setting, whole: WholeBatchSizing, split: Sizing):
+        super().__init__(setting)
         self.whole = whole
         self.split = split
 
     def _of(self, plan: Plan) -> Sizing:
         return self.whole if plan.bn is Mode.EXACT else self.split
 
-    def measure(self, batch: Any) -> Plan:
-        p = self.planner
-        with trial_transaction(p.micro.model, p.micro.optimizer):
-            warm_optimizer_state(p.micro.optimizer)
-            candidates, fitting = whole_batch_candidates(p.trials, p.ranks, batch, p.limit.budget_bytes)
+    def measure(self, state: PlannerState, batch: Any) -> Plan:
+        g = self.setting
+        with trial_transaction(g.micro.model, g.micro.optimizer):
+            warm_optimizer_state(g.micro.optimizer)
+            candidates, fitting = whole_batch_candidates(g.trials, g.ranks, batch, state.limit.budget_bytes)
         best = min(fitting, key=lambda fit: fit[0]) if fitting else None
-        if best is not None and (not best[1] or not p.options.bn.by_timing):
+        if best is not None and (not best[1] or not g.options.bn.by_timing):
             # No checkpointing needed: nothing is faster. Or checkpointed, where choices by timing are off
             # (modes.timed_choices): the whole batch's exact gradient, from memory alone, the same every run.
-            return self.whole.plan_of(batch, candidates, fitting)
-        plan = self.split.measure(batch)
-        with trial_transaction(p.micro.model, p.micro.optimizer):
-            warm_optimizer_state(p.micro.optimizer)
-            seconds = timed(p.trials.micro_step(batch, plan.micro_batch), p.micro.device, p.trials) * len(plan.splits)
-        seconds = slowest(p.ranks, [seconds])[0]
+            return self.whole.plan_of(state, batch, candidates, fitting)
+        plan = self.split.measure(state, batch)
+        with trial_transaction(g.micro.model, g.micro.optimizer):
+            warm_optimizer_state(g.micro.optimizer)
+            seconds = timed(g.trials.micro_step(batch, plan.micro_batch), g.micro.device, g.trials) * len(plan.splits)
+        seconds = slowest(g.ranks, [seconds])[0]
         candidates.append(Candidate(f"{plan.bn}, micro_batch {plan.micro_batch}", plan.predicted_peak_bytes,
                                     seconds, False))
         if best is None or best[0] > AUTO_SLOWDOWN * seconds:
@@ -191,28 +189,28 @@ class WholeOrSplitSizing(Sizing):
                 f"the best fitting policy ({best[1].label}) took {best[0] / seconds:.2f}x plain accumulation's "
                 f"time, over {AUTO_SLOWDOWN}x")
             return plan.replace(candidates=tuple(candidates), reason=f"{plan.reason}; whole batch: {why}")
-        return self.whole.plan_of(batch, candidates, fitting)
+        return self.whole.plan_of(state, batch, candidates, fitting)
 
-    def from_record(self, base: Plan, batch: Any, path: str) -> Optional[Plan]:
-        return self._of(base).from_record(base, batch, path)
+    def from_record(self, state: PlannerState, base: Plan, batch: Any, path: str) -> Optional[Plan]:
+        return self._of(base).from_record(state, base, batch, path)
 
-    def for_size(self, plan: Plan, s: int, batch: Any = None) -> Plan:
-        return self._of(plan).for_size(plan, s, batch)
+    def for_size(self, state: PlannerState, plan: Plan, s: int, batch: Any = None) -> Plan:
+        return self._of(plan).for_size(state, plan, s, batch)
 
-    def for_batch(self, plan: Plan, batch: Any, s: int) -> tuple[Plan, bool]:
-        return self._of(plan).for_batch(plan, batch, s)
+    def for_batch(self, state: PlannerState, plan: Plan, batch: Any, s: int) -> Optional[tuple[Plan, bool]]:
+        return self._of(plan).for_batch(state, plan, batch, s)
 
-    def learn(self, plan: Plan, batch: Any, s: int) -> bool:
-        return self._of(plan).learn(plan, batch, s)
+    def learn(self, state: PlannerState, plan: Plan, batch: Any, s: int) -> bool:
+        return self._of(plan).learn(state, plan, batch, s)
 
-    def after_out_of_memory(self, plan: Plan, stage: Stage, message: str) -> Plan:
+    def after_out_of_memory(self, state: PlannerState, plan: Plan, stage: Stage, message: str) -> Plan:
         """Out of memory with the whole batch: micro-batches from then on (the split's own recovery after that)."""
         if plan.bn is not Mode.EXACT:
-            return self.split.after_out_of_memory(plan, stage, message)
+            return self.split.after_out_of_memory(state, plan, stage, message)
         smaller = shrink(plan.micro_batch)
-        split = plan.replace(bn=self.planner.strategy.split_mode, capacity=smaller, checkpointing=Checkpointing())
-        return self.planner.recovery.cap(split.replace(
+        split = plan.replace(bn=self.setting.strategy.split_mode, capacity=smaller, checkpointing=Checkpointing())
+        return state.recovery.cap(split.replace(
             reason=f"out of memory with the whole batch in one piece: {split.bn} in micro-batches of {split.micro_batch}"))
 
-    def grown(self, plan: Plan) -> Plan:
-        return self._of(plan).grown(plan)
+    def grown(self, state: PlannerState, plan: Plan) -> Plan:
+        return self._of(plan).grown(state, plan)

@@ -57,7 +57,7 @@ def test_images_of_changing_size_stay_within_the_budget_with_few_trials():
                         bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     peaks, plans = run(ab, batches)
     assert max(peaks) <= budget, [f"{p / budget:.2f}" for p in peaks]
-    assert ab._planner.trials.steps <= 6
+    assert ab._planner.setting.trials.steps <= 6
     assert max(chosen_splits := [max(plan.splits) for plan in plans]) == 32 and min(chosen_splits) < 32
     # Each size's last plan, the model's, against the largest that fits the planner's budget (its 10% margin kept).
     chosen = {plan.sample_size: plan for plan in plans}
@@ -81,7 +81,7 @@ def test_padded_sequences_of_changing_length_stay_within_the_budget_with_few_tri
                         compute_loss=token_loss, memory_budget=budget, bn="two_pass")
     peaks, plans = run(ab, batches)
     assert max(peaks) <= budget, [f"{p / budget:.2f}" for p in peaks]
-    assert ab._planner.trials.steps <= 6
+    assert ab._planner.setting.trials.steps <= 6
     assert "quadratic" in ab.plan.memory_model  # attention in plain matrix products: chosen from the measurements
     chosen = {plan.sample_size: plan for plan in plans}
     assert max(chosen[2 * 256].splits) < 32  # the budget splits the longest batches

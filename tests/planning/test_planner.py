@@ -11,6 +11,7 @@ from torch import nn
 import autobatch
 from autobatch.batchnorm.randomness import RandomDraws
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state
+from autobatch.planning.planner import Ran
 from autobatch.transaction import trial_transaction as preserved
 from tests import common
 from tests.common import assert_same_state, mlp, model_state
@@ -144,7 +145,7 @@ def auto_with_micro_batch(model, optimizer, loss_fn, x, y, micro_batch, **option
     first = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=10**10, **options)
     with preserved(model, optimizer):
         warm_optimizer_state(optimizer)
-        low, high = (first._planner.trials.micro_step_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
+        low, high = (first._planner.setting.trials.micro_step_peak((x, y), n) for n in (micro_batch, micro_batch + 1))
     assert low < high
     ab = autobatch.wrap(model, optimizer, len(x), loss_fn, memory_budget=int((low + high) / 2 / 0.9),
                         **options)
@@ -358,7 +359,7 @@ def test_phase_one_random_draws_are_counted_in_the_plan(monkeypatch):
             if not counted:
                 patch.setattr(RandomDraws, "nbytes", property(lambda self: 0))
             plans[counted] = ab.tune(x, y)
-        models[counted] = ab._planner.model
+        models[counted] = ab._planner.state.model
     masks = 32 * 64 * 32 * 32  # one byte per element of the whole batch's mask
     size = plans[True].sample_size
     assert models[True].fixed(size) - models[False].fixed(size) == pytest.approx(masks, rel=1e-6)
@@ -407,11 +408,13 @@ def test_every_step_measured_above_its_prediction_corrects_the_model():
                         bn="micro", cache=False)
     plan = ab.tune(x, y)
     planner, n, s = ab._planner, plan.micro_batch, plan.sample_size
-    before = planner.model.predict(n, s)
+    model = planner.state.model
+    before = model.predict(n, s)
     above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
-    planner.observe(plan, n, types.SimpleNamespace(micro_batches_peak=above, phase1_peak=None, update_peak=None))
-    assert (n, s, above) in planner.model.points and planner.model.predict(n, s) > before
-    assert planner.sizing.for_size(plan, s).capacity <= plan.capacity
+    meter = types.SimpleNamespace(micro_batches_peak=above, phase1_peak=None, update_peak=None)
+    assert not planner.went(Ran(plan, n, meter, measured=True))
+    assert (n, s, above) in model.points and model.predict(n, s) > before
+    assert planner.sizing.for_size(planner.state, plan, s).capacity <= plan.capacity
 
 
 def test_a_first_step_at_larger_samples_stays_in_the_budget_when_the_update_dominates(monkeypatch):
@@ -423,19 +426,46 @@ def test_a_first_step_at_larger_samples_stays_in_the_budget_when_the_update_domi
                           nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     measured = []
-    observe = autobatch.planning.planner.Planner.observe
+    observe = autobatch.planning.planner.Planner._observe
 
-    def recording(self, plan, n, meter):
-        measured.append((plan.sample_size, n, meter.micro_batches_peak, meter.update_peak))
-        observe(self, plan, n, meter)
+    def recording(self, n, meter):
+        measured.append((self.state.plan.sample_size, n, meter.micro_batches_peak, meter.update_peak))
+        observe(self, n, meter)
 
-    monkeypatch.setattr("autobatch.planning.planner.Planner.observe", recording)
+    monkeypatch.setattr("autobatch.planning.planner.Planner._observe", recording)
     ab = autobatch.wrap(model, torch.optim.Adam(model.parameters()), 16, ce, memory_budget="12MiB",
                         cache=False, bn="micro")
     for size in (16, 64, 32):
         ab.step(torch.randn(16, 3, size, size), torch.randint(0, 4, (16,)))
     budget = ab.plan.budget_bytes
-    assert ab._planner.model.updates, "the update measured apart"
+    assert ab._planner.state.model.updates, "the update measured apart"
     assert [s for s, *_ in measured] == [3 * 64 * 64 + 1]  # the new, larger size's first step (images and a label)
     for s, n, micro_batches, update in measured:
         assert max(micro_batches, update) <= budget, (s, n, micro_batches, update, budget)
+
+
+def test_tune_keeps_a_micro_batch_the_user_fixed():
+    """#40: the fixed size is a planner of its own; ``tune`` measured and replaced it before (capacity 32)."""
+    model, (x, y) = convnet(), data()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, ce, micro_batch=5, cache=False)
+    plan = ab.tune(x, y)
+    assert (plan.source, plan.capacity, plan.splits) == ("user", 5, [5, 5, 5, 5, 4, 4, 4])
+    ab.step(x, y)
+    assert ab.plan.splits == [5, 5, 5, 5, 4, 4, 4]
+
+
+def test_a_failed_first_step_leaves_the_planner_as_before_it():
+    """The step's transaction keeps the planner's whole state: the plan, the memory models, the ceilings."""
+    model, (x, y) = convnet(), data()
+    calls = []
+
+    def failing(outputs, targets):
+        calls.append(1)
+        raise ValueError("the user's loss fails")
+
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, failing, memory_budget="6MiB",
+                        bn="micro", cache=False)
+    with pytest.raises(ValueError, match="the user's loss fails"):
+        ab.step(x, y)
+    state = ab._planner.state
+    assert calls and ab.plan is None and state.model is None and state.limit is None and state.failed == {}
