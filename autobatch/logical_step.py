@@ -88,11 +88,13 @@ class LogicalStep:
     def _accumulate(self, state: BatchNormState) -> float:
         """Backward through every micro-batch; returns the logical batch's mean loss (over all ranks)."""
         splits, batches = self.splits, self.micro.batches
-        self.norm = norm = self.strategy.for_step(splits)
+        chunks = self.plan.phase1_chunks
+        norm = self.strategy.for_step(splits, chunks)
         watched = len(splits) > 1 and "watched" not in self.micro.once
         watch = RunningStatisticsWatch(self.micro.module) if watched else None
-        self.batch = batch = norm.prepare(self.batch, splits, self.plan.phase1_chunks, self.losses.samples)
-        state.forwards_done(self.plan.phase1_chunks if norm.needs_phase1() else 0)
+        batch, norm = norm.prepare(self.batch, splits, chunks, self.losses.samples)
+        self.batch, self.norm = batch, norm
+        state.forwards_done(chunks if norm.needs_phase1() else 0)
         self.meter.phase1_done(norm.needs_phase1())
         parts = batches.split(batch, [n for n in splits if n])
         with norm.intercept():

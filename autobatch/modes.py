@@ -50,7 +50,7 @@ class TwoPass(BatchNormMode):
     ``precise``: the full batch's exact gradient instead of the projected backward. Phase 1 keeps the
     tensors at every BatchNorm's boundary for the whole batch (the model traced with torch.fx), and
     the backward goes down one segment at a time, each micro-batch's segment recomputed from them
-    (autobatch.batchnorm.segments): about the compute of the projected two_pass, more memory. A model
+    (autobatch.batchnorm.segment_run): about the compute of the projected two_pass, more memory. A model
     that cannot be traced or cut trains with the projected backward, said once in a warning. ``None``:
     precise where it can run (one process), else the projected backward; ``Auto``'s default."""
 

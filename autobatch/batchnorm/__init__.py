@@ -13,7 +13,7 @@ import torch
 from autobatch.batchnorm.auto import AutoStrategy
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.micro import MicroStrategy
-from autobatch.batchnorm.precise import PreciseTwoPassStrategy
+from autobatch.batchnorm.precise import PreciseTwoPassStrategy, one_process
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
@@ -37,14 +37,16 @@ def strategy_for(mode: BatchNormMode, micro: MicroStep) -> BatchNormStrategy:
     return AutoStrategy(exact, _two_pass(mode.two_pass, micro, layers, names))
 
 
-def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> TwoPassStrategy:
-    """two_pass for ``micro``'s model. A fully_shard (FSDP2) model gathers its shards in every forward:
-    phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in the
-    inputs' own memory format (the format trial's forwards could end apart on the ranks)."""
-    one_process = micro.ddp is None and micro.fsdp is None and not micro.ranks.active
-    if mode.precise or (mode.precise is None and one_process):
-        return PreciseTwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
-    if micro.fsdp is None:
-        return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format)
-    return TwoPassStrategy(layers, names, micro.ranks, micro, mode.phase1_memory_format or torch.preserve_format,
-                           stop_early=False)
+def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> BatchNormStrategy:
+    """two_pass for ``micro``'s model: precise (``mode.precise``; None: where it can run) around the projected
+    two_pass, which it hands a step on to where it cannot run. A fully_shard (FSDP2) model gathers its shards in
+    every forward: phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in
+    the inputs' own memory format (the format trial's forwards could end apart on the ranks). So does precise,
+    which keeps every boundary of phase 1."""
+    precise = mode.precise or (mode.precise is None and one_process(micro) is None)
+    memory_format = mode.phase1_memory_format
+    if micro.fsdp is not None and memory_format is None:
+        memory_format = torch.preserve_format
+    projected = TwoPassStrategy(layers, names, micro.ranks, micro, memory_format,
+                                stop_early=micro.fsdp is None and not precise)
+    return PreciseTwoPassStrategy(projected) if precise else projected

@@ -3,7 +3,7 @@ activation checkpointing where needed) and two_pass's micro-batches.
 
     auto = AutoStrategy(exact, two_pass)
     auto.adopt(plan)                 # plan.bn is "exact" or "two_pass": the strategy that runs
-    norm = auto.for_step(splits)     # that strategy, as every step asks for it
+    norm = auto.for_step(splits, chunks)     # that strategy, as every step asks for it
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.statistics import uses_batch_statistics
 from autobatch.batchnorm.strategy import BatchNormStrategy
-from autobatch.batchnorm.two_pass import TwoPassStrategy
 from autobatch.modes import Auto, Mode, Pieces
 from autobatch.plan import Plan
 
@@ -24,7 +23,7 @@ class AutoStrategy(BatchNormStrategy):
 
     name = Auto.name
 
-    def __init__(self, exact: ExactStrategy, two_pass: TwoPassStrategy):
+    def __init__(self, exact: ExactStrategy, two_pass: BatchNormStrategy):
         super().__init__(two_pass.layers, two_pass.names, two_pass.ranks)
         self._modes: dict[Mode, BatchNormStrategy] = {Mode.EXACT: exact, Mode.TWO_PASS: two_pass}
         self.two_pass = two_pass
@@ -49,8 +48,8 @@ class AutoStrategy(BatchNormStrategy):
         self.chosen = self._modes[plan.bn]
         self.chosen.adopt(plan)
 
-    def for_step(self, splits: list[int]) -> BatchNormStrategy:
-        return self.chosen.for_step(splits)
+    def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
+        return self.chosen.for_step(splits, chunks)
 
     def needs_phase1(self) -> bool:
         return self.two_pass.needs_phase1()

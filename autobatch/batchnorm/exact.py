@@ -114,7 +114,7 @@ class ExactStrategy(BatchNormStrategy):
     def adopt(self, plan: Plan) -> None:
         self.checkpointing = plan.checkpointing
 
-    def for_step(self, splits: list[int]) -> BatchNormStrategy:
+    def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
         if len(splits) != 1:
             raise RuntimeError(f"bn='exact' runs the logical batch in one piece, not in {len(splits)} "
                                "micro-batches; leave micro_batch='auto'")

@@ -116,7 +116,7 @@ class MicroStrategy(BatchNormStrategy):
     #: This logical batch's pooled statistics: new at each prepare, so a failed step leaves nothing behind.
     _pooled: PooledBatchNorm
 
-    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, BatchNormStrategy]:
         self._pooled = PooledBatchNorm(self.names, self.ranks)
         return super().prepare(batch, splits, chunks, total)
 

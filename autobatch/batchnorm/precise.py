@@ -1,140 +1,180 @@
 """bn=TwoPass(precise=True): two_pass with the full batch's exact backward, segment by segment.
 
-Phase 1 runs the whole batch through the model's traced graph (autobatch.batchnorm.segments),
-records every BatchNorm's statistics as two_pass does, and keeps the tensors at the cuts. Each
-micro-batch's loss is taken on its rows of phase 1's output, which is the full batch's; the last
-micro-batch's backward then goes down the graph one segment at a time::
+Phase 1 runs the whole batch through the model's captured graph (autobatch.batchnorm.capture), records
+every BatchNorm's statistics as two_pass does, and keeps the tensors at the cuts
+(autobatch.batchnorm.segment_run). Each micro-batch's loss is taken on its rows of phase 1's output,
+which is the full batch's; the last micro-batch's backward then goes down the graph one segment at a
+time::
 
-    precise = PreciseTwoPassStrategy(layers, names, ranks, micro)
-    batch = precise.prepare(batch, splits, 1, total)     # phase 1, boundaries kept
+    precise = PreciseTwoPassStrategy(TwoPassStrategy(layers, names, ranks, micro, stop_early=False))
+    norm = precise.for_step(splits, chunks)           # itself, or the projected two_pass where it cannot run
+    batch, norm = norm.prepare(batch, splits, 1, total)     # phase 1, boundaries kept (or handed on)
     ...                                          # then as every strategy (autobatch.batchnorm.strategy)
 
 Where the graph cannot be had (torch.fx cannot trace the model, the loss calls it twice, phase 1
-runs in chunks, several processes), the step runs as plain two_pass, said once in a warning.
+runs in chunks), the step is handed to the plain two_pass strategy, said once in a warning; with
+several processes precise is not built at all (`one_process`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from autobatch.batchnorm.capture import CapturedGraph, Unsupported
 from autobatch.batchnorm.fingerprint import Fingerprint
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.recompute import quiet_checkpoint
-from autobatch.batchnorm.statistics import name_of
-from autobatch.batchnorm.segments import SegmentedGraph, StepGraph, Unsupported
+from autobatch.batchnorm.segment_run import SegmentRun
+from autobatch.batchnorm.statistics import LayerStatistics, name_of
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
-from autobatch.distributed import Ranks
 from autobatch.forward import forward_replaced
 from autobatch.microstep import MicroStep
+from autobatch.modes import TwoPass
 from autobatch.plan import Plan
 from autobatch.stages import Stage, entered
-from autobatch.transaction import BatchNormState, RandomState
+from autobatch.transaction import BatchNormState, RandomState, put_back
 
-__all__ = ["PreciseTwoPassStrategy"]
+__all__ = ["PreciseTwoPassStrategy", "one_process"]
 
 log = logging.getLogger(__name__)
 
 
-class PreciseTwoPassStrategy(TwoPassStrategy):
-    """bn=TwoPass(precise=True): phase 1 through the traced graph, the exact backward segment by segment."""
+def one_process(micro: MicroStep) -> Optional[str]:
+    """Why precise cannot run for ``micro`` (None: it can): its segment backward does not yet reduce the
+    BatchNorm sums over ranks. The one place that rule is written."""
+    if micro.ddp is not None or micro.fsdp is not None or micro.ranks.active:
+        return ("TwoPass(precise=True) runs in one process for now: its segment backward does not yet reduce the "
+                "BatchNorm sums over ranks")
+    return None
 
-    def __init__(self, layers: list[_BatchNorm], names: dict[int, str], ranks: Ranks, micro: MicroStep,
-                 phase1_memory_format: Optional[torch.memory_format] = None):
-        if micro.ddp is not None or micro.fsdp is not None or ranks.active:
-            raise ValueError("TwoPass(precise=True) runs in one process for now: its segment backward does not yet "
-                             "reduce the BatchNorm sums over ranks; use bn='two_pass' or bn='exact' with several")
-        super().__init__(layers, names, ranks, micro, phase1_memory_format, stop_early=False)
-        self._graph: Optional[SegmentedGraph] = None
+
+class PreciseTwoPassStrategy(BatchNormStrategy):
+    """bn=TwoPass(precise=True): phase 1 through the traced graph, the exact backward segment by segment.
+
+    Built around ``projected``, the plain two_pass strategy: precise shares its phase-1 statistics, random
+    draws, memory format and checks, and hands each step on to it where precise cannot run (`for_step`:
+    known before phase 1; `prepare`: found by phase 1 through the graph)."""
+
+    name = TwoPass.name
+    gradient = "precise: the full batch's exact gradient"
+
+    def __init__(self, projected: TwoPassStrategy):
+        why_not = one_process(projected.micro)
+        if why_not is not None:
+            raise ValueError(f"{why_not}; use bn='two_pass' or bn='exact' with several")
+        super().__init__(projected.layers, projected.names, projected.ranks)
+        self.projected = projected
+        self.micro = projected.micro
+        self._graph: Optional[CapturedGraph] = None
         #: The model as the graph (or the reason it has none) saw it.
         self._captured: Optional[Fingerprint] = None
         #: Why the model runs as plain two_pass (None: not known to be unsupported).
         self._unsupported: Optional[str] = None
-        #: The running step's graph; None while the step runs as plain two_pass.
-        self._run: Optional[StepGraph] = None
+        #: The running step's graph.
+        self._run: Optional[SegmentRun] = None
         self._kept_bytes = 0
 
+    # What precise shares with the projected two_pass: phase 1's statistics, its random draws, its memory format.
+    handler = property(lambda self: self.projected.handler)
+    draws = property(lambda self: self.projected.draws)
+    layout = property(lambda self: self.projected.layout)
+
     def gradient_of(self, plan: Plan) -> str:
-        words = super().gradient_of(plan)
-        if words != self.gradient:
-            return words
-        if plan.phase1_chunks > 1 or self._traced() is None:
-            reason = self._unsupported or f"phase 1 runs in {plan.phase1_chunks} chunks"
-            return f"{TwoPassStrategy.gradient} (precise cannot run: {reason})"
-        return "precise: the full batch's exact gradient"
+        words = self.projected.gradient_of(plan)
+        if words != self.projected.gradient:
+            return words  # one piece, or no batch statistics: exact either way
+        reason = self._cannot_run(plan.phase1_chunks)
+        return self.gradient if reason is None else f"{words} (precise cannot run: {reason})"
+
+    def _cannot_run(self, chunks: int) -> Optional[str]:
+        """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1."""
+        if chunks > 1:
+            return f"phase 1 runs in {chunks} chunks to fit the memory budget"
+        return None if self._traced() is not None else self._unsupported
+
+    def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
+        norm = self.projected.for_step(splits, chunks)
+        if norm is not self.projected:
+            return norm  # plain
+        reason = self._cannot_run(chunks)
+        if reason is not None:
+            self._warn_unsupported(reason)
+            return self.projected
+        return self
 
     # -- the planner's questions ----------------------------------------------------------------
 
+    def needs_phase1(self) -> bool:
+        return self.projected.needs_phase1()
+
     def trial_phase1(self, batch: Any, chunks: int) -> None:
-        if chunks > 1 or self._traced() is None:
-            return super().trial_phase1(batch, chunks)
-        self.draws.clear()
-        try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
-            run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False))
-        except Unsupported as error:
-            self._unsupported = str(error)
-            return super().trial_phase1(batch, chunks)
-        self._kept_bytes = run.kept_bytes
+        if self._cannot_run(chunks) is None:
+            self.draws.clear()
+            try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
+                run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False))
+                self._kept_bytes = run.kept_bytes
+                return
+            except Unsupported as error:
+                self._unsupported = str(error)
+        self.projected.trial_phase1(batch, chunks)
 
     def take_draw_bytes(self) -> int:
         """Phase 1's random draws and, in a precise step, the boundary tensors it keeps for the backward."""
-        size, self._kept_bytes = super().take_draw_bytes() + self._kept_bytes, 0
+        size, self._kept_bytes = self.projected.take_draw_bytes() + self._kept_bytes, 0
         return size
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
-        self._run = None
-        if chunks > 1:
-            self._warn_unsupported(f"phase 1 runs in {chunks} chunks to fit the memory budget")
-        elif self._traced() is not None:
-            BatchNormStrategy.prepare(self, batch, splits, chunks, total)
-            batch = self.micro.batches.to(batch, self.micro.device)
-            self._splits, self._total = splits, total
-            restore = (BatchNormState(self.layers), RandomState())
-            try:
-                self._run = self._phase1_through_graph(batch)
-            except Unsupported as error:
-                for part in restore:
-                    part.restore()
-                self._unsupported = str(error)
-            else:
-                return batch
-        self._warn_unsupported(self._unsupported)
-        return super().prepare(batch, splits, chunks, total)
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, BatchNormStrategy]:
+        """Phase 1 through the graph, boundaries kept; where it finds the model cannot run precise, everything
+        it changed is put back and the projected two_pass takes the step."""
+        batch = self.projected.begin(batch, splits, total)
+        restore = (BatchNormState(self.layers), RandomState())
+        try:
+            self._run = self._phase1_through_graph(batch)
+        except Unsupported as error:
+            put_back([part.restore for part in restore])
+            self._unsupported = str(error)
+            self._warn_unsupported(self._unsupported)
+            return self.projected.prepare(batch, splits, chunks, total)
+        return batch, self
+
+    def intercept(self) -> ContextManager[None]:
+        return self.projected.intercept()
 
     def micro_batch(self, index: int, first_row: int, size: int) -> ContextManager[None]:
-        if self._run is None:
-            return super().micro_batch(index, first_row, size)
         run = self._run
 
         def output_rows(*args: Any, **kwargs: Any) -> Any:
             return run.output_rows(first_row, size)
 
+        # The micro-batch's loss is taken on its rows of phase 1's output (the full batch's forward).
         return forward_replaced(self.micro.module, output_rows)
 
-    def backward(self, first_row: int, size: int) -> ContextManager[None]:
-        if self._run is None:
-            return super().backward(first_row, size)
-        return self._backward(self._run, first_row, size)
-
     @contextlib.contextmanager
-    def _backward(self, run: StepGraph, first_row: int, size: int) -> Iterator[None]:
+    def backward(self, first_row: int, size: int) -> Iterator[None]:
+        run = self._run
         yield
         run.take_output_grads(first_row, size)
-        if first_row + size == run.rows:
+        if first_row + size == run.rows:  # the last micro-batch: the whole graph's backward, segment by segment
             with entered(Stage.MICRO_BATCHES), self.micro.autocast(), quiet_checkpoint():
-                run.backward(self._splits, self.handler.layers, self._intercept, self._replay)
+                run.backward(self.projected.splits, self.handler.layers, intercept_batch_norm, self._replay)
             self._run = None
 
-    def _intercept(self, handler: Callable[[BatchNormCall], Tensor]) -> ContextManager[None]:
-        return intercept_batch_norm(handler)
+    def check(self) -> Optional[BaseException]:
+        return self.projected.check()
+
+    def non_finite_culprit(self) -> Optional[str]:
+        return self.projected.non_finite_culprit()
+
+    def finish(self) -> list[LayerStatistics]:
+        return self.projected.finish()
 
     def _replay(self, first_row: int, rows: int, draw: int) -> ContextManager[None]:
         if not self.draws.recorded:
@@ -143,7 +183,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
 
     # -- phase 1 through the graph ----------------------------------------------------------------
 
-    def _traced(self) -> Optional[SegmentedGraph]:
+    def _traced(self) -> Optional[CapturedGraph]:
         """The model's graph, traced again whenever the model changed since (never a stale graph); None where
         it cannot be (the reason kept for the warning)."""
         if self._captured is not None:
@@ -154,24 +194,22 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         if self._graph is None and self._unsupported is None:
             try:
                 with quiet_checkpoint():  # tracing calls a reentrant checkpoint with inputs that need no grad
-                    self._graph = SegmentedGraph.trace(self.micro.module)
+                    self._graph = CapturedGraph.trace(self.micro.module)
             except Unsupported as error:
                 self._unsupported = str(error)
             self._captured = Fingerprint.of(self.micro.module)
         return self._graph if self._unsupported is None else None
 
-    def _phase1_through_graph(self, batch: Any) -> StepGraph:
-        self.draws.clear()
-        with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
-            self._measure_layout(batch, self.handler.ranks)
+    def _phase1_through_graph(self, batch: Any) -> SegmentRun:
+        self.projected.measure_layout(batch, self.handler.ranks)
         return self._graph_pass(self.layout.convert(batch), self.handler)
 
-    def _graph_pass(self, batch: Any, handler: FullBatchStatistics) -> StepGraph:
+    def _graph_pass(self, batch: Any, handler: FullBatchStatistics) -> SegmentRun:
         """Phase 1 of ``batch`` through the graph under ``handler``; the graph's run, boundaries kept."""
         rows = self.micro.batches.size(batch)
-        cuts = [layer for layer in self.layers if layer.training or layer.running_mean is None]
+        cut_layers = [layer for layer in self.layers if layer.training or layer.running_mean is None]
         seen: list[Tensor] = []
-        runs: list[StepGraph] = []
+        runs: list[SegmentRun] = []
 
         def record(call: BatchNormCall) -> Tensor:
             if call.input.shape[0] != rows:
@@ -185,7 +223,7 @@ class PreciseTwoPassStrategy(TwoPassStrategy):
         def forward(*args: Any, **kwargs: Any) -> Any:
             if runs:
                 raise Unsupported("the loss calls the model more than once")
-            runs.append(self._graph.start(args, kwargs, rows, cuts))
+            runs.append(SegmentRun.start(self._graph, args, kwargs, rows, cut_layers))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
         handler.start_phase1()

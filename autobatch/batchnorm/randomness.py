@@ -71,7 +71,7 @@ def _kind(func: Callable) -> Optional[str]:
 
 
 @dataclass
-class _Segment:
+class _Recording:
     """The draws of one phase-1 forward over ``rows`` samples starting at ``first_row``."""
 
     first_row: int
@@ -234,7 +234,7 @@ class RandomDraws:
     """Phase 1's random draws, recorded per forward and replayed, sliced, to micro-batches."""
 
     def __init__(self) -> None:
-        self._segments: list[_Segment] = []
+        self._recordings: list[_Recording] = []
         self._cursor = 0
         self._prepared: list[_Replayed] = []
         #: Each draw of the last micro-batch's forward: (generator state before it, the replayed
@@ -243,34 +243,34 @@ class RandomDraws:
 
     def clear(self) -> None:
         """Forget the last step's draws (before a new phase 1)."""
-        self._segments = []
+        self._recordings = []
         self._given = []
 
     @property
     def recorded(self) -> int:
-        return sum(len(segment.values) for segment in self._segments)
+        return sum(len(recording.values) for recording in self._recordings)
 
     @property
     def nbytes(self) -> int:
         """What the recorded draws hold, resident from phase 1 to the end of the step."""
-        return sum(value.numel() * value.element_size() for segment in self._segments for value in segment.values)
+        return sum(value.numel() * value.element_size() for recording in self._recordings for value in recording.values)
 
     # -- phase 1 --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def record(self, first_row: int, rows: int) -> Iterator[None]:
         """Record the draws of a phase-1 forward over ``rows`` samples starting at ``first_row``."""
-        segment = _Segment(first_row, rows)
-        self._segments.append(segment)
-        with _Intercept(lambda func, args, kwargs: self._record(segment, func, args, kwargs)):
+        recording = _Recording(first_row, rows)
+        self._recordings.append(recording)
+        with _Intercept(lambda func, args, kwargs: self._record(recording, func, args, kwargs)):
             yield
 
-    def _record(self, segment: _Segment, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def _record(self, recording: _Recording, func: Callable, args: tuple, kwargs: dict) -> Any:
         if _kind(func) == "draw":
             drawn = func(*args, **kwargs)
             if isinstance(drawn, Tensor):
-                segment.funcs.append(func)
-                segment.values.append(drawn.detach().clone())
+                recording.funcs.append(func)
+                recording.values.append(drawn.detach().clone())
             return drawn
         dropout = _drawing_dropout(func, args, kwargs)
         if dropout is None:
@@ -278,8 +278,8 @@ class RandomDraws:
         input, p, inplace, shape = dropout
         # The mask PyTorch's own dropout draws (the same generator calls), kept at one byte per element.
         mask = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
-        segment.funcs.append(func)
-        segment.values.append(mask.bool())
+        recording.funcs.append(func)
+        recording.values.append(mask.bool())
         return _masked(input, mask, p, inplace)
 
     # -- phase 2 --------------------------------------------------------------------------------
@@ -296,15 +296,15 @@ class RandomDraws:
     def _prepare(self, start: int, stop: int) -> list[_Replayed]:
         """Every draw phase 1 made, with the rows ``start:stop`` of those that are per sample."""
         prepared = []
-        for index in range(min((len(segment.values) for segment in self._segments), default=0)):
+        for index in range(min((len(recording.values) for recording in self._recordings), default=0)):
             pieces = []
-            for segment in self._segments:
-                value = segment.values[index]
-                if value.dim() > 0 and value.shape[0] == segment.rows:
-                    low, high = max(start, segment.first_row), min(stop, segment.first_row + segment.rows)
+            for recording in self._recordings:
+                value = recording.values[index]
+                if value.dim() > 0 and value.shape[0] == recording.rows:
+                    low, high = max(start, recording.first_row), min(stop, recording.first_row + recording.rows)
                     if low < high:
-                        pieces.append(value[low - segment.first_row:high - segment.first_row])
-            first = self._segments[0]
+                        pieces.append(value[low - recording.first_row:high - recording.first_row])
+            first = self._recordings[0]
             whole = first.values[index]
             per_sample = whole.dim() > 0 and whole.shape[0] == first.rows
             covered = bool(pieces) and sum(len(piece) for piece in pieces) == stop - start

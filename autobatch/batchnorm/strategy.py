@@ -2,8 +2,8 @@
 
 The step drives one strategy object per logical batch, the same way for every mode::
 
-    norm = strategy.for_step(splits)                 # plain where one micro-batch holds the batch
-    batch = norm.prepare(batch, splits, chunks, total)     # two_pass: phase 1
+    norm = strategy.for_step(splits, chunks)         # plain where one micro-batch holds the batch
+    batch, norm = norm.prepare(batch, splits, chunks, total)     # two_pass: phase 1 (precise may hand on)
     with norm.intercept():
         for index, (first_row, size) in enumerate(rows):
             with norm.micro_batch(index, first_row, size):
@@ -44,9 +44,9 @@ class BatchNormStrategy:
         self.names = names
         self.ranks = ranks
 
-    def for_step(self, splits: list[int]) -> "BatchNormStrategy":
-        """The strategy for a logical batch in ``splits``: this one, or plain where one micro-batch
-        holds the whole batch or no layer normalizes with batch statistics."""
+    def for_step(self, splits: list[int], chunks: int = 1) -> "BatchNormStrategy":
+        """The strategy for a logical batch in ``splits`` (phase 1 in ``chunks``): this one, or plain where one
+        micro-batch holds the whole batch or no layer normalizes with batch statistics."""
         if len(splits) > 1 and uses_batch_statistics(self.layers):
             return self
         return Plain(self.layers, self.names, self.ranks)
@@ -90,9 +90,11 @@ class BatchNormStrategy:
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
-        """Before the micro-batches (``total``: samples over all ranks); returns the batch to split."""
-        return batch
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, "BatchNormStrategy"]:
+        """Before the micro-batches (``total``: samples over all ranks); returns the batch to split and the
+        strategy that runs the micro-batches: itself, or the one it hands the step on to (precise, where its
+        phase 1 finds that it cannot run)."""
+        return batch, self
 
     def intercept(self) -> ContextManager[None]:
         """Around every micro-batch's forward and backward."""
@@ -126,5 +128,5 @@ class Plain(BatchNormStrategy):
 
     name = "plain"
 
-    def for_step(self, splits: list[int]) -> BatchNormStrategy:
+    def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
         return self

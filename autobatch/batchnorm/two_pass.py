@@ -3,7 +3,7 @@ statistics (phase 1), then each micro-batch normalizes with them and back-propag
 projected backward (autobatch.batchnorm.full_batch), with phase 1's random draws replayed.
 
     two_pass = TwoPassStrategy(layers, names, ranks, micro, phase1_memory_format=None)
-    batch = two_pass.prepare(batch, splits, 1, total)     # phase 1
+    batch, norm = two_pass.prepare(batch, splits, 1, total)     # phase 1
     ...                                                 # then as every strategy (autobatch.batchnorm.strategy)
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ class TwoPassStrategy(BatchNormStrategy):
         #: Phase 1's dropout and stochastic-depth masks, replayed to the micro-batches.
         self.draws = RandomDraws()
         self.layout = Phase1Layout(phase1_memory_format)
-        self._splits: list[int] = []
+        #: The running logical batch's micro-batches.
+        self.splits: list[int] = []
         self._total = 0
         #: Whether the running micro-batch replays phase 1's draws (and so its backward recomputes them).
         self._replaying = False
@@ -75,15 +76,20 @@ class TwoPassStrategy(BatchNormStrategy):
 
     # -- one logical batch -----------------------------------------------------------------------
 
-    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> Any:
-        super().prepare(batch, splits, chunks, total)
+    def begin(self, batch: Any, splits: list[int], total: int) -> Any:
+        """A logical batch's start: ``batch`` on the device, phase 1's draws forgotten, its splits kept (the
+        agreement check's rounding runs on the first micro-batch's rows). Returns the batch on the device."""
         batch = self.micro.batches.to(batch, self.micro.device)
         self.draws.clear()
-        self._splits, self._total, self._batch = splits, total, batch
+        self.splits, self._total, self._batch = splits, total, batch
+        return batch
+
+    def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, BatchNormStrategy]:
+        batch = self.begin(batch, splits, total)
         self._phase1(batch, self.handler, chunks)
         self._warn_thin_layers()
         self._warn_chunks(chunks)
-        return batch
+        return batch, self
 
     def intercept(self) -> ContextManager[None]:
         return intercept_batch_norm(self.handler.apply)
@@ -111,7 +117,7 @@ class TwoPassStrategy(BatchNormStrategy):
     def _measured_rounding(self) -> list[float]:
         """The model's own rounding at each BatchNorm call, on the first micro-batch's rows (the agreement check's
         allowances; autobatch.batchnorm.rounding)."""
-        size = self._splits[0]
+        size = self.splits[0]
         part = self.micro.batches.take(self._batch, size)
         replay = (lambda: self.draws.replay(0, size)) if self.draws.recorded else contextlib.nullcontext
         return measured_rounding(self.micro, part, self.handler.layers, replay)
@@ -136,7 +142,7 @@ class TwoPassStrategy(BatchNormStrategy):
             size = self.micro.batches.size(batch)
             sizes = balanced_splits(size, -(-size // chunks))
             if measure_layout:
-                self._measure_layout(batch if chunks == 1 else self.micro.batches.split(batch, sizes)[0], handler.ranks)
+                self.measure_layout(batch if chunks == 1 else self.micro.batches.split(batch, sizes)[0], handler.ranks)
             batch = self.layout.convert(batch)
             if chunks == 1:
                 self._whole_phase1(batch, handler)
@@ -162,7 +168,7 @@ class TwoPassStrategy(BatchNormStrategy):
                     self.micro.forward(chunk)
         handler.layers = pooled.commit()
 
-    def _measure_layout(self, batch: Any, ranks: Ranks) -> None:
+    def measure_layout(self, batch: Any, ranks: Ranks) -> None:
         """Phase 1's memory format, timed on ``batch`` the first time (autobatch.batchnorm.layout)."""
         with torch.no_grad(), self.micro.autocast(), quiet_checkpoint():
             self.layout.measure(self.micro.module, self.micro.forward, batch, self.micro.device, ranks)
@@ -183,7 +189,7 @@ class TwoPassStrategy(BatchNormStrategy):
         few values per channel in a micro-batch (their list at INFO)."""
         if not self.micro.once.first("thin layers"):
             return
-        smallest = min([n for n in self._splits if n] or self._splits)
+        smallest = min([n for n in self.splits if n] or self.splits)
         if smallest < SMALL_MICRO_BATCH:
             log.warning("two_pass with micro-batches of %d samples: with so few, a convolutional network trained to a "
                         "worse loss than plain accumulation on real data (docs/benchmarks.md); prefer %d or more per "

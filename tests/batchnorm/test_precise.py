@@ -249,6 +249,23 @@ def test_precise_where_it_can_run_is_the_default_of_auto_only():
         assert isinstance(strategy_for(mode, ab._micro), PreciseTwoPassStrategy) is precise
 
 
+def test_where_precise_cannot_run_the_step_is_handed_to_the_projected_two_pass_itself():
+    """#40: precise is built around the plain two_pass strategy and hands it the step, rather than branching
+    to its parent in each method."""
+    from autobatch.batchnorm.strategy import Plain
+
+    class Branchy(ResidualNet):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > -1e9 else super().forward(-x)
+
+    for net, handed in ((ResidualNet(blocks=1).double(), False), (Branchy(blocks=1).double(), True)):
+        ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4,
+                            bn=autobatch.TwoPass(precise=True), cache=False)
+        precise = ab._strategy
+        assert (precise.for_step([4] * 4, 1) is precise.projected) is handed
+        assert precise.for_step([4] * 4, 2) is precise.projected  # phase 1 in chunks: never precise
+        assert isinstance(precise.for_step([16], 1), Plain)
+
 # -- the default (#38): the full batch's exact gradient, and the plan says so ----------------------------
 
 def default_step(model, batch, **options):

@@ -1,0 +1,78 @@
+"""One BatchNorm layer's backward over the whole logical batch, from the output gradients of its
+micro-batches: what the precise backward (autobatch.batchnorm.segment_run) runs at each cut.
+
+    backward = LayerBackward(x, statistics, weight)    # x: phase 1's input of the layer, whole batch
+    backward.add(0, 4, grad_rows_0_to_4)               # each micro-batch's gradient at the layer's output
+    backward.add(4, 8, grad_rows_4_to_8)
+    backward.parameter_grads()                         # (weight's, bias's): the sums, over the whole batch
+    backward.input_grad(0, 4)                          # the input's gradient, rows at a time
+
+Beside autobatch.batchnorm.full_batch, whose forward it differentiates: the same statistics, and
+the gradient ``nn.BatchNorm`` would give the whole batch in one piece.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from autobatch.batchnorm.statistics import LayerStatistics
+
+__all__ = ["LayerBackward"]
+
+
+class LayerBackward:
+    """One BatchNorm's backward over the whole batch from every micro-batch's output gradient.
+
+    NOTE [the BatchNorm backward over the whole batch]
+    With ``xhat = (x - mean) * invstd`` and ``y = weight * xhat + bias`` over N values per channel, the
+    gradient of the input is::
+
+        dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat))     # g = dL/dy; means over all N
+
+    Both means run over the whole batch, so no row's ``dx`` is known before every micro-batch's ``g`` has
+    come in. `add` keeps ``g`` and the two per-channel sums ``sum(g)`` and ``sum(g * (x - mean))``
+    (``mean(g * xhat) = invstd * sum(g * (x - mean)) / N``); `input_grad` then gives any rows' ``dx``,
+    and `parameter_grads` the weight's (``invstd * sum(g * (x - mean))``) and the bias's (``sum(g)``).
+
+    A worked example: one channel, weight 1, x = [0, 2, 4, 6] (mean 3, invstd 1/sqrt(5)) in two
+    micro-batches of 2, and g = [1, 0 | 0, 0]. The sums: sum(g) = 1, sum(g * (x - mean)) = -3, so
+    mean(g) = 1/4 and mean(g * xhat) = -3 / (4 sqrt(5)). Then sqrt(5) * dx = [0.3, -0.4, -0.1, 0.2], as
+    ``F.batch_norm``'s own backward gives the four rows at once. Taking the means over each micro-batch
+    alone (two_pass's projected backward) gives [-0.4, -0.8, 0, 0]: row 0's sign flips, and the second
+    micro-batch, whose own g is zero, gets no gradient at all.
+    """
+
+    def __init__(self, x: Tensor, layer: LayerStatistics, weight: Optional[Tensor]):
+        self.x, self.layer, self.weight = x, layer, weight
+        self.shape = (1, -1) + (1,) * (x.dim() - 2)
+        self.dims = [0] + list(range(2, x.dim()))
+        self.g = torch.zeros_like(x)
+        self.sum_dy = torch.zeros_like(layer.mean)
+        self.sum_dy_xmu = torch.zeros_like(layer.mean)
+
+    def _centred(self, start: int, stop: int) -> Tensor:
+        return self.x[start:stop].to(self.layer.mean.dtype) - self.layer.mean.view(self.shape)
+
+    def add(self, start: int, stop: int, grad: Optional[Tensor]) -> None:
+        """Rows ``start:stop``'s gradient at the layer's output (None: the micro-batch sent none back)."""
+        if grad is None:
+            return
+        self.g[start:stop] = grad
+        grad = grad.to(self.layer.mean.dtype)
+        self.sum_dy += grad.sum(self.dims)
+        self.sum_dy_xmu += (grad * self._centred(start, stop)).sum(self.dims)
+
+    def parameter_grads(self) -> tuple[Tensor, Tensor]:
+        """The weight's and the bias's gradients, once every micro-batch was added."""
+        return self.sum_dy_xmu * self.layer.invstd, self.sum_dy
+
+    def input_grad(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the input's gradient, once every micro-batch was added."""
+        mean_dy, mean_dy_xmu = (total / self.layer.values_per_channel for total in (self.sum_dy, self.sum_dy_xmu))
+        invstd = self.layer.invstd
+        scale = invstd if self.weight is None else invstd * self.weight.detach().to(invstd.dtype)
+        grad = (self.g[start:stop].to(invstd.dtype) - mean_dy.view(self.shape)
+                - self._centred(start, stop) * (invstd.square() * mean_dy_xmu).view(self.shape))
+        return (grad * scale.view(self.shape)).to(self.x.dtype)

@@ -1,0 +1,51 @@
+"""The precise backward's layout (autobatch.batchnorm.segment_layout): cuts, groups and wiring, no model run."""
+from torch import nn
+
+from autobatch.batchnorm.capture import CapturedGraph
+from autobatch.batchnorm.segment_layout import SegmentLayout
+
+
+class SkipNet(nn.Module):
+    """Three BatchNorms; bn1's output is read again past bn2 (a skip connection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(3, 3, 1) for _ in range(3))
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(3) for _ in range(3))
+
+    def forward(self, x):
+        b = self.bn1(self.conv1(x))
+        d = self.bn2(self.conv2(b.relu())) + b
+        return self.bn3(self.conv3(d)).mean()
+
+
+def layout_of(module):
+    graph = CapturedGraph.trace(module)
+    layout = SegmentLayout(graph.nodes, graph.output, lambda node: graph.batch_norm_module(node) is not None)
+    names = {node.name: node for node in graph.nodes}
+    # What phase 1 would find: every node holds the batch's samples, as a tensor.
+    layout.batched.update(node for node in graph.nodes if node.op != "output")
+    layout.tensors.update(layout.batched)
+    return layout, names
+
+
+def test_segments_start_at_each_cut_and_group_by_the_square_root_of_their_number():
+    layout, _ = layout_of(SkipNet())
+    assert [[node.name for node in segment.nodes] for segment in layout.segments] == [
+        ["x", "conv1"], ["bn1", "relu", "conv2"], ["bn2", "add", "conv3"], ["bn3", "mean"]]
+    assert [segment.norm.name if segment.norm else None for segment in layout.segments] == [None, "bn1", "bn2", "bn3"]
+    assert [[segment.index for segment in group] for group in layout.groups] == [[0, 1], [2, 3]]
+
+
+def test_phase_1_keeps_what_crosses_groups_and_each_segment_reads_its_boundary():
+    layout, n = layout_of(SkipNet())
+    crossing = layout.needed_later(layout.group_nodes(0), layout.group_of.__getitem__)
+    assert {node.name for node in crossing} == {"x", "bn1", "conv2"}  # the input, the skip, bn2's input
+    assert all(layout.done_with(n[name], 0) for name in ("conv1", "relu"))
+    assert not layout.done_with(n["bn1"], 0)  # the skip reads it in the next group
+    layout.connect(set(crossing) | {n["mean"]})
+    assert [[node.name for node in inner] for inner in layout.inner] == [["conv1"], ["conv3"]]
+    assert [[node.name for node in segment.inputs] for segment in layout.segments] == [
+        ["x"], ["conv1"], ["conv2", "bn1"], ["conv3"]]  # x: a placeholder, sliced per micro-batch too
+    assert [[node.name for node in segment.outputs] for segment in layout.segments] == [
+        ["conv1"], ["bn1", "conv2"], ["conv3"], ["mean"]]
