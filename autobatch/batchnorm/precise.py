@@ -45,6 +45,10 @@ __all__ = ["PreciseTwoPassStrategy", "one_process"]
 log = logging.getLogger(__name__)
 
 
+class _Called(Exception):
+    """The model was called: its arguments are what `PreciseTwoPassStrategy._call_of` wanted."""
+
+
 def one_process(micro: MicroStep) -> Optional[str]:
     """Why precise cannot run for ``micro`` (None: it can): its segment backward does not yet reduce the
     BatchNorm sums over ranks. The one place that rule is written."""
@@ -76,6 +80,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         self._captured: Optional[Fingerprint] = None
         #: Why the model runs as plain two_pass (None: not known to be unsupported).
         self._unsupported: Optional[str] = None
+        #: Why torch.fx could not trace the model symbolically (None: it could, or has not tried): the graph is then
+        #: traced on real inputs.
+        self._symbolic_failure: Optional[str] = None
         #: The running step's graph.
         self._run: Optional[SegmentRun] = None
         self._kept_bytes = 0
@@ -96,7 +103,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1."""
         if chunks > 1:
             return f"phase 1 runs in {chunks} chunks to fit the memory budget"
-        return None if self._traced() is not None else self._unsupported
+        self._traced()
+        return self._unsupported  # None also where the graph is still to be traced on real inputs
 
     def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
         norm = self.projected.for_step(splits, chunks)
@@ -184,21 +192,64 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
     # -- phase 1 through the graph ----------------------------------------------------------------
 
     def _traced(self) -> Optional[CapturedGraph]:
-        """The model's graph, traced again whenever the model changed since (never a stale graph); None where
-        it cannot be (the reason kept for the warning)."""
+        """The model's graph, captured again whenever the model changed since (never a stale graph): traced
+        symbolically where torch.fx can; else None, and the graph is traced on a batch's first samples when
+        one comes (`_capture`). The reason precise cannot run is kept for the warning."""
         if self._captured is not None:
             change = self._captured.changed(Fingerprint.of(self.micro.module))
             if change is not None:
                 log.info("autobatch: the model changed since its graph was captured (%s); capturing it again", change)
-                self._graph, self._unsupported, self._captured = None, None, None
-        if self._graph is None and self._unsupported is None:
+                self._graph, self._unsupported, self._symbolic_failure, self._captured = None, None, None, None
+        if self._captured is None:
             try:
                 with quiet_checkpoint():  # tracing calls a reentrant checkpoint with inputs that need no grad
                     self._graph = CapturedGraph.trace(self.micro.module)
             except Unsupported as error:
-                self._unsupported = str(error)
+                self._symbolic_failure = str(error)
             self._captured = Fingerprint.of(self.micro.module)
         return self._graph if self._unsupported is None else None
+
+    def _capture(self, batch: Any) -> CapturedGraph:
+        """The graph for ``batch``: the symbolic one, else the one traced on real inputs, traced (again) on
+        ``batch``'s first samples where its per-sample shapes are not those it was traced at. `Unsupported`
+        (kept as the reason) where neither can be had."""
+        graph = self._traced()
+        if self._unsupported is not None:
+            raise Unsupported(self._unsupported)
+        if self._symbolic_failure is None:
+            return graph
+        args, kwargs = self._call_of(batch)
+        if graph is None or not graph.matches(args, kwargs):
+            saved = (BatchNormState(self.layers), RandomState())  # the traces run the BatchNorms in training mode
+            try:
+                with self.micro.autocast(), quiet_checkpoint():
+                    self._graph = CapturedGraph.trace_with(self.micro.module, args, kwargs)
+            except Unsupported as error:
+                self._graph = None
+                self._unsupported = f"{self._symbolic_failure}, nor on real inputs: {error}"
+                raise Unsupported(self._unsupported) from error
+            finally:
+                put_back([part.restore for part in saved])
+        return self._graph
+
+    def _call_of(self, batch: Any) -> tuple[tuple, dict]:
+        """The arguments the loss calls the model with, for the first 3 samples of ``batch`` (the model itself
+        not run)."""
+        calls: list[tuple[tuple, dict]] = []
+
+        def called(*args: Any, **kwargs: Any) -> Any:
+            calls.append((args, kwargs))
+            raise _Called
+
+        rows = min(3, self.micro.batches.size(batch))
+        with torch.no_grad(), forward_replaced(self.micro.module, called):
+            try:
+                self.micro.forward(self.micro.batches.take(batch, rows))
+            except _Called:
+                pass
+        if not calls:
+            raise Unsupported("the loss does not call the model itself")
+        return calls[0]
 
     def _phase1_through_graph(self, batch: Any) -> SegmentRun:
         self.projected.measure_layout(batch, self.handler.ranks)
@@ -206,6 +257,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     def _graph_pass(self, batch: Any, handler: FullBatchStatistics) -> SegmentRun:
         """Phase 1 of ``batch`` through the graph under ``handler``; the graph's run, boundaries kept."""
+        graph = self._capture(batch)
         rows = self.micro.batches.size(batch)
         cut_layers = [layer for layer in self.layers if layer.training or layer.running_mean is None]
         seen: list[Tensor] = []
@@ -223,7 +275,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         def forward(*args: Any, **kwargs: Any) -> Any:
             if runs:
                 raise Unsupported("the loss calls the model more than once")
-            runs.append(SegmentRun.start(self._graph, args, kwargs, rows, cut_layers))
+            runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
         handler.start_phase1()

@@ -110,8 +110,11 @@ class SegmentRun:
                 raise Unsupported(f"an in-place operation after {node.format_node()}'s segment changes its value, "
                                   "which the backward would apply twice")
         self._output = {node: env[node] for node in self.layout.output_nodes}
+        for node, value in self._output.items():
+            if node in self.layout.batched:  # a micro-batch's loss is taken on its rows of the output
+                self._check_per_sample(node, value)
         self.layout.connect(set(self._kept))
-        return fx.node.map_arg(self.graph.output.args[0], self._output.__getitem__)
+        return self.graph.output_of(fx.node.map_arg(self.graph.output.args[0], self._output.__getitem__))
 
     def _phase1_node(self, node: fx.Node, env: dict[fx.Node, Any], seen: list[Tensor], segment: Segment) -> Any:
         if node.op == "placeholder":
@@ -134,6 +137,19 @@ class SegmentRun:
             self.layout.tensors.add(node)
         return value
 
+    def _check_per_sample(self, node: fx.Node, value: Any) -> None:
+        """A tensor that depends on the batch and crosses a cut (or is an output) is cut into micro-batches by
+        its first dimension: it must hold the batch's samples there."""
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self.rows:
+            return
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        hint = ""
+        if node in self.layout.output_nodes or any(user.op == "output" for user in node.users):
+            hint = (" (a loss computed inside forward?); compute the loss outside the model, in loss_fn or "
+                    "compute_loss")
+        raise Unsupported(f"{node.format_node()} gives a value of shape {shape} that depends on the batch but does not "
+                          f"hold its {self.rows} samples first{hint}")
+
     def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         self._interpreter.env = env
         return self._interpreter.run_node(node)
@@ -150,9 +166,7 @@ class SegmentRun:
                 continue
             env[node] = value  # phase 1 goes on with it; the backward evaluates non-tensors again
             if node in self.layout.batched and node in self.layout.tensors:
-                if value.dim() == 0 or value.shape[0] != self.rows:
-                    raise Unsupported(f"{node.format_node()} gives a tensor of shape {tuple(value.shape)} that "
-                                      f"depends on the batch but does not hold its {self.rows} samples first")
+                self._check_per_sample(node, value)
                 self._kept[node] = value
             elif node.op == "placeholder":
                 self._kept[node] = value
@@ -184,7 +198,7 @@ class SegmentRun:
                 self._leaves.append((node, leaf))
             return leaf
 
-        return fx.node.map_arg(self.graph.output.args[0], rows_of)
+        return self.graph.output_of(fx.node.map_arg(self.graph.output.args[0], rows_of))
 
     def take_output_grads(self, start: int, rows: int) -> None:
         for node, leaf in self._leaves:

@@ -2,8 +2,11 @@
 
 Where the model draws random numbers, the reference is the full batch with the same masks: the
 generator seeded alike before its forward and before the step, whose phase 1 draws them in the same order."""
+import collections
 import copy
+import dataclasses
 import logging
+import math
 
 import pytest
 import torch
@@ -261,6 +264,7 @@ def test_where_precise_cannot_run_the_step_is_handed_to_the_projected_two_pass_i
     for net, handed in ((ResidualNet(blocks=1).double(), False), (Branchy(blocks=1).double(), True)):
         ab = autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, ce, micro_batch=4,
                             bn=autobatch.TwoPass(precise=True), cache=False)
+        ab.step(*data(16, (3, 6, 6)))  # the branch on values is found tracing on real inputs, in phase 1
         precise = ab._strategy
         assert (precise.for_step([4] * 4, 1) is precise.projected) is handed
         assert precise.for_step([4] * 4, 2) is precise.projected  # phase 1 in chunks: never precise
@@ -404,3 +408,112 @@ def test_a_batch_norm_over_a_transposed_tensor_is_named_not_a_shape_error(caplog
     assert "BatchNorm layer 'bn' normalizes a tensor whose first dimension (6) is not the batch's samples (8)" \
         in caplog.text
     assert_same_state(before, model_state(model))
+
+
+# -- models torch.fx cannot trace symbolically, traced on real inputs (#38.2) ------------------------------
+
+@dataclasses.dataclass
+class Output(collections.OrderedDict):
+    """A dict output of a class of its own, as transformers' ModelOutput is."""
+
+    logits: torch.Tensor = None
+
+    def __post_init__(self):
+        self["logits"] = self.logits
+
+
+class ShapeBranches(nn.Module):
+    """Python that reads shapes: a check of the channels, "same" padding from the input's size (timm's
+    Conv2dSame), a layer chosen by the image's size; and a ModelOutput-like output."""
+
+    def __init__(self, channels=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, stride=2)
+        self.bn0 = nn.BatchNorm2d(channels)
+        self.small, self.large = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("three channels, please")
+        height, width = x.shape[-2:]
+        pad_h = max((math.ceil(height / 2) - 1) * 2 + 3 - height, 0)
+        pad_w = max((math.ceil(width / 2) - 1) * 2 + 3 - width, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        y = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1((self.small if y.size(-1) < 4 else self.large)(y)))
+        return Output(logits=self.head(y.mean((2, 3))))
+
+
+def output_loss(model, batch):
+    return ce(model(batch[0]).logits, batch[1])
+
+
+@pytest.mark.parametrize("size", [7, 5], ids=["large branch", "small branch"])
+def test_a_forward_that_branches_on_shapes_gets_the_exact_gradient(size):
+    torch.manual_seed(0)
+    net = ShapeBranches().double()
+    batch = data(16, (3, size, size))
+    with pytest.raises(Exception, match="control flow"):
+        torch.fx.symbolic_trace(net)  # what the symbolic capture meets
+    expected = full_grad(copy.deepcopy(net), batch, loss=output_loss)
+    got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss)
+    assert ab.plan.gradient == "precise: the full batch's exact gradient"
+    assert relative_error(got, expected) < 1e-12
+
+
+def test_a_new_image_size_is_traced_again_and_stays_exact(caplog):
+    torch.manual_seed(0)
+    net = ShapeBranches().double()
+    model, reference = copy.deepcopy(net), copy.deepcopy(net)
+    grads = []
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, compute_loss=output_loss,
+                        micro_batch=4, bn=PRECISE, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for size in (7, 5, 7):
+        batch = data(16, (3, size, size), seed=size)
+        ab.step(batch)
+        expected = full_grad(reference, batch, loss=output_loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert relative_error(grads[-1], expected) < 1e-12
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_forward_whose_steps_depend_on_the_batch_size_trains_as_two_pass_and_says_why(caplog):
+    class BySize(ShapeBranches):
+        def forward(self, x):
+            return super().forward(x if x.shape[0] > 2 else x * 2)
+
+    torch.manual_seed(0)
+    net = BySize().double()
+    batch = data(16, (3, 7, 7))
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss)
+    said = [r.getMessage() for r in caplog.records if "precise=True" in r.getMessage()]
+    assert len(said) == 1 and "traced on 2 and on 3 samples takes other steps" in said[0]
+    plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss,
+                         bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    assert torch.equal(got, plain)
+
+
+def test_a_loss_inside_forward_trains_as_two_pass_and_says_to_move_it_out(caplog):
+    class LossInside(ShapeBranches):
+        def forward(self, x, labels=None):
+            logits = super().forward(x).logits
+            return {"loss": ce(logits, labels), "logits": logits} if labels is not None else {"logits": logits}
+
+    def inside(model, batch):
+        return model(batch[0], labels=batch[1])["loss"]
+
+    torch.manual_seed(0)
+    net = LossInside().double()
+    batch = data(16, (3, 7, 7))
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside)
+    said = [r.getMessage() for r in caplog.records if "precise=True" in r.getMessage()]
+    assert len(said) == 1 and "compute the loss outside the model" in said[0]
+    plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside,
+                         bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
+    assert torch.equal(got, plain)
