@@ -101,6 +101,9 @@ class LogicalStep:
             for index, size in enumerate(splits):
                 part = parts[index] if size else batches.take(batch, 1)
                 mean_loss = self._micro_batch(part, index, state)
+        if norm.has_segment_backward:
+            self.meter.micro_batches_done()  # the segment backward's memory is measured apart (planning.model)
+            norm.after_micro_batches()
         state.count_once()
         layers = norm.finish()
         if watch is not None:

@@ -89,6 +89,9 @@ class Plan:
     """Device bytes of the optimizer update's undo copies (``update_copies``), part of every predicted peak."""
     checkpointing: Checkpointing = Checkpointing()
     """bn="exact": the submodules checkpointed during a step."""
+    not_precise: Optional[str] = None
+    """two_pass: why its precise backward does not run under this plan (its segment backward does not fit the
+    memory); None where it may."""
     candidates: tuple[Candidate, ...] = ()
     """bn="exact" or "auto": every policy measured, with the whole batch's peak and step time."""
     sample_size: int = 0

@@ -21,6 +21,9 @@ class Stage(enum.Enum):
     MICRO_BATCHES = "micro-batches"
     #: two_pass's phase 1, the no-grad forward of the whole batch (more chunks recover it).
     PHASE1 = "phase 1"
+    #: The precise backward after the micro-batches, segment by segment over the whole batch (a smaller
+    #: micro-batch does not shrink it: the projected backward recovers it).
+    SEGMENT_BACKWARD = "precise backward"
     #: Clipping, ``before_step`` and the optimizer's update.
     UPDATE = "optimizer update"
 

@@ -51,6 +51,10 @@ class AutoStrategy(BatchNormStrategy):
     def for_step(self, splits: list[int], chunks: int = 1) -> BatchNormStrategy:
         return self.chosen.for_step(splits, chunks)
 
+    @property
+    def has_segment_backward(self) -> bool:  # type: ignore[override]
+        return self.two_pass.has_segment_backward
+
     def needs_phase1(self) -> bool:
         return self.two_pass.needs_phase1()
 

@@ -67,6 +67,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     name = TwoPass.name
     gradient = "precise: the full batch's exact gradient"
+    has_segment_backward = True
 
     def __init__(self, projected: TwoPassStrategy):
         why_not = one_process(projected.micro)
@@ -86,6 +87,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         #: The running step's graph.
         self._run: Optional[SegmentRun] = None
         self._kept_bytes = 0
+        #: Why the plan runs the projected backward (its segment backward did not fit the memory); None: it may.
+        self._not_planned: Optional[str] = None
 
     # What precise shares with the projected two_pass: phase 1's statistics, its random draws, its memory format.
     handler = property(lambda self: self.projected.handler)
@@ -96,11 +99,17 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         words = self.projected.gradient_of(plan)
         if words != self.projected.gradient:
             return words  # one piece, or no batch statistics: exact either way
-        reason = self._cannot_run(plan.phase1_chunks)
+        reason = self._cannot_run(plan.phase1_chunks, plan.not_precise)
         return self.gradient if reason is None else f"{words} (precise cannot run: {reason})"
 
-    def _cannot_run(self, chunks: int) -> Optional[str]:
-        """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1."""
+    def adopt(self, plan: Plan) -> None:
+        self._not_planned = plan.not_precise
+
+    def _cannot_run(self, chunks: int, planned: Optional[str] = None) -> Optional[str]:
+        """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1;
+        ``planned``: why the plan does not run it, if it does not."""
+        if planned is not None:
+            return planned
         if chunks > 1:
             return f"phase 1 runs in {chunks} chunks to fit the memory budget"
         self._traced()
@@ -110,7 +119,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         norm = self.projected.for_step(splits, chunks)
         if norm is not self.projected:
             return norm  # plain
-        reason = self._cannot_run(chunks)
+        reason = self._cannot_run(chunks, self._not_planned)
         if reason is not None:
             self._warn_unsupported(reason)
             return self.projected
@@ -167,13 +176,14 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     @contextlib.contextmanager
     def backward(self, first_row: int, size: int) -> Iterator[None]:
-        run = self._run
         yield
-        run.take_output_grads(first_row, size)
-        if first_row + size == run.rows:  # the last micro-batch: the whole graph's backward, segment by segment
-            with entered(Stage.MICRO_BATCHES), self.micro.autocast(), quiet_checkpoint():
-                run.backward(self.projected.splits, self.handler.layers, intercept_batch_norm, self._replay)
-            self._run = None
+        self._run.take_output_grads(first_row, size)
+
+    def after_micro_batches(self) -> None:
+        """The whole graph's backward, segment by segment, from every micro-batch's output gradient."""
+        run, self._run = self._run, None
+        with entered(Stage.SEGMENT_BACKWARD), self.micro.autocast(), quiet_checkpoint():
+            run.backward(self.projected.splits, self.handler.layers, intercept_batch_norm, self._replay)
 
     def check(self) -> Optional[BaseException]:
         return self.projected.check()

@@ -11,6 +11,8 @@ The step drives one strategy object per logical batch, the same way for every mo
             error = norm.check()                     # before the last backward
             with norm.backward(first_row, size):
                 loss.backward()
+    if norm.has_segment_backward:
+        norm.after_micro_batches()                   # precise: the segment backward
     layers = norm.finish()                           # the layers whose running statistics it set
 """
 from __future__ import annotations
@@ -109,6 +111,13 @@ class BatchNormStrategy:
     def backward(self, first_row: int, size: int) -> ContextManager[None]:
         """Around the micro-batch's backward, where activation checkpointing calls BatchNorm again."""
         return intercept_batch_norm(recompute_with_own_statistics)
+
+    #: Whether its steps run a segment backward after the micro-batches (`after_micro_batches`), whose memory
+    #: does not follow the micro-batch: the planner measures and sizes it apart.
+    has_segment_backward: ClassVar[bool] = False
+
+    def after_micro_batches(self) -> None:
+        """After every micro-batch's backward: the work that needs all of them (precise's segment backward)."""
 
     def check(self) -> Optional[BaseException]:
         """The error that refuses this step, found before its last backward; None if it may go on."""

@@ -146,9 +146,11 @@ class StepMeter:
             phase_one()
             meter.phase1_done(ran=True)
             micro_batches()
+            meter.micro_batches_done()        # where work follows them: precise's segment backward
+            segment_backward()
             meter.update_starts()
             update()
-        meter.phase1_peak, meter.micro_batches_peak, meter.update_peak
+        meter.phase1_peak, meter.micro_batches_peak, meter.segment_backward_peak, meter.update_peak
     """
 
     def __init__(self, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -164,6 +166,8 @@ class StepMeter:
         self.peak: Optional[int] = None
         self.phase1_peak: Optional[int] = None
         self._micro_batches: Optional[int] = None
+        self._segment_backward: Optional[int] = None
+        self._after_micro_batches = False
         self._updated = False
 
     def __enter__(self) -> "StepMeter":
@@ -195,13 +199,30 @@ class StepMeter:
         if ran:
             self.phase1_peak = peak
 
+    def micro_batches_done(self) -> None:
+        """The micro-batches ended and work follows them before the update (precise's segment backward): their
+        peak is kept, and that work's measured apart."""
+        self._micro_batches, self._after_micro_batches = self.stage_done(), True
+
     def update_starts(self) -> None:
-        """The micro-batches ended: their peak is kept, and the update's measured apart."""
-        self._micro_batches, self._updated = self.stage_done(), True
+        """The micro-batches (and what followed them) ended: their peaks are kept, the update's measured apart."""
+        peak = self.stage_done()
+        if self._after_micro_batches:
+            self._segment_backward = peak
+        else:
+            self._micro_batches = peak
+        self._updated = True
 
     @property
     def micro_batches_peak(self) -> Optional[int]:
-        return self._micro_batches if self._updated else self.peak
+        return self._micro_batches if self._updated or self._after_micro_batches else self.peak
+
+    @property
+    def segment_backward_peak(self) -> Optional[int]:
+        """Precise's segment backward's peak; None where the step had none (or was not measured)."""
+        if not self._after_micro_batches:
+            return None
+        return self._segment_backward if self._updated else self.peak
 
     @property
     def update_peak(self) -> Optional[int]:

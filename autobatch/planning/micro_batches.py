@@ -129,9 +129,15 @@ class MicroBatchSizing(Sizing):
 
     def for_batch(self, state: PlannerState, plan: Plan, batch: Any, s: int) -> tuple[Plan, bool]:
         g = self.setting
+        plan = state.recovery.capped(self.for_size(state, plan, s, batch))
         measure = g.micro.device.type == "cuda" or not state.model.covers(s) or (
-            state.phase1 is not None and plan.capacity < g.share and not state.phase1.covers(s))
-        return state.recovery.capped(self.for_size(state, plan, s, batch)), measure
+            state.phase1 is not None and plan.capacity < g.share and not state.phase1.covers(s)) or (
+            self._segment_backward(plan) and s not in state.model.backwards)
+        return plan, measure
+
+    def _segment_backward(self, plan: Plan) -> bool:
+        """Whether a step under ``plan`` runs precise's segment backward after its micro-batches."""
+        return self.setting.strategy.has_segment_backward and plan.not_precise is None and len(plan.splits) > 1
 
     def for_size(self, state: PlannerState, plan: Plan, s: int, batch: Any = None) -> Plan:
         """``plan`` for batches of ``s`` elements per sample: the model's largest micro-batch, and phase 1
@@ -151,8 +157,18 @@ class MicroBatchSizing(Sizing):
         reason = (f"largest micro-batch the memory model predicts under {state.limit.describe()} for samples of {s} "
                   f"elements: {format_bytes(model.per_sample(s))} per sample{bounded}")
         runs = max(balanced_splits(g.share, capacity))
-        return plan.replace(capacity=capacity, reason=reason, predicted_peak_bytes=model.predict(runs, s),
-                            phase1_chunks=chunks, **described(model, s))
+        predicted, not_precise = model.predict(runs, s), None
+        if self.setting.strategy.has_segment_backward and capacity < g.share and model.backwards:
+            # The segment backward holds whole-batch tensors whatever the micro-batch: where it passes the budget
+            # no micro-batch makes it fit, and the projected backward runs instead.
+            backward = int(model.backward(s))
+            if backward > state.limit.budget_bytes:
+                not_precise = (f"its segment backward peaks at {format_bytes(backward)} for samples of {s} "
+                               f"elements, over the budget of {format_bytes(state.limit.budget_bytes)}")
+            else:
+                predicted = max(predicted, backward)
+        return plan.replace(capacity=capacity, reason=reason, predicted_peak_bytes=predicted, phase1_chunks=chunks,
+                            not_precise=not_precise, **described(model, s))
 
     def _learn_phase1(self, state: PlannerState, batch: Any, s: int) -> None:
         """Phase 1 measured by a trial at the first sample size that splits the batch; at later sizes the
@@ -210,6 +226,13 @@ class MicroBatchSizing(Sizing):
         """More phase-1 chunks if phase 1 ran out of memory, else a smaller micro-batch; kept for this sample
         size until ``grow_after`` clean steps."""
         recovery = state.recovery
+        if stage is Stage.SEGMENT_BACKWARD:
+            # The segment backward holds the whole batch's tensors at its cuts: a smaller micro-batch would not
+            # shrink it. The projected backward, which holds none, runs at this sample size instead.
+            why = f"its segment backward ran out of memory ({message})"
+            recovery.not_precise[plan.sample_size] = why
+            return plan.replace(not_precise=why, reason=f"out of memory in precise's segment backward: the projected "
+                                                        f"backward for samples of {plan.sample_size} elements")
         if stage is Stage.PHASE1:
             chunks = min(self.setting.share, plan.phase1_chunks * 2)
             if chunks == plan.phase1_chunks:

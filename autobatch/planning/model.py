@@ -64,6 +64,22 @@ class MemoryModel:
     base_hint: float = 0.0
     #: Per sample size, the update's measured peak (gradients, optimizer state, its undo copies, temporaries).
     updates: dict[int, int] = field(default_factory=dict)
+    #: Per sample size, precise's segment backward's measured peak: whole-batch tensors at its cuts, whatever the
+    #: micro-batch (autobatch.batchnorm.segment_run).
+    backwards: dict[int, int] = field(default_factory=dict)
+
+    def add_backward(self, s: int, peak: int) -> None:
+        """A measured peak of the segment backward at ``s`` (the larger of it and an earlier one is kept)."""
+        self.backwards[s] = max(int(peak), self.backwards.get(s, 0))
+
+    def backward(self, s: int) -> float:
+        """The segment backward's peak at ``s``: what it held above the fixed part at a measured size, grown as a
+        sample's activations grow (the fit, or its bound beyond the measured sizes); 0 where none was measured."""
+        if not self.backwards or not self.points:
+            return float(max(self.backwards.values(), default=0))
+        growth = {size: self.per_sample(s) / max(self.per_sample(size), 1.0) for size in self.backwards}
+        return max(self.fixed(s) + max(0.0, peak - self.fixed(size)) * growth[size]
+                   for size, peak in self.backwards.items())
 
     def add_update(self, s: int, peak: int) -> None:
         """A measured peak of the update at sample size ``s`` (the larger of it and an earlier one is kept)."""
@@ -183,5 +199,7 @@ class MemoryModel:
                   "linear": f"linear in the sample size, measured at {measured} elements per sample",
                   "quadratic": f"quadratic in the sample size, measured at {measured} elements per sample"}[form]
         update = f"; the optimizer update after them peaks at {format_bytes(self.update(s))}" if self.updates else ""
+        if self.backwards:
+            update += f"; precise's segment backward at {format_bytes(self.backward(s))}"
         return (f"{format_bytes(self.fixed(s))} + {format_bytes(self.per_sample(s))} per sample, for samples of {s} "
                 f"elements (per sample: {growth}){update}")

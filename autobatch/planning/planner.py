@@ -188,7 +188,8 @@ class Planner:
         if not record.checkpointing.applies_to(setting.micro.module):
             log.warning("autobatch: the cached plan %s does not match this model; measuring afresh", path)
             return None
-        state.model = MemoryModel(record.resident_per_element, list(record.points), updates=dict(record.updates))
+        state.model = MemoryModel(record.resident_per_element, list(record.points), updates=dict(record.updates),
+                                  backwards=dict(record.backwards))
         state.phase1 = MemoryModel(record.resident_per_element, list(record.phase1_points), record.phase1_base) \
             if record.phase1_points else None
         state.failed = dict(record.failed)
@@ -217,6 +218,10 @@ class Planner:
         if update_peak is not None and update_peak > model.update(s) * 1.01:
             model.add_update(s, update_peak)
             learned = True
+        backward_peak = meter.segment_backward_peak
+        if backward_peak is not None and (s not in model.backwards or backward_peak > model.backward(s) * 1.01):
+            model.add_backward(s, backward_peak)
+            learned = True
         if phase1_peak is not None:
             if state.phase1 is None:
                 state.phase1 = MemoryModel(model.resident_per_element, [], model.base)
@@ -240,7 +245,7 @@ class Planner:
             phase1_points=list(phase1.points) if phase1 is not None else [],
             phase1_base=phase1.base_hint if phase1 is not None else 0.0, phase1_chunks=plan.phase1_chunks,
             budget_bytes=plan.budget_bytes, bn=plan.bn, checkpointing=plan.checkpointing,
-            failed=dict(state.failed), updates=dict(state.model.updates)))
+            failed=dict(state.failed), updates=dict(state.model.updates), backwards=dict(state.model.backwards)))
 
     def _after_out_of_memory(self, stage: Stage, message: str) -> None:
         """A smaller plan for the same batch: a ceiling on this sample size's micro-batch (or a floor on its

@@ -75,6 +75,8 @@ class PlanRecord:
     failed: dict[int, int] = field(default_factory=dict)
     #: Per sample size, the update's measured peak (autobatch.planning.model).
     updates: dict[int, int] = field(default_factory=dict)
+    #: Per sample size, precise's segment backward's measured peak (autobatch.planning.model).
+    backwards: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "capacity": self.capacity, "points": [list(p) for p in self.points],
@@ -83,7 +85,8 @@ class PlanRecord:
                 "phase1_chunks": self.phase1_chunks, "budget_bytes": self.budget_bytes, "bn": str(self.bn),
                 "checkpointed": list(self.checkpointing.modules), "selective": self.checkpointing.selective,
                 "label": self.checkpointing.label, "failed": [[s, n] for s, n in sorted(self.failed.items())],
-                "updates": [[s, peak] for s, peak in sorted(self.updates.items())]}
+                "updates": [[s, peak] for s, peak in sorted(self.updates.items())],
+                "backwards": [[s, peak] for s, peak in sorted(self.backwards.items())]}
 
     @classmethod
     def from_json(cls, data: Any, share: Optional[int] = None) -> "PlanRecord":
@@ -109,7 +112,8 @@ class PlanRecord:
         return cls(capacity=capacity, points=points, resident_per_element=float(data.get("resident_per_element", 0.0)),
                    phase1_points=phase1_points, phase1_base=float(data.get("phase1_base", 0.0)), phase1_chunks=chunks,
                    budget_bytes=budget, bn=Mode(bn), checkpointing=_checkpointing(data),
-                   failed=_failed(data.get("failed", [])), updates=_updates(data.get("updates", [])))
+                   failed=_failed(data.get("failed", [])), updates=_updates(data.get("updates", [])),
+                   backwards=_updates(data.get("backwards", []), "backwards"))
 
 
 def _checkpointing(data: dict[str, Any]) -> Checkpointing:
@@ -121,10 +125,10 @@ def _checkpointing(data: dict[str, Any]) -> Checkpointing:
     return Checkpointing(tuple(modules), selective, label)
 
 
-def _updates(value: Any) -> dict[int, int]:
+def _updates(value: Any, name: str = "updates") -> dict[int, int]:
     _check(isinstance(value, list) and all(isinstance(u, list) and len(u) == 2 and _positive_int(u[0])
                                            and u[0] <= MAX_SIZE and _size(u[1]) for u in value),
-           "updates are not [elements per sample, peak bytes] pairs")
+           f"{name} are not [elements per sample, peak bytes] pairs")
     return {size: int(peak) for size, peak in value}
 
 

@@ -28,6 +28,8 @@ class Recovery:
     ceilings: dict[int, tuple[int, str]] = field(default_factory=dict)
     #: Per sample size, the fewest phase-1 chunks running out of memory left.
     chunks: dict[int, int] = field(default_factory=dict)
+    #: Per sample size, why the precise backward is not run: its segment backward ran out of memory.
+    not_precise: dict[int, str] = field(default_factory=dict)
 
     def ran_out_of_memory(self) -> None:
         self.clean_steps = 0
@@ -47,16 +49,19 @@ class Recovery:
             plan = plan.replace(capacity=self.ceilings[s][0], reason=self.ceilings[s][1])
         if s in self.chunks and plan.phase1_chunks < self.chunks[s]:
             plan = plan.replace(phase1_chunks=self.chunks[s])
+        if s in self.not_precise and plan.not_precise is None:
+            plan = plan.replace(not_precise=self.not_precise[s])
         return plan
 
     def after_clean_step(self, grow_after: Optional[int]) -> bool:
         """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
         lifted, and the memory model's sizes apply again."""
-        if grow_after is None or not self.ceilings:
+        if grow_after is None or not (self.ceilings or self.not_precise):
             return False
         self.clean_steps += 1
         if self.clean_steps < grow_after:
             return False
         self.clean_steps = 0
         self.ceilings.clear()
+        self.not_precise.clear()
         return True

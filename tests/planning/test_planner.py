@@ -411,7 +411,8 @@ def test_every_step_measured_above_its_prediction_corrects_the_model():
     model = planner.state.model
     before = model.predict(n, s)
     above = int(plan.predicted_peak_bytes * 1.05)  # within the safety margin, but above the prediction
-    meter = types.SimpleNamespace(micro_batches_peak=above, phase1_peak=None, update_peak=None)
+    meter = types.SimpleNamespace(micro_batches_peak=above, phase1_peak=None, update_peak=None,
+                                  segment_backward_peak=None)
     assert not planner.went(Ran(plan, n, meter, measured=True))
     assert (n, s, above) in model.points and model.predict(n, s) > before
     assert planner.sizing.for_size(planner.state, plan, s).capacity <= plan.capacity
