@@ -514,16 +514,7 @@ def test_a_forward_whose_steps_depend_on_the_batch_size_trains_as_two_pass_and_s
         def forward(self, x):
             return super().forward(x if x.shape[0] > 2 else x * 2)
 
-    torch.manual_seed(0)
-    net = BySize().double()
-    batch = data(16, (3, 7, 7))
-    with caplog.at_level(logging.WARNING, logger="autobatch"):
-        got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss)
-    said = [r.getMessage() for r in caplog.records if "precise=True" in r.getMessage()]
-    assert len(said) == 1 and "traced on 2 and on 3 samples takes other steps" in said[0]
-    plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss,
-                         bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
-    assert torch.equal(got, plain)
+    assert_trains_as_two_pass(BySize(), output_loss, "traced on 2 and on 3 samples takes other steps", caplog)
 
 
 def test_a_loss_inside_forward_trains_as_two_pass_and_says_to_move_it_out(caplog):
@@ -535,13 +526,18 @@ def test_a_loss_inside_forward_trains_as_two_pass_and_says_to_move_it_out(caplog
     def inside(model, batch):
         return model(batch[0], labels=batch[1])["loss"]
 
+    assert_trains_as_two_pass(LossInside(), inside, "compute the loss outside the model", caplog)
+
+
+def assert_trains_as_two_pass(module, compute_loss, reason, caplog):
+    """Precise refuses ``module`` (the warning names ``reason``, once) and the step is two_pass's, bit for bit."""
     torch.manual_seed(0)
-    net = LossInside().double()
+    net = module.double()
     batch = data(16, (3, 7, 7))
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside)
+        got, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=compute_loss)
     said = [r.getMessage() for r in caplog.records if "precise=True" in r.getMessage()]
-    assert len(said) == 1 and "compute the loss outside the model" in said[0]
-    plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside,
+    assert len(said) == 1 and reason in said[0]
+    plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=compute_loss,
                          bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     assert torch.equal(got, plain)
