@@ -217,7 +217,10 @@ class CapturedGraph:
         if rows < 3:
             raise Unsupported(f"the model's forward traced on real inputs needs 3 samples or more (has {rows})")
         tracers = [cls._trace_rows(module, bound.arguments, n) for n in (2, 3)]
-        if tracers[0].graph.python_code("self").src != tracers[1].graph.python_code("self").src:
+        if _code(tracers[0]) != _code(tracers[1]):
+            # A forward may set state on its first call (transformers' config.problem_type): once more on 2.
+            tracers[0] = cls._trace_rows(module, bound.arguments, 2)
+        if _code(tracers[0]) != _code(tracers[1]):
             raise Unsupported(f"{type(module).__name__}'s forward traced on 2 and on 3 samples takes other steps: "
                               "they depend on the batch's size, or on state the forward itself changes")
         captured = cls(module, tracers[1].graph)
@@ -272,6 +275,10 @@ class CapturedGraph:
                 from error
         bound.apply_defaults()
         return {node: bound.arguments.get(node.target) for node in self.placeholders}
+
+
+def _code(tracer: "_ValueTracer") -> str:
+    return tracer.graph.python_code("self").src
 
 
 def _rows(values: Any) -> int:

@@ -76,6 +76,10 @@ class SegmentRun:
         #: BatchNorm backwards whose input gradient is still to be taken, by the node of their input.
         self._pending: dict[fx.Node, list[LayerBackward]] = {}
         self._leaves: list[tuple[fx.Node, Tensor]] = []
+        #: The outputs each micro-batch computes itself (a loss inside forward), and what they read.
+        self._tail: list[fx.Node] = []
+        self._tail_inputs: list[fx.Node] = []
+        self._tail_recomputed: list[fx.Node] = []
         self._interpreter = fx.Interpreter(graph.graph_module)
 
     @classmethod
@@ -110,9 +114,7 @@ class SegmentRun:
                 raise Unsupported(f"an in-place operation after {node.format_node()}'s segment changes its value, "
                                   "which the backward would apply twice")
         self._output = {node: env[node] for node in self.layout.output_nodes}
-        for node, value in self._output.items():
-            if node in self.layout.batched:  # a micro-batch's loss is taken on its rows of the output
-                self._check_per_sample(node, value)
+        self._reductions(env)
         self.layout.connect(set(self._kept))
         return self.graph.output_of(fx.node.map_arg(self.graph.output.args[0], self._output.__getitem__))
 
@@ -137,10 +139,38 @@ class SegmentRun:
             self.layout.tensors.add(node)
         return value
 
+    def _reductions(self, env: dict[fx.Node, Any]) -> None:
+        """The outputs that depend on the batch but are not per sample: a loss computed inside forward. Each
+        micro-batch computes its own from its rows of the per-sample tensors phase 1 kept (the logits, the
+        labels), as its forward would have (`output_rows`); so they must read kept tensors through
+        operations without parameters, and nothing else."""
+        self._tail = [node for node in self.layout.output_nodes
+                      if node in self.layout.batched and not self._per_sample(self._output[node])]
+        if not self._tail:
+            self._tail_inputs, self._tail_recomputed = [], []
+            return
+        kept = set(self._kept)
+        self._tail_inputs, self._tail_recomputed = self.layout.wire(self._tail, kept)
+        for node in self._tail_recomputed + self._tail:
+            if node.op in ("call_module", "get_attr") or node.op == "placeholder":
+                raise Unsupported(
+                    f"the model's output {self._tail[0].format_node()} depends on the batch but does not hold its "
+                    f"{self.rows} samples first, and reads {node.format_node()} besides the tensors the forward "
+                    "returns (a loss computed inside forward?); return the logits too, or compute the loss "
+                    "outside the model, in loss_fn or compute_loss")
+        for node in self._tail_inputs:
+            if node in self.layout.batched:
+                self._check_per_sample(node, self._kept[node])
+        # The layout cuts per-sample tensors only: the reductions are the micro-batches' own.
+        self.layout.batched.difference_update(self._tail)
+
+    def _per_sample(self, value: Any) -> bool:
+        return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self.rows
+
     def _check_per_sample(self, node: fx.Node, value: Any) -> None:
         """A tensor that depends on the batch and crosses a cut (or is an output) is cut into micro-batches by
         its first dimension: it must hold the batch's samples there."""
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self.rows:
+        if self._per_sample(value):
             return
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         hint = ""
@@ -166,6 +196,8 @@ class SegmentRun:
                 continue
             env[node] = value  # phase 1 goes on with it; the backward evaluates non-tensors again
             if node in self.layout.batched and node in self.layout.tensors:
+                if node in self.layout.output_nodes and not self._per_sample(value):
+                    continue  # a reduction the forward returns (its loss): each micro-batch computes its own
                 self._check_per_sample(node, value)
                 self._kept[node] = value
             elif node.op == "placeholder":
@@ -188,8 +220,15 @@ class SegmentRun:
         """Rows ``start:start + rows`` of phase 1's output (the full batch's), as leaves whose
         gradients `take_output_grads` collects."""
         self._leaves = []
+        reductions: dict[fx.Node, Any] = {}
+        if self._tail:  # the micro-batch's own loss, from its rows of what the forward returns beside it
+            env = self._rows_env(self._tail_inputs, self._tail_recomputed, start, start + rows, self._leaves)
+            for node in self._tail:
+                reductions[node] = env[node] = self._run(node, env)
 
         def rows_of(node: fx.Node) -> Any:
+            if node in reductions:
+                return reductions[node]
             value = self._output[node]
             if node not in self.layout.batched or not isinstance(value, Tensor):
                 return value

@@ -517,16 +517,41 @@ def test_a_forward_whose_steps_depend_on_the_batch_size_trains_as_two_pass_and_s
     assert_trains_as_two_pass(BySize(), output_loss, "traced on 2 and on 3 samples takes other steps", caplog)
 
 
-def test_a_loss_inside_forward_trains_as_two_pass_and_says_to_move_it_out(caplog):
-    class LossInside(ShapeBranches):
-        def forward(self, x, labels=None):
-            logits = super().forward(x).logits
-            return {"loss": ce(logits, labels), "logits": logits} if labels is not None else {"logits": logits}
+class LossInside(ShapeBranches):
+    """transformers' way: with labels, forward returns its loss beside the logits (a loss module made in forward)."""
 
-    def inside(model, batch):
-        return model(batch[0], labels=batch[1])["loss"]
+    def forward(self, x, labels=None):
+        logits = super().forward(x).logits
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.CrossEntropyLoss()(logits.view(-1, 5), labels.view(-1)), "logits": logits}
 
-    assert_trains_as_two_pass(LossInside(), inside, "compute the loss outside the model", caplog)
+
+def inside(model, batch):
+    return model(batch[0], labels=batch[1])["loss"]
+
+
+def test_a_loss_inside_forward_gets_the_exact_gradient():
+    """Each micro-batch computes the forward's loss on its rows of the logits phase 1 kept, as its own forward
+    would have; the segment backward goes on from the logits."""
+    torch.manual_seed(0)
+    net = LossInside().double()
+    batch = data(16, (3, 7, 7))
+    expected = full_grad(copy.deepcopy(net), batch, loss=inside)
+    got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside)
+    assert ab.plan.gradient == "precise: the full batch's exact gradient"
+    assert relative_error(got, expected) < 1e-12
+
+
+def test_a_loss_inside_forward_on_what_it_does_not_return_trains_as_two_pass_and_says_why(caplog):
+    class LossOnly(ShapeBranches):
+        def forward(self, x, labels):
+            return F.cross_entropy(super().forward(x).logits, labels)
+
+    def loss_only(model, batch):
+        return model(batch[0], batch[1])
+
+    assert_trains_as_two_pass(LossOnly(), loss_only, "return the logits too", caplog)
 
 
 def assert_trains_as_two_pass(module, compute_loss, reason, caplog):
