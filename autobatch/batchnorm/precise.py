@@ -100,7 +100,11 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         if words != self.projected.gradient:
             return words  # one piece, or no batch statistics: exact either way
         reason = self._cannot_run(plan.phase1_chunks, plan.not_precise)
-        return self.gradient if reason is None else f"{words} (precise cannot run: {reason})"
+        if reason is not None:
+            return f"{words} (precise cannot run: {reason})"
+        if self._graph is None:  # torch.fx could not trace it symbolically; the first step traces it on real inputs
+            return f"{self.gradient}, once the first step has traced the model on its inputs"
+        return self.gradient
 
     def adopt(self, plan: Plan) -> None:
         self._not_planned = plan.not_precise

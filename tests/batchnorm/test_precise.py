@@ -498,6 +498,7 @@ def test_a_new_image_size_is_traced_again_and_stays_exact(caplog):
     grads = []
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, compute_loss=output_loss,
                         micro_batch=4, bn=PRECISE, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    assert ab.plan.gradient.endswith("once the first step has traced the model on its inputs")
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for size in (7, 5, 7):
         batch = data(16, (3, size, size), seed=size)
@@ -506,6 +507,7 @@ def test_a_new_image_size_is_traced_again_and_stays_exact(caplog):
         optimizer.step()
         optimizer.zero_grad()
         assert relative_error(grads[-1], expected) < 1e-12
+    assert ab.plan.gradient == "precise: the full batch's exact gradient"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
