@@ -80,6 +80,21 @@ MORE_MODELS = {
         lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
             num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=32)), 16, 32,
         "hf classify"),
+    "transformers ResNetForImageClassification, loss inside forward": (
+        lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=32)), 16, 32,
+        "hf classify, labels"),
+    "transformers MobileNetV2ForImageClassification, loss inside forward": (
+        lambda: transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(
+            num_labels=10, depth_multiplier=0.35, image_size=32)), 16, 32, "hf classify, labels"),
+    "transformers RegNetForImageClassification": (
+        lambda: transformers.RegNetForImageClassification(transformers.RegNetConfig(
+            num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], embedding_size=16, groups_width=8)),
+        16, 32, "hf classify"),
+    "transformers EfficientNetForImageClassification, loss inside forward": (
+        lambda: transformers.EfficientNetForImageClassification(transformers.EfficientNetConfig(
+            num_labels=10, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, image_size=32)), 16, 32,
+        "hf classify, labels"),
 }
 MODES = {
     "two_pass": autobatch.TwoPass(phase1_memory_format=torch.preserve_format),
@@ -94,6 +109,8 @@ def loss_for(task):
         return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
     if task == "hf classify":
         return lambda model, batch: F.cross_entropy(model(pixel_values=batch[0]).logits, batch[1])
+    if task == "hf classify, labels":  # the model's own loss, computed inside its forward (as the Trainer calls it)
+        return lambda model, batch: model(pixel_values=batch[0], labels=batch[1]).loss
     return lambda model, batch: F.cross_entropy(model(batch[0])["out"], batch[1])
 
 
