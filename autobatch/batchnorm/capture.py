@@ -136,7 +136,7 @@ class _ValueTracer(_Tracer):
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
-            return self._inputs.get(target, args[0] if args else None)
+            return self._inputs.get(_argument_name(target, self._inputs), args[0] if args else None)
         if kind == "get_attr":
             return operator.attrgetter(target)(self.root)
         args, kwargs = fx.node.map_aggregate((args, kwargs), self._value)
@@ -192,6 +192,11 @@ class CapturedGraph:
         except Exception as error:
             raise Unsupported(f"torch.fx cannot trace {type(module).__name__}'s forward "
                               f"({type(error).__name__}: {_first_line(error)})") from error
+        return cls._checked(module, graph)
+
+    @classmethod
+    def _checked(cls, module: nn.Module, graph: fx.Graph) -> "CapturedGraph":
+        """The captured graph, where the segments can run it (however it was traced)."""
         for node in graph.nodes:
             if node.op == "placeholder" and node.target.startswith("*"):
                 raise Unsupported(f"{type(module).__name__}'s forward takes {node.target}, which torch.fx cannot bind")
@@ -207,24 +212,19 @@ class CapturedGraph:
         Traced twice, on the first 2 and 3 samples: a graph that differs between them depends on the batch's
         size, which the micro-batches' recomputation changes, and is refused (`Unsupported`)."""
         module = getattr(module, "_orig_mod", module)
-        signature = inspect.signature(module.forward)
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as error:
-            raise Unsupported(f"the model was called with arguments its forward cannot take ({error})") from error
-        bound.apply_defaults()  # a flag left at its default is a constant of the graph, as one passed is
-        rows = _rows(bound.arguments.values())
+        arguments = _arguments(inspect.signature(module.forward), args, kwargs)
+        rows = _rows(arguments.values())
         if rows < 3:
             raise Unsupported(f"the model's forward traced on real inputs needs 3 samples or more (has {rows})")
-        tracers = [cls._trace_rows(module, bound.arguments, n) for n in (2, 3)]
+        tracers = [cls._trace_rows(module, arguments, n) for n in (2, 3)]
         if _code(tracers[0]) != _code(tracers[1]):
             # A forward may set state on its first call (transformers' config.problem_type): once more on 2.
-            tracers[0] = cls._trace_rows(module, bound.arguments, 2)
+            tracers[0] = cls._trace_rows(module, arguments, 2)
         if _code(tracers[0]) != _code(tracers[1]):
             raise Unsupported(f"{type(module).__name__}'s forward traced on 2 and on 3 samples takes other steps: "
                               "they depend on the batch's size, or on state the forward itself changes")
-        captured = cls(module, tracers[1].graph)
-        captured.sample_shapes = _sample_shapes(bound.arguments)
+        captured = cls._checked(module, tracers[1].graph)
+        captured.sample_shapes = _sample_shapes(arguments)
         captured.output_type = tracers[1].output_type
         return captured
 
@@ -254,11 +254,9 @@ class CapturedGraph:
         if self.sample_shapes is None:
             return True
         try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
+            return _sample_shapes(_arguments(self.signature, args, kwargs)) == self.sample_shapes
+        except Unsupported:
             return False
-        bound.apply_defaults()
-        return _sample_shapes(bound.arguments) == self.sample_shapes
 
     def batch_norm_module(self, node: fx.Node) -> Optional[_BatchNorm]:
         if node.op != "call_module":
@@ -268,13 +266,28 @@ class CapturedGraph:
 
     def bind(self, args: tuple, kwargs: dict) -> dict[fx.Node, Any]:
         """The value of each placeholder for a call of the module with ``args`` and ``kwargs``."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as error:
-            raise Unsupported(f"the model was called with arguments its traced forward cannot take ({error})") \
-                from error
-        bound.apply_defaults()
-        return {node: bound.arguments.get(node.target) for node in self.placeholders}
+        arguments = _arguments(self.signature, args, kwargs)
+        return {node: arguments.get(_argument_name(node.target, arguments)) for node in self.placeholders}
+
+
+def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name, defaults included (a flag left at its default is a constant of the graph, as
+    one passed is); `Unsupported` where the forward cannot take them."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise Unsupported(f"the model was called with arguments its forward cannot take ({error})") from error
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _argument_name(target: str, arguments: dict[str, Any]) -> str:
+    """The argument a placeholder stands for: its own name, or the one torch.fx numbered where it made the
+    argument a constant of the graph (``concrete_args``: ``double_1`` for ``double=True``, checked by the graph)."""
+    if target in arguments:
+        return target
+    name, _, number = target.rpartition("_")
+    return name if number.isdigit() and name in arguments else target
 
 
 def _code(tracer: "_ValueTracer") -> str:

@@ -480,15 +480,23 @@ def output_loss(model, batch):
 
 @pytest.mark.parametrize("size", [7, 5], ids=["large branch", "small branch"])
 def test_a_forward_that_branches_on_shapes_gets_the_exact_gradient(size):
-    torch.manual_seed(0)
-    net = ShapeBranches().double()
-    batch = data(16, (3, size, size))
     with pytest.raises(Exception, match="control flow"):
-        torch.fx.symbolic_trace(net)  # what the symbolic capture meets
-    expected = full_grad(copy.deepcopy(net), batch, loss=output_loss)
-    got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=output_loss)
-    assert ab.plan.gradient == "precise: the full batch's exact gradient"
-    assert relative_error(got, expected) < 1e-12
+        torch.fx.symbolic_trace(ShapeBranches())  # what the symbolic capture meets
+    assert_exact_by_default(ShapeBranches(), output_loss, size)
+
+
+def test_a_flag_passed_to_a_forward_traced_on_real_inputs_is_its_constant():
+    """torch.fx makes a non-tensor argument a constant of the graph, checked by the graph: a call with another
+    value than the default had been refused ("double has been specialized to have value True")."""
+    class Flagged(ShapeBranches):
+        def forward(self, x, double=False):
+            logits = super().forward(x).logits
+            return Output(logits=logits * 2 if double else logits)
+
+    def doubled(model, batch):
+        return ce(model(batch[0], double=True).logits, batch[1])
+
+    assert_exact_by_default(Flagged(), doubled)
 
 
 def test_a_new_image_size_is_traced_again_and_stays_exact(caplog):
@@ -536,13 +544,7 @@ def inside(model, batch):
 def test_a_loss_inside_forward_gets_the_exact_gradient():
     """Each micro-batch computes the forward's loss on its rows of the logits phase 1 kept, as its own forward
     would have; the segment backward goes on from the logits."""
-    torch.manual_seed(0)
-    net = LossInside().double()
-    batch = data(16, (3, 7, 7))
-    expected = full_grad(copy.deepcopy(net), batch, loss=inside)
-    got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=inside)
-    assert ab.plan.gradient == "precise: the full batch's exact gradient"
-    assert relative_error(got, expected) < 1e-12
+    assert_exact_by_default(LossInside(), inside)
 
 
 def test_a_loss_inside_forward_on_what_it_does_not_return_trains_as_two_pass_and_says_why(caplog):
@@ -554,6 +556,17 @@ def test_a_loss_inside_forward_on_what_it_does_not_return_trains_as_two_pass_and
         return model(batch[0], batch[1])
 
     assert_trains_as_two_pass(LossOnly(), loss_only, "return the logits too", caplog)
+
+
+def assert_exact_by_default(module, compute_loss, size=7):
+    """A step at micro-batches of 4 runs precise on ``module`` and gives the unsplit step's gradient (float64)."""
+    torch.manual_seed(0)
+    net = module.double()
+    batch = data(16, (3, size, size))
+    expected = full_grad(copy.deepcopy(net), batch, loss=compute_loss)
+    got, ab = step_grad(copy.deepcopy(net), batch, 4, compute_loss=compute_loss)
+    assert ab.plan.gradient == "precise: the full batch's exact gradient"
+    assert relative_error(got, expected) < 1e-12
 
 
 def assert_trains_as_two_pass(module, compute_loss, reason, caplog):
