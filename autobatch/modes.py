@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS", "Pieces", "TwoPass",
-           "bn_mode", "settled", "timed_choices"]
+__all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS",
+           "Pieces", "TwoPass", "bn_mode", "settled", "timed_choices"]
 
 #: The error for the removed ``lockstep`` setting, wherever it is still passed.
 LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it saved no time "

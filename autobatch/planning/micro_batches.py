@@ -80,7 +80,7 @@ class MicroBatchSizing(Sizing):
             if self._has_phase1(fit.capacity):
                 phase1_points = self._fit_phase1(state, batch, s)
                 # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
-                draws = self.setting.strategy.take_draw_bytes()
+                draws = g.strategy.take_draw_bytes()
         state.draws_per_element = draws / s
         over = [n for n, peak in fit.points if peak is None or peak > state.limit.budget_bytes]
         if over:  # a trial that ran out of memory or passed the budget bounds this size from above
@@ -88,10 +88,11 @@ class MicroBatchSizing(Sizing):
         state.model = MemoryModel(self._resident_per_element(batch, s, draws),
                               [(n, s, forward_backward + draws) for n, (forward_backward, _) in stages.items()],
                               updates={s: max(update for _, update in stages.values()) + draws})
-        state.phase1 = MemoryModel(state.model.resident_per_element, phase1_points, state.model.base) if phase1_points else None
+        state.phase1 = MemoryModel(state.model.resident_per_element, phase1_points, state.model.base) \
+            if phase1_points else None
         base = Plan(capacity=fit.capacity, target_batch=g.options.target_batch, source="measured", reason="",
-                    device=state.device, budget_bytes=state.limit.budget_bytes, points=fit.points, trials=g.trials.steps, world_size=g.ranks.world_size,
-                    bn=self.setting.strategy.split_mode)
+                    device=state.device, budget_bytes=state.limit.budget_bytes, points=fit.points,
+                    trials=g.trials.steps, world_size=g.ranks.world_size, bn=g.strategy.split_mode)
         return self.for_size(state, base, s, batch)
 
     def _resident_per_element(self, batch: Any, s: int, draws: int) -> float:
@@ -99,7 +100,7 @@ class MicroBatchSizing(Sizing):
         and on a GPU two_pass's whole batch of inputs, moved there once for phase 1."""
         g = self.setting
         resident = draws / s
-        if self.setting.strategy.needs_phase1() and g.micro.device.type != "cpu":
+        if g.strategy.needs_phase1() and g.micro.device.type != "cpu":
             inputs = sum(t.element_size() * t.numel() for t in g.micro.batches.tensors(batch))
             resident += g.share * inputs / g.micro.batches.size(batch) / s
         return resident
@@ -158,7 +159,7 @@ class MicroBatchSizing(Sizing):
                   f"elements: {format_bytes(model.per_sample(s))} per sample{bounded}")
         runs = max(balanced_splits(g.share, capacity))
         predicted, not_precise = model.predict(runs, s), None
-        if self.setting.strategy.has_segment_backward and capacity < g.share and model.backwards:
+        if g.strategy.has_segment_backward and capacity < g.share and model.backwards:
             # The segment backward holds whole-batch tensors whatever the micro-batch: where it passes the budget
             # no micro-batch makes it fit, and the projected backward runs instead.
             backward = int(model.backward(s))
@@ -179,7 +180,7 @@ class MicroBatchSizing(Sizing):
         with trial_transaction(g.micro.model, g.micro.optimizer):
             warm_optimizer_state(g.micro.optimizer)
             points = self._fit_phase1(state, batch, s)
-            draws = self.setting.strategy.take_draw_bytes()
+            draws = g.strategy.take_draw_bytes()
         if draws and not state.draws_per_element:
             # Phase 1's draws stay resident through the micro-batches: the model's fixed part grows with s.
             state.draws_per_element = draws / s
@@ -214,7 +215,8 @@ class MicroBatchSizing(Sizing):
                 state.model.add(n, s, (peaks[0] if peaks is not None else 2 * budget_bytes) + draws)
                 if peaks is not None:
                     state.model.add_update(s, peaks[1] + draws)
-        if state.phase1 is not None and not state.phase1.covers(s) and self._has_phase1(state.model.largest_under(budget_bytes, s, g.share)):
+        largest = state.model.largest_under(budget_bytes, s, g.share)
+        if state.phase1 is not None and not state.phase1.covers(s) and self._has_phase1(largest):
             with trial_transaction(g.micro.model, g.micro.optimizer):
                 for point in self._fit_phase1(state, batch, s):
                     state.phase1.add(*point)

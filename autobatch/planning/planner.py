@@ -86,7 +86,6 @@ class FixedPlanner:
     """micro_batch=<int>: the plan the user fixed, for every batch; running out of memory is the user's to fix."""
 
     def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
-        self.share = micro.share
         self.state = PlannerState(plan=fixed_plan(options.target_batch, options.micro_batch,
                                                   micro.ranks.world_size, strategy.split_mode))
         log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self.state.plan.micro_batch,
@@ -99,8 +98,8 @@ class FixedPlanner:
         """Never redo a batch: a fixed micro-batch that runs out of memory raises."""
         return False
 
-    def tune(self, batch: Any) -> Plan:
-        return self.state.plan
+    def tune(self, batch: Any) -> None:
+        """Nothing to measure: the size is the user's."""
 
 
 class Planner:
@@ -108,7 +107,6 @@ class Planner:
 
     def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
         self.setting = Setting(micro, strategy, options, Trials(micro, strategy))
-        self.share = micro.share
         self.cache = None if options.cache is None else PlanCache(options.cache)
         self.state = PlannerState()
         #: How this run's mode sizes its steps: decided once, from the strategy.
@@ -142,16 +140,15 @@ class Planner:
         state.redoing = False
         return False
 
-    def tune(self, batch: Any) -> Plan:
+    def tune(self, batch: Any) -> None:
         """``ab.tune``: the start now; later, ``batch``'s sample size measured by trials where the model has
-        not measured it (a training step measures itself instead). Returns the plan for ``batch``."""
+        not measured it (a training step measures itself instead). `next` then gives the batch its plan."""
         state = self.state
         if state.plan is None:
             state.plan = self._start(batch)
         elif state.model is not None and self.sizing.learn(state, state.plan, batch,
                                                             self.setting.micro.batches.sample_size(batch)):
             self._store()
-        return self.next(batch)[0]
 
     # -- the start -------------------------------------------------------------------------------
 
@@ -166,7 +163,7 @@ class Planner:
         state.key = plan_key(micro.model, micro.optimizer, batch, memory.name, memory.total_bytes, micro.batches,
                              world_size=setting.ranks.world_size, **setting.options.keyed())
         record = None if setting.options.refresh_cache or self.cache is None else \
-            self.cache.load(state.key, self.share)
+            self.cache.load(state.key, setting.share)
         state.device = f"{memory.device} ({memory.name}, {memory.source})"
         plan = None if record is None else self._cached(record, batch)
         if plan is None:
@@ -193,7 +190,7 @@ class Planner:
         state.phase1 = MemoryModel(record.resident_per_element, list(record.phase1_points), record.phase1_base) \
             if record.phase1_points else None
         state.failed = dict(record.failed)
-        base = Plan(capacity=self.share, target_batch=setting.options.target_batch, source="cache",
+        base = Plan(capacity=setting.share, target_batch=setting.options.target_batch, source="cache",
                     reason=f"memory model from {path}", device=state.device, budget_bytes=state.limit.budget_bytes,
                     world_size=setting.ranks.world_size, bn=record.bn, checkpointing=record.checkpointing)
         return self.sizing.from_record(state, base, batch, str(path))
@@ -225,7 +222,7 @@ class Planner:
         if phase1_peak is not None:
             if state.phase1 is None:
                 state.phase1 = MemoryModel(model.resident_per_element, [], model.base)
-            n = -(-self.share // state.plan.phase1_chunks)
+            n = -(-self.setting.share // state.plan.phase1_chunks)
             if not state.phase1.covers(s) or phase1_peak > state.phase1.predict(n, s):
                 state.phase1.add(n, s, phase1_peak)
                 learned = True

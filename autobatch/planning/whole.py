@@ -112,9 +112,10 @@ class WholeBatchSizing(Sizing):
         if base.bn is not Mode.EXACT:
             return None
         s = g.micro.batches.sample_size(batch)
-        if state.model.predict(g.share, s) > state.limit.budget_bytes:
+        peak = state.model.predict(g.share, s)
+        if peak > state.limit.budget_bytes:
             log.warning("autobatch: the cached whole-batch plan %s peaked at %s, over today's budget of %s; measuring "
-                        "afresh", path, format_bytes(state.model.predict(g.share, s)), format_bytes(state.limit.budget_bytes))
+                        "afresh", path, format_bytes(peak), format_bytes(state.limit.budget_bytes))
             return None
         return self.for_size(state, base, s)
 
