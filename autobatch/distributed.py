@@ -4,6 +4,7 @@
     table = ranks.gather([size, flag])       # (world_size, 2): every rank's values, on every rank
     table, failure = ranks.outcome(error, loss)   # failure: what to raise here if any rank failed
     count, mean, m2 = ranks.merge(count, mean, m2)   # per-channel statistics of all ranks together
+    reason = ranks.first_reason(reason)      # the lowest rank's reason, or None: every rank decides alike
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import ContextManager, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.forward import forwards_replaced
 from autobatch.oom import first_line, is_out_of_memory
 
-__all__ = ["RankFailure", "Ranks", "check_not_legacy_fsdp", "ddp_of", "ddp_state", "fsdp_of", "fsdp_state",
-           "gradient_sync", "plain_sync_batch_norm"]
+__all__ = ["RankFailure", "Ranks", "average_gradients", "check_not_legacy_fsdp", "ddp_of", "ddp_state", "fsdp_of",
+           "fsdp_state", "gradient_sync", "plain_sync_batch_norm"]
 
 
 class RankFailure(RuntimeError):
@@ -126,6 +128,18 @@ class Ranks:
             return table, torch.OutOfMemoryError(f"rank {failed[0]} ran out of memory: {messages[failed[0]]}")
         return table, RankFailure(f"rank {failed[0]} failed in this step: {messages[failed[0]]}")
 
+    def first_reason(self, reason: Optional[str]) -> Optional[str]:
+        """The lowest rank's ``reason`` where any rank has one, None where none has: every rank decides alike.
+        One all-gather; two more, for the words, where a rank has one."""
+        if not self.active:
+            return reason
+        table = self.gather([reason is not None])
+        having = [rank for rank in range(self.world_size) if table[rank, 0]]
+        if not having:
+            return None
+        words = self.gather_messages(reason or "")[having[0]]
+        return words if having[0] == self.rank else f"on rank {having[0]}, {words}"
+
     def sum(self, local: Tensor) -> Tensor:
         """``local`` summed over every rank, in rank order (the same rounding on every rank)."""
         if not self.active:
@@ -198,6 +212,23 @@ def fsdp_state(model: Optional[nn.Module]) -> Iterator[None]:
             if hasattr(module, "reshard"):
                 module.reshard()
         raise
+
+
+def average_gradients(ddp: nn.parallel.DistributedDataParallel) -> None:
+    """What DDP's reducer does in a synchronized backward, for gradients computed where it did not see them
+    (precise's segment backward runs the module's captured graph, beside DDP's forward): each parameter's
+    gradient averaged over the process group's ranks, one all-reduce per dtype and device. Every rank holds a
+    gradient for the same parameters (the same graph ran on each)."""
+    grads = [p.grad for p in ddp.parameters() if p.requires_grad and p.grad is not None]
+    world_size = dist.get_world_size(ddp.process_group)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    for group in groups.values():
+        flat = _flatten_dense_tensors(group).div_(world_size)  # DDP divides before it sums, as here
+        dist.all_reduce(flat, group=ddp.process_group)
+        for grad, averaged in zip(group, _unflatten_dense_tensors(flat, group)):
+            grad.copy_(averaged)
 
 
 @contextlib.contextmanager

@@ -118,7 +118,8 @@ class LogicalStep:
         last, first_row, size = index == len(splits) - 1, sum(splits[:index]), splits[index]
         settled = False
         try:
-            with gradient_sync(micro.ddp, micro.fsdp, last):
+            # A segment backward after the micro-batches computes every gradient; it averages them over the ranks.
+            with gradient_sync(micro.ddp, micro.fsdp, last and not norm.has_segment_backward):
                 with norm.micro_batch(index, first_row, size):
                     value = micro.loss(micro.batches.to(part, micro.device), index)
                     loss = self.losses.add(value, size)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 
 __all__ = ["Auto", "BN_MODES", "BatchNormMode", "Exact", "LOCKSTEP_REMOVED", "Micro", "Mode", "PHASE1_FORMATS",
-           "Pieces", "TwoPass", "bn_mode", "settled", "timed_choices"]
+           "Boundaries", "Pieces", "TwoPass", "bn_mode", "settled", "timed_choices"]
 
 #: The error for the removed ``lockstep`` setting, wherever it is still passed.
 LOCKSTEP_REMOVED = ("lockstep (phase 1 beside the first micro-batch, in a helper thread) was removed: it saved no time "
@@ -144,6 +144,17 @@ class Pieces(enum.Enum):
     WHOLE_BATCH = "the whole batch"
     #: The whole batch where it fits, else micro-batches (auto).
     WHOLE_OR_SPLIT = "the whole batch or micro-batches"
+
+
+class Boundaries(enum.Enum):
+    """What precise's phase 1 keeps of the whole batch for its segment backward (autobatch.batchnorm.segment_run);
+    the planner chooses by memory (autobatch.planning.micro_batches)."""
+
+    #: What crosses from one group of segments to a later one (groups of about the square root of their number);
+    #: the backward recomputes each group's inner boundary first: one more forward, the least memory.
+    GROUPED = "grouped"
+    #: Every segment's boundary: no forward recomputed, the most memory.
+    EVERY = "every"
 
 
 _BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from autobatch.checkpointing import Checkpointing
-from autobatch.modes import Mode
+from autobatch.modes import Boundaries, Mode
 from autobatch.sizes import format_bytes
 from autobatch.split import balanced_splits
 
@@ -92,6 +92,12 @@ class Plan:
     not_precise: Optional[str] = None
     """two_pass: why its precise backward does not run under this plan (its segment backward does not fit the
     memory); None where it may."""
+    boundaries: Boundaries = Boundaries.GROUPED
+    """precise: which of phase 1's tensors its segment backward keeps; every boundary (no forward recomputed)
+    where the memory model predicts it fits beside the rest of the step."""
+    boundary_bytes: int = 0
+    """precise keeping every boundary: the bytes that keeps beyond the grouped layout's, part of the predicted
+    peak."""
     candidates: tuple[Candidate, ...] = ()
     """bn="exact" or "auto": every policy measured, with the whole batch's peak and step time."""
     sample_size: int = 0
@@ -155,6 +161,9 @@ class Plan:
             rows.append(("measured", ", ".join(
                 f"{n}: {format_bytes(peak) if peak is not None else 'out of memory'}" for n, peak in self.points)))
             rows.append(("trials", self.trials))
+        if self.boundaries is Boundaries.EVERY:
+            rows.append(("precise keeps", f"every boundary, {format_bytes(self.boundary_bytes)} more than grouped: "
+                                          "no forward recomputed in the segment backward"))
         if self.phase1_chunks > 1:
             rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate (each chunk "
                                     "normalized with its own)"))

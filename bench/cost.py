@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -59,6 +60,34 @@ def make(model_name: str, size: int, batch: int, device: torch.device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def plain_step(model, optimizer, x, y, loss_fn, splits: list[int]) -> Callable[[], None]:
+    """One step of plain accumulation over ``splits`` and the update: the arm every timing is a ratio to."""
+    def step() -> None:
+        plain_accumulation_backward(model, x, y, loss_fn, splits)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
+                      device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Each arm's step timed in ``rounds`` rounds after ``warmup`` rounds, the arms in a new random order each
+    round (seeded), the device synchronized around each: seconds per arm."""
+    times: dict[str, list[float]] = {arm: [] for arm in steps}
+    order = list(steps)
+    rng = random.Random(0)
+    for round_ in range(warmup + rounds):
+        rng.shuffle(order)
+        for arm in order:
+            sync(device)
+            start = time.perf_counter()
+            steps[arm]()
+            sync(device)
+            if round_ >= warmup:
+                times[arm].append(time.perf_counter() - start)
+    return times
 
 
 def step_arguments(description: str) -> argparse.ArgumentParser:
@@ -112,24 +141,11 @@ def main() -> None:
         full_opt.zero_grad(set_to_none=True)
 
     plain = copy.deepcopy(base)
-    plain_opt = optimizer_for(plain)
     plain_fast = fast(plain)
-
-    def plain_step():
-        plain_accumulation_backward(plain_fast, x, y, loss_fn, splits)
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
 
     # What a user gains by moving the whole training to channels_last (the same as plain with --channels-last).
     plain_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
-    plain_cl_opt = optimizer_for(plain_cl)
-    plain_cl_fast = fast(plain_cl)
     x_cl = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-    def plain_channels_last_step():
-        plain_accumulation_backward(plain_cl_fast, x_cl, y, loss_fn, splits)
-        plain_cl_opt.step()
-        plain_cl_opt.zero_grad(set_to_none=True)
 
     wrapped = {}
     for arm, bn, memory_format in (("two_pass", "two_pass", None), ("given", "two_pass", torch.preserve_format),
@@ -152,24 +168,15 @@ def main() -> None:
     forum = forum_model(base)
     forum_opt = optimizer_for(forum)
     forum_fast = fast(forum)
-    steps = {"full batch": full_step, "plain accumulation": plain_step, PLAIN_CHANNELS_LAST: plain_channels_last_step,
+    steps = {"full batch": full_step,
+             "plain accumulation": plain_step(plain_fast, optimizer_for(plain), x, y, loss_fn, splits),
+             PLAIN_CHANNELS_LAST: plain_step(fast(plain_cl), optimizer_for(plain_cl), x_cl, y, loss_fn, splits),
              "autobatch two_pass": lambda: two_pass.step(x, y),
              GIVEN_FORMAT: lambda: wrapped["given"].step(x, y),
              "autobatch micro": lambda: wrapped["micro"].step(x, y),
              "forum Python BatchNorm": lambda: forum_step(forum_fast, forum_opt, x, y, loss_fn, len(splits))}
     arms = [arm for arm in ARMS if not (args.channels_last and arm == PLAIN_CHANNELS_LAST)]
-    times = {arm: [] for arm in arms}
-    order = list(arms)
-    rng = random.Random(0)
-    for round_ in range(args.warmup + args.rounds):
-        rng.shuffle(order)
-        for arm in order:
-            sync(device)
-            start = time.perf_counter()
-            steps[arm]()
-            sync(device)
-            if round_ >= args.warmup:
-                times[arm].append(time.perf_counter() - start)
+    times = interleaved_times({arm: steps[arm] for arm in arms}, args.rounds, args.warmup, device)
     medians = {arm: statistics.median(values) for arm, values in times.items()}
     phase1 = statistics.median(phase1_seconds[args.warmup:])
     threads = torch.get_num_threads()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import pathlib
 import platform
-import random
 import statistics
 import sys
 
@@ -30,10 +29,9 @@ from autobatch.options import Options  # noqa: E402
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state  # noqa: E402
 from autobatch.planning.memory import format_bytes  # noqa: E402
 from autobatch.planning.trials import Trials, timed  # noqa: E402
-from autobatch.reference import plain_accumulation_backward  # noqa: E402
 from autobatch.split import balanced_splits  # noqa: E402
 from autobatch.transaction import trial_transaction  # noqa: E402
-from bench.cost import prepared, step_arguments  # noqa: E402
+from bench.cost import interleaved_times, plain_step, prepared, step_arguments  # noqa: E402
 
 
 def optimizer_for(model):
@@ -112,20 +110,9 @@ def step_times(args, base, x, y, loss_fn, device, batch, chosen):
                               micro_batch=args.base_batch, cache=False)
     arms[f"two_pass, micro-batches of {args.base_batch}"] = lambda: two_pass.step(x, y)
     plain = copy.deepcopy(base)
-    plain_optimizer = optimizer_for(plain)
-
-    def plain_step():
-        plain_accumulation_backward(plain, x, y, loss_fn, splits)
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
-
-    arms[f"plain accumulation, micro-batches of {args.base_batch}"] = plain_step
-    times = {arm: [] for arm in arms}
-    for round_ in range(args.warmup + args.rounds):
-        for arm in random.sample(list(arms), len(arms)):
-            seconds = timed(arms[arm], device)
-            if round_ >= args.warmup:
-                times[arm].append(seconds)
+    arms[f"plain accumulation, micro-batches of {args.base_batch}"] = plain_step(plain, optimizer_for(plain), x, y,
+                                                                                loss_fn, splits)
+    times = interleaved_times(arms, args.rounds, args.warmup, device)
     reference = statistics.median(times[f"plain accumulation, micro-batches of {args.base_batch}"])
     lines = [f"## Step time at a logical batch of {batch}", "",
              f"{args.rounds} interleaved rounds after {args.warmup} warm-up; medians.", "",

@@ -57,7 +57,7 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
-            "phase1_memory_format": str(getattr(ab._strategy, "layout", None) and ab._strategy.layout.memory_format)}
+            "gradient": ab.plan.gradient, "phase1_memory_format": str(getattr(ab._strategy, "layout", None) and ab._strategy.layout.memory_format)}
 
 
 def halves(rank):
@@ -137,6 +137,75 @@ def compiled_ddp(rank):
 
 def ddp_of_compiled(rank):
     return train(resnet(), halves(rank), micro_batch=4, image=True, compiled="module")
+
+
+def projected(rank):
+    """bn="two_pass": the projected backward, asked for, with its statistics over both ranks."""
+    return train(resnet(), halves(rank), micro_batch=4, image=True, bn="two_pass")
+
+
+def precise_uneven(rank):
+    """The default (precise) with 8 samples on rank 0 and 5 on rank 1: micro-batches [4, 4] and [3, 2]."""
+    return train(resnet(), slice(0, 8) if rank == 0 else slice(8, 13), micro_batch=4, image=True)
+
+
+def precise_steps(rank):
+    """Three steps: the first measured, the later ones keeping every boundary (the plan's choice, each rank
+    its own)."""
+    result = train(resnet(), halves(rank), micro_batch=4, image=True, steps=3)
+    assert "precise keeps" in result["plan"], result["plan"]
+    return result
+
+
+def precise_refused_on_rank_one(rank, where="capture"):
+    """Rank 1 cannot run precise (its graph cannot be had, or its phase 1 finds a reason): both ranks take the
+    projected backward together, in this step and the next."""
+    from autobatch.batchnorm.capture import Unsupported
+    model = resnet()
+    ddp = DistributedDataParallel(model)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, micro_batch=4, cache=False)
+    precise = getattr(ab._strategy, "two_pass", ab._strategy)
+    if rank == 1 and where == "capture":
+        def refused(*args, **kwargs):
+            raise Unsupported("refused in capture on rank 1 (injected)")
+
+        precise._capture = refused
+    elif rank == 1:  # as a tensor that holds rank 1's samples only by chance would be, midway through phase 1
+        from autobatch.batchnorm.segment_run import SegmentRun
+
+        def not_per_sample(self, node, value):
+            raise Unsupported("refused in phase 1 on rank 1 (injected)")
+
+        saved, SegmentRun._check_per_sample = SegmentRun._check_per_sample, not_per_sample
+    x, y = data(image=True)
+    try:
+        loss = ab.step(x[halves(rank)], y[halves(rank)])
+    finally:
+        if rank == 1 and where != "capture":
+            SegmentRun._check_per_sample = saved
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan),
+            "gradient": ab.plan.gradient}
+
+
+def precise_refused_in_phase_one_on_rank_one(rank):
+    return precise_refused_on_rank_one(rank, "phase 1")
+
+
+def precise_out_of_memory(rank):
+    """Rank 1 runs out of memory in its first micro-batch's loss under the default: both ranks redo the batch in
+    smaller micro-batches, the whole batch's step all the same."""
+    model = resnet()
+    ddp = DistributedDataParallel(model)
+    loss_fn = OutOfMemoryOnRankOne(rank)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, loss_fn, cache=False,
+                        memory_budget=10**10, bn=autobatch.TwoPass(precise=True))
+    x, y = data(image=True)
+    ab.tune(x[halves(rank)], y[halves(rank)])
+    ab._planner.state.recovery.ceilings[ab.plan.sample_size] = (4, "at most 4")  # two micro-batches on each rank
+    loss_fn.armed = True
+    loss = ab.step(x[halves(rank)], y[halves(rank)])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": [loss], "plan": str(ab.plan),
+            "gradient": ab.plan.gradient}
 
 
 def micro_bn(rank):
@@ -415,6 +484,13 @@ def fsdp(rank, model, rows=None, bn="two_pass", micro_batch=4, loss_fn=ce, image
         ab.tune(x[halves(rank)], y[halves(rank)])
     losses = [ab.step(x[rows], y[rows]) for _ in range(2)]
     return {"state": full_state(model), "loss": losses, "plan": str(ab.plan)}
+
+
+def fsdp_default(rank):
+    """The default with a micro_batch given: two_pass, whose precise backward does not run under FSDP2 (yet)."""
+    result = fsdp(rank, sharded(resnet()), bn="auto")
+    assert "precise cannot run: TwoPass(precise=True) does not run under fully_shard" in result["plan"], result["plan"]
+    return result
 
 
 def fsdp_two_pass(rank):

@@ -42,7 +42,9 @@ def good_runs(tmp_path_factory):
                  "phase_one_in_channels_last", "channels_last_fails_on_rank_one", "compiled_ddp",
                  "ddp_of_compiled", "stochastic_depth", "out_of_memory_empty_message", "out_of_memory_cublas",
                  "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update", "exact",
-                 "exact_uneven", "counted", "counted_uneven", "variable_sizes"]
+                 "exact_uneven", "counted", "counted_uneven", "variable_sizes", "projected", "precise_uneven",
+                 "precise_steps", "precise_refused_on_rank_one", "precise_refused_in_phase_one_on_rank_one",
+                 "precise_out_of_memory"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -51,8 +53,8 @@ def good_runs(tmp_path_factory):
 
 
 def single_process(model, rows, micro_batch, image=False, phase1_chunks=1, **options):
-    """One process's step on ``rows``; bn="two_pass" unless given, as the ranks' default runs it (the precise
-    backward does not yet reduce its sums over ranks: several processes take the projected one)."""
+    """One process's step on ``rows``; bn="two_pass" (the projected backward) unless given: with ``micro_batch``
+    the whole of ``rows``, the unsplit step itself, which the default (precise) gives on every rank."""
     options.setdefault("bn", "two_pass")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = data(image=image)
@@ -78,8 +80,55 @@ def test_no_bn_ranks_equal_one_process_with_the_whole_batch(good_runs, scenario,
         assert_same(good_runs[(scenario, rank)]["ok"], reference)
 
 
-@pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn", "checkpointed", "phase_one_in_channels_last",
-                                      "channels_last_fails_on_rank_one", "compiled_ddp", "ddp_of_compiled"])
+def whole_batch(rows=slice(0, 16), steps=1):
+    """The unsplit step of the image model on ``rows`` of the shared data, ``steps`` times (float64)."""
+    model = resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data(image=True)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = ce(model(x[rows]), y[rows])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"state": model.state_dict(), "loss": losses}
+
+
+@pytest.mark.parametrize("scenario", ["bn_two_pass", "sync_bn", "checkpointed", "channels_last_fails_on_rank_one",
+                                      "compiled_ddp", "ddp_of_compiled", "precise_out_of_memory"])
+def test_the_default_over_two_ranks_is_one_process_with_the_whole_batch(good_runs, scenario):
+    """#38: the default's precise backward under DDP: each BatchNorm's two backward sums over both ranks, every
+    gradient averaged as DDP averages it; equal to one process's unsplit step (float64), running statistics
+    included."""
+    reference = whole_batch()
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        assert_same(result, reference)
+        assert result["gradient"] == "precise: the full batch's exact gradient"
+
+
+@pytest.mark.parametrize("scenario, rows, steps", [("precise_uneven", slice(0, 13), 1),
+                                                   ("precise_steps", slice(0, 16), 3)])
+def test_the_default_over_uneven_ranks_and_several_steps_is_the_whole_batch(good_runs, scenario, rows, steps):
+    reference = whole_batch(rows, steps)
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        for key, value in reference["state"].items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-10)
+
+
+@pytest.mark.parametrize("scenario", ["precise_refused_on_rank_one", "precise_refused_in_phase_one_on_rank_one"])
+def test_precise_refused_on_one_rank_is_the_projected_backward_on_both(good_runs, scenario):
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
+    for rank in range(2):
+        result = good_runs[(scenario, rank)]["ok"]
+        assert_same(result, reference)
+        assert "refused in" in result["gradient"] and "on rank 1" in result["gradient"]
+
+
+@pytest.mark.parametrize("scenario", ["projected", "phase_one_in_channels_last"])
 def test_two_pass_statistics_over_both_ranks(good_runs, scenario):
     # The same micro-batches of 4 in one process: the same full-batch statistics, so the same step.
     reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
@@ -174,7 +223,7 @@ def test_failures_raise_on_every_rank(tmp_path):
 
 @pytest.mark.parametrize("scenario", ["interrupted_in_loss", "interrupted_after_update"])
 def test_an_interrupt_on_one_rank_leaves_every_rank_as_before_and_training_goes_on(good_runs, scenario):
-    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True)
+    reference = whole_batch()
     results = [good_runs[(scenario, rank)]["ok"] for rank in range(2)]
     assert [result["raised"] for result in results] == ["RankFailure", "KeyboardInterrupt"]
     for result in results:

@@ -15,7 +15,7 @@ if not hasattr(fsdp, "fully_shard"):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    scenarios = ["fsdp_two_pass", "fsdp_micro", "fsdp_exact", "fsdp_uneven", "fsdp_out_of_memory"]
+    scenarios = ["fsdp_two_pass", "fsdp_micro", "fsdp_exact", "fsdp_uneven", "fsdp_out_of_memory", "fsdp_default"]
     results, outputs = launch(tmp_path_factory.mktemp("fsdp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -44,6 +44,7 @@ def assert_same(result, reference):
 
 @pytest.mark.parametrize("scenario, reference", [
     ("fsdp_two_pass", lambda: one_process(resnet(), micro_batch=4, bn="two_pass")),  # two_pass, the same micro-batches
+    ("fsdp_default", lambda: one_process(resnet(), micro_batch=4, bn="two_pass")),  # the projected backward, said
     ("fsdp_exact", lambda: one_process(resnet())),  # the whole batch itself
     ("fsdp_uneven", lambda: one_process(resnet(), slice(0, 13))),  # 8 and 5 samples, exact: the whole 13
     ("fsdp_out_of_memory", lambda: one_process(mlp(), image=False)),  # redone in micro-batches of 3

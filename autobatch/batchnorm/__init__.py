@@ -13,7 +13,7 @@ import torch
 from autobatch.batchnorm.auto import AutoStrategy
 from autobatch.batchnorm.exact import ExactStrategy
 from autobatch.batchnorm.micro import MicroStrategy
-from autobatch.batchnorm.precise import PreciseTwoPassStrategy, one_process
+from autobatch.batchnorm.precise import PreciseTwoPassStrategy, cannot_run_with
 from autobatch.batchnorm.statistics import batch_norm_modules, batch_norm_names
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
@@ -43,10 +43,15 @@ def _two_pass(mode: TwoPass, micro: MicroStep, layers: list, names: dict) -> Bat
     every forward: phase 1 runs to the end of the forward (stopping it early would leave parameters unsharded), in
     the inputs' own memory format (the format trial's forwards could end apart on the ranks). So does precise,
     which keeps every boundary of phase 1."""
-    precise = mode.precise or (mode.precise is None and one_process(micro) is None)
+    why_not = cannot_run_with(micro)
+    precise = mode.precise or (mode.precise is None and why_not is None)
     memory_format = mode.phase1_memory_format
     if micro.fsdp is not None and memory_format is None:
         memory_format = torch.preserve_format
     projected = TwoPassStrategy(layers, names, micro.ranks, micro, memory_format,
                                 stop_early=micro.fsdp is None and not precise)
-    return PreciseTwoPassStrategy(projected) if precise else projected
+    if precise:
+        return PreciseTwoPassStrategy(projected)
+    if mode.precise is None:
+        projected.not_precise = why_not
+    return projected

@@ -63,3 +63,6 @@ class AutoStrategy(BatchNormStrategy):
 
     def take_draw_bytes(self) -> int:
         return self.two_pass.take_draw_bytes()
+
+    def every_boundary_bytes(self) -> int:
+        return self.two_pass.every_boundary_bytes()

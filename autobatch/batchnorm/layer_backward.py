@@ -5,6 +5,7 @@ micro-batches: what the precise backward (autobatch.batchnorm.segment_run) runs 
     backward.add(0, 4, grad_rows_0_to_4)               # each micro-batch's gradient at the layer's output
     backward.add(4, 8, grad_rows_4_to_8)
     backward.parameter_grads()                         # (weight's, bias's): the sums, over the whole batch
+    backward.over_ranks(ranks.sum)                     # several processes: the sums over every rank's rows
     backward.input_grad(0, 4)                          # the input's gradient, rows at a time
 
 Beside autobatch.batchnorm.full_batch, whose forward it differentiates: the same statistics, and
@@ -12,11 +13,12 @@ the gradient ``nn.BatchNorm`` would give the whole batch in one piece.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from autobatch.batchnorm.rows import Rows
 from autobatch.batchnorm.statistics import LayerStatistics
 
 __all__ = ["LayerBackward"]
@@ -32,12 +34,13 @@ class LayerBackward:
         dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat))     # g = dL/dy; means over all N
 
     Both means run over the whole batch, so no row's ``dx`` is known before every micro-batch's ``g`` has
-    come in. `add` keeps ``g`` and the two per-channel sums ``sum(g)`` and ``sum(g * (x - mean))``
-    (``mean(g * xhat) = invstd * sum(g * (x - mean)) / N``); `input_grad` then gives any rows' ``dx``,
-    and `parameter_grads` the weight's (``invstd * sum(g * (x - mean))``) and the bias's (``sum(g)``).
+    come in. `add` keeps ``g`` and the two per-channel sums ``sum(g)`` and ``sum(g * xhat)``, which are the
+    bias's and the weight's gradients (`parameter_grads`): PyTorch's own BatchNorm backward takes them in one
+    pass over the rows, in its eval form, with the whole batch's mean and variance as the running ones.
+    `input_grad` then gives any rows' ``dx`` from ``mean(g) = sum(g) / N`` and ``mean(g * xhat)``.
 
     A worked example: one channel, weight 1, x = [0, 2, 4, 6] (mean 3, invstd 1/sqrt(5)) in two
-    micro-batches of 2, and g = [1, 0 | 0, 0]. The sums: sum(g) = 1, sum(g * (x - mean)) = -3, so
+    micro-batches of 2, and g = [1, 0 | 0, 0]. The sums: sum(g) = 1, sum(g * xhat) = -3 / sqrt(5), so
     mean(g) = 1/4 and mean(g * xhat) = -3 / (4 sqrt(5)). Then sqrt(5) * dx = [0.3, -0.4, -0.1, 0.2], as
     ``F.batch_norm``'s own backward gives the four rows at once. Taking the means over each micro-batch
     alone (two_pass's projected backward) gives [-0.4, -0.8, 0, 0]: row 0's sign flips, and the second
@@ -48,9 +51,11 @@ class LayerBackward:
         self.x, self.layer, self.weight = x, layer, weight
         self.shape = (1, -1) + (1,) * (x.dim() - 2)
         self.dims = [0] + list(range(2, x.dim()))
-        self.g = torch.zeros_like(x)
+        self.g = Rows(x)
         self.sum_dy = torch.zeros_like(layer.mean)
-        self.sum_dy_xmu = torch.zeros_like(layer.mean)
+        self.sum_dy_xhat = torch.zeros_like(layer.mean)
+        #: The sums the input's gradient takes its means from: this process's, or every rank's (`over_ranks`).
+        self._sums = (self.sum_dy, self.sum_dy_xhat)
 
     def _centred(self, start: int, stop: int) -> Tensor:
         return self.x[start:stop].to(self.layer.mean.dtype) - self.layer.mean.view(self.shape)
@@ -59,20 +64,31 @@ class LayerBackward:
         """Rows ``start:stop``'s gradient at the layer's output (None: the micro-batch sent none back)."""
         if grad is None:
             return
-        self.g[start:stop] = grad
-        grad = grad.to(self.layer.mean.dtype)
-        self.sum_dy += grad.sum(self.dims)
-        self.sum_dy_xmu += (grad * self._centred(start, stop)).sum(self.dims)
+        self.g.add(start, stop, grad)
+        layer, dtype = self.layer, self.layer.mean.dtype
+        # Eval mode: ``sum(g * (x - mean) * invstd)`` and ``sum(g)`` with the given statistics, nothing subtracted.
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad.to(dtype), self.x[start:stop].to(dtype), None, layer.mean, layer.var, None, None, False, layer.eps,
+            [False, True, True])
+        self.sum_dy += sum_dy
+        self.sum_dy_xhat += sum_dy_xhat
 
     def parameter_grads(self) -> tuple[Tensor, Tensor]:
-        """The weight's and the bias's gradients, once every micro-batch was added."""
-        return self.sum_dy_xmu * self.layer.invstd, self.sum_dy
+        """The weight's and the bias's gradients from this process's rows, once every micro-batch was added
+        (several processes: DDP averages them over the ranks, as SyncBatchNorm's)."""
+        return self.sum_dy_xhat, self.sum_dy
+
+    def over_ranks(self, total: Callable[[Tensor], Tensor]) -> None:
+        """The two sums over every rank's rows (``total``: a sum over the ranks, one collective), for the input's
+        gradient: its means run over the whole logical batch, as SyncBatchNorm's backward all-reduces them."""
+        summed = total(torch.stack([self.sum_dy, self.sum_dy_xhat]))
+        self._sums = (summed[0], summed[1])
 
     def input_grad(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the input's gradient, once every micro-batch was added."""
-        mean_dy, mean_dy_xmu = (total / self.layer.values_per_channel for total in (self.sum_dy, self.sum_dy_xmu))
+        mean_dy, mean_dy_xhat = (total / self.layer.values_per_channel for total in self._sums)
         invstd = self.layer.invstd
         scale = invstd if self.weight is None else invstd * self.weight.detach().to(invstd.dtype)
-        grad = (self.g[start:stop].to(invstd.dtype) - mean_dy.view(self.shape)
-                - self._centred(start, stop) * (invstd.square() * mean_dy_xmu).view(self.shape))
-        return (grad * scale.view(self.shape)).to(self.x.dtype)
+        grad = torch.addcmul(self.g.of(start, stop).to(invstd.dtype) - mean_dy.view(self.shape),
+                             self._centred(start, stop), (invstd * mean_dy_xhat).view(self.shape), value=-1)
+        return grad.mul_(scale.view(self.shape)).to(self.x.dtype)

@@ -12,8 +12,11 @@ time::
     ...                                          # then as every strategy (autobatch.batchnorm.strategy)
 
 Where the graph cannot be had (torch.fx cannot trace the model, the loss calls it twice, phase 1
-runs in chunks), the step is handed to the plain two_pass strategy, said once in a warning; with
-several processes precise is not built at all (`one_process`).
+runs in chunks), the step is handed to the plain two_pass strategy, said once in a warning; the
+ranks of a DistributedDataParallel model agree on it (one all-gather before phase 1 and one after). Under
+DDP each BatchNorm's two backward sums are summed over the ranks, once per layer, as SyncBatchNorm's
+backward sums them, and the gradients DDP's reducer did not see are averaged over the ranks as it would
+(`autobatch.distributed.average_gradients`). Not under fully_shard (FSDP2) yet (`cannot_run_with`).
 """
 from __future__ import annotations
 
@@ -33,14 +36,15 @@ from autobatch.batchnorm.segment_run import SegmentRun
 from autobatch.batchnorm.statistics import LayerStatistics, name_of
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.batchnorm.two_pass import TwoPassStrategy
+from autobatch.distributed import average_gradients
 from autobatch.forward import forward_replaced
 from autobatch.microstep import MicroStep
-from autobatch.modes import TwoPass
+from autobatch.modes import Boundaries, TwoPass
 from autobatch.plan import Plan
 from autobatch.stages import Stage, entered
 from autobatch.transaction import BatchNormState, RandomState, put_back
 
-__all__ = ["PreciseTwoPassStrategy", "one_process"]
+__all__ = ["PreciseTwoPassStrategy", "cannot_run_with"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,13 @@ class _Called(Exception):
     """The model was called: its arguments are what `PreciseTwoPassStrategy._call_of` wanted."""
 
 
-def one_process(micro: MicroStep) -> Optional[str]:
-    """Why precise cannot run for ``micro`` (None: it can): its segment backward does not yet reduce the
-    BatchNorm sums over ranks. The one place that rule is written."""
-    if micro.ddp is not None or micro.fsdp is not None or micro.ranks.active:
-        return ("TwoPass(precise=True) runs in one process for now: its segment backward does not yet reduce the "
-                "BatchNorm sums over ranks")
+def cannot_run_with(micro: MicroStep) -> Optional[str]:
+    """Why precise cannot run with ``micro``'s processes (None: it can): one, or DistributedDataParallel's; not yet
+    a fully_shard (FSDP2) model, whose parameters the segment backward would need unsharded around each segment.
+    The one place that rule is written."""
+    if micro.fsdp is not None:
+        return ("TwoPass(precise=True) does not run under fully_shard (FSDP2) yet: its segment backward runs the "
+                "module's captured graph, whose parameters FSDP2 keeps sharded outside the module's own forward")
     return None
 
 
@@ -70,9 +75,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
     has_segment_backward = True
 
     def __init__(self, projected: TwoPassStrategy):
-        why_not = one_process(projected.micro)
+        why_not = cannot_run_with(projected.micro)
         if why_not is not None:
-            raise ValueError(f"{why_not}; use bn='two_pass' or bn='exact' with several")
+            raise ValueError(f"{why_not}; use bn='two_pass' or bn='exact' there")
         super().__init__(projected.layers, projected.names, projected.ranks)
         self.projected = projected
         self.micro = projected.micro
@@ -87,6 +92,10 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         #: The running step's graph.
         self._run: Optional[SegmentRun] = None
         self._kept_bytes = 0
+        #: What keeping every boundary would add to the last phase 1's (`every_boundary_bytes`).
+        self._every_boundary_bytes = 0
+        #: Segments per group, as the plan chose (autobatch.modes.Boundaries): 1 keeps every boundary.
+        self._group: Optional[int] = None
         #: Why the plan runs the projected backward (its segment backward did not fit the memory); None: it may.
         self._not_planned: Optional[str] = None
 
@@ -108,6 +117,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     def adopt(self, plan: Plan) -> None:
         self._not_planned = plan.not_precise
+        self._group = 1 if plan.boundaries is Boundaries.EVERY else None
 
     def _cannot_run(self, chunks: int, planned: Optional[str] = None) -> Optional[str]:
         """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1;
@@ -123,7 +133,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         norm = self.projected.for_step(splits, chunks)
         if norm is not self.projected:
             return norm  # plain
-        reason = self._cannot_run(chunks, self._not_planned)
+        # Every rank runs precise or none does: its segment backward meets the others' in a collective per layer.
+        reason = self.ranks.first_reason(self._cannot_run(chunks, self._not_planned))
         if reason is not None:
             self._warn_unsupported(reason)
             return self.projected
@@ -138,7 +149,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         if self._cannot_run(chunks) is None:
             self.draws.clear()
             try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
-                run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False))
+                run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False), group=None)
                 self._kept_bytes = run.kept_bytes
                 return
             except Unsupported as error:
@@ -150,6 +161,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         size, self._kept_bytes = self.projected.take_draw_bytes() + self._kept_bytes, 0
         return size
 
+    def every_boundary_bytes(self) -> int:
+        return self._every_boundary_bytes
+
     # -- one logical batch -----------------------------------------------------------------------
 
     def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, BatchNormStrategy]:
@@ -157,11 +171,22 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         it changed is put back and the projected two_pass takes the step."""
         batch = self.projected.begin(batch, splits, total)
         restore = (BatchNormState(self.layers), RandomState())
+        graph, reason = None, None
         try:
-            self._run = self._phase1_through_graph(batch)
+            graph = self._capture(batch)  # on real inputs, the rank's own: before any collective of phase 1
         except Unsupported as error:
+            reason = str(error)
+        reason = self.ranks.first_reason(reason)
+        if reason is None:
+            try:
+                self._run = self._phase1_through_graph(batch, graph)
+            except Unsupported as error:
+                reason = str(error)
+            reason = self.ranks.first_reason(reason)
+        if reason is not None:
+            self._run = None
             put_back([part.restore for part in restore])
-            self._unsupported = str(error)
+            self._unsupported = reason
             self._warn_unsupported(self._unsupported)
             return self.projected.prepare(batch, splits, chunks, total)
         return batch, self
@@ -173,7 +198,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         run = self._run
 
         def output_rows(*args: Any, **kwargs: Any) -> Any:
-            return run.output_rows(first_row, size)
+            # A rank's padding micro-batch (size 0, weighted 0) takes its first sample, whose gradient is dropped.
+            return run.output_rows(first_row, size) if size else run.output_rows(0, 1)
 
         # The micro-batch's loss is taken on its rows of phase 1's output (the full batch's forward).
         return forward_replaced(self.micro.module, output_rows)
@@ -181,13 +207,21 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
     @contextlib.contextmanager
     def backward(self, first_row: int, size: int) -> Iterator[None]:
         yield
-        self._run.take_output_grads(first_row, size)
+        if size:
+            self._run.take_output_grads(first_row, size)
 
     def after_micro_batches(self) -> None:
         """The whole graph's backward, segment by segment, from every micro-batch's output gradient."""
         run, self._run = self._run, None
+        total = self.ranks.sum if self.ranks.active else None
         with entered(Stage.SEGMENT_BACKWARD), self.micro.autocast(), quiet_checkpoint():
-            run.backward(self.projected.splits, self.handler.layers, intercept_batch_norm, self._replay)
+            failure = run.backward(self.projected.splits, self.handler.layers, intercept_batch_norm, self._replay,
+                                   total)
+        failure = self.ranks.first_reason(failure)  # every rank refuses the step, or none does
+        if failure is not None:
+            raise RuntimeError(failure)
+        if self.micro.ddp is not None:
+            average_gradients(self.micro.ddp)
 
     def check(self) -> Optional[BaseException]:
         return self.projected.check()
@@ -265,31 +299,36 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
             raise Unsupported("the loss does not call the model itself")
         return calls[0]
 
-    def _phase1_through_graph(self, batch: Any) -> SegmentRun:
+    def _phase1_through_graph(self, batch: Any, graph: CapturedGraph) -> SegmentRun:
         self.projected.measure_layout(batch, self.handler.ranks)
-        return self._graph_pass(self.layout.convert(batch), self.handler)
+        return self._graph_pass(self.layout.convert(batch), self.handler, self._group, graph)
 
-    def _graph_pass(self, batch: Any, handler: FullBatchStatistics) -> SegmentRun:
-        """Phase 1 of ``batch`` through the graph under ``handler``; the graph's run, boundaries kept."""
-        graph = self._capture(batch)
+    def _graph_pass(self, batch: Any, handler: FullBatchStatistics, group: Optional[int],
+                    graph: Optional[CapturedGraph] = None) -> SegmentRun:
+        """Phase 1 of ``batch`` through ``graph`` (default: captured for it) under ``handler``; the graph's run,
+        boundaries kept in groups of ``group`` segments (None: the fewest kept)."""
+        graph = graph or self._capture(batch)
         rows = self.micro.batches.size(batch)
         cut_layers = [layer for layer in self.layers if layer.training or layer.running_mean is None]
         seen: list[Tensor] = []
         runs: list[SegmentRun] = []
+        refused: list[str] = []
 
         def record(call: BatchNormCall) -> Tensor:
-            if call.input.shape[0] != rows:
+            if call.input.shape[0] != rows and not refused:
                 # The segments cut a boundary tensor by its first dimension: it must be the samples'.
                 name = name_of(call, self.names, len(seen))
-                raise Unsupported(f"BatchNorm layer {name!r} normalizes a tensor whose first dimension "
-                                  f"({call.input.shape[0]}) is not the batch's samples ({rows})")
+                refused.append(f"BatchNorm layer {name!r} normalizes a tensor whose first dimension "
+                               f"({call.input.shape[0]}) is not the batch's samples ({rows})")
+                if not handler.ranks.active:  # else phase 1 goes on, meeting the other ranks' statistics
+                    raise Unsupported(refused[0])
             seen.append(call.input)
             return handler.record(call)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if runs:
                 raise Unsupported("the loss calls the model more than once")
-            runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers))
+            runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers, group))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
         handler.start_phase1()
@@ -297,11 +336,12 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
                 intercept_batch_norm(record), self.draws.record(0, rows), \
                 forward_replaced(self.micro.module, forward):
             self.micro.forward(batch)
-        if not runs:
-            raise Unsupported("the loss does not call the model itself")
+        if refused or not runs:
+            raise Unsupported(refused[0] if refused else "the loss does not call the model itself")
         handler.finish_phase1(True)
         if len(handler.layers) != len(seen):
             raise Unsupported("BatchNorm layers ran outside the model's forward")
+        self._every_boundary_bytes = runs[0].every_boundary_bytes
         return runs[0]
 
     def _warn_unsupported(self, reason: Optional[str]) -> None:

@@ -2,7 +2,7 @@
 
     layout = SegmentLayout(graph.nodes, graph.output, is_cut=lambda node: node in training_batch_norms)
     layout.segments          # from one cut to the next: the first from the inputs, each other from a BatchNorm
-    layout.groups            # consecutive segments, about sqrt(len(segments)) each
+    layout.groups            # consecutive segments, about sqrt(len(segments)) each (group=1: every boundary kept)
     ...                      # phase 1 (autobatch.batchnorm.segment_run) marks layout.batched and layout.tensors
     layout.connect(kept)     # then: each segment's inputs, recomputed nodes and outputs; each group's inner boundary
 
@@ -53,7 +53,9 @@ class SegmentLayout:
             if is_cut(node):
                 self.segments.append(Segment(len(self.segments), [], node))
             self.segments[-1].nodes.append(node)
-        size = group or max(1, math.ceil(math.sqrt(len(self.segments))))
+        #: Segments per group where phase 1 keeps only what crosses groups: about the square root of their number.
+        self.grouped_size = max(1, math.ceil(math.sqrt(len(self.segments))))
+        size = group or self.grouped_size
         self.groups = [self.segments[i:i + size] for i in range(0, len(self.segments), size)]
         self.segment_of = {node: segment.index for segment in self.segments for node in segment.nodes}
         self.group_of = {node: g for g, group in enumerate(self.groups) for segment in group for node in segment.nodes}
@@ -87,6 +89,14 @@ class SegmentLayout:
                     later.update(node.all_input_nodes)
                 later.add(node)
         return later
+
+    def kept_with(self, size: int) -> set[fx.Node]:
+        """The batched tensors phase 1 would keep in groups of ``size`` segments (what a later group reads), once
+        phase 1 has marked them: 1 keeps every boundary, `grouped_size` the fewest."""
+        position = {node: segment.index // size for segment in self.segments for node in segment.nodes}
+        nodes = [node for node in self.nodes if node in position]
+        return {node for node in self.needed_later(nodes, position.__getitem__)
+                if node in self.batched and node in self.tensors and node.op != "placeholder"}
 
     def wire(self, nodes: list[fx.Node], boundary: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
         """What ``nodes`` read from before them: boundary tensors (sliced per micro-batch), and nodes

@@ -8,7 +8,8 @@ back-propagates. Going down the graph one segment at a time gives every layer th
     output = run.forward(seen, draws)                 # phase 1: the whole batch, boundaries kept
     part = run.output_rows(4, 4)                      # a micro-batch's loss on rows 4:8 of it...
     run.take_output_grads(4, 4)                       # ...and the gradient its backward left there
-    run.backward(splits, layers, intercept, replay)   # segment by segment, the last one first
+    run.backward(splits, layers, intercept, replay)   # segment by segment, the last one first; None, or why the
+                                                      # recomputation does not repeat phase 1
 
 In the backward each micro-batch's segment is recomputed from the tensors phase 1 kept at its
 boundary, back-propagated to the BatchNorm's output, and the BatchNorm's own backward then runs
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.capture import CapturedGraph, Unsupported
 from autobatch.batchnorm.layer_backward import LayerBackward
+from autobatch.batchnorm.rows import Rows
 from autobatch.batchnorm.segment_layout import Segment, SegmentLayout
 from autobatch.batchnorm.statistics import LayerStatistics, normalize
 
@@ -46,6 +48,25 @@ def _add_grad(tensor: Optional[Tensor], grad: Tensor) -> None:
         return
     grad = grad.to(tensor.dtype)
     tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+
+
+class _Interpreter(fx.Interpreter):
+    """torch.fx's Interpreter for running nodes one at a time, many times a step: each submodule and attribute
+    looked up once per step (the model cannot change within one; autobatch.batchnorm.fingerprint captures it
+    again between steps), and none of the per-node bookkeeping fx keeps for tracing."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self._attributes: dict[str, Any] = {}
+
+    def fetch_attr(self, target: str) -> Any:
+        if target not in self._attributes:
+            self._attributes[target] = super().fetch_attr(target)
+        return self._attributes[target]
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return getattr(self, n.op)(n.target, args, kwargs)
 
 
 class SegmentRun:
@@ -72,7 +93,9 @@ class SegmentRun:
         #: group runs, its own boundary tensors recomputed.
         self._kept: dict[fx.Node, Any] = {}
         self._output: dict[fx.Node, Any] = {}
-        self._grads: dict[fx.Node, Tensor] = {}
+        self._grads: dict[fx.Node, Rows] = {}
+        #: Phase 1's largest value of each boundary tensor checked (`_deviation`).
+        self._scales: dict[fx.Node, Tensor] = {}
         #: BatchNorm backwards whose input gradient is still to be taken, by the node of their input.
         self._pending: dict[fx.Node, list[LayerBackward]] = {}
         self._leaves: list[tuple[fx.Node, Tensor]] = []
@@ -80,14 +103,19 @@ class SegmentRun:
         self._tail: list[fx.Node] = []
         self._tail_inputs: list[fx.Node] = []
         self._tail_recomputed: list[fx.Node] = []
-        self._interpreter = fx.Interpreter(graph.graph_module)
+        #: Why phase 1 found the graph cannot run precise, raised at its end (`forward`).
+        self._refusals: list[str] = []
+        #: Bytes of each batched tensor phase 1 made, kept or not: what keeping other boundaries would hold.
+        self._bytes: dict[fx.Node, int] = {}
+        self._interpreter = _Interpreter(graph.graph_module)
 
     @classmethod
     def start(cls, graph: CapturedGraph, args: tuple, kwargs: dict, rows: int,
-              cut_layers: Sequence[_BatchNorm]) -> "SegmentRun":
+              cut_layers: Sequence[_BatchNorm], group: Optional[int] = None) -> "SegmentRun":
         """One logical batch of ``rows`` samples through ``graph``, called as the module was; ``cut_layers``:
-        the BatchNorm modules that normalize with batch statistics in this step."""
-        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers})
+        the BatchNorm modules that normalize with batch statistics in this step; ``group``: segments per group
+        (1: every boundary kept; default: about the square root of their number)."""
+        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers}, group)
 
     # -- phase 1 ---------------------------------------------------------------------------------
 
@@ -109,6 +137,8 @@ class SegmentRun:
                 versions.update((node, env[node]._version) for node in segment.nodes
                                 if node in env and node in self.layout.tensors)
             self._keep(group, index, env)
+        if self._refusals:  # found on the way: raised once phase 1 has met every other rank's statistics
+            raise Unsupported(self._refusals[0])
         for node, value in self._kept.items():
             if node.op != "placeholder" and value._version != versions[node]:
                 raise Unsupported(f"an in-place operation after {node.format_node()}'s segment changes its value, "
@@ -137,6 +167,7 @@ class SegmentRun:
                 raise Unsupported(f"{node.format_node()} makes a training-mode BatchNorm call inside another node")
         if isinstance(value, Tensor):
             self.layout.tensors.add(node)
+            self._bytes[node] = value.numel() * value.element_size()
         return value
 
     def _reductions(self, env: dict[fx.Node, Any]) -> None:
@@ -198,7 +229,11 @@ class SegmentRun:
             if node in self.layout.batched and node in self.layout.tensors:
                 if node in self.layout.output_nodes and not self._per_sample(value):
                     continue  # a reduction the forward returns (its loss): each micro-batch computes its own
-                self._check_per_sample(node, value)
+                try:
+                    self._check_per_sample(node, value)
+                except Unsupported as refusal:  # this rank's batch alone may show it: phase 1 goes on to its end
+                    self._refusals.append(str(refusal))
+                    continue
                 self._kept[node] = value
             elif node.op == "placeholder":
                 self._kept[node] = value
@@ -213,6 +248,13 @@ class SegmentRun:
                 seen.add(id(value))
                 total += value.numel() * value.element_size()
         return total
+
+    @property
+    def every_boundary_bytes(self) -> int:
+        """Bytes phase 1 would keep beyond the grouped layout's if it kept every segment's boundary (whichever
+        layout ran): what the planner weighs against recomputing each group's inner boundary."""
+        every, grouped = self.layout.kept_with(1), self.layout.kept_with(self.layout.grouped_size)
+        return sum(self._bytes[node] for node in every - grouped)
 
     # -- the micro-batches' losses ------------------------------------------------------------------
 
@@ -246,20 +288,22 @@ class SegmentRun:
         self._leaves = []
 
     def _accumulate(self, node: fx.Node, start: int, stop: int, grad: Tensor) -> None:
-        buffer = self._grads.get(node)
-        if buffer is None:
-            buffer = self._grads[node] = torch.zeros_like(self._kept[node])
-        buffer[start:stop] += grad.to(buffer.dtype)
+        if node not in self._grads:
+            self._grads[node] = Rows(self._kept[node])
+        self._grads[node].add(start, stop, grad)
 
     # -- the backward, segment by segment --------------------------------------------------------
 
     def backward(self, splits: list[int], layers: list[LayerStatistics],
                  intercept: Callable[[Callable], ContextManager[None]],
-                 replay: Callable[[int, int, int], ContextManager[None]]) -> None:
+                 replay: Callable[[int, int, int], ContextManager[None]],
+                 total: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[str]:
         """Every parameter's gradient of the logical batch from the output's (``take_output_grads``),
         one segment at a time from the last, each micro-batch of ``splits`` recomputed. ``layers``: phase
         1's statistics, one per cut in order; ``intercept(handler)`` routes BatchNorm calls to a handler;
-        ``replay(first_row, rows, draw)`` replays phase 1's random draws from number ``draw`` on.
+        ``replay(first_row, rows, draw)`` replays phase 1's random draws from number ``draw`` on; ``total``:
+        with several processes, a sum over the ranks (a collective), for each layer's two backward sums.
+        Returns why the step must be refused (a recomputed boundary tensor is not phase 1's), or None.
 
         NOTE [the order of the precise backward]
         1. Phase 1 (`forward`) ran the whole batch once, without gradients, and kept what crosses from one
@@ -275,7 +319,7 @@ class SegmentRun:
         4. Once every micro-batch is in, the layer's two sums give its weight's and bias's gradients
            (`_finish_layer`), and the input gradient of any rows is computed when the segment below asks
            for them (`_grad_rows`): the full batch's gradient, layer by layer.
-        5. Every recomputed boundary tensor is compared with phase 1's, with one device sync (`_check`).
+        5. Every recomputed boundary tensor is compared with phase 1's, with one device sync (`_failure`).
 
         A worked example: four segments [inputs, bn1), [bn1, bn2), [bn2, bn3), [bn3, output] in groups of 2,
         micro-batches of rows 0:4 and 4:8. Phase 1 keeps the inputs, bn2's input and the output. The
@@ -301,12 +345,12 @@ class SegmentRun:
                         with replay(start, stop - start, segment.draws):
                             deviations += self._segment_rows(segment, start, stop, layer_backward, intercept)
                     if layer_backward is not None:
-                        self._finish_layer(segment, layer_backward)
+                        self._finish_layer(segment, layer_backward, total)
                 for node in segment.nodes:
                     self._grads.pop(node, None)
                     self._pending.pop(node, None)
                     self._kept.pop(node, None)
-        self._check(deviations)
+        return self._failure(deviations)
 
     def _refill(self, index: int, rows: list[tuple[int, int]], layers: list[LayerStatistics],
                 intercept: Callable[[Callable], ContextManager[None]],
@@ -315,10 +359,13 @@ class SegmentRun:
         micro-batch without gradients from what phase 1 kept at the group's start (with phase 1's
         statistics and random draws); what phase 1 kept of the group is checked against it."""
         group = self.layout.groups[index]
+        inner, filled = self.layout.inner[index], {}
         nodes = [node for node in self.layout.group_nodes(index) if node.op != "placeholder"]
+        # Up to the last inner boundary tensor: the group's last segment makes none (a prefix, so that phase 1's
+        # random draws replay in their order).
+        nodes = nodes[:max(nodes.index(node) for node in inner) + 1]
         inputs, recomputed = self.layout.wire(nodes, set(self._kept))
         statistics = {segment.norm: layers[segment.index - 1] for segment in group if segment.norm is not None}
-        inner, filled = self.layout.inner[index], {}
         deviations = []
         for start, stop in rows:
             env = self._rows_env(inputs, recomputed, start, stop)
@@ -396,10 +443,14 @@ class SegmentRun:
         return [self._deviation(node, env[node], start, stop) for node in segment.outputs
                 if isinstance(env[node], Tensor) and env[node].is_floating_point()]
 
-    def _finish_layer(self, segment: Segment, layer_backward: LayerBackward) -> None:
+    def _finish_layer(self, segment: Segment, layer_backward: LayerBackward,
+                      total: Optional[Callable[[Tensor], Tensor]]) -> None:
         """The segment's BatchNorm backward over the whole batch: its weight's and bias's gradients now; its
         input's, rows at a time, when the segment that made the input asks for them (`_grad_rows`),
-        so that the whole batch's input gradient is never held beside the output's."""
+        so that the whole batch's input gradient is never held beside the output's. ``total``: the two sums
+        over every rank's rows first."""
+        if total is not None:
+            layer_backward.over_ranks(total)
         module = self.graph.batch_norm_module(segment.norm)
         source = segment.norm.args[0]
         if source in self.layout.batched and source.op != "placeholder":
@@ -411,7 +462,7 @@ class SegmentRun:
     def _grad_rows(self, node: fx.Node, start: int, stop: int) -> Tensor:
         """The gradient at ``node``'s rows ``start:stop``: what later segments added, and the input
         gradients of the BatchNorm layers that read it."""
-        grads = [self._grads[node][start:stop]] if node in self._grads else []
+        grads = [self._grads[node].of(start, stop)] if node in self._grads else []
         grads += [pending.input_grad(start, stop) for pending in self._pending.get(node, ())]
         total = grads[0]
         for grad in grads[1:]:
@@ -419,24 +470,30 @@ class SegmentRun:
         return total
 
     def _deviation(self, node: fx.Node, value: Tensor, start: int, stop: int) -> tuple[fx.Node, Tensor, float]:
-        kept = self._kept[node][start:stop]
+        """How far a recomputed boundary tensor's rows lie from phase 1's, relative to phase 1's largest value of
+        the whole batch (taken once per tensor)."""
+        whole = self._kept[node]
+        kept = whole[start:stop]
         tolerance = RECOMPUTE_TOLERANCE.get(kept.dtype, RECOMPUTE_TOLERANCE_HALF)
         with torch.no_grad():
-            scale = kept.abs().amax().float() if kept.numel() else torch.zeros((), device=kept.device)
-            spread = (value.detach() - kept).abs().amax().float() if kept.numel() else scale
-            return node, spread / scale.clamp_min(torch.finfo(torch.float32).tiny), tolerance
+            if not kept.numel():
+                return node, torch.zeros((), device=kept.device), tolerance
+            if node not in self._scales:
+                self._scales[node] = whole.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+            return node, (value.detach() - kept).abs_().amax().float() / self._scales[node], tolerance
 
-    def _check(self, deviations: list[tuple[fx.Node, Tensor, float]]) -> None:
-        """One device sync for the whole backward: every recomputed boundary tensor matches phase 1's."""
+    def _failure(self, deviations: list[tuple[fx.Node, Tensor, float]]) -> Optional[str]:
+        """One device sync for the whole backward: why the step is refused where a recomputed boundary tensor does
+        not match phase 1's; None where every one does."""
         if not deviations:
-            return
+            return None
         values = torch.stack([value.to(deviations[0][1].device) for _, value, _ in deviations]).tolist()
         for (node, _, tolerance), value in zip(deviations, values):
             if not value <= tolerance:
-                raise RuntimeError(
-                    f"recomputing the micro-batches gave {node.format_node()} values {value:.3g} (relative) away from "
-                    f"phase 1's for the same samples (rounding allows {tolerance}); TwoPass(precise=True) needs the "
-                    "forward of a micro-batch to repeat the whole batch's for its samples. Likely causes: a random "
-                    "operation autobatch does not replay, an operation that mixes the samples of the batch, or one "
-                    "that changes a tensor phase 1 kept in place. No optimizer step was taken and the model is "
-                    "unchanged; use bn='two_pass' (not precise) or bn='exact' for this model.")
+                return (f"recomputing the micro-batches gave {node.format_node()} values {value:.3g} (relative) away "
+                        f"from phase 1's for the same samples (rounding allows {tolerance}); TwoPass(precise=True) "
+                        "needs the forward of a micro-batch to repeat the whole batch's for its samples. Likely causes: "
+                        "a random operation autobatch does not replay, an operation that mixes the samples of the "
+                        "batch, or one that changes a tensor phase 1 kept in place. No optimizer step was taken and "
+                        "the model is unchanged; use bn='two_pass' (not precise) or bn='exact' for this model.")
+        return None

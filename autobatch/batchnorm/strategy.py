@@ -90,6 +90,11 @@ class BatchNormStrategy:
         """Bytes of phase 1's random draws held through the micro-batches, forgotten once read."""
         return 0
 
+    def every_boundary_bytes(self) -> int:
+        """Bytes precise's phase 1 would keep beyond its grouped layout's if it kept every boundary, as the last
+        phase 1 found them (0: no precise step has run or been tried)."""
+        return 0
+
     # -- one logical batch -----------------------------------------------------------------------
 
     def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, "BatchNormStrategy"]:

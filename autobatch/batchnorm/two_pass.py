@@ -27,6 +27,7 @@ from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.distributed import Ranks
 from autobatch.microstep import MicroStep
 from autobatch.modes import TwoPass
+from autobatch.plan import Plan
 from autobatch.split import balanced_splits
 from autobatch.stages import Stage, entered
 
@@ -58,6 +59,14 @@ class TwoPassStrategy(BatchNormStrategy):
         self._total = 0
         #: Whether the running micro-batch replays phase 1's draws (and so its backward recomputes them).
         self._replaying = False
+        #: Why the precise backward, wanted where it can run, cannot run with these processes (the plan says so).
+        self.not_precise: Optional[str] = None
+
+    def gradient_of(self, plan: Plan) -> str:
+        words = super().gradient_of(plan)
+        if words == self.gradient and self.not_precise is not None:
+            return f"{words} (precise cannot run: {self.not_precise})"
+        return words
 
     # -- the planner's questions ----------------------------------------------------------------
 

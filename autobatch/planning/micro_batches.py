@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from autobatch.modes import Boundaries
 from autobatch.oom import PlanDoesNotFit
 from autobatch.plan import Plan
 from autobatch.planning.measure import tensor_bytes, warm_optimizer_state
@@ -25,6 +26,8 @@ from autobatch.transaction import trial_transaction
 __all__ = ["MicroBatchSizing"]
 
 Point = tuple[int, int, int]
+#: A plan's precise layout where it does not keep every boundary.
+_GROUPED = {"boundaries": Boundaries.GROUPED, "boundary_bytes": 0}
 
 
 class MicroBatchSizing(Sizing):
@@ -82,6 +85,7 @@ class MicroBatchSizing(Sizing):
                 # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
                 draws = g.strategy.take_draw_bytes()
         state.draws_per_element = draws / s
+        state.every_boundary_per_element = g.strategy.every_boundary_bytes() / s
         over = [n for n, peak in fit.points if peak is None or peak > state.limit.budget_bytes]
         if over:  # a trial that ran out of memory or passed the budget bounds this size from above
             state.failed[s] = min(over)
@@ -158,8 +162,8 @@ class MicroBatchSizing(Sizing):
         reason = (f"largest micro-batch the memory model predicts under {state.limit.describe()} for samples of {s} "
                   f"elements: {format_bytes(model.per_sample(s))} per sample{bounded}")
         runs = max(balanced_splits(g.share, capacity))
-        predicted, not_precise = model.predict(runs, s), None
-        if g.strategy.has_segment_backward and capacity < g.share and model.backwards:
+        predicted, not_precise, every = model.predict(runs, s), None, {}
+        if g.strategy.has_segment_backward and capacity < g.share:
             # The segment backward holds whole-batch tensors whatever the micro-batch: where it passes the budget
             # no micro-batch makes it fit, and the projected backward runs instead.
             backward = int(model.backward(s))
@@ -168,8 +172,19 @@ class MicroBatchSizing(Sizing):
                                f"elements, over the budget of {format_bytes(state.limit.budget_bytes)}")
             else:
                 predicted = max(predicted, backward)
+                every = self._every_boundary(state, s, predicted) if chunks == 1 else {}
+                predicted += every.get("boundary_bytes", 0)
         return plan.replace(capacity=capacity, reason=reason, predicted_peak_bytes=predicted, phase1_chunks=chunks,
-                            not_precise=not_precise, **described(model, s))
+                            not_precise=not_precise, **{**_GROUPED, **every}, **described(model, s))
+
+    @staticmethod
+    def _every_boundary(state: PlannerState, s: int, predicted: float) -> dict[str, Any]:
+        """Precise keeps every boundary (no forward recomputed in its backward) where that fits beside the rest of
+        the step's predicted peak: the micro-batch is never made smaller for it."""
+        extra = int(state.every_boundary_per_element * s)
+        if not extra or s in state.recovery.grouped or predicted + extra > state.limit.budget_bytes:
+            return {}
+        return {"boundaries": Boundaries.EVERY, "boundary_bytes": extra}
 
     def _learn_phase1(self, state: PlannerState, batch: Any, s: int) -> None:
         """Phase 1 measured by a trial at the first sample size that splits the batch; at later sizes the
@@ -228,6 +243,13 @@ class MicroBatchSizing(Sizing):
         """More phase-1 chunks if phase 1 ran out of memory, else a smaller micro-batch; kept for this sample
         size until ``grow_after`` clean steps."""
         recovery = state.recovery
+        if plan.boundaries is Boundaries.EVERY:
+            # What keeping every boundary added goes first: the plan without it was predicted to fit.
+            recovery.grouped.add(plan.sample_size)
+            predicted = plan.predicted_peak_bytes
+            return plan.replace(**_GROUPED, predicted_peak_bytes=predicted and predicted - plan.boundary_bytes,
+                                reason=f"out of memory in {stage.value} keeping every boundary of precise's backward "
+                                       f"({message}): the grouped ones only for samples of {plan.sample_size} elements")
         if stage is Stage.SEGMENT_BACKWARD:
             # The segment backward holds the whole batch's tensors at its cuts: a smaller micro-batch would not
             # shrink it. The projected backward, which holds none, runs at this sample size instead.

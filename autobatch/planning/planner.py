@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 from autobatch.agreement import agree_on_plan
 from autobatch.batchnorm.strategy import BatchNormStrategy
 from autobatch.microstep import MicroStep
-from autobatch.modes import Pieces
+from autobatch.modes import Boundaries, Pieces
 from autobatch.options import Options
 from autobatch.plan import Plan, fixed_plan
 from autobatch.planning.cache import PlanCache, plan_key
@@ -34,6 +34,7 @@ from autobatch.planning.sizing import Sizing
 from autobatch.planning.state import PlannerState, Setting
 from autobatch.planning.trials import Trials
 from autobatch.planning.whole import WholeBatchSizing, WholeOrSplitSizing
+from autobatch.sizes import format_bytes
 from autobatch.stages import Stage
 
 __all__ = ["FixedPlanner", "Outcome", "Planner", "Ran", "RanOutOfMemory", "planner_for", "sizing_for"]
@@ -83,20 +84,53 @@ def planner_for(micro: MicroStep, strategy: BatchNormStrategy, options: Options)
 
 
 class FixedPlanner:
-    """micro_batch=<int>: the plan the user fixed, for every batch; running out of memory is the user's to fix."""
+    """micro_batch=<int>: the plan the user fixed, for every batch; running out of memory is the user's to fix.
+    Its one choice is precise's: keeping every boundary where the first precise step, measured, leaves room."""
 
     def __init__(self, micro: MicroStep, strategy: BatchNormStrategy, options: Options):
+        self.micro, self.strategy, self.options = micro, strategy, options
         self.state = PlannerState(plan=fixed_plan(options.target_batch, options.micro_batch,
                                                   micro.ranks.world_size, strategy.split_mode))
+        #: Whether a step has been measured to choose precise's boundaries.
+        self._chosen = False
         log.info("autobatch plan: micro_batch=%d, splits %s (given), bn=%s (%s)", self.state.plan.micro_batch,
                  self.state.plan.splits, self.state.plan.bn, strategy.gradient_of(self.state.plan))
 
     def next(self, batch: Any) -> tuple[Plan, bool]:
-        return self.state.plan, False
+        plan = self.state.plan
+        return plan, not self._chosen and self.strategy.has_segment_backward and len(plan.splits) > 1
 
     def went(self, outcome: Outcome) -> bool:
-        """Never redo a batch: a fixed micro-batch that runs out of memory raises."""
+        """Never redo a batch (a fixed micro-batch that runs out of memory raises), unless keeping every
+        boundary is what ran out: then once more with the grouped ones."""
+        plan = self.state.plan
+        if isinstance(outcome, RanOutOfMemory):
+            if plan.boundaries is not Boundaries.EVERY:
+                return False
+            self.state.plan = plan.replace(boundaries=Boundaries.GROUPED, boundary_bytes=0)
+            log.info("autobatch: out of memory keeping every boundary of precise's backward (%s); the grouped ones "
+                     "from now on", outcome.message)
+            return True
+        if outcome.measured and not self._chosen:
+            self._chosen = True
+            self.state.plan = self._boundaries(plan, outcome.meter)
         return False
+
+    def _boundaries(self, plan: Plan, meter: StepMeter) -> Plan:
+        """``plan`` keeping every boundary where the measured step's peak and what that adds fit the budget."""
+        extra = self.strategy.every_boundary_bytes()
+        peaks = [meter.phase1_peak, meter.micro_batches_peak, meter.segment_backward_peak, meter.update_peak]
+        peak = max((p for p in peaks if p is not None), default=None)
+        if not extra or peak is None:
+            return plan
+        micro = self.micro
+        resident = tensor_bytes(micro.model, micro.optimizer) if micro.device.type == "cpu" else 0
+        limit = budget(probe(micro.device, resident_bytes=resident), self.options.memory_budget)
+        if peak + extra > limit.budget_bytes:
+            return plan
+        log.info("autobatch: precise keeps every boundary (%s more than grouped), within %s",
+                 format_bytes(extra), limit.describe())
+        return plan.replace(boundaries=Boundaries.EVERY, boundary_bytes=extra)
 
     def tune(self, batch: Any) -> None:
         """Nothing to measure: the size is the user's."""
@@ -133,6 +167,7 @@ class Planner:
         if isinstance(outcome, RanOutOfMemory):
             self._after_out_of_memory(outcome.stage, outcome.message)
             return True
+        self._learn_boundaries(outcome.plan)
         if outcome.measured:
             self._observe(outcome.largest, outcome.meter)
         if not state.redoing:
@@ -197,6 +232,12 @@ class Planner:
 
     # -- what a step taught ----------------------------------------------------------------------
 
+    def _learn_boundaries(self, plan: Plan) -> None:
+        """What precise keeping every boundary would add, as the step's phase 1 found it (per sample element)."""
+        extra = self.setting.strategy.every_boundary_bytes()
+        if extra and plan.sample_size:
+            self.state.every_boundary_per_element = extra / plan.sample_size
+
     def _observe(self, n: int, meter: StepMeter) -> None:
         """A real step of micro-batches of at most ``n`` samples at the plan's sample size measured by ``meter``:
         its peaks (phase 1's, the micro-batches', the update's) teach the models that size (a measured peak
@@ -205,6 +246,12 @@ class Planner:
         s = state.plan.sample_size
         model = state.model
         micro_peak, phase1_peak, update_peak = meter.micro_batches_peak, meter.phase1_peak, meter.update_peak
+        backward_peak = meter.segment_backward_peak
+        if state.plan.boundary_bytes:
+            # The models hold the grouped layout's memory; the plan adds what keeping every boundary holds.
+            micro_peak, phase1_peak, backward_peak = (
+                None if peak is None else max(0, peak - state.plan.boundary_bytes)
+                for peak in (micro_peak, phase1_peak, backward_peak))
         learned = False
         # Any step measured above its prediction corrects the model (past a hair, so that allocator noise
         # does not rewrite the cache every step): a prediction too low is a step closer to the budget.
@@ -215,7 +262,6 @@ class Planner:
         if update_peak is not None and update_peak > model.update(s) * 1.01:
             model.add_update(s, update_peak)
             learned = True
-        backward_peak = meter.segment_backward_peak
         if backward_peak is not None and (s not in model.backwards or backward_peak > model.backward(s) * 1.01):
             model.add_backward(s, backward_peak)
             learned = True

@@ -30,6 +30,8 @@ class Recovery:
     chunks: dict[int, int] = field(default_factory=dict)
     #: Per sample size, why the precise backward is not run: its segment backward ran out of memory.
     not_precise: dict[int, str] = field(default_factory=dict)
+    #: Sample sizes whose precise steps keep the grouped boundaries only: keeping every one ran out of memory.
+    grouped: set[int] = field(default_factory=set)
 
     def ran_out_of_memory(self) -> None:
         self.clean_steps = 0
@@ -56,7 +58,7 @@ class Recovery:
     def after_clean_step(self, grow_after: Optional[int]) -> bool:
         """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
         lifted, and the memory model's sizes apply again."""
-        if grow_after is None or not (self.ceilings or self.not_precise):
+        if grow_after is None or not (self.ceilings or self.not_precise or self.grouped):
             return False
         self.clean_steps += 1
         if self.clean_steps < grow_after:
@@ -64,4 +66,5 @@ class Recovery:
         self.clean_steps = 0
         self.ceilings.clear()
         self.not_precise.clear()
+        self.grouped.clear()
         return True

@@ -63,6 +63,8 @@ class PlannerState:
     failed: dict[int, int] = field(default_factory=dict)
     #: Bytes of phase 1's recorded draws per sample element: resident in a real step, not in a trial.
     draws_per_element: float = 0.0
+    #: Bytes per sample element that precise keeping every boundary adds to its grouped layout (the last phase 1's).
+    every_boundary_per_element: float = 0.0
     #: The device measured, in words, and the plan cache's key.
     device: str = ""
     key: str = ""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autobatch
+from autobatch.modes import Boundaries
 from autobatch.demo.unet import UNet
 from autobatch.reference import flat_grad, relative_error
 from tests.common import BatchNormAct2d, ResidualNet, StochasticNet, assert_same_state, data, model_state
@@ -581,3 +582,109 @@ def assert_trains_as_two_pass(module, compute_loss, reason, caplog):
     plain, _ = step_grad(copy.deepcopy(net), batch, 4, compute_loss=compute_loss,
                          bn=autobatch.TwoPass(phase1_memory_format=torch.preserve_format))
     assert torch.equal(got, plain)
+
+
+class SkipNet(nn.Module):
+    """Four segments in two groups of two (as tests/batchnorm/test_segment_layout.py's SkipNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(3, 3, 1) for _ in range(3))
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(3) for _ in range(3))
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x):
+        b = self.bn1(self.conv1(x))
+        d = self.bn2(self.conv2(b.relu())) + b
+        return self.head(self.bn3(self.conv3(d)).mean((2, 3)))
+
+
+def test_every_boundary_kept_where_memory_allows_recomputes_no_forward_and_stays_exact():
+    """#38.4: the first step (measured) keeps what crosses groups and recomputes each group's inner boundary; where
+    the step's peak and what keeping every boundary adds fit the budget, later steps keep every boundary and run
+    each segment once per micro-batch in the backward. The refill stops at a group's last inner boundary: the
+    group's last segment (conv2's, conv3's... here conv2) is not run in it."""
+    torch.manual_seed(0)
+    net = SkipNet().double()
+    batch = data(8, (3, 4, 4))
+    expected = full_grad(copy.deepcopy(net), batch)
+    model, grads, counted = copy.deepcopy(net), [], collections.Counter()
+    for name in ("conv1", "conv2", "conv3"):
+        getattr(model, name).register_forward_hook(lambda module, args, out, name=name: counted.update([name]))
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 8, ce, micro_batch=4, bn=PRECISE,
+                        cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    calls = []
+    for _ in range(2):
+        counted.clear()
+        ab.step(*batch)
+        calls.append(dict(counted))
+    # Phase 1 once, each micro-batch's segment once; grouped, conv1 (group 1's inner boundary) twice more.
+    assert calls == [{"conv1": 5, "conv2": 3, "conv3": 5}, {"conv1": 3, "conv2": 3, "conv3": 3}]
+    assert ab.plan.boundaries is Boundaries.EVERY and ab.plan.boundary_bytes > 0
+    assert "precise keeps" in str(ab.plan)
+    for got in grads:
+        assert relative_error(got, expected) < 1e-10
+
+
+def test_a_fixed_micro_batch_keeps_the_grouped_boundaries_where_the_memory_leaves_no_room(monkeypatch):
+    from autobatch.planning.memory import DeviceMemory
+    tight = DeviceMemory("cpu", "host", 1 << 20, 1 << 16, 0, "psutil")
+    monkeypatch.setattr("autobatch.planning.planner.probe", lambda device, resident_bytes=0: tight)
+    torch.manual_seed(0)
+    net = ResidualNet(blocks=2, channels=6, head_norm=True).double()
+    batch = data(16, (3, 6, 6))
+    expected = full_grad(copy.deepcopy(net), batch)
+    grads = []
+    model = copy.deepcopy(net)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 16, ce, micro_batch=4, bn=PRECISE,
+                        cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    for _ in range(2):
+        ab.step(*batch)
+    assert ab.plan.boundaries is Boundaries.GROUPED and ab.plan.boundary_bytes == 0
+    assert all(relative_error(got, expected) < 1e-10 for got in grads)
+
+
+class WideNarrow(nn.Module):
+    """Residual blocks whose BatchNorm normalizes a narrow tensor made from a wide one: keeping every boundary
+    costs little beside the step's activations."""
+
+    def __init__(self, blocks=3, narrow=4, wide=48):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, narrow, 1), nn.BatchNorm2d(narrow))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(narrow, wide, 1), nn.ReLU(), nn.Conv2d(wide, narrow, 1),
+                                                  nn.BatchNorm2d(narrow)) for _ in range(blocks))
+        self.head = nn.Linear(narrow, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_the_planner_keeps_every_boundary_only_within_the_budget_and_counts_it_in_the_peak():
+    """Measured: at 6 MiB the largest micro-batch leaves no room for what keeping every boundary adds, at 8 MiB it
+    does (and the whole batch still does not fit)."""
+    torch.manual_seed(0)
+    net = WideNarrow().double()
+    batch = data(32, (3, 12, 12))
+    expected = full_grad(copy.deepcopy(net), batch)
+    plans = {}
+    for budget in ("6MiB", "8MiB"):
+        grads = []
+        model = copy.deepcopy(net)
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=PRECISE, cache=False,
+                            memory_budget=budget, micro_batch="auto", before_step=lambda ab: grads.append(
+                                flat_grad(ab.model)))
+        for _ in range(3):
+            ab.step(*batch)
+        plan = plans[budget] = ab.plan
+        state = ab._planner.state
+        assert len(plan.splits) > 1 and plan.predicted_peak_bytes <= plan.budget_bytes
+        extra = int(state.every_boundary_per_element * plan.sample_size)
+        assert extra > 0
+        if plan.boundaries is Boundaries.EVERY:
+            assert plan.boundary_bytes == extra
+            assert plan.predicted_peak_bytes - extra >= state.model.predict(plan.micro_batch, plan.sample_size)
+        assert all(relative_error(got, expected) < 1e-10 for got in grads)
+    assert plans["6MiB"].boundaries is Boundaries.GROUPED and plans["8MiB"].boundaries is Boundaries.EVERY

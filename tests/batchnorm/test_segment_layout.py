@@ -49,3 +49,10 @@ def test_phase_1_keeps_what_crosses_groups_and_each_segment_reads_its_boundary()
         ["x"], ["conv1"], ["conv2", "bn1"], ["conv3"]]  # x: a placeholder, sliced per micro-batch too
     assert [[node.name for node in segment.outputs] for segment in layout.segments] == [
         ["conv1"], ["bn1", "conv2"], ["conv3"], ["mean"]]
+
+
+def test_kept_with_one_segment_per_group_is_every_boundary_and_with_the_grouped_size_what_crosses_groups():
+    layout, _ = layout_of(SkipNet())
+    assert layout.grouped_size == 2
+    assert {node.name for node in layout.kept_with(1)} == {"conv1", "bn1", "conv2", "conv3", "mean"}
+    assert {node.name for node in layout.kept_with(2)} == {"bn1", "conv2", "mean"}  # the input x is kept either way

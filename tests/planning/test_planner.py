@@ -10,6 +10,7 @@ from torch import nn
 
 import autobatch
 from autobatch.batchnorm.randomness import RandomDraws
+from autobatch.modes import Boundaries
 from autobatch.planning.measure import peak_bytes, warm_optimizer_state
 from autobatch.planning.planner import Ran
 from autobatch.transaction import trial_transaction as preserved
@@ -297,7 +298,8 @@ def test_a_transient_out_of_memory_leaves_the_cached_plan_as_fitted(private_plan
     assert fitted > 1
     loss_fn.armed = True
     ab.step(x, y)
-    assert ab.plan.capacity < fitted
+    # The step ran again under a smaller plan: without what keeping every boundary of precise adds, which goes first.
+    assert ab.plan.boundaries is Boundaries.GROUPED and 3073 in ab._planner.state.recovery.grouped
     again = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="6MiB")
     plan = again.tune(x, y)
     assert (plan.source, plan.capacity) == ("cache", fitted)
@@ -470,3 +472,21 @@ def test_a_failed_first_step_leaves_the_planner_as_before_it():
         ab.step(x, y)
     state = ab._planner.state
     assert calls and ab.plan is None and state.model is None and state.limit is None and state.failed == {}
+
+
+def test_a_fixed_micro_batch_out_of_memory_keeping_every_boundary_is_redone_with_the_grouped_ones():
+    """The one batch a fixed micro_batch redoes: where keeping every boundary of precise's backward (chosen after the
+    first, measured step) runs out of memory, the step runs again keeping the grouped ones, as the first did."""
+    (x, y), nets = data(16), [convnet(), convnet()]
+    loss_fn = OutOfMemoryAt(0)
+    runs = [autobatch.wrap(net, torch.optim.SGD(net.parameters(), lr=0.1), 16, loss, micro_batch=4, cache=False)
+            for net, loss in zip(nets, (loss_fn, ce))]
+    for ab in runs:
+        ab.step(x, y)
+        assert ab.plan.boundaries is Boundaries.EVERY and ab.plan.gradient.startswith("precise")
+    loss_fn.armed = True
+    for ab in runs:
+        ab.step(x, y)
+    assert not loss_fn.armed and runs[0].plan.boundaries is Boundaries.GROUPED
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
