@@ -155,6 +155,9 @@ class Boundaries(enum.Enum):
     GROUPED = "grouped"
     #: Every segment's boundary: no forward recomputed, the most memory.
     EVERY = "every"
+    #: Every segment's boundary, in host memory (pinned) once phase 1 is done with it, its rows brought back as
+    #: the backward reads them: the device holds a segment's micro-batch, not the batch's boundaries.
+    HOST = "host"
 
 
 _BY_NAME = {mode.name: mode for mode in (TwoPass, Micro, Exact, Auto)}

@@ -164,6 +164,9 @@ class Plan:
         if self.boundaries is Boundaries.EVERY:
             rows.append(("precise keeps", f"every boundary, {format_bytes(self.boundary_bytes)} more than grouped: "
                                           "no forward recomputed in the segment backward"))
+        elif self.boundaries is Boundaries.HOST:
+            rows.append(("precise keeps", "every boundary in host memory, its rows brought back as the segment "
+                                          "backward reads them"))
         if self.phase1_chunks > 1:
             rows.append(("phase 1", f"{self.phase1_chunks} chunks: its statistics are approximate (each chunk "
                                     "normalized with its own)"))

@@ -13,7 +13,9 @@ as such, and the others still run):
 3. the cost of two_pass and micro against plain accumulation on a ResNet-50 at 224x224, in
    NCHW and in channels_last (bench/cost.py), and of bn="exact" (bench/exact.py);
 4. bf16 and fp16 autocast (with a GradScaler) through two_pass and exact: finite, and fp16's scaler
-   stepping as often as the full batch's.
+   stepping as often as the full batch's;
+5. the precise backward at ResNet-50 224x224 keeping every boundary on the device, the grouped ones, and every
+   one in pinned host memory (``Boundaries.HOST``): peak device memory and time against plain accumulation.
 
 Without a GPU it says so and exits with status 2.
 """
@@ -72,6 +74,62 @@ def amp_check() -> str:
     return "\n".join(rows)
 
 
+def precise_boundaries(device: str = "cuda", size: int = 224, target_batch: int = 32, micro_batch: int = 8,
+                       steps: int = 3) -> str:
+    """Precise's three places for its boundaries, each in its own model from the same weights: the device's peak
+    (allocated) in a step and the median step time, as a ratio to plain accumulation; the parameters after the
+    steps against those of the first (every boundary on the device): the same arithmetic."""
+    sys.path.insert(0, str(ROOT))
+    import statistics
+
+    import autobatch
+    from autobatch.modes import Boundaries
+    from autobatch.split import balanced_splits
+    from bench.cost import plain_step, sync
+    from bench.resnet import resnet50
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    base = resnet50(num_classes=100).to(device)
+    x = torch.randn(target_batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (target_batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def timed(step) -> tuple[float, int]:
+        step()  # warm
+        seconds = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        return statistics.median(seconds), peak
+
+    import copy
+    plain = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.01)
+    reference, _ = timed(plain_step(plain, optimizer, x, y, loss_fn, balanced_splits(target_batch, micro_batch)))
+    rows = ["| precise keeps | peak (allocated) | time / plain accumulation | parameters vs every boundary |",
+            "| --- | --- | --- | --- |"]
+    first = None
+    for boundaries in (Boundaries.EVERY, Boundaries.GROUPED, Boundaries.HOST):
+        model = copy.deepcopy(base)
+        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.01), target_batch, loss_fn,
+                            micro_batch=micro_batch, cache=False)
+        ab.step(x, y)  # the first, measured step
+        ab._planner.state.plan = ab.plan.replace(boundaries=boundaries, boundary_bytes=0)
+        seconds, peak = timed(lambda: ab.step(x, y))
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        first = flat if first is None else first
+        apart = float((flat - first).abs().max() / first.abs().max())
+        rows.append(f"| {boundaries.value} | {peak / 2**20:.0f} MiB | {seconds / reference:.2f}x | {apart:.1e} |")
+    return "\n".join(rows)
+
+
 def run_part(title: str, command: list[str]) -> str:
     start = time.perf_counter()
     try:
@@ -118,6 +176,8 @@ def main() -> int:
         run_part("Exact mode at ResNet-50 224x224", ["bench/exact.py", "--model", "resnet50", "--size", "224",
                                                      "--base-batch", "32", "--largest", "2", "--device", "cuda"]),
         in_process("bf16 and fp16 autocast, ResNet-50 224x224", amp_check),
+        in_process("The precise backward's boundaries at ResNet-50 224x224: device, grouped, pinned host memory",
+                   precise_boundaries),
     ]
     name = torch.cuda.get_device_name()
     report = (f"# autobatch on {name}\n\n`python bench/gpu_check.py`, {datetime.date.today()}, torch "

@@ -157,6 +157,18 @@ def precise_steps(rank):
     return result
 
 
+def precise_ddp_options(rank):
+    """DDP's static_graph and gradient_as_bucket_view: the gradients the segment backward leaves are DDP's bucket
+    views, averaged in place; two steps."""
+    model = resnet()
+    ddp = DistributedDataParallel(model, static_graph=True, gradient_as_bucket_view=True)
+    ab = autobatch.wrap(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), 16, ce, micro_batch=4, cache=False)
+    x, y = data(image=True)
+    losses = [ab.step(x[halves(rank)], y[halves(rank)]) for _ in range(2)]
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
+            "gradient": ab.plan.gradient}
+
+
 def precise_refused_on_rank_one(rank, where="capture"):
     """Rank 1 cannot run precise (its graph cannot be had, or its phase 1 finds a reason): both ranks take the
     projected backward together, in this step and the next."""

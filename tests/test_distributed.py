@@ -44,7 +44,7 @@ def good_runs(tmp_path_factory):
                  "interrupted_in_loss", "interrupted_after_update", "out_of_memory_after_update", "exact",
                  "exact_uneven", "counted", "counted_uneven", "variable_sizes", "projected", "precise_uneven",
                  "precise_steps", "precise_refused_on_rank_one", "precise_refused_in_phase_one_on_rank_one",
-                 "precise_out_of_memory"]
+                 "precise_out_of_memory", "precise_ddp_options"]
     results, outputs = launch(tmp_path_factory.mktemp("ddp"), scenarios)
     for key, result in results.items():
         assert "ok" in result, (key, result.get("trace"))
@@ -109,7 +109,8 @@ def test_the_default_over_two_ranks_is_one_process_with_the_whole_batch(good_run
 
 
 @pytest.mark.parametrize("scenario, rows, steps", [("precise_uneven", slice(0, 13), 1),
-                                                   ("precise_steps", slice(0, 16), 3)])
+                                                   ("precise_steps", slice(0, 16), 3),
+                                                   ("precise_ddp_options", slice(0, 16), 2)])
 def test_the_default_over_uneven_ranks_and_several_steps_is_the_whole_batch(good_runs, scenario, rows, steps):
     reference = whole_batch(rows, steps)
     for rank in range(2):

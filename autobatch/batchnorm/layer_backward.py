@@ -47,18 +47,22 @@ class LayerBackward:
     micro-batch, whose own g is zero, gets no gradient at all.
     """
 
-    def __init__(self, x: Tensor, layer: LayerStatistics, weight: Optional[Tensor]):
+    def __init__(self, x: Tensor, layer: LayerStatistics, weight: Optional[Tensor],
+                 rows: Optional[Callable[[int, int], Tensor]] = None):
+        """``x``: the layer's input over the whole batch; ``rows(start, stop)``: its rows where they compute (x
+        kept in host memory), default ``x[start:stop]``."""
         self.x, self.layer, self.weight = x, layer, weight
+        self._x_rows = rows or (lambda start, stop: x[start:stop])
         self.shape = (1, -1) + (1,) * (x.dim() - 2)
         self.dims = [0] + list(range(2, x.dim()))
-        self.g = Rows(x)
+        self.g = Rows(x, layer.mean.device)
         self.sum_dy = torch.zeros_like(layer.mean)
         self.sum_dy_xhat = torch.zeros_like(layer.mean)
         #: The sums the input's gradient takes its means from: this process's, or every rank's (`over_ranks`).
         self._sums = (self.sum_dy, self.sum_dy_xhat)
 
     def _centred(self, start: int, stop: int) -> Tensor:
-        return self.x[start:stop].to(self.layer.mean.dtype) - self.layer.mean.view(self.shape)
+        return self._x_rows(start, stop).to(self.layer.mean.dtype) - self.layer.mean.view(self.shape)
 
     def add(self, start: int, stop: int, grad: Optional[Tensor]) -> None:
         """Rows ``start:stop``'s gradient at the layer's output (None: the micro-batch sent none back)."""
@@ -68,7 +72,7 @@ class LayerBackward:
         layer, dtype = self.layer, self.layer.mean.dtype
         # Eval mode: ``sum(g * (x - mean) * invstd)`` and ``sum(g)`` with the given statistics, nothing subtracted.
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad.to(dtype), self.x[start:stop].to(dtype), None, layer.mean, layer.var, None, None, False, layer.eps,
+            grad.to(dtype), self._x_rows(start, stop).to(dtype), None, layer.mean, layer.var, None, None, False, layer.eps,
             [False, True, True])
         self.sum_dy += sum_dy
         self.sum_dy_xhat += sum_dy_xhat

@@ -1,6 +1,6 @@
 """A whole-batch tensor held as its micro-batches' rows, never allocated whole: the precise backward's gradients.
 
-    grads = Rows(like=kept)           # kept: the whole batch's tensor the gradients are of (shape, dtype, device)
+    grads = Rows(kept, device)        # kept: the whole batch's tensor the gradients are of (shape, dtype)
     grads.add(0, 4, grad_of_rows_0_to_4)
     grads.add(0, 4, more)             # rows added again are summed
     grads.of(0, 4)                    # what was added; rows never added are zeros
@@ -11,6 +11,8 @@ part is handed back as it came, with no whole-batch buffer zeroed, copied into a
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -18,11 +20,12 @@ __all__ = ["Rows"]
 
 
 class Rows:
-    """Rows ``start:stop`` of a tensor shaped as ``like``, added part by part (in its dtype); parts added under
-    different ranges must not overlap."""
+    """Rows ``start:stop`` of a tensor shaped as ``like``, added part by part (in its dtype) on ``device``
+    (default: ``like``'s); parts added under different ranges must not overlap."""
 
-    def __init__(self, like: Tensor):
+    def __init__(self, like: Tensor, device: Optional[torch.device] = None):
         self.like = like
+        self.device = like.device if device is None else device
         self.parts: dict[tuple[int, int], Tensor] = {}
 
     def add(self, start: int, stop: int, grad: Tensor) -> None:
@@ -47,4 +50,4 @@ class Rows:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _zeros(self, rows: int) -> Tensor:
-        return self.like.new_zeros((rows,) + tuple(self.like.shape[1:]))
+        return torch.zeros((rows,) + tuple(self.like.shape[1:]), dtype=self.like.dtype, device=self.device)

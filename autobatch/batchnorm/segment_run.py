@@ -79,7 +79,7 @@ class SegmentRun:
     about twice the square root of the cuts instead of all."""
 
     def __init__(self, graph: CapturedGraph, inputs: dict[fx.Node, Any], rows: int, cut_layers: set[int],
-                 group: Optional[int] = None):
+                 group: Optional[int] = None, host: bool = False):
         self.graph = graph
         self.rows = rows
         self._inputs = inputs
@@ -103,6 +103,11 @@ class SegmentRun:
         self._tail: list[fx.Node] = []
         self._tail_inputs: list[fx.Node] = []
         self._tail_recomputed: list[fx.Node] = []
+        #: Whether kept tensors move to host memory once phase 1 is done with them (`_offload`), and those moved.
+        self._host = host
+        self._on_host: set[fx.Node] = set()
+        #: The device the graph runs on (phase 1's), where kept rows come back to.
+        self._device: Optional[torch.device] = None
         #: Why phase 1 found the graph cannot run precise, raised at its end (`forward`).
         self._refusals: list[str] = []
         #: Bytes of each batched tensor phase 1 made, kept or not: what keeping other boundaries would hold.
@@ -111,11 +116,12 @@ class SegmentRun:
 
     @classmethod
     def start(cls, graph: CapturedGraph, args: tuple, kwargs: dict, rows: int,
-              cut_layers: Sequence[_BatchNorm], group: Optional[int] = None) -> "SegmentRun":
+              cut_layers: Sequence[_BatchNorm], group: Optional[int] = None, host: bool = False) -> "SegmentRun":
         """One logical batch of ``rows`` samples through ``graph``, called as the module was; ``cut_layers``:
         the BatchNorm modules that normalize with batch statistics in this step; ``group``: segments per group
-        (1: every boundary kept; default: about the square root of their number)."""
-        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers}, group)
+        (1: every boundary kept; default: about the square root of their number); ``host``: the kept tensors
+        in host memory (autobatch.modes.Boundaries.HOST)."""
+        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers}, group, host)
 
     # -- phase 1 ---------------------------------------------------------------------------------
 
@@ -133,20 +139,46 @@ class SegmentRun:
                     env[node] = self._phase1_node(node, env, seen, segment)
                     for arg in node.all_input_nodes:
                         if last_use[arg] == order[node] and self.layout.done_with(arg, index):
-                            env.pop(arg, None)
+                            if self._host and arg in self._kept and arg.op != "placeholder":
+                                self._offload(arg, env.pop(arg), versions[arg])
+                            else:
+                                env.pop(arg, None)  # dropped here: phase 1 holds no more than it needs
                 versions.update((node, env[node]._version) for node in segment.nodes
                                 if node in env and node in self.layout.tensors)
             self._keep(group, index, env)
         if self._refusals:  # found on the way: raised once phase 1 has met every other rank's statistics
             raise Unsupported(self._refusals[0])
-        for node, value in self._kept.items():
-            if node.op != "placeholder" and value._version != versions[node]:
-                raise Unsupported(f"an in-place operation after {node.format_node()}'s segment changes its value, "
-                                  "which the backward would apply twice")
+        for node, value in list(self._kept.items()):
+            if node.op != "placeholder" and node not in self._on_host:
+                self._check_unchanged(node, value, versions[node])
+                if self._host and node not in self.layout.output_nodes:  # read across groups: held to the end
+                    self._offload(node, value, versions[node])
         self._output = {node: env[node] for node in self.layout.output_nodes}
         self._reductions(env)
         self.layout.connect(set(self._kept))
         return self.graph.output_of(fx.node.map_arg(self.graph.output.args[0], self._output.__getitem__))
+
+    @staticmethod
+    def _check_unchanged(node: fx.Node, value: Tensor, version: int) -> None:
+        if value._version != version:
+            raise Unsupported(f"an in-place operation after {node.format_node()}'s segment changes its value, "
+                              "which the backward would apply twice")
+
+    def _offload(self, node: fx.Node, value: Tensor, version: int) -> None:
+        """A kept tensor phase 1 is done with, to host memory (pinned where it comes from a CUDA device, copied
+        without waiting): the backward brings its rows back (`_rows`). Its scale for `_deviation` is taken now,
+        on the device, so that nothing reads the host copy before the copy has landed."""
+        self._check_unchanged(node, value, version)
+        self._device = value.device
+        self._scale(node, value)
+        host = torch.empty_like(value, device="cpu", pin_memory=value.is_cuda)
+        self._kept[node] = host.copy_(value, non_blocking=True)
+        self._on_host.add(node)
+
+    def _rows(self, node: fx.Node, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a kept tensor, on the device the graph runs on."""
+        rows = self._kept[node][start:stop]
+        return rows.to(self._device, non_blocking=True) if node in self._on_host else rows
 
     def _phase1_node(self, node: fx.Node, env: dict[fx.Node, Any], seen: list[Tensor], segment: Segment) -> Any:
         if node.op == "placeholder":
@@ -243,8 +275,8 @@ class SegmentRun:
         """Bytes of phase 1's values held until the backward."""
         seen: set[int] = set()
         total = 0
-        for value in self._kept.values():
-            if isinstance(value, Tensor) and id(value) not in seen:
+        for node, value in self._kept.items():
+            if isinstance(value, Tensor) and id(value) not in seen and node not in self._on_host:
                 seen.add(id(value))
                 total += value.numel() * value.element_size()
         return total
@@ -289,7 +321,7 @@ class SegmentRun:
 
     def _accumulate(self, node: fx.Node, start: int, stop: int, grad: Tensor) -> None:
         if node not in self._grads:
-            self._grads[node] = Rows(self._kept[node])
+            self._grads[node] = Rows(self._kept[node], self._device)
         self._grads[node].add(start, stop, grad)
 
     # -- the backward, segment by segment --------------------------------------------------------
@@ -337,8 +369,9 @@ class SegmentRun:
                 layer_backward = None
                 if segment.norm is not None:
                     module = self.graph.batch_norm_module(segment.norm)
-                    layer_backward = LayerBackward(self._kept[segment.norm.args[0]], layers[segment.index - 1],
-                                                   module.weight)
+                    source = segment.norm.args[0]
+                    layer_backward = LayerBackward(self._kept[source], layers[segment.index - 1], module.weight,
+                                                   lambda start, stop, source=source: self._rows(source, start, stop))
                 if layer_backward is not None or any(node in self._grads or node in self._pending
                                                      for node in segment.outputs):
                     for start, stop in rows:
@@ -397,7 +430,7 @@ class SegmentRun:
         for node in inputs:
             value = self._kept[node]
             if node in self.layout.batched:
-                value = value[start:stop].detach()
+                value = self._rows(node, start, stop).detach()
                 if leaves is not None and value.is_floating_point() and node.op != "placeholder":  # none for inputs
                     value = value.requires_grad_()
                     leaves.append((node, value))
@@ -472,15 +505,19 @@ class SegmentRun:
     def _deviation(self, node: fx.Node, value: Tensor, start: int, stop: int) -> tuple[fx.Node, Tensor, float]:
         """How far a recomputed boundary tensor's rows lie from phase 1's, relative to phase 1's largest value of
         the whole batch (taken once per tensor)."""
-        whole = self._kept[node]
-        kept = whole[start:stop]
+        kept = self._rows(node, start, stop)
         tolerance = RECOMPUTE_TOLERANCE.get(kept.dtype, RECOMPUTE_TOLERANCE_HALF)
         with torch.no_grad():
             if not kept.numel():
                 return node, torch.zeros((), device=kept.device), tolerance
-            if node not in self._scales:
-                self._scales[node] = whole.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
-            return node, (value.detach() - kept).abs_().amax().float() / self._scales[node], tolerance
+            return node, (value.detach() - kept).abs_().amax().float() / self._scale(node, self._kept[node]), \
+                tolerance
+
+    def _scale(self, node: fx.Node, whole: Tensor) -> Tensor:
+        """Phase 1's largest value of a kept tensor (taken once)."""
+        if node not in self._scales:
+            self._scales[node] = whole.detach().abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+        return self._scales[node]
 
     def _failure(self, deviations: list[tuple[fx.Node, Tensor, float]]) -> Optional[str]:
         """One device sync for the whole backward: why the step is refused where a recomputed boundary tensor does

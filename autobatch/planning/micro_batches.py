@@ -167,7 +167,11 @@ class MicroBatchSizing(Sizing):
             # The segment backward holds whole-batch tensors whatever the micro-batch: where it passes the budget
             # no micro-batch makes it fit, and the projected backward runs instead.
             backward = int(model.backward(s))
-            if backward > state.limit.budget_bytes:
+            if (backward > state.limit.budget_bytes or s in state.recovery.host) and self._host_boundaries(chunks):
+                # Its boundaries in pinned host memory instead: the device holds a segment's micro-batch. Where
+                # that runs out of memory too, the projected backward (`after_out_of_memory`).
+                every = {"boundaries": Boundaries.HOST, "boundary_bytes": 0}
+            elif backward > state.limit.budget_bytes:
                 not_precise = (f"its segment backward peaks at {format_bytes(backward)} for samples of {s} "
                                f"elements, over the budget of {format_bytes(state.limit.budget_bytes)}")
             else:
@@ -176,6 +180,10 @@ class MicroBatchSizing(Sizing):
                 predicted += every.get("boundary_bytes", 0)
         return plan.replace(capacity=capacity, reason=reason, predicted_peak_bytes=predicted, phase1_chunks=chunks,
                             not_precise=not_precise, **{**_GROUPED, **every}, **described(model, s))
+
+    def _host_boundaries(self, chunks: int) -> bool:
+        """Whether precise may keep its boundaries in host memory: on CUDA, phase 1 in one piece."""
+        return self.setting.micro.device.type == "cuda" and chunks == 1
 
     @staticmethod
     def _every_boundary(state: PlannerState, s: int, predicted: float) -> dict[str, Any]:
@@ -250,6 +258,12 @@ class MicroBatchSizing(Sizing):
             return plan.replace(**_GROUPED, predicted_peak_bytes=predicted and predicted - plan.boundary_bytes,
                                 reason=f"out of memory in {stage.value} keeping every boundary of precise's backward "
                                        f"({message}): the grouped ones only for samples of {plan.sample_size} elements")
+        if stage is Stage.SEGMENT_BACKWARD and plan.boundaries is Boundaries.GROUPED and \
+                self._host_boundaries(plan.phase1_chunks):
+            recovery.host.add(plan.sample_size)
+            return plan.replace(boundaries=Boundaries.HOST, reason=f"out of memory in precise's segment backward "
+                                                                  f"({message}): its boundaries in host memory for "
+                                                                  f"samples of {plan.sample_size} elements")
         if stage is Stage.SEGMENT_BACKWARD:
             # The segment backward holds the whole batch's tensors at its cuts: a smaller micro-batch would not
             # shrink it. The projected backward, which holds none, runs at this sample size instead.

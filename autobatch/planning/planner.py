@@ -105,16 +105,28 @@ class FixedPlanner:
         boundary is what ran out: then once more with the grouped ones."""
         plan = self.state.plan
         if isinstance(outcome, RanOutOfMemory):
-            if plan.boundaries is not Boundaries.EVERY:
+            smaller = self._smaller_boundaries(plan, outcome.stage)
+            if smaller is None:
                 return False
-            self.state.plan = plan.replace(boundaries=Boundaries.GROUPED, boundary_bytes=0)
-            log.info("autobatch: out of memory keeping every boundary of precise's backward (%s); the grouped ones "
-                     "from now on", outcome.message)
+            self.state.plan = plan.replace(boundaries=smaller, boundary_bytes=0)
+            log.info("autobatch: out of memory in %s keeping %s boundaries of precise's backward (%s); %s from now on",
+                     outcome.stage.value, plan.boundaries.value, outcome.message, smaller.value)
             return True
         if outcome.measured and not self._chosen:
             self._chosen = True
             self.state.plan = self._boundaries(plan, outcome.meter)
         return False
+
+    def _smaller_boundaries(self, plan: Plan, stage: Stage) -> Optional[Boundaries]:
+        """What precise keeps after running out of memory under ``plan``: the grouped boundaries after every one;
+        on CUDA, after the grouped ones ran out in the segment backward, every one in host memory. None: the
+        error is the user's."""
+        if plan.boundaries is Boundaries.EVERY:
+            return Boundaries.GROUPED
+        if plan.boundaries is Boundaries.GROUPED and stage is Stage.SEGMENT_BACKWARD and \
+                self.micro.device.type == "cuda":
+            return Boundaries.HOST
+        return None
 
     def _boundaries(self, plan: Plan, meter: StepMeter) -> Plan:
         """``plan`` keeping every boundary where the measured step's peak and what that adds fit the budget."""

@@ -32,6 +32,8 @@ class Recovery:
     not_precise: dict[int, str] = field(default_factory=dict)
     #: Sample sizes whose precise steps keep the grouped boundaries only: keeping every one ran out of memory.
     grouped: set[int] = field(default_factory=set)
+    #: Sample sizes whose precise steps keep their boundaries in host memory: the grouped ones ran out (CUDA).
+    host: set[int] = field(default_factory=set)
 
     def ran_out_of_memory(self) -> None:
         self.clean_steps = 0
@@ -58,7 +60,7 @@ class Recovery:
     def after_clean_step(self, grow_after: Optional[int]) -> bool:
         """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
         lifted, and the memory model's sizes apply again."""
-        if grow_after is None or not (self.ceilings or self.not_precise or self.grouped):
+        if grow_after is None or not (self.ceilings or self.not_precise or self.grouped or self.host):
             return False
         self.clean_steps += 1
         if self.clean_steps < grow_after:
@@ -67,4 +69,5 @@ class Recovery:
         self.ceilings.clear()
         self.not_precise.clear()
         self.grouped.clear()
+        self.host.clear()
         return True

@@ -688,3 +688,38 @@ def test_the_planner_keeps_every_boundary_only_within_the_budget_and_counts_it_i
             assert plan.predicted_peak_bytes - extra >= state.model.predict(plan.micro_batch, plan.sample_size)
         assert all(relative_error(got, expected) < 1e-10 for got in grads)
     assert plans["6MiB"].boundaries is Boundaries.GROUPED and plans["8MiB"].boundaries is Boundaries.EVERY
+
+
+def test_boundaries_kept_in_host_memory_give_the_same_exact_steps(monkeypatch):
+    """#38.6, tested on the host for equality (no GPU here): with Boundaries.HOST phase 1 moves every kept tensor
+    to host memory once it is done with it (pinned where it comes from CUDA) and the backward brings rows back;
+    three momentum steps equal the unsplit ones, and no batched boundary stays where the graph runs."""
+    from autobatch.batchnorm.segment_run import SegmentRun
+    moved = []
+    backward = SegmentRun.backward
+
+    def watched(self, *args, **kwargs):
+        originals = {node for node in self._kept if node not in self._on_host and node.op != "placeholder"}
+        moved.append((len(self._on_host), sorted(node.name for node in originals)))
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentRun, "backward", watched)
+    torch.manual_seed(0)
+    net = SharedOutput().double()
+    reference, model = copy.deepcopy(net), copy.deepcopy(net)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 12, ce, micro_batch=4,
+                        bn=PRECISE, cache=False)
+    for seed in range(3):
+        x, y = data(12, (3, 5, 5), seed=seed)
+        opt_ref.zero_grad()
+        ce(reference(x), y).backward()
+        opt_ref.step()
+        ab.step(x, y)
+        if seed == 0:  # the first step chose its boundaries; host memory is the planner's last resort on CUDA
+            ab._planner.state.plan = ab.plan.replace(boundaries=Boundaries.HOST, boundary_bytes=0)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    assert moved[0][0] == 0 and all(count > 0 for count, _ in moved[1:])
+    assert all(kept == ["head"] for _, kept in moved[1:])  # only the output (small, per sample) stays
+    assert "in host memory" in str(ab.plan)

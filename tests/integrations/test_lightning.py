@@ -44,9 +44,8 @@ def test_lightning_trains_as_autobatchs_own_path(tmp_path, devices, bn, micro_ba
 def test_the_callback_on_two_processes_trains_as_autobatchs_own_path(tmp_path, devices):
     """AutoBatchCallback, automatic optimization, with AutoBatchDDPStrategy on 2 CPU processes: the same
     step as one process with the whole batch in micro-batches of 4 (tests/test_distributed.py)."""
-    # One process runs the default's precise backward; two, the projected one (not yet over ranks).
-    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True,
-                               bn="auto" if devices == 1 else "two_pass")
+    # The default's precise backward, on one process or over both: the whole batch's step.
+    reference = single_process(resnet(), slice(0, 16), micro_batch=4, image=True, bn="auto")
     for result in lightning_run(tmp_path, devices, "automatic"):
         assert result["world"] == devices and len(result["loss"]) == 1
         # training_step returns the logical batch's loss over every process; self.log keeps each process's own

@@ -490,3 +490,61 @@ def test_a_fixed_micro_batch_out_of_memory_keeping_every_boundary_is_redone_with
     assert not loss_fn.armed and runs[0].plan.boundaries is Boundaries.GROUPED
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_segment_backward_that_does_not_fit_keeps_its_boundaries_in_host_memory_on_cuda_only():
+    """Where precise's segment backward passes the budget (measured) or runs out of memory with the grouped
+    boundaries: on the host the projected backward runs; on CUDA the boundaries go to pinned host memory first
+    (Boundaries.HOST), and only where that runs out too the projected backward. The sizing's choices alone, on
+    this CPU: the device it reads is made CUDA for the calls."""
+    from autobatch.stages import Stage
+    model, (x, y) = convnet(), data(16)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, memory_budget="6MiB",
+                        bn=autobatch.TwoPass(precise=True), cache=False)
+    ab.tune(x, y)
+    state, sizing = ab._planner.state, ab._planner.sizing
+    plan = ab.plan.replace(boundaries=Boundaries.GROUPED, boundary_bytes=0)  # (every one fits this budget)
+    s = plan.sample_size
+    assert len(plan.splits) > 1
+    results = {}
+    for device in ("cpu", "cuda"):
+        ab._micro.device = torch.device(device)
+        try:
+            out_of_memory = sizing.after_out_of_memory(state, plan, Stage.SEGMENT_BACKWARD, "injected")
+            again = sizing.after_out_of_memory(state, out_of_memory, Stage.SEGMENT_BACKWARD, "injected")
+            state.recovery.host.clear(), state.recovery.not_precise.clear()
+            state.model.backwards[s] = 2 * state.limit.budget_bytes  # as if measured over the budget
+            over = sizing.for_size(state, plan, s)
+            del state.model.backwards[s]
+            results[device] = out_of_memory, again, over
+        finally:
+            ab._micro.device = torch.device("cpu")
+    out_of_memory, again, over = results["cpu"]
+    assert out_of_memory.not_precise.startswith("its segment backward ran out of memory")
+    assert over.not_precise.startswith("its segment backward peaks at")
+    out_of_memory, again, over = results["cuda"]
+    assert out_of_memory.not_precise is None and out_of_memory.boundaries is Boundaries.HOST
+    assert again.not_precise.startswith("its segment backward ran out of memory")  # in host memory too
+    assert over.not_precise is None and over.boundaries is Boundaries.HOST
+
+
+def test_a_fixed_micro_batch_steps_down_precise_s_boundaries_after_running_out_of_memory():
+    """Every boundary -> the grouped ones -> (CUDA, out of memory in the segment backward) host memory -> the
+    error, the user's to fix. The choices alone: the device the planner reads is made CUDA for the calls."""
+    from autobatch.stages import Stage
+    model = convnet()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
+    planner, plan = ab._planner, ab.plan
+    steps = {}
+    for device in ("cpu", "cuda"):
+        ab._micro.device = torch.device(device)
+        try:
+            steps[device] = [planner._smaller_boundaries(plan.replace(boundaries=boundaries), stage)
+                             for boundaries, stage in ((Boundaries.EVERY, Stage.MICRO_BATCHES),
+                                                       (Boundaries.GROUPED, Stage.SEGMENT_BACKWARD),
+                                                       (Boundaries.GROUPED, Stage.MICRO_BATCHES),
+                                                       (Boundaries.HOST, Stage.SEGMENT_BACKWARD))]
+        finally:
+            ab._micro.device = torch.device("cpu")
+    assert steps["cpu"] == [Boundaries.GROUPED, None, None, None]
+    assert steps["cuda"] == [Boundaries.GROUPED, Boundaries.HOST, None, None]
