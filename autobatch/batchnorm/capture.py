@@ -195,10 +195,11 @@ class CapturedGraph:
         return cls._checked(module, graph)
 
     @classmethod
-    def _checked(cls, module: nn.Module, graph: fx.Graph) -> "CapturedGraph":
-        """The captured graph, where the segments can run it (however it was traced)."""
+    def _checked(cls, module: nn.Module, graph: fx.Graph, starred: bool = False) -> "CapturedGraph":
+        """The captured graph, where the segments can run it (however it was traced); ``starred``: the forward's
+        ``*args`` and ``**kwargs`` were traced empty, as constants (on real inputs), so they bind."""
         for node in graph.nodes:
-            if node.op == "placeholder" and node.target.startswith("*"):
+            if node.op == "placeholder" and node.target.startswith("*") and not starred:
                 raise Unsupported(f"{type(module).__name__}'s forward takes {node.target}, which torch.fx cannot bind")
             if node.op == "call_function" and node.target in (torch.nn.functional.batch_norm, torch.batch_norm):
                 raise Unsupported(f"{type(module).__name__}'s forward calls batch_norm as a function "
@@ -212,7 +213,12 @@ class CapturedGraph:
         Traced twice, on the first 2 and 3 samples: a graph that differs between them depends on the batch's
         size, which the micro-batches' recomputation changes, and is refused (`Unsupported`)."""
         module = getattr(module, "_orig_mod", module)
-        arguments = _arguments(inspect.signature(module.forward), args, kwargs)
+        signature = inspect.signature(module.forward)
+        arguments = _arguments(signature, args, kwargs)
+        filled = _filled_starred(signature, arguments)
+        if filled:  # transformers' forwards take **kwargs, and are called without: those are traced
+            raise Unsupported(f"{type(module).__name__}'s forward was called with values in its {filled}, which "
+                              "torch.fx cannot bind")
         rows = _rows(arguments.values())
         if rows < 3:
             raise Unsupported(f"the model's forward traced on real inputs needs 3 samples or more (has {rows})")
@@ -223,7 +229,7 @@ class CapturedGraph:
         if _code(tracers[0]) != _code(tracers[1]):
             raise Unsupported(f"{type(module).__name__}'s forward traced on 2 and on 3 samples takes other steps: "
                               "they depend on the batch's size, or on state the forward itself changes")
-        captured = cls._checked(module, tracers[1].graph)
+        captured = cls._checked(module, tracers[1].graph, starred=True)
         captured.sample_shapes = _sample_shapes(arguments)
         captured.output_type = tracers[1].output_type
         return captured
@@ -254,9 +260,10 @@ class CapturedGraph:
         if self.sample_shapes is None:
             return True
         try:
-            return _sample_shapes(_arguments(self.signature, args, kwargs)) == self.sample_shapes
+            arguments = _arguments(self.signature, args, kwargs)
         except Unsupported:
             return False
+        return not _filled_starred(self.signature, arguments) and _sample_shapes(arguments) == self.sample_shapes
 
     def batch_norm_module(self, node: fx.Node) -> Optional[_BatchNorm]:
         if node.op != "call_module":
@@ -284,10 +291,18 @@ def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[
 def _argument_name(target: str, arguments: dict[str, Any]) -> str:
     """The argument a placeholder stands for: its own name, or the one torch.fx numbered where it made the
     argument a constant of the graph (``concrete_args``: ``double_1`` for ``double=True``, checked by the graph)."""
-    if target in arguments:
-        return target
+    if target in arguments or target.lstrip("*") in arguments:
+        return target.lstrip("*")  # "**kwargs": the dict of the keyword arguments it collects (here empty)
     name, _, number = target.rpartition("_")
     return name if number.isdigit() and name in arguments else target
+
+
+def _filled_starred(signature: inspect.Signature, arguments: dict[str, Any]) -> Optional[str]:
+    """The forward's ``*args`` or ``**kwargs`` where a call put values in it (None: none did)."""
+    for parameter in signature.parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and arguments.get(parameter.name):
+            return ("*" if parameter.kind is parameter.VAR_POSITIONAL else "**") + parameter.name
+    return None
 
 
 def _code(tracer: "_ValueTracer") -> str:
