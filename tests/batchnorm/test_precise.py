@@ -73,21 +73,30 @@ def test_a_residual_network_with_a_batchnorm1d_head_gets_the_full_batch_gradient
     assert relative_error(got, expected) < 1e-10
 
 
-def test_running_statistics_and_three_momentum_steps_equal_the_full_batch():
-    torch.manual_seed(0)
-    net = ResidualNet(blocks=2, channels=6, head_norm=True).double()
+def three_momentum_steps(net, n, shape, after_first=lambda ab: None):
+    """Three SGD momentum steps of ``net`` on batches of ``n`` samples of ``shape``, the whole batch's and
+    autobatch's (precise, micro-batches of 4), their states compared; ``after_first(ab)`` between the first two."""
     reference, model = copy.deepcopy(net), copy.deepcopy(net)
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 16, ce, micro_batch=4,
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), n, ce, micro_batch=4,
                         bn=PRECISE, cache=False)
     for seed in range(3):
-        x, y = data(16, (3, 6, 6), seed=seed)
+        x, y = data(n, shape, seed=seed)
         opt_ref.zero_grad()
         ce(reference(x), y).backward()
         opt_ref.step()
         ab.step(x, y)
+        if seed == 0:
+            after_first(ab)
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
         assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), name
+    return reference, model, ab
+
+
+def test_running_statistics_and_three_momentum_steps_equal_the_full_batch():
+    torch.manual_seed(0)
+    reference, model, _ = three_momentum_steps(ResidualNet(blocks=2, channels=6, head_norm=True).double(), 16,
+                                               (3, 6, 6))
     assert model.bn.num_batches_tracked.item() == 3
     assert "forward" not in model.__dict__ and model.state_dict().keys() == reference.state_dict().keys()
 
@@ -723,22 +732,12 @@ def test_boundaries_kept_in_host_memory_give_the_same_exact_steps(monkeypatch):
         return backward(self, *args, **kwargs)
 
     monkeypatch.setattr(SegmentRun, "backward", watched)
+
+    def to_host(ab):  # the first step chose its boundaries; host memory is the planner's last resort on CUDA
+        ab._planner.state.plan = ab.plan.replace(boundaries=Boundaries.HOST, boundary_bytes=0)
+
     torch.manual_seed(0)
-    net = SharedOutput().double()
-    reference, model = copy.deepcopy(net), copy.deepcopy(net)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 12, ce, micro_batch=4,
-                        bn=PRECISE, cache=False)
-    for seed in range(3):
-        x, y = data(12, (3, 5, 5), seed=seed)
-        opt_ref.zero_grad()
-        ce(reference(x), y).backward()
-        opt_ref.step()
-        ab.step(x, y)
-        if seed == 0:  # the first step chose its boundaries; host memory is the planner's last resort on CUDA
-            ab._planner.state.plan = ab.plan.replace(boundaries=Boundaries.HOST, boundary_bytes=0)
-    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    _, _, ab = three_momentum_steps(SharedOutput().double(), 12, (3, 5, 5), to_host)
     assert moved[0][0] == 0 and all(count > 0 for count, _ in moved[1:])
     assert all(kept == ["head"] for _, kept in moved[1:])  # only the output (small, per sample) stays
     assert "in host memory" in str(ab.plan)
