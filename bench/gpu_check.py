@@ -21,6 +21,7 @@ Without a GPU it says so and exits with status 2.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import pathlib
 import subprocess
@@ -109,7 +110,6 @@ def precise_boundaries(device: str = "cuda", size: int = 224, target_batch: int 
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         return statistics.median(seconds), peak
 
-    import copy
     plain = copy.deepcopy(base)
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.01)
     reference, _ = timed(plain_step(plain, optimizer, x, y, loss_fn, balanced_splits(target_batch, micro_batch)))

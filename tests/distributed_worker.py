@@ -57,7 +57,8 @@ def train(model, rows, micro_batch=3, image=False, steps=1, sync_bn=False, phase
     x, y = data(image=image)
     losses = [ab.step(x[rows], y[rows]) for _ in range(steps)]
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": losses, "plan": str(ab.plan),
-            "gradient": ab.plan.gradient, "phase1_memory_format": str(getattr(ab._strategy, "layout", None) and ab._strategy.layout.memory_format)}
+            "gradient": ab.plan.gradient,
+            "phase1_memory_format": str(getattr(ab._strategy, "layout", None) and ab._strategy.layout.memory_format)}
 
 
 def halves(rank):

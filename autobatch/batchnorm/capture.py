@@ -291,8 +291,8 @@ def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[
 def _argument_name(target: str, arguments: dict[str, Any]) -> str:
     """The argument a placeholder stands for: its own name, or the one torch.fx numbered where it made the
     argument a constant of the graph (``concrete_args``: ``double_1`` for ``double=True``, checked by the graph)."""
-    if target in arguments or target.lstrip("*") in arguments:
-        return target.lstrip("*")  # "**kwargs": the dict of the keyword arguments it collects (here empty)
+    if target.lstrip("*") in arguments:  # "**kwargs": the dict of the keyword arguments it collects (here empty)
+        return target.lstrip("*")
     name, _, number = target.rpartition("_")
     return name if number.isdigit() and name in arguments else target
 

@@ -72,8 +72,8 @@ class LayerBackward:
         layer, dtype = self.layer, self.layer.mean.dtype
         # Eval mode: ``sum(g * (x - mean) * invstd)`` and ``sum(g)`` with the given statistics, nothing subtracted.
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad.to(dtype), self._x_rows(start, stop).to(dtype), None, layer.mean, layer.var, None, None, False, layer.eps,
-            [False, True, True])
+            grad.to(dtype), self._x_rows(start, stop).to(dtype), None, layer.mean, layer.var, None, None, False,
+            layer.eps, [False, True, True])
         self.sum_dy += sum_dy
         self.sum_dy_xhat += sum_dy_xhat
 

@@ -94,10 +94,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         self._kept_bytes = 0
         #: What keeping every boundary would add to the last phase 1's (`every_boundary_bytes`).
         self._every_boundary_bytes = 0
-        #: Segments per group, as the plan chose (autobatch.modes.Boundaries): 1 keeps every boundary; and
-        #: whether they are kept in host memory.
-        self._group: Optional[int] = None
-        self._host = False
+        #: What phase 1 keeps for the segment backward, as the plan chose.
+        self._boundaries = Boundaries.GROUPED
         #: Why the plan runs the projected backward (its segment backward did not fit the memory); None: it may.
         self._not_planned: Optional[str] = None
 
@@ -119,8 +117,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     def adopt(self, plan: Plan) -> None:
         self._not_planned = plan.not_precise
-        self._group = None if plan.boundaries is Boundaries.GROUPED else 1
-        self._host = plan.boundaries is Boundaries.HOST
+        self._boundaries = plan.boundaries
 
     def _cannot_run(self, chunks: int, planned: Optional[str] = None) -> Optional[str]:
         """Why a step with phase 1 in ``chunks`` cannot run precise, as far as is known before its phase 1;
@@ -152,7 +149,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         if self._cannot_run(chunks) is None:
             self.draws.clear()
             try:  # the trial's transaction puts the BatchNorm buffers back (autobatch.planning.trials)
-                run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False), group=None)
+                run = self._graph_pass(batch, FullBatchStatistics(self.names, stop_early=False),
+                                       Boundaries.GROUPED)
                 self._kept_bytes = run.kept_bytes
                 return
             except Unsupported as error:
@@ -304,12 +302,12 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     def _phase1_through_graph(self, batch: Any, graph: CapturedGraph) -> SegmentRun:
         self.projected.measure_layout(batch, self.handler.ranks)
-        return self._graph_pass(self.layout.convert(batch), self.handler, self._group, graph, self._host)
+        return self._graph_pass(self.layout.convert(batch), self.handler, self._boundaries, graph)
 
-    def _graph_pass(self, batch: Any, handler: FullBatchStatistics, group: Optional[int],
-                    graph: Optional[CapturedGraph] = None, host: bool = False) -> SegmentRun:
+    def _graph_pass(self, batch: Any, handler: FullBatchStatistics, boundaries: Boundaries,
+                    graph: Optional[CapturedGraph] = None) -> SegmentRun:
         """Phase 1 of ``batch`` through ``graph`` (default: captured for it) under ``handler``; the graph's run,
-        boundaries kept in groups of ``group`` segments (None: the fewest kept), in host memory where ``host``."""
+        keeping ``boundaries``."""
         graph = graph or self._capture(batch)
         rows = self.micro.batches.size(batch)
         cut_layers = [layer for layer in self.layers if layer.training or layer.running_mean is None]
@@ -331,7 +329,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         def forward(*args: Any, **kwargs: Any) -> Any:
             if runs:
                 raise Unsupported("the loss calls the model more than once")
-            runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers, group, host))
+            runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers, boundaries))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
         handler.start_phase1()

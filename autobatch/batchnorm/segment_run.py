@@ -33,6 +33,7 @@ from autobatch.batchnorm.layer_backward import LayerBackward
 from autobatch.batchnorm.rows import Rows
 from autobatch.batchnorm.segment_layout import Segment, SegmentLayout
 from autobatch.batchnorm.statistics import LayerStatistics, normalize
+from autobatch.modes import Boundaries
 
 __all__ = ["RECOMPUTE_TOLERANCE", "SegmentRun"]
 
@@ -79,7 +80,7 @@ class SegmentRun:
     about twice the square root of the cuts instead of all."""
 
     def __init__(self, graph: CapturedGraph, inputs: dict[fx.Node, Any], rows: int, cut_layers: set[int],
-                 group: Optional[int] = None, host: bool = False):
+                 boundaries: Boundaries = Boundaries.GROUPED):
         self.graph = graph
         self.rows = rows
         self._inputs = inputs
@@ -88,7 +89,7 @@ class SegmentRun:
             module = graph.batch_norm_module(node)
             return module is not None and id(module) in cut_layers
 
-        self.layout = SegmentLayout(graph.nodes, graph.output, is_cut, group)
+        self.layout = SegmentLayout(graph.nodes, graph.output, is_cut, None if boundaries is Boundaries.GROUPED else 1)
         #: Whole-batch values the backward reads: phase 1's (crossing groups, and the output's) and, while a
         #: group runs, its own boundary tensors recomputed.
         self._kept: dict[fx.Node, Any] = {}
@@ -104,7 +105,7 @@ class SegmentRun:
         self._tail_inputs: list[fx.Node] = []
         self._tail_recomputed: list[fx.Node] = []
         #: Whether kept tensors move to host memory once phase 1 is done with them (`_offload`), and those moved.
-        self._host = host
+        self._host = boundaries is Boundaries.HOST
         self._on_host: set[fx.Node] = set()
         #: The device the graph runs on (phase 1's), where kept rows come back to.
         self._device: Optional[torch.device] = None
@@ -116,12 +117,11 @@ class SegmentRun:
 
     @classmethod
     def start(cls, graph: CapturedGraph, args: tuple, kwargs: dict, rows: int,
-              cut_layers: Sequence[_BatchNorm], group: Optional[int] = None, host: bool = False) -> "SegmentRun":
+              cut_layers: Sequence[_BatchNorm], boundaries: Boundaries = Boundaries.GROUPED) -> "SegmentRun":
         """One logical batch of ``rows`` samples through ``graph``, called as the module was; ``cut_layers``:
-        the BatchNorm modules that normalize with batch statistics in this step; ``group``: segments per group
-        (1: every boundary kept; default: about the square root of their number); ``host``: the kept tensors
-        in host memory (autobatch.modes.Boundaries.HOST)."""
-        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers}, group, host)
+        the BatchNorm modules that normalize with batch statistics in this step; ``boundaries``: what phase 1
+        keeps for the backward, as the plan chose (autobatch.modes.Boundaries)."""
+        return cls(graph, graph.bind(args, kwargs), rows, {id(module) for module in cut_layers}, boundaries)
 
     # -- phase 1 ---------------------------------------------------------------------------------
 
@@ -149,10 +149,12 @@ class SegmentRun:
         if self._refusals:  # found on the way: raised once phase 1 has met every other rank's statistics
             raise Unsupported(self._refusals[0])
         for node, value in list(self._kept.items()):
-            if node.op != "placeholder" and node not in self._on_host:
+            if node.op == "placeholder" or node in self._on_host:
+                continue
+            if self._host and node not in self.layout.output_nodes:  # read across groups: held to the end
+                self._offload(node, value, versions[node])
+            else:
                 self._check_unchanged(node, value, versions[node])
-                if self._host and node not in self.layout.output_nodes:  # read across groups: held to the end
-                    self._offload(node, value, versions[node])
         self._output = {node: env[node] for node in self.layout.output_nodes}
         self._reductions(env)
         self.layout.connect(set(self._kept))
@@ -529,8 +531,8 @@ class SegmentRun:
             if not value <= tolerance:
                 return (f"recomputing the micro-batches gave {node.format_node()} values {value:.3g} (relative) away "
                         f"from phase 1's for the same samples (rounding allows {tolerance}); TwoPass(precise=True) "
-                        "needs the forward of a micro-batch to repeat the whole batch's for its samples. Likely causes: "
-                        "a random operation autobatch does not replay, an operation that mixes the samples of the "
-                        "batch, or one that changes a tensor phase 1 kept in place. No optimizer step was taken and "
-                        "the model is unchanged; use bn='two_pass' (not precise) or bn='exact' for this model.")
+                        "needs the forward of a micro-batch to repeat the whole batch's for its samples. Likely "
+                        "causes: a random operation autobatch does not replay, an operation that mixes the samples of "
+                        "the batch, or one that changes a tensor phase 1 kept in place. No optimizer step was taken "
+                        "and the model is unchanged; use bn='two_pass' (not precise) or bn='exact' for this model.")
         return None

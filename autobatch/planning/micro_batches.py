@@ -15,6 +15,7 @@ from autobatch.oom import PlanDoesNotFit
 from autobatch.plan import Plan
 from autobatch.planning.measure import tensor_bytes, warm_optimizer_state
 from autobatch.planning.model import MemoryModel
+from autobatch.planning.recovery import boundaries_after, host_boundaries
 from autobatch.planning.search import search, shrink
 from autobatch.planning.sizing import Sizing
 from autobatch.planning.state import PlannerState
@@ -167,7 +168,8 @@ class MicroBatchSizing(Sizing):
             # The segment backward holds whole-batch tensors whatever the micro-batch: where it passes the budget
             # no micro-batch makes it fit, and the projected backward runs instead.
             backward = int(model.backward(s))
-            if (backward > state.limit.budget_bytes or s in state.recovery.host) and self._host_boundaries(chunks):
+            if (backward > state.limit.budget_bytes or s in state.recovery.host) and \
+                    host_boundaries(g.micro.device, chunks):
                 # Its boundaries in pinned host memory instead: the device holds a segment's micro-batch. Where
                 # that runs out of memory too, the projected backward (`after_out_of_memory`).
                 every = {"boundaries": Boundaries.HOST, "boundary_bytes": 0}
@@ -180,10 +182,6 @@ class MicroBatchSizing(Sizing):
                 predicted += every.get("boundary_bytes", 0)
         return plan.replace(capacity=capacity, reason=reason, predicted_peak_bytes=predicted, phase1_chunks=chunks,
                             not_precise=not_precise, **{**_GROUPED, **every}, **described(model, s))
-
-    def _host_boundaries(self, chunks: int) -> bool:
-        """Whether precise may keep its boundaries in host memory: on CUDA, phase 1 in one piece."""
-        return self.setting.micro.device.type == "cuda" and chunks == 1
 
     @staticmethod
     def _every_boundary(state: PlannerState, s: int, predicted: float) -> dict[str, Any]:
@@ -251,15 +249,14 @@ class MicroBatchSizing(Sizing):
         """More phase-1 chunks if phase 1 ran out of memory, else a smaller micro-batch; kept for this sample
         size until ``grow_after`` clean steps."""
         recovery = state.recovery
-        if plan.boundaries is Boundaries.EVERY:
-            # What keeping every boundary added goes first: the plan without it was predicted to fit.
+        smaller = boundaries_after(plan, stage, self.setting.micro.device)
+        if smaller is Boundaries.GROUPED:  # the plan without what keeping every boundary adds was predicted to fit
             recovery.grouped.add(plan.sample_size)
             predicted = plan.predicted_peak_bytes
             return plan.replace(**_GROUPED, predicted_peak_bytes=predicted and predicted - plan.boundary_bytes,
                                 reason=f"out of memory in {stage.value} keeping every boundary of precise's backward "
                                        f"({message}): the grouped ones only for samples of {plan.sample_size} elements")
-        if stage is Stage.SEGMENT_BACKWARD and plan.boundaries is Boundaries.GROUPED and \
-                self._host_boundaries(plan.phase1_chunks):
+        if smaller is Boundaries.HOST:
             recovery.host.add(plan.sample_size)
             return plan.replace(boundaries=Boundaries.HOST, reason=f"out of memory in precise's segment backward "
                                                                   f"({message}): its boundaries in host memory for "

@@ -30,6 +30,7 @@ from autobatch.planning.memory import budget, probe
 from autobatch.planning.micro_batches import MicroBatchSizing
 from autobatch.planning.model import MemoryModel
 from autobatch.planning.record import PlanRecord
+from autobatch.planning.recovery import boundaries_after
 from autobatch.planning.sizing import Sizing
 from autobatch.planning.state import PlannerState, Setting
 from autobatch.planning.trials import Trials
@@ -105,7 +106,7 @@ class FixedPlanner:
         boundary is what ran out: then once more with the grouped ones."""
         plan = self.state.plan
         if isinstance(outcome, RanOutOfMemory):
-            smaller = self._smaller_boundaries(plan, outcome.stage)
+            smaller = boundaries_after(plan, outcome.stage, self.micro.device)
             if smaller is None:
                 return False
             self.state.plan = plan.replace(boundaries=smaller, boundary_bytes=0)
@@ -116,17 +117,6 @@ class FixedPlanner:
             self._chosen = True
             self.state.plan = self._boundaries(plan, outcome.meter)
         return False
-
-    def _smaller_boundaries(self, plan: Plan, stage: Stage) -> Optional[Boundaries]:
-        """What precise keeps after running out of memory under ``plan``: the grouped boundaries after every one;
-        on CUDA, after the grouped ones ran out in the segment backward, every one in host memory. None: the
-        error is the user's."""
-        if plan.boundaries is Boundaries.EVERY:
-            return Boundaries.GROUPED
-        if plan.boundaries is Boundaries.GROUPED and stage is Stage.SEGMENT_BACKWARD and \
-                self.micro.device.type == "cuda":
-            return Boundaries.HOST
-        return None
 
     def _boundaries(self, plan: Plan, meter: StepMeter) -> Plan:
         """``plan`` keeping every boundary where the measured step's peak and what that adds fit the budget."""

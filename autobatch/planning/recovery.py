@@ -6,15 +6,37 @@ chunks, lifted after ``grow_after`` clean steps.
     recovery.floor_chunks(s, 4)                       # nor phase 1 in fewer than 4 chunks
     plan = recovery.capped(plan)                      # every later batch of that size within both
     recovery.after_clean_step(grow_after=50)          # after 50 clean steps: True, both lifted
+    boundaries_after(plan, Stage.SEGMENT_BACKWARD, device)   # what precise keeps instead, or None
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from autobatch.plan import Plan
+import torch
 
-__all__ = ["Recovery"]
+from autobatch.modes import Boundaries
+from autobatch.plan import Plan
+from autobatch.stages import Stage
+
+__all__ = ["Recovery", "boundaries_after", "host_boundaries"]
+
+
+def host_boundaries(device: torch.device, chunks: int) -> bool:
+    """Whether precise may keep its boundaries in host memory: on CUDA, phase 1 in one piece."""
+    return device.type == "cuda" and chunks == 1
+
+
+def boundaries_after(plan: Plan, stage: Stage, device: torch.device) -> Optional[Boundaries]:
+    """What precise keeps after running out of memory in ``stage`` under ``plan`` on ``device``: the grouped
+    boundaries after every one (what keeping every one added goes first); after the grouped ones ran out in the
+    segment backward, every one in host memory where it may (`host_boundaries`). None: nothing smaller to keep."""
+    if plan.boundaries is Boundaries.EVERY:
+        return Boundaries.GROUPED
+    if plan.boundaries is Boundaries.GROUPED and stage is Stage.SEGMENT_BACKWARD and \
+            host_boundaries(device, plan.phase1_chunks):
+        return Boundaries.HOST
+    return None
 
 
 @dataclass

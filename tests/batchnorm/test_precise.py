@@ -23,15 +23,22 @@ PRECISE = autobatch.TwoPass(precise=True, phase1_memory_format=torch.preserve_fo
 ce = nn.CrossEntropyLoss()
 
 
-def step_grad(model, batch, micro_batch, bn=PRECISE, seed=1, **options):
-    """The accumulated gradient one autobatch step hands the optimizer, with the generator seeded at ``seed``."""
+def recording(model, target_batch, bn=PRECISE, **options):
+    """``model`` wrapped with SGD at lr 0 (ce as its loss unless ``compute_loss`` is given), and the list every
+    step's accumulated gradient is added to, as the optimizer gets it."""
     grads = []
     if "compute_loss" not in options:
         options["loss_fn"] = ce
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), len(batch[0]), micro_batch=micro_batch,
-                        bn=bn, cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), target_batch, bn=bn, cache=False,
+                        before_step=lambda ab: grads.append(flat_grad(ab.model)), **options)
+    return ab, grads
+
+
+def step_grad(model, batch, micro_batch, bn=PRECISE, seed=1, **options):
+    """The accumulated gradient one autobatch step hands the optimizer, with the generator seeded at ``seed``."""
+    ab, grads = recording(model, len(batch[0]), bn, micro_batch=micro_batch, **options)
     torch.manual_seed(seed)
-    ab.step(*batch) if "loss_fn" in options else ab.step(batch)
+    ab.step(*batch) if "compute_loss" not in options else ab.step(batch)
     return grads[0], ab
 
 
@@ -242,10 +249,7 @@ def test_planned_micro_batches_under_a_memory_budget_are_exact(bn, monkeypatch):
     net = ResidualNet(blocks=6, channels=8, head_norm=True).double()
     batch = data(32, (3, 12, 12))
     expected = full_grad(copy.deepcopy(net), batch)
-    grads = []
-    model = copy.deepcopy(net)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=bn, cache=False,
-                        memory_budget="6MiB", before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    ab, grads = recording(copy.deepcopy(net), 32, bn, memory_budget="6MiB")
     ab.step(*batch)
     assert ab.plan.bn == "two_pass" and len(ab.plan.splits) > 1
     assert relative_error(grads[0], expected) < 1e-10
@@ -636,11 +640,10 @@ def test_every_boundary_kept_where_memory_allows_recomputes_no_forward_and_stays
     net = SkipNet().double()
     batch = data(8, (3, 4, 4))
     expected = full_grad(copy.deepcopy(net), batch)
-    model, grads, counted = copy.deepcopy(net), [], collections.Counter()
+    model, counted = copy.deepcopy(net), collections.Counter()
     for name in ("conv1", "conv2", "conv3"):
         getattr(model, name).register_forward_hook(lambda module, args, out, name=name: counted.update([name]))
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 8, ce, micro_batch=4, bn=PRECISE,
-                        cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    ab, grads = recording(model, 8, micro_batch=4)
     calls = []
     for _ in range(2):
         counted.clear()
@@ -662,10 +665,7 @@ def test_a_fixed_micro_batch_keeps_the_grouped_boundaries_where_the_memory_leave
     net = ResidualNet(blocks=2, channels=6, head_norm=True).double()
     batch = data(16, (3, 6, 6))
     expected = full_grad(copy.deepcopy(net), batch)
-    grads = []
-    model = copy.deepcopy(net)
-    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 16, ce, micro_batch=4, bn=PRECISE,
-                        cache=False, before_step=lambda ab: grads.append(flat_grad(ab.model)))
+    ab, grads = recording(copy.deepcopy(net), 16, micro_batch=4)
     for _ in range(2):
         ab.step(*batch)
     assert ab.plan.boundaries is Boundaries.GROUPED and ab.plan.boundary_bytes == 0
@@ -699,11 +699,7 @@ def test_the_planner_keeps_every_boundary_only_within_the_budget_and_counts_it_i
     expected = full_grad(copy.deepcopy(net), batch)
     plans = {}
     for budget in ("6MiB", "8MiB"):
-        grads = []
-        model = copy.deepcopy(net)
-        ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), 32, ce, bn=PRECISE, cache=False,
-                            memory_budget=budget, micro_batch="auto", before_step=lambda ab: grads.append(
-                                flat_grad(ab.model)))
+        ab, grads = recording(copy.deepcopy(net), 32, memory_budget=budget, micro_batch="auto")
         for _ in range(3):
             ab.step(*batch)
         plan = plans[budget] = ab.plan

@@ -528,23 +528,20 @@ def test_a_segment_backward_that_does_not_fit_keeps_its_boundaries_in_host_memor
     assert over.not_precise is None and over.boundaries is Boundaries.HOST
 
 
-def test_a_fixed_micro_batch_steps_down_precise_s_boundaries_after_running_out_of_memory():
-    """Every boundary -> the grouped ones -> (CUDA, out of memory in the segment backward) host memory -> the
-    error, the user's to fix. The choices alone: the device the planner reads is made CUDA for the calls."""
+def test_precise_s_boundaries_step_down_after_running_out_of_memory():
+    """Every boundary -> the grouped ones -> (CUDA, out of memory in the segment backward) host memory -> nothing
+    smaller (a fixed micro_batch raises; the measured planner takes the projected backward). One rule, for both
+    planners; the devices stand for themselves here."""
+    from autobatch.planning.recovery import boundaries_after
     from autobatch.stages import Stage
     model = convnet()
     ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False)
-    planner, plan = ab._planner, ab.plan
-    steps = {}
-    for device in ("cpu", "cuda"):
-        ab._micro.device = torch.device(device)
-        try:
-            steps[device] = [planner._smaller_boundaries(plan.replace(boundaries=boundaries), stage)
-                             for boundaries, stage in ((Boundaries.EVERY, Stage.MICRO_BATCHES),
-                                                       (Boundaries.GROUPED, Stage.SEGMENT_BACKWARD),
-                                                       (Boundaries.GROUPED, Stage.MICRO_BATCHES),
-                                                       (Boundaries.HOST, Stage.SEGMENT_BACKWARD))]
-        finally:
-            ab._micro.device = torch.device("cpu")
+    plan = ab.plan
+    steps = {device: [boundaries_after(plan.replace(boundaries=boundaries), stage, torch.device(device))
+                      for boundaries, stage in ((Boundaries.EVERY, Stage.MICRO_BATCHES),
+                                                (Boundaries.GROUPED, Stage.SEGMENT_BACKWARD),
+                                                (Boundaries.GROUPED, Stage.MICRO_BATCHES),
+                                                (Boundaries.HOST, Stage.SEGMENT_BACKWARD))]
+             for device in ("cpu", "cuda")}
     assert steps["cpu"] == [Boundaries.GROUPED, None, None, None]
     assert steps["cuda"] == [Boundaries.GROUPED, Boundaries.HOST, None, None]
