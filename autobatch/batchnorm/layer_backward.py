@@ -60,6 +60,7 @@ class LayerBackward:
         self.sum_dy_xhat = torch.zeros_like(layer.mean)
         #: The sums the input's gradient takes its means from: this process's, or every rank's (`over_ranks`).
         self._sums = (self.sum_dy, self.sum_dy_xhat)
+        self._coefficients: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     def _centred(self, start: int, stop: int) -> Tensor:
         return self._x_rows(start, stop).to(self.layer.mean.dtype) - self.layer.mean.view(self.shape)
@@ -87,12 +88,24 @@ class LayerBackward:
         gradient: its means run over the whole logical batch, as SyncBatchNorm's backward all-reduces them."""
         summed = total(torch.stack([self.sum_dy, self.sum_dy_xhat]))
         self._sums = (summed[0], summed[1])
+        self._coefficients = None
 
     def input_grad(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of the input's gradient, once every micro-batch was added."""
-        mean_dy, mean_dy_xhat = (total / self.layer.values_per_channel for total in self._sums)
-        invstd = self.layer.invstd
-        scale = invstd if self.weight is None else invstd * self.weight.detach().to(invstd.dtype)
-        grad = torch.addcmul(self.g.of(start, stop).to(invstd.dtype) - mean_dy.view(self.shape),
-                             self._centred(start, stop), (invstd * mean_dy_xhat).view(self.shape), value=-1)
-        return grad.mul_(scale.view(self.shape)).to(self.x.dtype)
+        scale, slope, shift = self._input_coefficients()
+        grad = self._centred(start, stop)
+        # weight * invstd * (g - mean(g) - xhat * mean(g * xhat)) as shift + slope * (x - mean) + scale * g: two
+        # passes over the rows after centring them (x - mean kept apart, as PyTorch's own backward keeps it).
+        torch.addcmul(shift, grad, slope, out=grad)
+        return grad.addcmul_(self.g.of(start, stop).to(scale.dtype), scale).to(self.x.dtype)
+
+    def _input_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per channel, shaped to broadcast over the rows: ``weight * invstd``, what multiplies ``x - mean`` and
+        the constant; from the final sums, so taken once."""
+        if self._coefficients is None:
+            mean_dy, mean_dy_xhat = (total / self.layer.values_per_channel for total in self._sums)
+            invstd = self.layer.invstd
+            scale = invstd if self.weight is None else invstd * self.weight.detach().to(invstd.dtype)
+            self._coefficients = (scale.view(self.shape), (-scale * invstd * mean_dy_xhat).view(self.shape),
+                                  (-scale * mean_dy).view(self.shape))
+        return self._coefficients

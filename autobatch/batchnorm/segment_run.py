@@ -505,15 +505,15 @@ class SegmentRun:
         return total
 
     def _deviation(self, node: fx.Node, value: Tensor, start: int, stop: int) -> tuple[fx.Node, Tensor, float]:
-        """How far a recomputed boundary tensor's rows lie from phase 1's, relative to phase 1's largest value of
-        the whole batch (taken once per tensor)."""
+        """How far a recomputed boundary tensor's rows lie from phase 1's: the largest difference, divided in
+        `_failure` by phase 1's largest value of the whole batch (taken once per tensor)."""
         kept = self._rows(node, start, stop)
         tolerance = RECOMPUTE_TOLERANCE.get(kept.dtype, RECOMPUTE_TOLERANCE_HALF)
+        self._scale(node, self._kept[node])
         with torch.no_grad():
             if not kept.numel():
                 return node, torch.zeros((), device=kept.device), tolerance
-            return node, (value.detach() - kept).abs_().amax().float() / self._scale(node, self._kept[node]), \
-                tolerance
+            return node, (value.detach() - kept).abs_().amax(), tolerance
 
     def _scale(self, node: fx.Node, whole: Tensor) -> Tensor:
         """Phase 1's largest value of a kept tensor (taken once)."""
@@ -526,7 +526,9 @@ class SegmentRun:
         not match phase 1's; None where every one does."""
         if not deviations:
             return None
-        values = torch.stack([value.to(deviations[0][1].device) for _, value, _ in deviations]).tolist()
+        device = deviations[0][1].device
+        differences = torch.stack([value.to(device, torch.float32) for _, value, _ in deviations])
+        values = (differences / torch.stack([self._scales[node].to(device) for node, _, _ in deviations])).tolist()
         for (node, _, tolerance), value in zip(deviations, values):
             if not value <= tolerance:
                 return (f"recomputing the micro-batches gave {node.format_node()} values {value:.3g} (relative) away "
