@@ -98,6 +98,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         self._boundaries = Boundaries.GROUPED
         #: Why the plan runs the projected backward (its segment backward did not fit the memory); None: it may.
         self._not_planned: Optional[str] = None
+        #: The splits of the step whose `for_step` checked the graph against the model: that step's `prepare` takes
+        #: the graph without taking the model's fingerprint again (once, then cleared).
+        self._checked_splits: Optional[list[int]] = None
 
     # What precise shares with the projected two_pass: phase 1's statistics, its random draws, its memory format.
     handler = property(lambda self: self.projected.handler)
@@ -138,6 +141,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         if reason is not None:
             self._warn_unsupported(reason)
             return self.projected
+        self._checked_splits = splits  # _cannot_run checked the graph against the model just now
         return self
 
     # -- the planner's questions ----------------------------------------------------------------
@@ -173,8 +177,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         batch = self.projected.begin(batch, splits, total)
         restore = (BatchNormState(self.layers), RandomState())
         graph, reason = None, None
+        checked, self._checked_splits = splits is self._checked_splits, None
         try:
-            graph = self._capture(batch)  # on real inputs, the rank's own: before any collective of phase 1
+            graph = self._capture(batch, checked)  # on real inputs, the rank's own: before any collective of phase 1
         except Unsupported as error:
             reason = str(error)
         reason = self.ranks.first_reason(reason)
@@ -240,11 +245,12 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     # -- phase 1 through the graph ----------------------------------------------------------------
 
-    def _traced(self) -> Optional[CapturedGraph]:
+    def _traced(self, checked: bool = False) -> Optional[CapturedGraph]:
         """The model's graph, captured again whenever the model changed since (never a stale graph): traced
         symbolically where torch.fx can; else None, and the graph is traced on a batch's first samples when
-        one comes (`_capture`). The reason precise cannot run is kept for the warning."""
-        if self._captured is not None:
+        one comes (`_capture`). The reason precise cannot run is kept for the warning. ``checked``: this step's
+        `for_step` compared the model with the graph's fingerprint already (a model has hundreds of modules)."""
+        if self._captured is not None and not checked:
             change = self._captured.changed(Fingerprint.of(self.micro.module))
             if change is not None:
                 log.info("autobatch: the model changed since its graph was captured (%s); capturing it again", change)
@@ -258,11 +264,11 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
             self._captured = Fingerprint.of(self.micro.module)
         return self._graph if self._unsupported is None else None
 
-    def _capture(self, batch: Any) -> CapturedGraph:
+    def _capture(self, batch: Any, checked: bool = False) -> CapturedGraph:
         """The graph for ``batch``: the symbolic one, else the one traced on real inputs, traced (again) on
         ``batch``'s first samples where its per-sample shapes are not those it was traced at. `Unsupported`
-        (kept as the reason) where neither can be had."""
-        graph = self._traced()
+        (kept as the reason) where neither can be had. ``checked``: as `_traced`'s."""
+        graph = self._traced(checked)
         if self._unsupported is not None:
             raise Unsupported(self._unsupported)
         if self._symbolic_failure is None:
