@@ -21,6 +21,7 @@ from torch import Tensor
 
 from autobatch.batchnorm.intercept import BatchNormCall
 from autobatch.batchnorm.recompute import RecomputedCalls
+from autobatch.batchnorm.rows import rows_per_sample
 from autobatch.batchnorm.statistics import (
     LayerStatistics,
     channel_means,
@@ -142,6 +143,7 @@ class FullBatchStatistics:
         #: Whether phase 1 ends after its last BatchNorm call (not for a fully_shard model: to reshard).
         self.stop_early = stop_early
         self._cursor = 0
+        self._samples: Optional[int] = None
         self._recomputed = RecomputedCalls()
         #: Per layer, phase 1's channel means of the running micro-batch's samples (None: unchecked),
         #: computed when it starts: the forward, perhaps traced by torch.compile, reads no row numbers.
@@ -154,9 +156,11 @@ class FullBatchStatistics:
         #: Per call index, the allowance the model's measured rounding sets (kept for the wrap's later steps).
         self.rounding: dict[int, float] = {}
 
-    def start_phase1(self) -> None:
+    def start_phase1(self, samples: Optional[int] = None) -> None:
+        """``samples``: the batch's, by which each layer's per-sample means are taken (None: by its input's rows)."""
         self.layers = []
         self._deviations, self._checked = [], []
+        self._samples = samples
 
     def record(self, call: BatchNormCall) -> Tensor:
         name = name_of(call, self.names, len(self.layers))
@@ -169,10 +173,17 @@ class FullBatchStatistics:
                 call.momentum, call.eps)
             layer = LayerStatistics(name, mean, invstd, variance(invstd, call.eps), call.eps,
                                     call.values_per_channel)
-        layer.sample_means = channel_means(call.input.detach(), layer.mean.dtype, per_sample=True)
+        layer.sample_means = self._sample_means(call.input.detach(), layer.mean.dtype)
         self.layers.append(layer)
         self.stop_after_last_call()
         return output
+
+    def _sample_means(self, input: Tensor, dtype: torch.dtype) -> Tensor:
+        """Each sample's channel means (samples, C), for the micro-batches' check: an input with k rows per sample
+        (tokens or frames folded into its first dimension, autobatch.batchnorm.rows) averages each sample's k."""
+        means = channel_means(input, dtype, per_sample=True)
+        per_sample = None if self._samples is None else rows_per_sample(len(means), self._samples)
+        return means if per_sample in (None, 1) else means.view(self._samples, per_sample, -1).mean(1)
 
     def stop_after_last_call(self) -> None:
         """Ends phase 1's forward with `StopForward` once it has made every BatchNorm call.

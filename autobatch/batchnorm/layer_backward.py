@@ -48,14 +48,15 @@ class LayerBackward:
     """
 
     def __init__(self, x: Tensor, layer: LayerStatistics, weight: Optional[Tensor],
-                 rows: Optional[Callable[[int, int], Tensor]] = None):
-        """``x``: the layer's input over the whole batch; ``rows(start, stop)``: its rows where they compute (x
-        kept in host memory), default ``x[start:stop]``."""
+                 rows: Optional[Callable[[int, int], Tensor]] = None, per_sample: int = 1):
+        """``x``: the layer's input over the whole batch, ``per_sample`` rows per sample (autobatch.batchnorm.rows);
+        ``rows(start, stop)``: samples ``start:stop`` of it where they compute (x kept in host memory), default
+        ``x``'s rows ``start * per_sample:stop * per_sample``. Ranges below count samples."""
         self.x, self.layer, self.weight = x, layer, weight
-        self._x_rows = rows or (lambda start, stop: x[start:stop])
+        self._x_rows = rows or (lambda start, stop: x[start * per_sample:stop * per_sample])
         self.shape = (1, -1) + (1,) * (x.dim() - 2)
         self.dims = [0] + list(range(2, x.dim()))
-        self.g = Rows(x, layer.mean.device)
+        self.g = Rows(x, layer.mean.device, per_sample)
         self.sum_dy = torch.zeros_like(layer.mean)
         self.sum_dy_xhat = torch.zeros_like(layer.mean)
         #: The sums the input's gradient takes its means from: this process's, or every rank's (`over_ranks`).

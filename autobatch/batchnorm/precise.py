@@ -32,6 +32,7 @@ from autobatch.batchnorm.fingerprint import Fingerprint
 from autobatch.batchnorm.full_batch import FullBatchStatistics
 from autobatch.batchnorm.intercept import BatchNormCall, intercept_batch_norm
 from autobatch.batchnorm.recompute import quiet_checkpoint
+from autobatch.batchnorm.rows import rows_per_sample
 from autobatch.batchnorm.segment_run import SegmentRun
 from autobatch.batchnorm.statistics import LayerStatistics, name_of
 from autobatch.batchnorm.strategy import BatchNormStrategy
@@ -322,11 +323,11 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         refused: list[str] = []
 
         def record(call: BatchNormCall) -> Tensor:
-            if call.input.shape[0] != rows and not refused:
-                # The segments cut a boundary tensor by its first dimension: it must be the samples'.
+            if rows_per_sample(call.input.shape[0], rows) is None and not refused:
+                # The segments cut a boundary tensor by its first dimension: it must hold the samples, k rows each.
                 name = name_of(call, self.names, len(seen))
                 refused.append(f"BatchNorm layer {name!r} normalizes a tensor whose first dimension "
-                               f"({call.input.shape[0]}) is not the batch's samples ({rows})")
+                               f"({call.input.shape[0]}) is not the batch's samples ({rows}) nor a multiple of them")
                 if not handler.ranks.active:  # else phase 1 goes on, meeting the other ranks' statistics
                     raise Unsupported(refused[0])
             seen.append(call.input)
@@ -338,7 +339,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
             runs.append(SegmentRun.start(graph, args, kwargs, rows, cut_layers, boundaries))
             return runs[0].forward(seen, lambda: self.draws.recorded)
 
-        handler.start_phase1()
+        handler.start_phase1(rows)
         with entered(Stage.PHASE1), torch.no_grad(), self.micro.autocast(), quiet_checkpoint(), \
                 intercept_batch_norm(record), self.draws.record(0, rows), \
                 forward_replaced(self.micro.module, forward):

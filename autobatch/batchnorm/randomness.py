@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from autobatch.batchnorm.rows import rows_per_sample
 from autobatch.interrupts import held_interrupts
 
 __all__ = ["RandomDraws"]
@@ -297,20 +298,23 @@ class RandomDraws:
         """Every draw phase 1 made, with the rows ``start:stop`` of those that are per sample."""
         prepared = []
         for index in range(min((len(recording.values) for recording in self._recordings), default=0)):
-            pieces = []
-            for recording in self._recordings:
-                value = recording.values[index]
-                if value.dim() > 0 and value.shape[0] == recording.rows:
-                    low, high = max(start, recording.first_row), min(stop, recording.first_row + recording.rows)
-                    if low < high:
-                        pieces.append(value[low - recording.first_row:high - recording.first_row])
             first = self._recordings[0]
             whole = first.values[index]
-            per_sample = whole.dim() > 0 and whole.shape[0] == first.rows
-            covered = bool(pieces) and sum(len(piece) for piece in pieces) == stop - start
+            # Per sample: k rows each, samples first (autobatch.batchnorm.rows); the micro-batch's own draw then
+            # has the shape of its rows, which is how `_recorded` tells it from a draw for the whole batch.
+            per_sample = rows_per_sample(whole.shape[0], first.rows) if whole.dim() > 0 else None
+            pieces = []
+            for recording in self._recordings if per_sample is not None else ():
+                value = recording.values[index]
+                if value.dim() > 0 and value.shape[0] == recording.rows * per_sample:
+                    low, high = max(start, recording.first_row), min(stop, recording.first_row + recording.rows)
+                    if low < high:
+                        pieces.append(value[(low - recording.first_row) * per_sample:
+                                            (high - recording.first_row) * per_sample])
+            covered = bool(pieces) and sum(len(piece) for piece in pieces) == (stop - start) * per_sample
             prepared.append(_Replayed(
                 first.funcs[index].__qualname__, whole,
-                (stop - start,) + tuple(whole.shape[1:]) if per_sample else None,
+                ((stop - start) * per_sample,) + tuple(whole.shape[1:]) if per_sample is not None else None,
                 (pieces[0] if len(pieces) == 1 else torch.cat(pieces)) if covered else None))
         return prepared
 
@@ -356,7 +360,7 @@ class RandomDraws:
         raise RuntimeError(
             f"random draw #{index} ({_short(func.__qualname__)}) has shape {tuple(shape)} in the micro-batch "
             f"forward but {tuple(replayed.whole.shape)} in phase 1; bn='two_pass' can replay draws that are per "
-            "sample (the batch as first dimension) or the same for the whole batch. Use bn='micro' for such models.")
+            "sample (the samples first, k rows each) or the same for the whole batch. Use bn='micro' for such models.")
 
     @contextlib.contextmanager
     def recompute(self) -> Iterator[None]:

@@ -8,6 +8,11 @@
 
 The precise backward (autobatch.batchnorm.segment_run) adds and reads the same micro-batches' rows, so a
 part is handed back as it came, with no whole-batch buffer zeroed, copied into and sliced again each step.
+
+Ranges count samples. A tensor may hold several rows per sample, samples first (``rows_per_sample``): a
+BatchNorm1d over a transformer's tokens flattened into the first dimension (timm's LeViT), or a video's frames
+folded into it, ``x.view(samples * frames, C, H, W)``; samples ``start:stop`` are then its rows
+``start * k:stop * k``.
 """
 from __future__ import annotations
 
@@ -16,16 +21,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Rows"]
+__all__ = ["Rows", "rows_per_sample"]
+
+
+def rows_per_sample(size: int, samples: int) -> Optional[int]:
+    """How many rows of a first dimension of ``size`` each of ``samples`` samples holds: 1 for a tensor of the
+    samples, k for k rows per sample (samples first, as ``flatten(0, 1)`` of a (samples, k, ...) tensor
+    lays them out); None where ``size`` is no whole multiple of ``samples``."""
+    per_sample, left = divmod(size, samples) if samples > 0 else (0, 1)
+    return per_sample if per_sample and not left else None
 
 
 class Rows:
-    """Rows ``start:stop`` of a tensor shaped as ``like``, added part by part (in its dtype) on ``device``
-    (default: ``like``'s); parts added under different ranges must not overlap."""
+    """Samples ``start:stop`` of a tensor shaped as ``like``, added part by part (in its dtype) on ``device``
+    (default: ``like``'s), ``per_sample`` rows each; parts added under different ranges must not overlap."""
 
-    def __init__(self, like: Tensor, device: Optional[torch.device] = None):
+    def __init__(self, like: Tensor, device: Optional[torch.device] = None, per_sample: int = 1):
         self.like = like
         self.device = like.device if device is None else device
+        self.per_sample = per_sample
         self.parts: dict[tuple[int, int], Tensor] = {}
 
     def add(self, start: int, stop: int, grad: Tensor) -> None:
@@ -43,11 +57,13 @@ class Rows:
                 continue
             if first > row:
                 pieces.append(self._zeros(first - row))
-            pieces.append(value[max(row, first) - first:min(stop, last) - first])
+            k = self.per_sample
+            pieces.append(value[(max(row, first) - first) * k:(min(stop, last) - first) * k])
             row = min(stop, last)
         if row < stop:
             pieces.append(self._zeros(stop - row))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _zeros(self, rows: int) -> Tensor:
-        return torch.zeros((rows,) + tuple(self.like.shape[1:]), dtype=self.like.dtype, device=self.device)
+    def _zeros(self, samples: int) -> Tensor:
+        return torch.zeros((samples * self.per_sample,) + tuple(self.like.shape[1:]), dtype=self.like.dtype,
+                           device=self.device)

@@ -21,6 +21,7 @@ current cut.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -30,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autobatch.batchnorm.capture import CapturedGraph, Unsupported
 from autobatch.batchnorm.layer_backward import LayerBackward
-from autobatch.batchnorm.rows import Rows
+from autobatch.batchnorm.rows import Rows, rows_per_sample
 from autobatch.batchnorm.segment_layout import Segment, SegmentLayout
 from autobatch.batchnorm.statistics import LayerStatistics, normalize
 from autobatch.modes import Boundaries
@@ -113,6 +114,9 @@ class SegmentRun:
         self._refusals: list[str] = []
         #: Bytes of each batched tensor phase 1 made, kept or not: what keeping other boundaries would hold.
         self._bytes: dict[fx.Node, int] = {}
+        #: How many rows each sample holds in each batched tensor's first dimension (autobatch.batchnorm.rows: 1, or
+        #: k for tokens or frames folded into it); None where the dimension is not the samples'.
+        self._sample_rows: dict[fx.Node, Optional[int]] = {}
         self._interpreter = _Interpreter(graph.graph_module)
 
     @classmethod
@@ -178,8 +182,10 @@ class SegmentRun:
         self._on_host.add(node)
 
     def _rows(self, node: fx.Node, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of a kept tensor, on the device the graph runs on."""
-        rows = self._kept[node][start:stop]
+        """Samples ``start:stop`` of a kept tensor (its rows, ``_sample_rows`` each), on the device the graph runs
+        on."""
+        per_sample = self._sample_rows.get(node) or 1
+        rows = self._kept[node][start * per_sample:stop * per_sample]
         return rows.to(self._device, non_blocking=True) if node in self._on_host else rows
 
     def _phase1_node(self, node: fx.Node, env: dict[fx.Node, Any], seen: list[Tensor], segment: Segment) -> Any:
@@ -192,6 +198,7 @@ class SegmentRun:
             value = self._run(node, env)
             if any(arg in self.layout.batched for arg in node.all_input_nodes):
                 self.layout.batched.add(node)
+                self._sample_rows[node] = self._rows_per_sample(value)
             made = len(seen) - calls
             if node is segment.norm:
                 if made != 1 or seen[-1] is not env[node.args[0]] or len(node.args) != 1 or node.kwargs:
@@ -210,7 +217,7 @@ class SegmentRun:
         labels), as its forward would have (`output_rows`); so they must read kept tensors through
         operations without parameters, and nothing else."""
         self._tail = [node for node in self.layout.output_nodes
-                      if node in self.layout.batched and not self._per_sample(self._output[node])]
+                      if node in self.layout.batched and self._rows_per_sample(self._output[node]) is None]
         if not self._tail:
             self._tail_inputs, self._tail_recomputed = [], []
             return
@@ -229,13 +236,13 @@ class SegmentRun:
         # The layout cuts per-sample tensors only: the reductions are the micro-batches' own.
         self.layout.batched.difference_update(self._tail)
 
-    def _per_sample(self, value: Any) -> bool:
-        return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self.rows
+    def _rows_per_sample(self, value: Any) -> Optional[int]:
+        return rows_per_sample(value.shape[0], self.rows) if isinstance(value, Tensor) and value.dim() > 0 else None
 
     def _check_per_sample(self, node: fx.Node, value: Any) -> None:
         """A tensor that depends on the batch and crosses a cut (or is an output) is cut into micro-batches by
         its first dimension: it must hold the batch's samples there."""
-        if self._per_sample(value):
+        if self._rows_per_sample(value) is not None:
             return
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         hint = ""
@@ -261,7 +268,7 @@ class SegmentRun:
                 continue
             env[node] = value  # phase 1 goes on with it; the backward evaluates non-tensors again
             if node in self.layout.batched and node in self.layout.tensors:
-                if node in self.layout.output_nodes and not self._per_sample(value):
+                if node in self.layout.output_nodes and self._rows_per_sample(value) is None:
                     continue  # a reduction the forward returns (its loss): each micro-batch computes its own
                 try:
                     self._check_per_sample(node, value)
@@ -308,7 +315,9 @@ class SegmentRun:
             value = self._output[node]
             if node not in self.layout.batched or not isinstance(value, Tensor):
                 return value
-            leaf = value[start:start + rows].detach().requires_grad_(value.is_floating_point())
+            per_sample = self._sample_rows.get(node) or 1
+            leaf = value[start * per_sample:(start + rows) * per_sample].detach()
+            leaf.requires_grad_(value.is_floating_point())
             if leaf.requires_grad:
                 self._leaves.append((node, leaf))
             return leaf
@@ -323,7 +332,7 @@ class SegmentRun:
 
     def _accumulate(self, node: fx.Node, start: int, stop: int, grad: Tensor) -> None:
         if node not in self._grads:
-            self._grads[node] = Rows(self._kept[node], self._device)
+            self._grads[node] = Rows(self._kept[node], self._device, self._sample_rows.get(node) or 1)
         self._grads[node].add(start, stop, grad)
 
     # -- the backward, segment by segment --------------------------------------------------------
@@ -373,7 +382,8 @@ class SegmentRun:
                     module = self.graph.batch_norm_module(segment.norm)
                     source = segment.norm.args[0]
                     layer_backward = LayerBackward(self._kept[source], layers[segment.index - 1], module.weight,
-                                                   lambda start, stop, source=source: self._rows(source, start, stop))
+                                                   lambda start, stop, source=source: self._rows(source, start, stop),
+                                                   self._sample_rows.get(source) or 1)
                 if layer_backward is not None or any(node in self._grads or node in self._pending
                                                      for node in segment.outputs):
                     for start, stop in rows:
@@ -416,9 +426,10 @@ class SegmentRun:
                     env[node] = self._run(node, env)
                 for node in inner:
                     value = env[node]
+                    per_sample = self._sample_rows.get(node) or 1
                     if node not in filled:
-                        filled[node] = value.new_empty((self.rows,) + tuple(value.shape[1:]))
-                    filled[node][start:stop] = value
+                        filled[node] = value.new_empty((self.rows * per_sample,) + tuple(value.shape[1:]))
+                    filled[node][start * per_sample:stop * per_sample] = value
                 deviations += [self._deviation(node, env[node], start, stop) for node in nodes
                                if node in self._kept and node in self.layout.batched and env[node].is_floating_point()]
         self._kept.update(filled)
@@ -511,6 +522,8 @@ class SegmentRun:
         tolerance = RECOMPUTE_TOLERANCE.get(kept.dtype, RECOMPUTE_TOLERANCE_HALF)
         self._scale(node, self._kept[node])
         with torch.no_grad():
+            if value.shape != kept.shape:  # a value of the whole batch's (a reduction) taken for samples'
+                return node, torch.full((), math.inf, device=kept.device), tolerance
             if not kept.numel():
                 return node, torch.zeros((), device=kept.device), tolerance
             return node, (value.detach() - kept).abs_().amax(), tolerance

@@ -159,7 +159,7 @@ class TwoPassStrategy(BatchNormStrategy):
                 self._chunked_phase1(batch, sizes, handler)
 
     def _whole_phase1(self, batch: Any, handler: FullBatchStatistics) -> None:
-        handler.start_phase1()
+        handler.start_phase1(self.micro.batches.size(batch))
         complete = True
         with intercept_batch_norm(handler.record), self.draws.record(0, self.micro.batches.size(batch)):
             try:

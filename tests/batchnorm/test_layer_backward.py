@@ -36,3 +36,21 @@ def test_micro_batches_give_the_whole_batch_s_gradients():
     weight_grad, bias_grad = backward.parameter_grads()
     assert (got - x.grad).abs().max() < 1e-12 * x.grad.abs().max()
     assert torch.allclose(weight_grad, weight.grad, rtol=1e-12) and torch.allclose(bias_grad, bias.grad, rtol=1e-12)
+
+
+def test_samples_of_several_rows_each_give_the_whole_batch_s_gradients():
+    """Ranges count samples: with 2 rows per sample (tokens flattened into the first dimension), samples 1:4 are
+    rows 2:8, read across the parts the micro-batches added."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 3, dtype=torch.float64)
+    F.batch_norm(x, None, None, weight, None, training=True, eps=1e-5).backward(g)
+    var = x.detach().var(0, unbiased=False)
+    layer = LayerStatistics("bn", x.detach().mean(0), (var + 1e-5).rsqrt(), var, 1e-5, 10)
+    backward = LayerBackward(x.detach(), layer, weight, per_sample=2)
+    backward.add(0, 2, g[0:4])
+    backward.add(2, 5, g[4:10])
+    got = torch.cat([backward.input_grad(0, 1), backward.input_grad(1, 4), backward.input_grad(4, 5)])
+    assert got.shape == x.shape and (got - x.grad).abs().max() < 1e-12 * x.grad.abs().max()
+    assert torch.allclose(backward.parameter_grads()[0], weight.grad, rtol=1e-12)

@@ -1,0 +1,28 @@
+"""Whole-batch tensors held as micro-batches' rows (autobatch.batchnorm.rows)."""
+import torch
+
+from autobatch.batchnorm.rows import Rows, rows_per_sample
+
+
+def test_rows_per_sample():
+    assert rows_per_sample(16, 16) == 1 and rows_per_sample(128, 8) == 16
+    assert rows_per_sample(6, 8) is None and rows_per_sample(12, 8) is None and rows_per_sample(0, 8) is None
+    assert rows_per_sample(4, 0) is None
+
+
+def test_parts_are_summed_and_read_across_their_ranges_with_zeros_where_none_was_added():
+    like = torch.zeros(6, 2)
+    rows = Rows(like)
+    rows.add(0, 2, torch.ones(2, 2))
+    rows.add(0, 2, torch.ones(2, 2))
+    rows.add(4, 6, torch.full((2, 2), 3.0))
+    assert torch.equal(rows.of(0, 2), torch.full((2, 2), 2.0))
+    assert torch.equal(rows.of(1, 5), torch.tensor([[2.0] * 2, [0.0] * 2, [0.0] * 2, [3.0] * 2]))
+
+
+def test_samples_of_several_rows_each():
+    rows = Rows(torch.zeros(6, 1), per_sample=2)
+    rows.add(0, 1, torch.tensor([[1.0], [2.0]]))
+    rows.add(2, 3, torch.tensor([[5.0], [6.0]]))
+    assert torch.equal(rows.of(0, 3).view(-1), torch.tensor([1.0, 2.0, 0.0, 0.0, 5.0, 6.0]))
+    assert torch.equal(rows.of(1, 2), torch.zeros(2, 1))
