@@ -162,3 +162,19 @@ def interrupt_at(target: int, where):
         return local
 
     return trace, seen
+
+
+class AreaLaterNet(nn.Module):
+    """``H * W`` of bn0's output read a group later (timm's lambda layers read such a product of sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(4))
+
+    def forward(self, x):
+        h = self.bns[0](self.convs[0](x))
+        area = h.shape[2] * h.shape[3]
+        for conv, bn in zip(self.convs[1:], self.bns[1:]):
+            h = bn(conv(h))
+        return h.sum((2, 3)) / area

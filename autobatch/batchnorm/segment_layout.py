@@ -80,10 +80,11 @@ class SegmentLayout:
 
     def needed_later(self, nodes: list[fx.Node], position: Callable[[fx.Node], int]) -> set[fx.Node]:
         """Those of ``nodes`` (in graph order) that a node of a later ``position`` reads; a size read
-        later counts as the batched tensor it comes from, evaluated again there."""
+        later counts as the batched tensor it comes from, evaluated again there, through any chain of values
+        computed from sizes (timm's lambda layers read ``H * W`` of a tensor three segments back)."""
         later: set[fx.Node] = set()
-        for node in reversed(nodes):
-            if node in self.output_nodes or (node.op == "placeholder" and node.users) or any(
+        for node in reversed(nodes):  # a node's inputs come before it: what it adds to `later` is met afterwards
+            if node in later or node in self.output_nodes or (node.op == "placeholder" and node.users) or any(
                     user.op == "output" or position(user) > position(node) for user in node.users):
                 if node in self.batched and node not in self.tensors:
                     later.update(node.all_input_nodes)

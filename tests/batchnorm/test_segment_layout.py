@@ -3,6 +3,7 @@ from torch import nn
 
 from autobatch.batchnorm.capture import CapturedGraph
 from autobatch.batchnorm.segment_layout import SegmentLayout
+from tests.common import AreaLaterNet
 
 
 class SkipNet(nn.Module):
@@ -56,3 +57,19 @@ def test_kept_with_one_segment_per_group_is_every_boundary_and_with_the_grouped_
     assert layout.grouped_size == 2
     assert {node.name for node in layout.kept_with(1)} == {"conv1", "bn1", "conv2", "conv3", "mean"}
     assert {node.name for node in layout.kept_with(2)} == {"bn1", "conv2", "mean"}  # the input x is kept either way
+
+
+def test_a_product_of_sizes_read_a_group_later_keeps_the_tensor_it_comes_from():
+    """The sizes' chain (getattr, getitem, mul) reached back to bn0's input, an inner boundary of the first group,
+    which the last group's backward then read before anything had refilled it (KeyError on timm lambda_resnet26t)."""
+    layout, n = layout_of(AreaLaterNet())
+    sizes = {node for node in layout.batched if node.op == "call_function" and node.name.startswith(("getattr",
+                                                                                                       "getitem", "mul"))}
+    layout.tensors.difference_update(sizes)  # as phase 1 finds them: values of the batch, not tensors
+    assert [[segment.index for segment in group] for group in layout.groups] == [[0, 1, 2], [3, 4]]
+    kept = layout.kept_with(layout.grouped_size)
+    assert n["bns_0"] in kept
+    layout.connect(kept | {n["x"]})
+    # What a segment reads is kept, or its own group's inner boundary (refilled before its backward).
+    assert set(layout.segments[4].inputs) <= kept | {n["x"]} | set(layout.inner[1])
+    assert n["mul"] in layout.segments[4].recomputed
