@@ -319,19 +319,23 @@ class RandomDraws:
         return prepared
 
     def _replay(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        index = self._cursor
-        self._cursor += 1
+        # Draw k of the micro-batch is phase 1's draw k: a call that `_record` kept nothing of (a dropout with p=0,
+        # as nn.Dropout(0.0) between drop paths in torchvision's MaxViT) takes no number here either.
+        dropout = None if _kind(func) == "draw" else _drawing_dropout(func, args, kwargs)
+        if _kind(func) != "draw" and dropout is None:
+            return func(*args, **kwargs)
         # Checkpointing recomputes with the generator as it was; the state then finds the draw again.
         key = None if _is_compiling() else _rng_key(_device_of(args, kwargs))
-        if _kind(func) == "draw":
+        if dropout is None:
             drawn = func(*args, **kwargs)
-            replayed = self._recorded(index, func, drawn.shape) if isinstance(drawn, Tensor) else None
+            if not isinstance(drawn, Tensor):
+                return drawn  # kept by no recording
+            replayed = self._recorded(self._next(), func, drawn.shape)
             if replayed is not None:
                 drawn = drawn.copy_(replayed) if func.__qualname__ in _IN_PLACE_DRAWS else replayed.to(drawn.dtype)
             self._given.append((key, None if replayed is None else drawn.detach().clone()))
             return drawn
-        dropout = _drawing_dropout(func, args, kwargs)
-        replayed = None if dropout is None else self._recorded(index, func, torch.Size(dropout[3]))
+        replayed = self._recorded(self._next(), func, torch.Size(dropout[3]))
         if replayed is None:
             self._given.append((key, None))
             return func(*args, **kwargs)
@@ -341,6 +345,11 @@ class RandomDraws:
         mask = replayed.to(input.dtype)
         self._given.append((key, mask))
         return _masked(input, mask, p, inplace)
+
+    def _next(self) -> int:
+        """The number of the micro-batch's next draw, in phase 1's order."""
+        self._cursor += 1
+        return self._cursor - 1
 
     def _recorded(self, index: int, func: Callable, shape: torch.Size) -> Optional[Tensor]:
         """Phase 1's draw number ``index`` for this micro-batch's rows; None where phase 1 has none
