@@ -29,8 +29,29 @@ class Unsupported(RuntimeError):
     """The model cannot run segment by segment; the message says why."""
 
 
+def _autocast_state() -> tuple:
+    """Whether autocast is on, and in which dtype, for the host and CUDA."""
+    try:
+        return tuple((torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda"))
+    except TypeError:  # torch before 2.4
+        return (torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype(), torch.is_autocast_enabled(),
+                torch.get_autocast_gpu_dtype())
+
+
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with every BatchNorm module a leaf: its call is one node, one cut."""
+    """torch.fx's tracer, with every BatchNorm module a leaf: its call is one node, one cut. A forward that turns
+    autocast on or off itself is refused: a graph holds no context manager, and would run that part in the
+    caller's precision."""
+
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        self._autocast = _autocast_state()
+        return super().trace(root, concrete_args)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        if _autocast_state() != self._autocast:
+            raise Unsupported("the forward turns torch.autocast on or off inside, which a captured graph cannot hold")
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
@@ -55,10 +76,20 @@ def _fx_patches_lifted() -> ContextManager[None]:
 #: same for every batch of the same per-sample shapes, dtypes and devices.
 _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"})
 _METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
+#: Those no batch changes (its size neither): read as real values, constants of the graph, so that the forward's
+#: Python can hand them on (timm's EfficientViT: ``torch.autocast(device_type=v.device.type)``; ``dtype=x.dtype``).
+_CONSTANT_ATTRIBUTES = frozenset({"dtype", "device", "is_cuda", "layout"})
 
 
 class _ValueProxy(fx.Proxy):
     """A proxy whose node's real value the tracer knows: Python may read it where it is shape arithmetic."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CONSTANT_ATTRIBUTES:
+            value = self.tracer.values.get(self.node)
+            if isinstance(value, Tensor):
+                return getattr(value, name)
+        return super().__getattr__(name)
 
     def __len__(self) -> int:
         return len(self.tracer.concrete(self))

@@ -258,7 +258,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
                 self._graph, self._unsupported, self._symbolic_failure, self._captured = None, None, None, None
         if self._captured is None:
             try:
-                with quiet_checkpoint():  # tracing calls a reentrant checkpoint with inputs that need no grad
+                # Tracing calls a reentrant checkpoint with inputs that need no grad; under the step's autocast, so
+                # that a forward which changes it is seen.
+                with quiet_checkpoint(), self.micro.autocast():
                     self._graph = CapturedGraph.trace(self.micro.module)
             except Unsupported as error:
                 self._symbolic_failure = str(error)

@@ -453,6 +453,48 @@ def test_a_product_of_sizes_read_groups_later_gets_the_full_batch_gradient():
     assert relative_error(got, expected) < 1e-12 and ab.plan.gradient.startswith("precise")
 
 
+class AutocastOff(nn.Module):
+    """timm's EfficientViT: a block kept out of autocast with ``torch.autocast(device_type=h.device.type,
+    enabled=False)`` behind a check of the device, which torch.fx cannot trace symbolically."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gate, self.bn2, self.head = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.device.type != "meta":
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                h = h.to(self.gate.weight.dtype)  # out of autocast, in the weights' precision
+                h = h * torch.sigmoid(self.gate(h))
+        return self.head(self.bn2(h).relu().mean((2, 3)))
+
+
+def test_a_forward_that_hands_on_a_tensors_device_gets_the_full_batch_gradient():
+    """Traced on real inputs, ``h.device.type`` was a proxy that torch.autocast refused ("Expected `device_type` of
+    type `str`"): timm efficientvit_b0 fell back to the projected backward. A tensor's device and dtype are read
+    as real values now, the graph's constants."""
+    torch.manual_seed(0)
+    model = AutocastOff().double()
+    batch = data(16, (3, 5, 5))
+    expected = full_grad(copy.deepcopy(model), batch)
+    got, ab = step_grad(copy.deepcopy(model), batch, 4, bn="auto")
+    assert relative_error(got, expected) < 1e-12 and ab.plan.gradient.startswith("precise")
+
+
+def test_a_forward_that_turns_autocast_off_under_the_steps_autocast_is_refused(caplog):
+    """A graph holds no context manager: under the step's bfloat16 autocast it would run the block the model keeps
+    in float32 in bfloat16. The projected backward runs, which calls the model itself, and says why."""
+    torch.manual_seed(0)
+    model = AutocastOff()
+    ab = autobatch.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), 16, ce, micro_batch=4, cache=False,
+                        autocast_dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        ab.step(*data(16, (3, 5, 5), dtype=torch.float32))
+    assert "turns torch.autocast on or off inside" in ab.plan.gradient and ab.plan.gradient.startswith("projected")
+
+
 class TokenNorm(nn.Module):
     """A BatchNorm1d over a transformer's tokens flattened into the first dimension, samples first (timm's LeViT:
     ``bn(x.flatten(0, 1)).reshape_as(x)``), dropout on the flattened tokens; or with ``samples_first=False`` the
