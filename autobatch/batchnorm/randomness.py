@@ -321,12 +321,13 @@ class RandomDraws:
     def _replay(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         # Draw k of the micro-batch is phase 1's draw k: a call that `_record` kept nothing of (a dropout with p=0,
         # as nn.Dropout(0.0) between drop paths in torchvision's MaxViT) takes no number here either.
-        dropout = None if _kind(func) == "draw" else _drawing_dropout(func, args, kwargs)
-        if _kind(func) != "draw" and dropout is None:
+        kind = _kind(func)
+        dropout = _drawing_dropout(func, args, kwargs) if kind == "dropout" else None
+        if kind == "dropout" and dropout is None:
             return func(*args, **kwargs)
         # Checkpointing recomputes with the generator as it was; the state then finds the draw again.
         key = None if _is_compiling() else _rng_key(_device_of(args, kwargs))
-        if dropout is None:
+        if kind == "draw":
             drawn = func(*args, **kwargs)
             if not isinstance(drawn, Tensor):
                 return drawn  # kept by no recording

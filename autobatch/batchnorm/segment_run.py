@@ -181,10 +181,13 @@ class SegmentRun:
         self._kept[node] = host.copy_(value, non_blocking=True)
         self._on_host.add(node)
 
+    def _rows_each(self, node: fx.Node) -> int:
+        """How many rows each sample holds in ``node``'s tensor (1 for a tensor of the samples)."""
+        return self._sample_rows.get(node) or 1
+
     def _rows(self, node: fx.Node, start: int, stop: int) -> Tensor:
-        """Samples ``start:stop`` of a kept tensor (its rows, ``_sample_rows`` each), on the device the graph runs
-        on."""
-        per_sample = self._sample_rows.get(node) or 1
+        """Samples ``start:stop`` of a kept tensor, on the device the graph runs on."""
+        per_sample = self._rows_each(node)
         rows = self._kept[node][start * per_sample:stop * per_sample]
         return rows.to(self._device, non_blocking=True) if node in self._on_host else rows
 
@@ -315,7 +318,7 @@ class SegmentRun:
             value = self._output[node]
             if node not in self.layout.batched or not isinstance(value, Tensor):
                 return value
-            per_sample = self._sample_rows.get(node) or 1
+            per_sample = self._rows_each(node)
             leaf = value[start * per_sample:(start + rows) * per_sample].detach()
             leaf.requires_grad_(value.is_floating_point())
             if leaf.requires_grad:
@@ -332,7 +335,7 @@ class SegmentRun:
 
     def _accumulate(self, node: fx.Node, start: int, stop: int, grad: Tensor) -> None:
         if node not in self._grads:
-            self._grads[node] = Rows(self._kept[node], self._device, self._sample_rows.get(node) or 1)
+            self._grads[node] = Rows(self._kept[node], self._device, self._rows_each(node))
         self._grads[node].add(start, stop, grad)
 
     # -- the backward, segment by segment --------------------------------------------------------
@@ -383,7 +386,7 @@ class SegmentRun:
                     source = segment.norm.args[0]
                     layer_backward = LayerBackward(self._kept[source], layers[segment.index - 1], module.weight,
                                                    lambda start, stop, source=source: self._rows(source, start, stop),
-                                                   self._sample_rows.get(source) or 1)
+                                                   self._rows_each(source))
                 if layer_backward is not None or any(node in self._grads or node in self._pending
                                                      for node in segment.outputs):
                     for start, stop in rows:
@@ -426,7 +429,7 @@ class SegmentRun:
                     env[node] = self._run(node, env)
                 for node in inner:
                     value = env[node]
-                    per_sample = self._sample_rows.get(node) or 1
+                    per_sample = self._rows_each(node)
                     if node not in filled:
                         filled[node] = value.new_empty((self.rows * per_sample,) + tuple(value.shape[1:]))
                     filled[node][start * per_sample:stop * per_sample] = value
