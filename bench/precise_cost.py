@@ -2,7 +2,7 @@
 side in one run, on the stock models of issue 38's cost targets.
 
     python -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm -e .
-    /tmp/tv/bin/python bench/precise_cost.py          # ~10 min on 2 CPU cores: bench/results/precise_cost.md
+    /tmp/tv/bin/python bench/precise_cost.py          # ~6 min on 2 CPU cores: bench/results/precise_cost.md
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 \
         /tmp/tv/bin/python bench/precise_cost.py --append # the same, freed memory kept by the C allocator
     /tmp/tv/bin/python bench/precise_cost.py --models "timm resnet50" --rounds 5      # printed only
@@ -16,9 +16,10 @@ Per model, float32, a logical batch of 16 images of 64x64 in micro-batches of 4 
   memory is short), which recomputes each group's inner boundary: one more forward;
 - two_pass, projected: ``bn="two_pass"``, the approximate backward the default replaced.
 
-Arms run interleaved, in a new random order each round, after warm-up rounds; the median per arm is reported
-as a ratio to plain accumulation's median in the same run. Each arm's peak memory (live tensors, autobatch's
-host tracker) is measured once, after the timed rounds.
+Arms run interleaved, in a new random order each round, after warm-up rounds; each round's time of an arm is
+divided by plain accumulation's in the same round, and the median of those ratios is reported with their middle
+half (this 2-core machine's speed drifts between rounds more than between the arms of one). Each arm's peak
+memory (live tensors, autobatch's host tracker) is measured once, after the timed rounds.
 
 On the host, glibc's malloc gives large freed blocks back to the system, and every step that allocates them
 again pays a page fault per 4 KiB (measured on timm resnet50: plain accumulation 0 per step, the projected
@@ -116,7 +117,6 @@ def arms(name: str, args: argparse.Namespace) -> tuple[dict, dict, float]:
 def run(name: str, args: argparse.Namespace) -> list[str]:
     steps, plans, data, target = arms(name, args)
     times = interleaved_times({arm: step for arm, (step, _, _) in steps.items()}, args.rounds, args.warmup)
-    medians = {arm: statistics.median(values) for arm, values in times.items()}
     rows = []
     for arm, (step, model, optimizer) in steps.items():
         peak = peak_bytes(step, torch.device("cpu"), model, optimizer, data)
@@ -124,9 +124,13 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
         kept = {Boundaries.EVERY: "every boundary kept", Boundaries.GROUPED: "the grouped boundaries kept"}
         plan = "-" if ab is None else f"{ab.plan.gradient}; {kept[ab.plan.boundaries]}" \
             if ab.plan.gradient.startswith("precise") else ab.plan.gradient
-        ratio = medians[arm] / medians["plain accumulation"]
-        goal = f" (target <= {target}x)" if arm == "precise, every boundary" else ""
-        rows.append(f"| {name} | {arm} | {ratio:.2f}x{goal} | {format_bytes(peak)} | {plan} |")
+        # Each round's ratio to plain accumulation's time in the same round: this machine's speed drifts between
+        # rounds far more than between two arms of one round.
+        ratios = [t / plain for t, plain in zip(times[arm], times["plain accumulation"])]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        goal = f", target <= {target}x" if arm == "precise, every boundary" else ""
+        spread = "" if arm == "plain accumulation" else f" ({low:.2f}x to {high:.2f}x{goal})"
+        rows.append(f"| {name} | {arm} | {statistics.median(ratios):.2f}x{spread} | {format_bytes(peak)} | {plan} |")
     return rows
 
 
@@ -136,7 +140,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--target-batch", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--append", action="store_true", help="add this run's table to the results file")
     args = parser.parse_args()
@@ -152,10 +156,12 @@ def main() -> None:
         f"{'' if args.models == list(MODELS) else ' --models ...'}` on CPU "
         f"({platform.processor() or platform.machine()}, {threads} threads), torch {torch.__version__}, timm "
         f"{timm.__version__}, torchvision {torchvision.__version__}; float32, {args.target_batch} images of "
-        f"{args.size}x{args.size} in micro-batches of {args.micro_batch}; median of {args.rounds} interleaved rounds "
-        f"after {args.warmup} warm-up rounds, as a ratio to plain accumulation's in the same run. Peak: live tensors "
+        f"{args.size}x{args.size} in micro-batches of {args.micro_batch}; {args.rounds} interleaved rounds after "
+        f"{args.warmup} warm-up rounds: the median of each round's ratio to plain accumulation's time in that round, "
+        "in brackets the middle half of them (first to third quartile). Peak: live tensors "
         "during one more step (parameters, gradients and inputs included), autobatch's host tracker.", "",
-        "| model | arm | time / plain accumulation | peak | gradient |", "| --- | --- | --- | --- | --- |", *rows]
+        "| model | arm | time / plain accumulation (middle half) | peak | gradient |",
+        "| --- | --- | --- | --- | --- |", *rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.models == list(MODELS):

@@ -63,8 +63,8 @@ def test_a_product_of_sizes_read_a_group_later_keeps_the_tensor_it_comes_from():
     """The sizes' chain (getattr, getitem, mul) reached back to bn0's input, an inner boundary of the first group,
     which the last group's backward then read before anything had refilled it (KeyError on timm lambda_resnet26t)."""
     layout, n = layout_of(AreaLaterNet())
-    sizes = {node for node in layout.batched if node.op == "call_function" and node.name.startswith(("getattr",
-                                                                                                       "getitem", "mul"))}
+    sizes = {node for node in layout.batched
+             if node.op == "call_function" and node.name.startswith(("getattr", "getitem", "mul"))}
     layout.tensors.difference_update(sizes)  # as phase 1 finds them: values of the batch, not tensors
     assert [[segment.index for segment in group] for group in layout.groups] == [[0, 1, 2], [3, 4]]
     kept = layout.kept_with(layout.grouped_size)
