@@ -114,7 +114,8 @@ def _timm(name, size, batch=8, **options):
 #: ``--table wide``: more families, the default beside the projected two_pass as in ``--table default`` (logical
 #: batches of 8): attention hybrids, re-parameterizable blocks, multi-branch and dual-path nets, 3-D video nets.
 WIDE_MODELS = {
-    **{f"timm {name}": _timm(name, size, **options) for name, size, options in [
+    **{f"timm {name}{', with dropout and drop path' if options.get('drop_rate') else ''}": _timm(name, size, **options)
+       for name, size, options in [
         ("levit_conv_128s", 64, {"img_size": 64}), ("mobilevit_xxs", 64, {}), ("mobilevitv2_050", 64, {}),
         ("efficientformer_l1", 224, {}), ("efficientformerv2_s0", 224, {}), ("tiny_vit_5m_224", 224, {}),
         ("maxvit_nano_rw_256", 64, {"img_size": 64}), ("coatnet_nano_rw_224", 64, {"img_size": 64}),
@@ -207,7 +208,7 @@ def autobatch_run(base, n, loss, data, mode, micro_batch):
 def unsplit_run(name):
     """Model ``name`` (random weights, float64), its logical batch and image size, its loss, 3 batches, and the
     unsplit run: its first gradient, the parameters after it, and how far it moved them."""
-    factory, n, size, task = {**MODELS, **MORE_MODELS, **WIDE_MODELS}[name]
+    factory, n, size, task = {**WIDE_MODELS, **MODELS, **MORE_MODELS}[name]
     torch.manual_seed(0)
     base = factory().double().train()
     loss, data = loss_for(task), list(batches(task, n, size, torch.float64, 3))
