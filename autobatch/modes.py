@@ -153,8 +153,12 @@ class Boundaries(enum.Enum):
     #: What crosses from one group of segments to a later one (groups of about the square root of their number);
     #: the backward recomputes each group's inner boundary first: one more forward, the least memory.
     GROUPED = "grouped"
-    #: Every segment's boundary: no forward recomputed, the most memory.
+    #: Every segment's boundary: no forward recomputed.
     EVERY = "every"
+    #: Every segment's boundary, and each segment recomputed for the whole batch at once rather than micro-batch by
+    #: micro-batch: fewer, larger recomputations, the fastest; the most memory (one segment's tensors for the whole
+    #: batch beside the boundaries).
+    WHOLE_SEGMENTS = "every, whole segments"
     #: Every segment's boundary, in host memory (pinned) once phase 1 is done with it, its rows brought back as
     #: the backward reads them: the device holds a segment's micro-batch, not the batch's boundaries.
     HOST = "host"

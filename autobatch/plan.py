@@ -96,8 +96,8 @@ class Plan:
     """precise: which of phase 1's tensors its segment backward keeps; every boundary (no forward recomputed)
     where the memory model predicts it fits beside the rest of the step."""
     boundary_bytes: int = 0
-    """precise keeping every boundary: the bytes that keeps beyond the grouped layout's, part of the predicted
-    peak."""
+    """precise keeping every boundary (and recomputing whole segments): the bytes that holds beyond the grouped
+    layout's, part of the predicted peak."""
     candidates: tuple[Candidate, ...] = ()
     """bn="exact" or "auto": every policy measured, with the whole batch's peak and step time."""
     sample_size: int = 0
@@ -164,6 +164,9 @@ class Plan:
         if self.boundaries is Boundaries.EVERY:
             rows.append(("precise keeps", f"every boundary, {format_bytes(self.boundary_bytes)} more than grouped: "
                                           "no forward recomputed in the segment backward"))
+        elif self.boundaries is Boundaries.WHOLE_SEGMENTS:
+            rows.append(("precise keeps", f"every boundary, and recomputes each segment for the whole batch at once, "
+                                          f"{format_bytes(self.boundary_bytes)} more than grouped"))
         elif self.boundaries is Boundaries.HOST:
             rows.append(("precise keeps", "every boundary in host memory, its rows brought back as the segment "
                                           "backward reads them"))

@@ -10,10 +10,13 @@ side in one run, on the stock models of issue 38's cost targets.
 Per model, float32, a logical batch of 16 images of 64x64 in micro-batches of 4 (given), random weights:
 - plain accumulation: the model called on each micro-batch, the losses weighted by their samples (not the full
   batch's gradient: the reference for time);
-- precise, every boundary: ``autobatch.wrap`` with its defaults (``bn="auto"``, which runs two_pass with the
-  precise backward at a given micro-batch) where its first, measured step left room to keep every boundary;
-- precise, grouped: the same step keeping only what crosses groups of segments (what the planner keeps where
-  memory is short), which recomputes each group's inner boundary: one more forward;
+- precise, whole segments: ``autobatch.wrap`` with its defaults (``bn="auto"``, which runs two_pass with the
+  precise backward at a given micro-batch) where its first, measured step left room to keep every boundary and
+  to recompute each segment for the whole batch at once;
+- precise, every boundary: the same step recomputing segments micro-batch by micro-batch (what the planner
+  takes where a whole segment's tensors do not fit);
+- precise, grouped: keeping only what crosses groups of segments (what the planner keeps where memory is
+  short), which recomputes each group's inner boundary: one more forward;
 - two_pass, projected: ``bn="two_pass"``, the approximate backward the default replaced.
 
 Arms run interleaved, in a new random order each round, after warm-up rounds; each round's time of an arm is
@@ -99,16 +102,19 @@ def arms(name: str, args: argparse.Namespace) -> tuple[dict, dict, float]:
     plain_opt = sgd(plain)
     steps = {"plain accumulation": (plain_step(plain, plain_opt, x, y, loss_fn, splits), plain, plain_opt)}
     plans = {}
-    for arm, bn in (("precise, every boundary", "auto"), ("precise, grouped", "auto"),
+    for arm, bn in (("precise, whole segments", "auto"), ("precise, every boundary", "auto"),
+                    ("precise, grouped", "auto"),
                     ("two_pass, projected", "two_pass")):
         model = copy.deepcopy(base)
         optimizer = sgd(model)
         ab = autobatch.wrap(model, optimizer, args.target_batch, loss_fn, micro_batch=args.micro_batch, bn=bn,
                             cache=False)
         ab.step(x, y)  # the first step is measured: it chooses the boundaries
-        if arm == "precise, grouped":  # the benchmark's own instance: the layout the planner takes when short
+        # The benchmark's own instances of what the planner takes where memory is shorter.
+        forced = {"precise, every boundary": Boundaries.EVERY, "precise, grouped": Boundaries.GROUPED}
+        if arm in forced:
             planner = ab._planner
-            planner.state.plan = planner.state.plan.replace(boundaries=Boundaries.GROUPED, boundary_bytes=0)
+            planner.state.plan = planner.state.plan.replace(boundaries=forced[arm], boundary_bytes=0)
         steps[arm] = ((lambda ab: lambda: ab.step(x, y))(ab), model, optimizer)
         plans[arm] = ab
     return steps, plans, (x, y), target
@@ -121,14 +127,15 @@ def run(name: str, args: argparse.Namespace) -> list[str]:
     for arm, (step, model, optimizer) in steps.items():
         peak = peak_bytes(step, torch.device("cpu"), model, optimizer, data)
         ab = plans.get(arm)
-        kept = {Boundaries.EVERY: "every boundary kept", Boundaries.GROUPED: "the grouped boundaries kept"}
+        kept = {Boundaries.WHOLE_SEGMENTS: "every boundary kept, whole segments recomputed",
+                Boundaries.EVERY: "every boundary kept", Boundaries.GROUPED: "the grouped boundaries kept"}
         plan = "-" if ab is None else f"{ab.plan.gradient}; {kept[ab.plan.boundaries]}" \
             if ab.plan.gradient.startswith("precise") else ab.plan.gradient
         # Each round's ratio to plain accumulation's time in the same round: this machine's speed drifts between
         # rounds far more than between two arms of one round.
         ratios = [t / plain for t, plain in zip(times[arm], times["plain accumulation"])]
         low, _, high = statistics.quantiles(ratios, n=4)
-        goal = f", target <= {target}x" if arm == "precise, every boundary" else ""
+        goal = f", target <= {target}x" if arm == "precise, whole segments" else ""
         spread = "" if arm == "plain accumulation" else f" ({low:.2f}x to {high:.2f}x{goal})"
         rows.append(f"| {name} | {arm} | {statistics.median(ratios):.2f}x{spread} | {format_bytes(peak)} | {plan} |")
     return rows

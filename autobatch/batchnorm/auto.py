@@ -66,3 +66,6 @@ class AutoStrategy(BatchNormStrategy):
 
     def every_boundary_bytes(self) -> int:
         return self.two_pass.every_boundary_bytes()
+
+    def whole_segment_bytes(self) -> int:
+        return self.two_pass.whole_segment_bytes()

@@ -95,6 +95,8 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         self._kept_bytes = 0
         #: What keeping every boundary would add to the last phase 1's (`every_boundary_bytes`).
         self._every_boundary_bytes = 0
+        #: What recomputing whole segments would add to that (`whole_segment_bytes`).
+        self._whole_segment_bytes = 0
         #: What phase 1 keeps for the segment backward, as the plan chose.
         self._boundaries = Boundaries.GROUPED
         #: Why the plan runs the projected backward (its segment backward did not fit the memory); None: it may.
@@ -169,6 +171,9 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
 
     def every_boundary_bytes(self) -> int:
         return self._every_boundary_bytes
+
+    def whole_segment_bytes(self) -> int:
+        return self._whole_segment_bytes
 
     # -- one logical batch -----------------------------------------------------------------------
 
@@ -352,6 +357,7 @@ class PreciseTwoPassStrategy(BatchNormStrategy):
         if len(handler.layers) != len(seen):
             raise Unsupported("BatchNorm layers ran outside the model's forward")
         self._every_boundary_bytes = runs[0].every_boundary_bytes
+        self._whole_segment_bytes = runs[0].whole_segment_bytes
         return runs[0]
 
     def _warn_unsupported(self, reason: Optional[str]) -> None:

@@ -34,7 +34,7 @@ def rows_per_sample(size: int, samples: int) -> Optional[int]:
 
 class Rows:
     """Samples ``start:stop`` of a tensor shaped as ``like``, added part by part (in its dtype) on ``device``
-    (default: ``like``'s), ``per_sample`` rows each; parts added under different ranges must not overlap."""
+    (default: ``like``'s), ``per_sample`` rows each; parts whose ranges overlap are summed into one."""
 
     def __init__(self, like: Tensor, device: Optional[torch.device] = None, per_sample: int = 1):
         self.like = like
@@ -45,7 +45,20 @@ class Rows:
     def add(self, start: int, stop: int, grad: Tensor) -> None:
         grad = grad.to(self.like.dtype)
         old = self.parts.get((start, stop))
-        self.parts[start, stop] = grad if old is None else old + grad
+        if old is not None:
+            self.parts[start, stop] = old + grad
+            return
+        overlapping = [(first, last) for first, last in self.parts if first < stop and start < last]
+        if not overlapping:
+            self.parts[start, stop] = grad
+            return
+        # Other ranges (the micro-batches' output gradients beside a whole segment's): one part for all of them.
+        low, high = min([start] + [first for first, _ in overlapping]), max([stop] + [last for _, last in overlapping])
+        merged = self.of(low, high).clone()
+        for part in overlapping:
+            del self.parts[part]
+        merged[(start - low) * self.per_sample:(stop - low) * self.per_sample] += grad
+        self.parts[low, high] = merged
 
     def of(self, start: int, stop: int) -> Tensor:
         part = self.parts.get((start, stop))

@@ -95,6 +95,11 @@ class BatchNormStrategy:
         phase 1 found them (0: no precise step has run or been tried)."""
         return 0
 
+    def whole_segment_bytes(self) -> int:
+        """Bytes precise's segment backward would hold beyond that if it recomputed whole segments rather than
+        micro-batch by micro-batch (`Boundaries.WHOLE_SEGMENTS`), as the last phase 1 found them (0: as above)."""
+        return 0
+
     # -- one logical batch -----------------------------------------------------------------------
 
     def prepare(self, batch: Any, splits: list[int], chunks: int, total: int) -> tuple[Any, "BatchNormStrategy"]:

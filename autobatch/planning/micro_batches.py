@@ -86,7 +86,7 @@ class MicroBatchSizing(Sizing):
                 # Phase 1's random draws stay resident through every micro-batch (autobatch.batchnorm.randomness).
                 draws = g.strategy.take_draw_bytes()
         state.draws_per_element = draws / s
-        state.every_boundary_per_element = g.strategy.every_boundary_bytes() / s
+        state.learn_boundaries(g.strategy.every_boundary_bytes(), g.strategy.whole_segment_bytes(), s)
         over = [n for n, peak in fit.points if peak is None or peak > state.limit.budget_bytes]
         if over:  # a trial that ran out of memory or passed the budget bounds this size from above
             state.failed[s] = min(over)
@@ -186,10 +186,14 @@ class MicroBatchSizing(Sizing):
     @staticmethod
     def _every_boundary(state: PlannerState, s: int, predicted: float) -> dict[str, Any]:
         """Precise keeps every boundary (no forward recomputed in its backward) where that fits beside the rest of
-        the step's predicted peak: the micro-batch is never made smaller for it."""
+        the step's predicted peak, and recomputes whole segments where that fits too: the micro-batch is never made
+        smaller for either."""
         extra = int(state.every_boundary_per_element * s)
         if not extra or s in state.recovery.grouped or predicted + extra > state.limit.budget_bytes:
             return {}
+        whole = int(state.whole_segment_per_element * s)
+        if whole and s not in state.recovery.every and predicted + extra + whole <= state.limit.budget_bytes:
+            return {"boundaries": Boundaries.WHOLE_SEGMENTS, "boundary_bytes": extra + whole}
         return {"boundaries": Boundaries.EVERY, "boundary_bytes": extra}
 
     def _learn_phase1(self, state: PlannerState, batch: Any, s: int) -> None:
@@ -250,6 +254,15 @@ class MicroBatchSizing(Sizing):
         size until ``grow_after`` clean steps."""
         recovery = state.recovery
         smaller = boundaries_after(plan, stage, self.setting.micro.device)
+        if smaller is Boundaries.EVERY:  # what recomputing whole segments added goes first
+            recovery.every.add(plan.sample_size)
+            every = int(state.every_boundary_per_element * plan.sample_size)
+            predicted = plan.predicted_peak_bytes
+            return plan.replace(boundaries=Boundaries.EVERY, boundary_bytes=every,
+                                predicted_peak_bytes=predicted and predicted - plan.boundary_bytes + every,
+                                reason=f"out of memory in {stage.value} recomputing whole segments in precise's "
+                                       f"backward ({message}): micro-batch by micro-batch for samples of "
+                                       f"{plan.sample_size} elements")
         if smaller is Boundaries.GROUPED:  # the plan without what keeping every boundary adds was predicted to fit
             recovery.grouped.add(plan.sample_size)
             predicted = plan.predicted_peak_bytes

@@ -109,7 +109,8 @@ class FixedPlanner:
             smaller = boundaries_after(plan, outcome.stage, self.micro.device)
             if smaller is None:
                 return False
-            self.state.plan = plan.replace(boundaries=smaller, boundary_bytes=0)
+            every = self.strategy.every_boundary_bytes() if smaller is Boundaries.EVERY else 0
+            self.state.plan = plan.replace(boundaries=smaller, boundary_bytes=every)
             log.info("autobatch: out of memory in %s keeping %s boundaries of precise's backward (%s); %s from now on",
                      outcome.stage.value, plan.boundaries.value, outcome.message, smaller.value)
             return True
@@ -130,6 +131,11 @@ class FixedPlanner:
         limit = budget(probe(micro.device, resident_bytes=resident), self.options.memory_budget)
         if peak + extra > limit.budget_bytes:
             return plan
+        whole = self.strategy.whole_segment_bytes()
+        if whole and peak + extra + whole <= limit.budget_bytes:
+            log.info("autobatch: precise keeps every boundary and recomputes whole segments (%s more than grouped), "
+                     "within %s", format_bytes(extra + whole), limit.describe())
+            return plan.replace(boundaries=Boundaries.WHOLE_SEGMENTS, boundary_bytes=extra + whole)
         log.info("autobatch: precise keeps every boundary (%s more than grouped), within %s",
                  format_bytes(extra), limit.describe())
         return plan.replace(boundaries=Boundaries.EVERY, boundary_bytes=extra)
@@ -236,9 +242,10 @@ class Planner:
 
     def _learn_boundaries(self, plan: Plan) -> None:
         """What precise keeping every boundary would add, as the step's phase 1 found it (per sample element)."""
-        extra = self.setting.strategy.every_boundary_bytes()
-        if extra and plan.sample_size:
-            self.state.every_boundary_per_element = extra / plan.sample_size
+        strategy = self.setting.strategy
+        if strategy.every_boundary_bytes() and plan.sample_size:
+            self.state.learn_boundaries(strategy.every_boundary_bytes(), strategy.whole_segment_bytes(),
+                                        plan.sample_size)
 
     def _observe(self, n: int, meter: StepMeter) -> None:
         """A real step of micro-batches of at most ``n`` samples at the plan's sample size measured by ``meter``:

@@ -28,9 +28,12 @@ def host_boundaries(device: torch.device, chunks: int) -> bool:
 
 
 def boundaries_after(plan: Plan, stage: Stage, device: torch.device) -> Optional[Boundaries]:
-    """What precise keeps after running out of memory in ``stage`` under ``plan`` on ``device``: the grouped
-    boundaries after every one (what keeping every one added goes first); after the grouped ones ran out in the
+    """What precise keeps after running out of memory in ``stage`` under ``plan`` on ``device``: every boundary,
+    recomputed micro-batch by micro-batch, after whole segments; the grouped boundaries after every one (what keeping
+    every one added goes first); after the grouped ones ran out in the
     segment backward, every one in host memory where it may (`host_boundaries`). None: nothing smaller to keep."""
+    if plan.boundaries is Boundaries.WHOLE_SEGMENTS:
+        return Boundaries.EVERY
     if plan.boundaries is Boundaries.EVERY:
         return Boundaries.GROUPED
     if plan.boundaries is Boundaries.GROUPED and stage is Stage.SEGMENT_BACKWARD and \
@@ -52,6 +55,8 @@ class Recovery:
     chunks: dict[int, int] = field(default_factory=dict)
     #: Per sample size, why the precise backward is not run: its segment backward ran out of memory.
     not_precise: dict[int, str] = field(default_factory=dict)
+    #: Sample sizes whose precise steps recompute segments micro-batch by micro-batch: whole segments ran out.
+    every: set[int] = field(default_factory=set)
     #: Sample sizes whose precise steps keep the grouped boundaries only: keeping every one ran out of memory.
     grouped: set[int] = field(default_factory=set)
     #: Sample sizes whose precise steps keep their boundaries in host memory: the grouped ones ran out (CUDA).
@@ -82,7 +87,7 @@ class Recovery:
     def after_clean_step(self, grow_after: Optional[int]) -> bool:
         """Whether ``grow_after`` clean steps since running out of memory have passed: the ceilings are
         lifted, and the memory model's sizes apply again."""
-        if grow_after is None or not (self.ceilings or self.not_precise or self.grouped or self.host):
+        if grow_after is None or not (self.ceilings or self.not_precise or self.every or self.grouped or self.host):
             return False
         self.clean_steps += 1
         if self.clean_steps < grow_after:
@@ -90,6 +95,7 @@ class Recovery:
         self.clean_steps = 0
         self.ceilings.clear()
         self.not_precise.clear()
+        self.every.clear()
         self.grouped.clear()
         self.host.clear()
         return True

@@ -65,6 +65,14 @@ class PlannerState:
     draws_per_element: float = 0.0
     #: Bytes per sample element that precise keeping every boundary adds to its grouped layout (the last phase 1's).
     every_boundary_per_element: float = 0.0
+    #: Bytes per sample element that recomputing whole segments adds beside every boundary (the last phase 1's).
+    whole_segment_per_element: float = 0.0
+
+    def learn_boundaries(self, every_boundary_bytes: int, whole_segment_bytes: int, s: int) -> None:
+        """What a phase 1 of samples of ``s`` elements found keeping every boundary, and recomputing whole
+        segments, would add (bytes): per sample element from now on."""
+        self.every_boundary_per_element = every_boundary_bytes / s
+        self.whole_segment_per_element = whole_segment_bytes / s
     #: The device measured, in words, and the plan cache's key.
     device: str = ""
     key: str = ""

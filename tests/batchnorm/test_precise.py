@@ -770,11 +770,15 @@ class SkipNet(nn.Module):
         return self.head(self.bn3(self.conv3(d)).mean((2, 3)))
 
 
-def test_every_boundary_kept_where_memory_allows_recomputes_no_forward_and_stays_exact():
+@pytest.mark.parametrize("whole", [True, False], ids=["whole segments", "every boundary"])
+def test_every_boundary_kept_where_memory_allows_recomputes_no_forward_and_stays_exact(whole, monkeypatch):
     """#38.4: the first step (measured) keeps what crosses groups and recomputes each group's inner boundary; where
     the step's peak and what keeping every boundary adds fit the budget, later steps keep every boundary and run
-    each segment once per micro-batch in the backward. The refill stops at a group's last inner boundary: the
-    group's last segment (conv2's, conv3's... here conv2) is not run in it."""
+    each segment once per micro-batch in the backward, or, where recomputing whole segments fits too, once for the
+    whole batch. The refill stops at a group's last inner boundary: the group's last segment (conv2's, conv3's...
+    here conv2) is not run in it."""
+    if not whole:  # as if a whole segment's tensors did not fit
+        monkeypatch.setattr("autobatch.batchnorm.segment_run.SegmentRun.whole_segment_bytes", 1 << 60)
     torch.manual_seed(0)
     net = SkipNet().double()
     batch = data(8, (3, 4, 4))
@@ -788,9 +792,12 @@ def test_every_boundary_kept_where_memory_allows_recomputes_no_forward_and_stays
         counted.clear()
         ab.step(*batch)
         calls.append(dict(counted))
-    # Phase 1 once, each micro-batch's segment once; grouped, conv1 (group 1's inner boundary) twice more.
-    assert calls == [{"conv1": 5, "conv2": 3, "conv3": 5}, {"conv1": 3, "conv2": 3, "conv3": 3}]
-    assert ab.plan.boundaries is Boundaries.EVERY and ab.plan.boundary_bytes > 0
+    # Phase 1 once, each micro-batch's segment once (whole segments: once); grouped, conv1 (group 1's inner
+    # boundary) twice more.
+    again = 2 if whole else 3
+    assert calls == [{"conv1": 5, "conv2": 3, "conv3": 5}, {"conv1": again, "conv2": again, "conv3": again}]
+    assert ab.plan.boundaries is (Boundaries.WHOLE_SEGMENTS if whole else Boundaries.EVERY)
+    assert ab.plan.boundary_bytes > 0
     assert "precise keeps" in str(ab.plan)
     for got in grads:
         assert relative_error(got, expected) < 1e-10

@@ -26,3 +26,14 @@ def test_samples_of_several_rows_each():
     rows.add(2, 3, torch.tensor([[5.0], [6.0]]))
     assert torch.equal(rows.of(0, 3).view(-1), torch.tensor([1.0, 2.0, 0.0, 0.0, 5.0, 6.0]))
     assert torch.equal(rows.of(1, 2), torch.zeros(2, 1))
+
+
+def test_a_range_over_other_parts_is_summed_with_them_into_one():
+    """The micro-batches' output gradients (0:2, 2:4) and a whole segment's (0:4) at the same tensor."""
+    rows = Rows(torch.zeros(6, 1))
+    rows.add(0, 2, torch.tensor([[1.0], [2.0]]))
+    rows.add(2, 4, torch.tensor([[3.0], [4.0]]))
+    rows.add(0, 4, torch.full((4, 1), 10.0))
+    rows.add(3, 6, torch.ones(3, 1))
+    assert list(rows.parts) == [(0, 6)]
+    assert torch.equal(rows.of(0, 6).view(-1), torch.tensor([11.0, 12.0, 13.0, 15.0, 1.0, 1.0]))
